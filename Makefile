@@ -1,0 +1,42 @@
+# Two commands matter: `make quickstart` and `make test` (both set up first).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.bigray-installed
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup system-packages quickstart test test-fast bench clean
+
+setup: $(STAMP) system-packages
+
+# Re-install only when the dependency list or the lock file changes.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+# Fashion-MNIST ships as a Debian package; elsewhere torchvision's downloader is used instead.
+system-packages:
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+		true; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null); \
+	else \
+		echo "apt-get not available (or not root): skipping dataset-fashion-mnist; Fashion-MNIST will be downloaded by torchvision"; \
+	fi
+
+quickstart: setup
+	$(VENV)/bin/bigray quickstart
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+bench: setup
+	$(VENV)/bin/bigray bench
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,111 @@
+"""The ``bigray`` command line: parse a config, call the library, exit non-zero with a clear message.
+
+Each training subcommand takes ``--config FILE`` and repeated ``--set dotted.key=value``; the same
+arguments work for ``python jobs/<job>.py`` (what ``ray job submit`` runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any, Callable
+
+from bigray.config import ConfigError, DataPrepareConfig, load_config
+
+log = logging.getLogger("bigray")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt="%H:%M:%S")
+    for noisy in ("filelock", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (see jobs/configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one dotted config key, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> dict[str, Any]:
+    from bigray.data.images import image_summary
+    from bigray.data.text import prepare_text
+    from bigray.runs import finish, run_dir, save_resolved_config
+
+    cfg = load_config(DataPrepareConfig, args.config, args.overrides)
+    t0 = time.time()
+    dataset, text_stats = prepare_text(cfg.text)
+    text_stats["directory"] = str(dataset.directory)
+    text_stats["seconds"] = round(time.time() - t0, 1)
+    log.info("text: %s", text_stats)
+    images: dict[str, Any] = {"skipped": True}
+    if not cfg.skip_images:
+        t1 = time.time()
+        images = image_summary(cfg.images)
+        images["seconds"] = round(time.time() - t1, 1)
+        log.info("images: %s", images)
+    directory = run_dir(cfg.run.storage_path, cfg.run.name)
+    save_resolved_config(directory, cfg)
+    return finish(directory, None, {}, text=text_stats, images=images, seconds=round(time.time() - t0, 1))
+
+
+def _lazy(module: str, func: str) -> Callable[[argparse.Namespace], Any]:
+    def run(args: argparse.Namespace) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(module), func)(args)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bigray",
+        description="Train and serve GPT (DeepSpeed ZeRO) and ResNet models on Ray.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = sub.add_parser("data", help="prepare the offline datasets")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    prep = data_sub.add_parser("prepare", help="build the text corpus, tokenizer and token shards; check image data")
+    add_config_args(prep)
+    prep.set_defaults(func=cmd_data_prepare)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from bigray.data.cache import DataError
+
+    try:
+        args.func(args)
+    except ConfigError as e:
+        print(f"bigray: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"bigray: data error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bigray: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

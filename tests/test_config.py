@@ -1,0 +1,96 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bigray.config import (
+    ConfigError,
+    DataPrepareConfig,
+    GPTPretrainConfig,
+    ResNetJobConfig,
+    ServeJobConfig,
+    TuneJobConfig,
+    load_config,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+JOB_CLASSES = {"gpt": GPTPretrainConfig, "resnet": ResNetJobConfig, "tune": TuneJobConfig, "data": DataPrepareConfig}
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_loads(path):
+    cls = next(c for prefix, c in JOB_CLASSES.items() if path.name.startswith(prefix))
+    cfg = load_config(cls, path)
+    assert cfg is not None
+
+
+def test_overrides_convert_types():
+    cfg = load_config(
+        GPTPretrainConfig,
+        CONFIGS / "gpt_tiny.yaml",
+        ["train.lr=3e-4", "deepspeed.zero_stage=3", "scaling.use_gpu=false", "run.name=x", "data.text_files=[a.txt]"],
+    )
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.deepspeed.zero_stage == 3
+    assert cfg.scaling.use_gpu is False
+    assert cfg.run.name == "x"
+    assert cfg.data.text_files == ["a.txt"]
+    # keys not named keep the preset's values
+    assert cfg.train.max_steps == yaml.safe_load((CONFIGS / "gpt_tiny.yaml").read_text())["train"]["max_steps"]
+
+
+def test_partial_section_keeps_job_defaults():
+    cfg = load_config(GPTPretrainConfig, None, ["run.storage_path=/tmp/x"])
+    assert cfg.run.name == "gpt"  # the GPT job's default run name survives a partial override
+
+
+@pytest.mark.parametrize(
+    "cls, override, key, words",
+    [
+        (GPTPretrainConfig, "deepspeed.zero_stage=4", "deepspeed.zero_stage", "0, 1, 2 or 3"),
+        (GPTPretrainConfig, "train.micro_batch_size=0", "train.micro_batch_size", ">= 1"),
+        (GPTPretrainConfig, "train.lr=fast", "train.lr", "expected a number"),
+        (GPTPretrainConfig, "train.max_steps=1.5", "train.max_steps", "expected an integer"),
+        (GPTPretrainConfig, "scaling.use_gpu=maybe", "scaling.use_gpu", "true or false"),
+        (GPTPretrainConfig, "model.preset=huge", "model.preset", "'124m'"),
+        (GPTPretrainConfig, "deepspeed.precision=fp8", "deepspeed.precision", "'bf16'"),
+        (GPTPretrainConfig, "deepspeed.offload_params=true", "deepspeed.offload_params", "zero_stage 3"),
+        (GPTPretrainConfig, "trian.lr=1", "trian", "unknown key"),
+        (GPTPretrainConfig, "train.lrr=1", "train.lrr", "unknown key"),
+        (GPTPretrainConfig, "run.name=a/b", "run.name", "without '/'"),
+        (GPTPretrainConfig, "scaling.num_workers=0", "scaling.num_workers", ">= 1"),
+        (ResNetJobConfig, "train.batch_size=0", "train.batch_size", ">= 1"),
+        (ResNetJobConfig, "model.arch=vgg", "model.arch", "'resnet18'"),
+        (ResNetJobConfig, "data.dataset=mnist", "data.dataset", "'fashion_mnist'"),
+        (ServeJobConfig, "port=70000", "port", "1..65535"),
+        (TuneJobConfig, "tune.scheduler=hyperband", "tune.scheduler", "'asha'"),
+        (TuneJobConfig, "trainer.train.epochs=0", "trainer.train.epochs", ">= 1"),
+        (TuneJobConfig, "tune.space={train.lrr: {loguniform: [0.01, 0.1]}}", "tune.space.train.lrr", "unknown key"),
+        (TuneJobConfig, "tune.space={train.lr: {normal: [0, 1]}}", "tune.space.train.lr", "loguniform"),
+        (DataPrepareConfig, "text.vocab_size=10", "text.vocab_size", "260..262144"),
+    ],
+)
+def test_validation_errors_name_the_key(cls, override, key, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(cls, None, [override])
+    assert err.value.key == key
+    assert words in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(GPTPretrainConfig, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(GPTPretrainConfig, bad)
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(GPTPretrainConfig, None, ["no-equals-sign"])
+
+
+def test_cli_reports_config_error(capsys):
+    from bigray.cli import main
+
+    assert main(["data", "prepare", "--set", "text.val_fraction=0.9"]) == 2
+    err = capsys.readouterr().err
+    assert "text.val_fraction" in err and "(0, 0.5)" in err

