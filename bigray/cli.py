@@ -7,6 +7,7 @@ arguments work for ``python jobs/<job>.py`` (what ``ray job submit`` runs).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -62,6 +63,26 @@ def cmd_data_prepare(args: argparse.Namespace) -> dict[str, Any]:
     return finish(directory, None, {}, text=text_stats, images=images, seconds=round(time.time() - t0, 1))
 
 
+def cmd_pretrain_gpt(args: argparse.Namespace) -> dict[str, Any]:
+    from bigray.config import GPTPretrainConfig
+    from bigray.train.gpt import pretrain
+
+    cfg = load_config(GPTPretrainConfig, args.config, args.overrides + _resume_override(args))
+    return pretrain(cfg)
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from bigray.export import export_gpt
+
+    info = export_gpt(args.checkpoint, args.out)
+    print(json.dumps({"exported": args.out, **info}), flush=True)
+    return info
+
+
+def _resume_override(args: argparse.Namespace) -> list[str]:
+    return [f"resume_from={args.resume_from}"] if getattr(args, "resume_from", None) else []
+
+
 def _lazy(module: str, func: str) -> Callable[[argparse.Namespace], Any]:
     def run(args: argparse.Namespace) -> Any:
         import importlib
@@ -84,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(prep)
     prep.set_defaults(func=cmd_data_prepare)
 
+    gpt = sub.add_parser("pretrain-gpt", help="pretrain a GPT with DeepSpeed ZeRO on Ray Train")
+    add_config_args(gpt)
+    gpt.add_argument("--resume-from", metavar="PATH", help="checkpoint (or run directory) to continue from")
+    gpt.set_defaults(func=cmd_pretrain_gpt)
+
+    export = sub.add_parser("export", help="consolidate a GPT checkpoint into a Hugging Face model directory")
+    export.add_argument("checkpoint", help="checkpoint directory, run directory or summary.json")
+    export.add_argument("out", help="new output directory")
+    export.set_defaults(func=cmd_export)
+
     return parser
 
 
@@ -91,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
+    from bigray.checkpoint import CheckpointError
     from bigray.data.cache import DataError
 
     try:
@@ -101,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"bigray: data error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        print(f"bigray: checkpoint error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "TrainingFailed":
+            raise
+        print(f"bigray: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("bigray: interrupted", file=sys.stderr)
         return 130

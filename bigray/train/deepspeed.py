@@ -1,0 +1,111 @@
+"""DeepSpeed, configured in one place: the JSON config is built from the typed config here.
+
+The model never changes for parallelism (torchtitan's parallelize.py); this module decides ZeRO
+stage, offload, precision and optimizer, and wraps the model in a DeepSpeed engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+from bigray.config import DeepSpeedConfig, GPTTrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def deepspeed_config(ds: DeepSpeedConfig, train: GPTTrainConfig, world_size: int, use_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this run.
+
+    On CPUs the optimizer is torch's AdamW (``torch_adam``), which avoids a JIT build of DeepSpeed's
+    CPU Adam; on GPUs DeepSpeed's fused Adam (or its CPU Adam when offloading) is used.
+    """
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update(overlap_comm=use_gpu, contiguous_gradients=True, reduce_bucket_size=5e7)
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
+    if ds.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=1e4)
+    optimizer_params: dict[str, Any] = {
+        "lr": train.lr,
+        "betas": [train.beta1, train.beta2],
+        "eps": 1e-8,
+        "weight_decay": train.weight_decay,
+    }
+    if not use_gpu and not ds.offload_optimizer:
+        optimizer_params["torch_adam"] = True
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "train_batch_size": train.micro_batch_size * train.grad_accum_steps * world_size,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
+        "optimizer": {"type": "AdamW", "params": optimizer_params},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_at(step: int, train: GPTTrainConfig) -> float:
+    """Linear warmup to train.lr, then cosine decay to lr * min_lr_ratio at max_steps.
+
+    A pure function of the step, so a resumed run follows exactly the same schedule.
+    """
+    if step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    span = max(1, train.max_steps - train.warmup_steps)
+    progress = min(1.0, (step - train.warmup_steps) / span)
+    min_lr = train.lr * train.min_lr_ratio
+    return min_lr + 0.5 * (train.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def initialize(model: torch.nn.Module, param_groups: list[dict], config: dict[str, Any]) -> Any:
+    """Wrap ``model`` in a DeepSpeed engine on the already-initialised process group."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups, config=config, dist_init_required=False
+    )
+    return engine
+
+
+def set_lr(engine: Any, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def state_bytes(engine: Any) -> dict[str, int]:
+    """Bytes this rank holds for parameters, gradients and optimizer state (for the ZeRO table)."""
+
+    def tensor_bytes(t: Any) -> int:
+        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+    params = 0
+    for p in engine.module.parameters():
+        # ZeRO-3 partitions parameters: ds_tensor is this rank's shard, p.data an empty placeholder.
+        params += tensor_bytes(getattr(p, "ds_tensor", None)) if hasattr(p, "ds_tensor") else tensor_bytes(p.data)
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    optim = 0
+    for state in inner.state.values():
+        optim += sum(tensor_bytes(v) for v in state.values())
+    # fp32 master copies and flat gradient partitions held by the ZeRO optimizers
+    master = 0
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        master += sum(tensor_bytes(t) for t in getattr(opt, name, []) or [])
+    grads = 0
+    for name in ("averaged_gradients",):
+        g = getattr(opt, name, None)
+        if isinstance(g, dict):
+            grads += sum(tensor_bytes(t) for ts in g.values() for t in (ts or []))
+    if not grads:
+        grads = sum(tensor_bytes(p.grad) for p in engine.module.parameters() if p.grad is not None)
+    return {"params": params, "grads": grads, "optimizer": optim + master}

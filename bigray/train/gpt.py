@@ -1,0 +1,294 @@
+"""The GPT training loop: plain torch + DeepSpeed, runs under Ray Train or alone at world size 1.
+
+Data position, learning rate and RNG are functions of (seed, step, rank), and checkpoints hold
+every rank's ZeRO shard, so a resumed run continues exactly where the saved one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from bigray.checkpoint import CheckpointError, read_meta, write_meta, write_rank_marker
+from bigray.config import ConfigError, GPTPretrainConfig, from_dict, to_dict
+from bigray.data.text import EOS, TextDataset, TokenWindows, load_tokenizer, prepare_text
+from bigray.models.gpt import build_gpt, decay_groups, flops_per_token, gpt_config
+from bigray.train import deepspeed as ds
+from bigray.train.context import LocalContext, RayContext, TrainContext, new_checkpoint_dir
+from bigray.train.metrics import peak_flops
+
+log = logging.getLogger(__name__)
+
+KIND = "gpt"
+
+
+def model_config_for(cfg: GPTPretrainConfig, data: TextDataset) -> Any:
+    """The GPT2Config for this job; raises ConfigError if the block does not fit the positions."""
+    tok = load_tokenizer(data.tokenizer_dir)
+    model_cfg = gpt_config(cfg.model.preset, data.vocab_size, cfg.model.dropout, tok.convert_tokens_to_ids(EOS))
+    if cfg.model.block_size > model_cfg.n_positions:
+        raise ConfigError(
+            "model.block_size",
+            f"{cfg.model.block_size} is larger than preset {cfg.model.preset}'s {model_cfg.n_positions} positions",
+        )
+    return model_cfg
+
+
+def check_resume_compatible(meta: dict[str, Any], cfg: GPTPretrainConfig, world_size: int, tokenizer_sha: str) -> None:
+    """Refuse a checkpoint that this job cannot continue from, saying why."""
+    saved = from_dict(GPTPretrainConfig, meta["config"])
+    problems = []
+    if saved.model.preset != cfg.model.preset or saved.model.block_size != cfg.model.block_size:
+        problems.append(f"model {saved.model.preset}/block {saved.model.block_size} vs {cfg.model.preset}/block {cfg.model.block_size}")
+    if meta.get("tokenizer_sha256") != tokenizer_sha:
+        problems.append("it was trained with a different tokenizer")
+    if meta["world_size"] != world_size:
+        problems.append(f"it has {meta['world_size']} ZeRO shards but this run has {world_size} workers")
+    if saved.deepspeed.zero_stage != cfg.deepspeed.zero_stage:
+        problems.append(f"it uses ZeRO stage {saved.deepspeed.zero_stage}, this run {cfg.deepspeed.zero_stage}")
+    if problems:
+        raise CheckpointError("cannot resume from this checkpoint: " + "; ".join(problems))
+
+
+class GPTTrainer:
+    """State of one rank's training: engine, data readers, step counter and throughput meters."""
+
+    def __init__(self, cfg: GPTPretrainConfig, ctx: TrainContext, run_dir: str | None = None):
+        self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
+        torch.set_num_threads(cfg.scaling.threads)
+        self.device = ctx.device(cfg.scaling.use_gpu)
+        self.data, _ = prepare_text(cfg.data)  # verified by checksum; built once per node under a lock
+        self.model_cfg = model_config_for(cfg, self.data)
+        model = build_gpt(self.model_cfg, seed=cfg.train.seed)
+        if cfg.deepspeed.activation_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.ds_config = ds.deepspeed_config(cfg.deepspeed, cfg.train, ctx.world_size, cfg.scaling.use_gpu)
+        self.engine = ds.initialize(model, decay_groups(model, cfg.train.weight_decay), self.ds_config)
+        bs = cfg.model.block_size
+        self.train_windows = TokenWindows(self.data.tokens("train"), bs)
+        self.val_windows = TokenWindows(self.data.tokens("val"), bs)
+        self.step = 0
+        self.flops_per_token = flops_per_token(self.model_cfg, bs)
+        self.peak = peak_flops(self.device, cfg.deepspeed.precision)
+        self.tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * bs  # per rank
+        self.writer = self._tensorboard()
+
+    # ------------------------------------------------------------------ data and loss
+
+    def _batch(self, windows: TokenWindows, index: int, shuffle: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        mb = self.cfg.train.micro_batch_size
+        ids = windows.window_ids(
+            seed=self.cfg.train.seed, index=index, rank=self.ctx.rank, world_size=self.ctx.world_size, batch=mb, shuffle=shuffle
+        )
+        x, y = windows.batch(ids)
+        return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = self.engine(input_ids=x).logits
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100)
+
+    def _mean_across_ranks(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.ctx.world_size
+
+    # ------------------------------------------------------------------ train / eval
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step (grad_accum_steps micro batches); returns this step's metrics."""
+        cfg = self.cfg.train
+        lr = ds.lr_at(self.step, cfg)
+        ds.set_lr(self.engine, lr)
+        self.engine.train()
+        t0 = time.perf_counter()
+        total = 0.0
+        for micro in range(cfg.grad_accum_steps):
+            x, y = self._batch(self.train_windows, self.step * cfg.grad_accum_steps + micro, shuffle=True)
+            loss = self._loss(x, y)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.item()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        self.step += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        tokens_per_s = self.tokens_per_step / dt
+        achieved = self.flops_per_token * tokens_per_s
+        return {
+            "train/loss": self._mean_across_ranks(total / cfg.grad_accum_steps),
+            "train/lr": lr,
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/step_time_s": dt,
+            "train/tokens_per_s": tokens_per_s * self.ctx.world_size,
+            "train/tokens_per_s_per_worker": tokens_per_s,
+            "train/tflops_per_worker": achieved / 1e12,
+            "train/mfu": achieved / self.peak if self.peak else float("nan"),
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.engine.eval()
+        losses = [self._loss(*self._batch(self.val_windows, i, shuffle=False)).item() for i in range(self.cfg.train.eval_batches)]
+        val = self._mean_across_ranks(sum(losses) / len(losses))
+        return {"val/loss": val, "val/perplexity": math.exp(min(val, 50.0))}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, metrics: dict[str, Any]) -> str:
+        """Write this rank's part of a checkpoint into a fresh local directory and return it."""
+        d = new_checkpoint_dir()
+        self.engine.save_checkpoint(f"{d}/deepspeed", tag="state", client_state={"step": self.step})
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        from safetensors.torch import save_file
+
+        Path(d, "rng").mkdir()
+        save_file(rng, f"{d}/rng/rank_{self.ctx.rank}.safetensors")
+        state_dict = self._consolidated_state_dict()
+        if self.ctx.is_main:
+            save_hf_model(state_dict, self.model_cfg, self.data.tokenizer_dir, Path(d, "model"))
+            write_meta(
+                d,
+                {
+                    "kind": KIND,
+                    "step": self.step,
+                    "world_size": self.ctx.world_size,
+                    "writer_ranks": list(range(self.ctx.world_size)),
+                    "zero_stage": self.cfg.deepspeed.zero_stage,
+                    "tokenizer_sha256": self.data.manifest["tokenizer_sha256"],
+                    "config": to_dict(self.cfg),
+                    "metrics": metrics,
+                },
+            )
+        write_rank_marker(d, self.ctx.rank)
+        return d
+
+    def _consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full weights on rank 0 (ZeRO-3 gathers its partitions; a collective on every rank)."""
+        if self.cfg.deepspeed.zero_stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return self.engine.module.state_dict() if self.ctx.is_main else None
+
+    def load(self, directory: str) -> None:
+        meta = read_meta(directory, KIND)
+        check_resume_compatible(meta, self.cfg, self.ctx.world_size, self.data.manifest["tokenizer_sha256"])
+        path, _ = self.engine.load_checkpoint(
+            f"{directory}/deepspeed", tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise CheckpointError(f"DeepSpeed found no state in {directory}/deepspeed")
+        from safetensors.torch import load_file
+
+        rng = load_file(f"{directory}/rng/rank_{self.ctx.rank}.safetensors")
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.step = int(meta["step"])
+        log.info("rank %d resumed from %s at step %d", self.ctx.rank, directory, self.step)
+
+    # ------------------------------------------------------------------ logging
+
+    def _tensorboard(self) -> Any:
+        if not (self.ctx.is_main and self.run_dir) or "://" in self.run_dir:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(Path(self.run_dir) / "tensorboard"))
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        if not self.ctx.is_main:
+            return
+        if self.run_dir and "://" not in self.run_dir:
+            with open(Path(self.run_dir) / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if self.writer is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.writer.add_scalar(k, v, self.step)
+            self.writer.flush()
+        val = f" val {metrics['val/loss']:.4f} ppl {metrics['val/perplexity']:.1f}" if "val/loss" in metrics else ""
+        log.info(
+            "step %d/%d loss %.4f%s lr %.2e %.0f tok/s mfu %.1f%% %.2fs/step",
+            self.step, self.cfg.train.max_steps, metrics["train/loss"], val, metrics["train/lr"],
+            metrics["train/tokens_per_s"], 100 * metrics["train/mfu"], metrics["train/step_time_s"],
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict[str, Any]:
+        t = self.cfg.train
+        with self.ctx.resume_checkpoint() as ckpt:
+            if ckpt is None and self.cfg.resume_from:
+                ckpt = self.cfg.resume_from
+            if ckpt:
+                self.load(ckpt)
+        metrics: dict[str, Any] = {}
+        while self.step < t.max_steps:
+            metrics = {"step": self.step + 1, **self.train_step()}
+            last = self.step == t.max_steps
+            checkpoint_now = self.step % self.cfg.run.checkpoint_interval == 0 or last
+            if self.step % t.eval_interval == 0 or checkpoint_now:
+                metrics.update(self.evaluate())
+            if checkpoint_now or self.step % t.log_interval == 0 or "val/loss" in metrics:
+                self.log(metrics)
+                ckpt_dir = self.save(metrics) if checkpoint_now else None
+                self.ctx.report(metrics, ckpt_dir, f"checkpoint_step_{self.step:07d}" if ckpt_dir else None)
+        if self.writer is not None:
+            self.writer.close()
+        return metrics
+
+
+def save_hf_model(state_dict: dict[str, torch.Tensor] | None, model_cfg: Any, tokenizer_dir: Path, out: Path) -> None:
+    """A Hugging Face model directory: config.json, model.safetensors (tied head dropped), tokenizer."""
+    from safetensors.torch import save_file
+
+    assert state_dict is not None
+    out.mkdir(parents=True, exist_ok=True)
+    model_cfg.architectures = ["GPT2LMHeadModel"]
+    model_cfg.save_pretrained(str(out))
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if k != "lm_head.weight"}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    load_tokenizer(tokenizer_dir).save_pretrained(str(out))
+
+
+def ray_train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker: untyped dict in, typed config from here on."""
+    cfg = from_dict(GPTPretrainConfig, config["job"])
+    GPTTrainer(cfg, RayContext(), config.get("run_dir")).fit()
+
+
+def train_local(cfg: GPTPretrainConfig, run_dir: str) -> tuple[dict[str, Any], LocalContext]:
+    """The same loop in this process without Ray (world size 1)."""
+    ctx = LocalContext(run_dir, cfg.resume_from or None)
+    metrics = GPTTrainer(cfg, ctx, run_dir).fit()
+    return metrics, ctx
+
+
+def pretrain(cfg: GPTPretrainConfig) -> dict[str, Any]:
+    """`bigray pretrain-gpt`: check everything that can be checked on the driver, then train on Ray."""
+    import dataclasses
+
+    from bigray.export import resolve_checkpoint
+    from bigray.runs import finish
+    from bigray.train.launch import fit
+
+    data, _ = prepare_text(cfg.data)
+    model_config_for(cfg, data)
+    if cfg.resume_from:
+        resolved = resolve_checkpoint(cfg.resume_from)
+        meta = read_meta(resolved, KIND)
+        check_resume_compatible(meta, cfg, cfg.scaling.num_workers, data.manifest["tokenizer_sha256"])
+        cfg = dataclasses.replace(cfg, resume_from=str(resolved))
+    outcome = fit(ray_train_loop, cfg, cfg.scaling, cfg.run, metric="val/loss", mode="min")
+    return finish(outcome.run_dir, outcome.checkpoint, outcome.metrics, best_checkpoint=outcome.best_checkpoint)
+

@@ -1,0 +1,151 @@
+"""GPT pretraining with DeepSpeed ZeRO on a real local Ray cluster (2 CPU workers, tiny model)."""
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from bigray.checkpoint import CheckpointError, read_meta
+from bigray.config import ConfigError, GPTPretrainConfig, load_config
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(small_text, tmp_path, name, *overrides):
+    text_cfg, _ = small_text
+    return load_config(
+        GPTPretrainConfig,
+        REPO / "jobs" / "configs" / "gpt_tiny.yaml",
+        [
+            f"data.cache_dir={text_cfg.cache_dir}", f"data.max_chars={text_cfg.max_chars}",
+            f"data.vocab_size={text_cfg.vocab_size}", "model.block_size=64", "train.micro_batch_size=8",
+            "train.max_steps=30", "train.warmup_steps=5", "train.lr=3e-3", "train.eval_interval=10",
+            "train.eval_batches=4", "train.log_interval=1", "run.checkpoint_interval=10", "run.keep_checkpoints=3",
+            f"run.storage_path={tmp_path}", f"run.name={name}", *overrides,
+        ],
+    )  # fmt: skip
+
+
+def metrics_by_step(run_dir):
+    rows = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def zero2_run(ray_cluster, small_text, tmp_path_factory):
+    from bigray.train.gpt import pretrain
+
+    tmp = tmp_path_factory.mktemp("gpt")
+    cfg = tiny_config(small_text, tmp, "zero2", "deepspeed.zero_stage=2")
+    return cfg, pretrain(cfg)
+
+
+def _assert_trained(summary, vocab_size):
+    steps = metrics_by_step(summary["run_dir"])
+    val = [steps[s]["val/loss"] for s in (10, 20, 30)]
+    assert val[0] > val[1] > val[2], val
+    assert val[2] < math.log(vocab_size) - 1.0  # well below the uniform guess
+    assert steps[30]["train/loss"] < steps[1]["train/loss"] - 1.0
+    for key in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/tokens_per_s_per_worker", "train/mfu",
+                "train/tflops_per_worker", "train/step_time_s", "val/perplexity"):  # fmt: skip
+        assert key in steps[30]
+
+
+def _shard_files(checkpoint):
+    return sorted(p.name for p in Path(checkpoint, "deepspeed", "state").iterdir())
+
+
+def test_zero2_trains_and_checkpoints_every_rank(zero2_run, small_text):
+    cfg, summary = zero2_run
+    _assert_trained(summary, small_text[1].vocab_size)
+    ckpt = Path(summary["checkpoint"])
+    assert ckpt.name == "checkpoint_step_0000030"
+    meta = read_meta(ckpt, "gpt")
+    assert meta["step"] == 30 and meta["world_size"] == 2 and meta["zero_stage"] == 2
+    assert _shard_files(ckpt) == [
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    assert sorted(p.name for p in (ckpt / "ranks").iterdir()) == ["rank_0.json", "rank_1.json"]
+    run_dir = Path(summary["run_dir"])
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "summary.json").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_other_zero_stages_train(ray_cluster, small_text, tmp_path, stage):
+    from bigray.train.gpt import pretrain
+
+    cfg = tiny_config(small_text, tmp_path, f"zero{stage}", f"deepspeed.zero_stage={stage}")
+    summary = pretrain(cfg)
+    _assert_trained(summary, small_text[1].vocab_size)
+    shards = _shard_files(summary["checkpoint"])
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in shards
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
+    if stage == 3:  # parameters are partitioned too: each rank saves its own model states
+        assert "zero_pp_rank_1_mp_rank_00_model_states.pt" in shards
+
+
+def test_resume_continues_with_identical_losses(zero2_run, ray_cluster, small_text, tmp_path):
+    from bigray.train.gpt import pretrain
+
+    cfg, summary = zero2_run
+    step20 = Path(summary["run_dir"]) / "checkpoint_step_0000020"
+    before = hashlib.sha256((step20 / "bigray.json").read_bytes()).hexdigest()
+    resumed_cfg = dataclasses.replace(cfg, resume_from=str(step20), run=dataclasses.replace(cfg.run, name="resumed", storage_path=str(tmp_path)))
+    resumed = pretrain(resumed_cfg)
+    full, part = metrics_by_step(summary["run_dir"]), metrics_by_step(resumed["run_dir"])
+    assert min(part) == 21 and max(part) == 30  # continued at the next step
+    for step in range(21, 31):
+        assert part[step]["train/loss"] == pytest.approx(full[step]["train/loss"], abs=1e-5), step
+        assert part[step]["train/lr"] == pytest.approx(full[step]["train/lr"], rel=1e-12)
+    assert hashlib.sha256((step20 / "bigray.json").read_bytes()).hexdigest() == before
+
+
+def test_export_round_trip(zero2_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bigray.cli import main
+
+    _, summary = zero2_run
+    out = tmp_path / "hf"
+    assert main(["export", summary["run_dir"], str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    trained = AutoModelForCausalLM.from_pretrained(Path(summary["checkpoint"]) / "model").eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("KING RICHARD III:\nNow is the winter of our discontent", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(exported(ids).logits, trained(ids).logits, atol=1e-4)
+    generated = exported.generate(ids, max_new_tokens=12, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 12
+    assert isinstance(tok.decode(generated[0, ids.shape[1]:]), str)
+    # exporting into a non-empty directory is refused rather than overwriting it
+    assert main(["export", summary["run_dir"], str(out)]) == 2
+
+
+def test_bad_inputs_fail_before_training(ray_cluster, small_text, tmp_path, zero2_run):
+    from bigray.train.gpt import pretrain
+
+    with pytest.raises(ConfigError, match="256 positions"):
+        pretrain(tiny_config(small_text, tmp_path, "b1", "model.block_size=512"))
+    with pytest.raises(ConfigError, match="no GPUs"):
+        pretrain(tiny_config(small_text, tmp_path, "b2", "scaling.use_gpu=true"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        pretrain(tiny_config(small_text, tmp_path, "b3", f"resume_from={tmp_path}/nope"))
+    _, summary = zero2_run
+    ckpt = Path(summary["checkpoint"])
+    digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match="ZeRO stage 2, this run 3"):
+        pretrain(tiny_config(small_text, tmp_path, "b4", "deepspeed.zero_stage=3", f"resume_from={ckpt}"))
+    with pytest.raises(CheckpointError, match="2 ZeRO shards but this run has 1"):
+        pretrain(tiny_config(small_text, tmp_path, "b5", "scaling.num_workers=1", f"resume_from={ckpt}"))
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.rglob("*") if p.is_file()} == digest
+    assert not (tmp_path / "b4").exists() and not (tmp_path / "b5").exists()
