@@ -71,6 +71,14 @@ def cmd_pretrain_gpt(args: argparse.Namespace) -> dict[str, Any]:
     return pretrain(cfg)
 
 
+def cmd_train_resnet(args: argparse.Namespace) -> dict[str, Any]:
+    from bigray.config import ResNetJobConfig
+    from bigray.train.resnet import train
+
+    cfg = load_config(ResNetJobConfig, args.config, args.overrides + _resume_override(args))
+    return train(cfg)
+
+
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from bigray.export import export_gpt
 
@@ -109,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(gpt)
     gpt.add_argument("--resume-from", metavar="PATH", help="checkpoint (or run directory) to continue from")
     gpt.set_defaults(func=cmd_pretrain_gpt)
+
+    resnet = sub.add_parser("train-resnet", help="train a torchvision ResNet with DDP on Ray Train")
+    add_config_args(resnet)
+    resnet.add_argument("--resume-from", metavar="PATH", help="checkpoint (or run directory) to continue from")
+    resnet.set_defaults(func=cmd_train_resnet)
 
     export = sub.add_parser("export", help="consolidate a GPT checkpoint into a Hugging Face model directory")
     export.add_argument("checkpoint", help="checkpoint directory, run directory or summary.json")

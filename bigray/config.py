@@ -453,6 +453,8 @@ class ResNetTrainConfig:
     """Warmup length for the cosine schedule (one-cycle uses 30%)."""
     augment: bool = True
     """Random crop with padding, and horizontal flip where the dataset allows it."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Autocast dtype: auto = bf16 on GPUs, fp32 on CPUs (bf16 also helps CPUs with bf16 units)."""
     num_data_workers: int = 0
     """DataLoader worker processes per training worker."""
     seed: int = 0

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,19 @@ class TrainContext:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, name: str | None = None) -> None:
         raise NotImplementedError
+
+    def prepare_model(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """Move to the device (and wrap in DDP when there are several workers)."""
+        return model.to(device)
+
+    def prepare_loader(self, loader: DataLoader) -> DataLoader:
+        """Shard the loader across workers (identity for one process)."""
+        return loader
+
+    def set_epoch(self, loader: DataLoader, epoch: int) -> None:
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
 
     @property
     def is_main(self) -> bool:
@@ -78,6 +92,17 @@ class RayContext(TrainContext):
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint_dir else None)
         if checkpoint_dir:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+    def prepare_model(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def prepare_loader(self, loader: DataLoader) -> DataLoader:
+        """Ray Train's preparation: a DistributedSampler gives each rank a distinct part every epoch."""
+        import ray.train.torch
+
+        return ray.train.torch.prepare_data_loader(loader)
 
 
 class LocalContext(TrainContext):

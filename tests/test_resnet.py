@@ -1,0 +1,163 @@
+"""ResNet training with DDP on a real local Ray cluster (2 CPU workers, Fashion-MNIST subset)."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bigray.checkpoint import read_meta
+from bigray.config import ResNetJobConfig, load_config
+from bigray.data.images import DEBIAN_FASHION_MNIST, ArrayImages, DatasetInfo, load_images
+from bigray.models.resnet import normalize
+
+REPO = Path(__file__).resolve().parents[1]
+needs_fmnist = pytest.mark.skipif(
+    not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(), reason="needs dataset-fashion-mnist"
+)
+
+
+def resnet_config(tmp_path, name, *overrides):
+    return load_config(
+        ResNetJobConfig,
+        REPO / "jobs" / "configs" / "resnet_fashion.yaml",
+        [
+            "data.max_train_samples=3200", "data.max_eval_samples=1000", "train.epochs=2", "train.batch_size=16",
+            "train.lr=0.05", "train.precision=bf16", f"run.storage_path={tmp_path}", f"run.name={name}", *overrides,
+        ],
+    )  # fmt: skip
+
+
+def metrics_by_epoch(run_dir):
+    return {m["epoch"]: m for m in map(json.loads, Path(run_dir, "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ray_cluster, tmp_path_factory):
+    from bigray.train.resnet import train
+
+    cfg = resnet_config(tmp_path_factory.mktemp("resnet"), "ddp")
+    return cfg, train(cfg)
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_ddp_reaches_accuracy_well_above_chance(ddp_run):
+    cfg, summary = ddp_run
+    epochs = metrics_by_epoch(summary["run_dir"])
+    assert epochs[2]["step"] == 200  # 3200 images / (2 workers x 16) x 2 epochs
+    assert epochs[2]["val/acc"] > 0.6, epochs[2]  # chance is 0.1
+    assert epochs[2]["train/loss"] < epochs[1]["train/loss"]
+    for key in ("train/loss", "val/loss", "val/acc", "train/images_per_s", "train/epoch_time_s"):
+        assert key in summary["metrics"]
+    meta = read_meta(summary["checkpoint"], "resnet")
+    assert meta["epoch"] == 2
+    card = json.loads(Path(summary["checkpoint"], "model", "model.json").read_text())
+    assert card["data"]["class_names"][9] == "Ankle boot" and card["data"]["mean"] == [0.286]
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_resume_continues_at_saved_epoch_with_optimizer_state(ddp_run, ray_cluster, tmp_path):
+    from bigray.train.resnet import train
+
+    cfg, summary = ddp_run
+    epoch1 = Path(summary["run_dir"]) / "checkpoint_epoch_0001"
+    assert torch.load(epoch1 / "train_state.pt", weights_only=True)["optimizer"]["state"]  # momentum buffers saved
+    resumed_cfg = dataclasses.replace(cfg, resume_from=str(epoch1), run=dataclasses.replace(cfg.run, name="resumed", storage_path=str(tmp_path)))
+    resumed = metrics_by_epoch(train(resumed_cfg)["run_dir"])
+    full = metrics_by_epoch(summary["run_dir"])
+    assert list(resumed) == [2]  # continued at the saved epoch
+    assert resumed[2]["step"] == full[2]["step"]
+    # the same weights, momentum, data order and augmentation give the same epoch
+    assert resumed[2]["train/loss"] == pytest.approx(full[2]["train/loss"], abs=1e-4)
+    assert resumed[2]["val/acc"] == pytest.approx(full[2]["val/acc"], abs=2e-3)
+
+
+@needs_fmnist
+def test_checkpoint_loads_into_fresh_model_with_same_predictions(tmp_path):
+    from bigray.train.resnet import ResNetTrainer, load_classifier
+    from bigray.train.context import LocalContext
+
+    cfg = resnet_config(tmp_path, "local", "data.max_train_samples=320", "data.max_eval_samples=200", "train.epochs=1",
+                        "train.precision=fp32", "scaling.num_workers=1")  # fmt: skip
+    trainer = ResNetTrainer(cfg, LocalContext(str(tmp_path)), str(tmp_path))
+    trainer.fit()
+    ckpt = sorted(tmp_path.glob("checkpoint_epoch_*"))[-1]
+    loaded, card = load_classifier(ckpt)
+    splits, _ = load_images(cfg.data)
+    images = splits["test"].images[:64]
+    with torch.no_grad():
+        x = normalize(images, card["data"]["mean"], card["data"]["std"])
+        trained_logits = trainer.model.eval()(x)
+        loaded_logits = loaded(x)
+    assert torch.equal(trained_logits.argmax(1), loaded_logits.argmax(1))
+    assert torch.allclose(trained_logits, loaded_logits, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ranks_see_distinct_samples_every_epoch(ray_cluster, tmp_path):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from bigray.config import to_dict
+
+    import ray.cloudpickle
+    import sys
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
+    results = tmp_path / "seen"
+    results.mkdir()
+
+    cfg = resnet_config(tmp_path, "ids", "train.batch_size=4", "train.augment=false")
+    trainer = TorchTrainer(
+        _sharding_loop_and_save,
+        train_loop_config={"job": to_dict(cfg), "n": 64, "out": str(results)},
+        scaling_config=ray.train.ScalingConfig(num_workers=2),
+        run_config=ray.train.RunConfig(name="ids", storage_path=str(tmp_path)),
+    )
+    trainer.fit()
+    seen = [json.loads((results / f"rank_{r}.json").read_text()) for r in range(2)]
+    for epoch in range(2):
+        a, b = set(seen[0][epoch]), set(seen[1][epoch])
+        assert len(seen[0][epoch]) == 32 and len(seen[1][epoch]) == 32
+        assert not a & b and a | b == set(range(64))
+    assert seen[0][0] != seen[0][1]  # reshuffled each epoch
+
+
+def _sharding_loop_and_save(config):
+    import ray.train
+
+    from bigray.config import from_dict
+    from bigray.train.context import RayContext
+    from bigray.train.resnet import ResNetTrainer
+
+    n = config["n"]
+    images = np.zeros((n, 8, 8), dtype=np.uint8)
+    splits = {"train": ArrayImages(images, np.arange(n)), "test": ArrayImages(images[:4], np.arange(4))}
+    info = DatasetInfo("ids", [str(i) for i in range(n)], 1, 8, [0.5], [0.5], hflip=False)
+    ctx = RayContext()
+    trainer = ResNetTrainer(from_dict(ResNetJobConfig, config["job"]), ctx, None, splits, info)
+    seen = []
+    for epoch in range(2):
+        ctx.set_epoch(trainer.train_loader, epoch)
+        seen.append([int(i) for _, labels in trainer.train_loader for i in labels])
+    Path(config["out"], f"rank_{ctx.rank}.json").write_text(json.dumps(seen))
+    ray.train.report({"done": 1})
+
+
+def test_bad_data_root_fails_before_ray(tmp_path, capsys):
+    from bigray.cli import main
+
+    code = main(["train-resnet", "--set", "data.dataset=imagefolder", "--set", f"data.root={tmp_path}/missing"])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
+    one = tmp_path / "one"
+    for split in ("train", "test"):
+        (one / split / "cat").mkdir(parents=True)
+    assert main(["train-resnet", "--set", "data.dataset=imagefolder", "--set", f"data.root={one}"]) == 2
+    assert "1 class folder" in capsys.readouterr().err
+    assert main(["train-resnet", "--set", "train.batch_size=0"]) == 2
+    assert "train.batch_size" in capsys.readouterr().err
