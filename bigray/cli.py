@@ -87,6 +87,21 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     return info
 
 
+def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
+    from bigray.config import TuneJobConfig
+    from bigray.tune import run_search
+
+    if args.resume:
+        return run_search(TuneJobConfig(), resume_dir=args.resume)
+    return run_search(load_config(TuneJobConfig, args.config, args.overrides))
+
+
+def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
+    from bigray.quickstart import run
+
+    return run(args.storage_path, args.overrides)
+
+
 def _resume_override(args: argparse.Namespace) -> list[str]:
     return [f"resume_from={args.resume_from}"] if getattr(args, "resume_from", None) else []
 
@@ -122,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(resnet)
     resnet.add_argument("--resume-from", metavar="PATH", help="checkpoint (or run directory) to continue from")
     resnet.set_defaults(func=cmd_train_resnet)
+
+    tune = sub.add_parser("tune", help="hyperparameter search with Ray Tune over either trainer")
+    add_config_args(tune)
+    tune.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted search without redoing finished trials")
+    tune.set_defaults(func=cmd_tune)
+
+    quick = sub.add_parser("quickstart", help="the main job end to end on an embedded local Ray (~10 min on 2 cores)")
+    quick.add_argument("--storage-path", default="./runs", help="where run directories go (default ./runs)")
+    quick.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a GPT config key")
+    quick.set_defaults(func=cmd_quickstart)
 
     export = sub.add_parser("export", help="consolidate a GPT checkpoint into a Hugging Face model directory")
     export.add_argument("checkpoint", help="checkpoint directory, run directory or summary.json")

@@ -232,6 +232,17 @@ def _load_imagefolder(cfg: ImageDataConfig) -> tuple[dict[str, FolderImages], Da
 _LOADERS = {"fashion_mnist": _load_fashion_mnist, "cifar10": _load_cifar10, "imagefolder": _load_imagefolder}
 
 
+def with_absolute_root(cfg: ImageDataConfig) -> ImageDataConfig:
+    """Pin the data root to an absolute path on the driver: Ray Train workers run in their own cwd."""
+    import dataclasses
+
+    if cfg.root:
+        return dataclasses.replace(cfg, root=str(Path(cfg.root).expanduser().resolve()))
+    if cfg.dataset == "fashion_mnist" and (DEBIAN_FASHION_MNIST / FASHION_FILES["train"][0]).is_file():
+        return dataclasses.replace(cfg, root=str(DEBIAN_FASHION_MNIST))
+    return dataclasses.replace(cfg, root=str(Path("data", cfg.dataset).resolve()))
+
+
 def load_images(cfg: ImageDataConfig) -> tuple[dict[str, Dataset], DatasetInfo]:
     """Both splits (``train``, ``test``) of the configured dataset, subset to the configured sizes."""
     splits, info = _LOADERS[cfg.dataset](cfg)

@@ -146,6 +146,17 @@ def _encode(tok: Any, texts: list[str], dtype: np.dtype) -> np.ndarray:
     return np.asarray(ids, dtype=dtype)
 
 
+def with_absolute_paths(cfg: TextDataConfig) -> TextDataConfig:
+    """Pin cache and text paths on the driver: Ray Train workers run in their own cwd."""
+    import dataclasses
+
+    return dataclasses.replace(
+        cfg,
+        cache_dir=str(Path(cfg.cache_dir).expanduser().resolve()),
+        text_files=[str(Path(f).expanduser().resolve()) for f in cfg.text_files],
+    )
+
+
 def cache_key(cfg: TextDataConfig) -> str:
     settings = {
         "source": cfg.source,

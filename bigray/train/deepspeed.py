@@ -80,32 +80,3 @@ def initialize(model: torch.nn.Module, param_groups: list[dict], config: dict[st
 def set_lr(engine: Any, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-
-
-def state_bytes(engine: Any) -> dict[str, int]:
-    """Bytes this rank holds for parameters, gradients and optimizer state (for the ZeRO table)."""
-
-    def tensor_bytes(t: Any) -> int:
-        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
-
-    params = 0
-    for p in engine.module.parameters():
-        # ZeRO-3 partitions parameters: ds_tensor is this rank's shard, p.data an empty placeholder.
-        params += tensor_bytes(getattr(p, "ds_tensor", None)) if hasattr(p, "ds_tensor") else tensor_bytes(p.data)
-    opt = engine.optimizer
-    inner = getattr(opt, "optimizer", opt)
-    optim = 0
-    for state in inner.state.values():
-        optim += sum(tensor_bytes(v) for v in state.values())
-    # fp32 master copies and flat gradient partitions held by the ZeRO optimizers
-    master = 0
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
-        master += sum(tensor_bytes(t) for t in getattr(opt, name, []) or [])
-    grads = 0
-    for name in ("averaged_gradients",):
-        g = getattr(opt, name, None)
-        if isinstance(g, dict):
-            grads += sum(tensor_bytes(t) for ts in g.values() for t in (ts or []))
-    if not grads:
-        grads = sum(tensor_bytes(p.grad) for p in engine.module.parameters() if p.grad is not None)
-    return {"params": params, "grads": grads, "optimizer": optim + master}

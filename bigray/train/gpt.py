@@ -121,10 +121,13 @@ class GPTTrainer:
         dt = time.perf_counter() - t0
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
+        loss = self._mean_across_ranks(total / cfg.grad_accum_steps)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training diverged: loss is {loss} at step {self.step} (lr {lr:.3g})")
         tokens_per_s = self.tokens_per_step / dt
         achieved = self.flops_per_token * tokens_per_s
         return {
-            "train/loss": self._mean_across_ranks(total / cfg.grad_accum_steps),
+            "train/loss": loss,
             "train/lr": lr,
             "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "train/step_time_s": dt,
@@ -282,6 +285,9 @@ def pretrain(cfg: GPTPretrainConfig) -> dict[str, Any]:
     from bigray.runs import finish
     from bigray.train.launch import fit
 
+    from bigray.data.text import with_absolute_paths
+
+    cfg = dataclasses.replace(cfg, data=with_absolute_paths(cfg.data))
     data, _ = prepare_text(cfg.data)
     model_config_for(cfg, data)
     if cfg.resume_from:

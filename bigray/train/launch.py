@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from bigray.config import ConfigError, RunConfig, ScalingConfig, to_dict
 from bigray.runs import run_dir, save_resolved_config, storage_root
@@ -61,23 +61,31 @@ class TrainOutcome:
     metrics: dict[str, Any]
 
 
-def fit(
+def loop_for(kind: str) -> Callable[[dict[str, Any]], None]:
+    """The Ray Train worker function of a trainer kind ("gpt" or "resnet")."""
+    if kind == "gpt":
+        from bigray.train.gpt import ray_train_loop
+    else:
+        from bigray.train.resnet import ray_train_loop
+    return ray_train_loop
+
+
+def build_trainer(
     loop: Callable[[dict[str, Any]], None],
     job_config: Any,
     scaling: ScalingConfig,
     run: RunConfig,
     metric: str,
     mode: str,
-) -> TrainOutcome:
-    """Run ``loop`` on ``scaling.num_workers`` Ray Train workers and return where things ended up."""
+    callbacks: Sequence[Any] = (),
+) -> Any:
+    """A TorchTrainer for ``loop`` with resources, storage, checkpoint retention and failure budget."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    started = ensure_ray()
-    check_resources(scaling)
     directory = run_dir(run.storage_path, run.name)
     save_resolved_config(directory, job_config)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker=loop,
         train_loop_config={"job": to_dict(job_config), "run_dir": directory},
         scaling_config=ray.train.ScalingConfig(
@@ -94,8 +102,26 @@ def fit(
                 checkpoint_score_order=mode,
             ),
             failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+            callbacks=list(callbacks),
         ),
     )
+
+
+def fit(
+    loop: Callable[[dict[str, Any]], None],
+    job_config: Any,
+    scaling: ScalingConfig,
+    run: RunConfig,
+    metric: str,
+    mode: str,
+) -> TrainOutcome:
+    """Run ``loop`` on ``scaling.num_workers`` Ray Train workers and return where things ended up."""
+    import ray.train
+
+    started = ensure_ray()
+    check_resources(scaling)
+    directory = run_dir(run.storage_path, run.name)
+    trainer = build_trainer(loop, job_config, scaling, run, metric, mode)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:

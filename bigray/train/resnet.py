@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 
 from bigray.checkpoint import CheckpointError, read_meta, write_meta, write_rank_marker
 from bigray.config import ResNetJobConfig, ResNetTrainConfig, from_dict, to_dict
-from bigray.data.images import DatasetInfo, load_images
+from bigray.data.images import DatasetInfo, load_images, with_absolute_root
 from bigray.models.resnet import build_resnet, normalize
 from bigray.train.context import LocalContext, RayContext, TrainContext, new_checkpoint_dir
 
@@ -125,6 +125,8 @@ class ResNetTrainer:
                 g["lr"] = lr
             with self.autocast:
                 loss = F.cross_entropy(self.model(x), y, label_smoothing=t.label_smoothing)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"training diverged: loss is {loss.item()} at step {self.step} (lr {lr:.3g})")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -247,6 +249,7 @@ def train(cfg: ResNetJobConfig) -> dict[str, Any]:
     from bigray.runs import finish
     from bigray.train.launch import fit
 
+    cfg = dataclasses.replace(cfg, data=with_absolute_root(cfg.data))
     load_images(cfg.data)  # fail fast on a bad data root, before any Ray work
     if cfg.resume_from:
         resolved = resolve_checkpoint(cfg.resume_from)

@@ -1,0 +1,124 @@
+"""ZeRO memory: per-rank bytes of parameters, gradients and optimizer state for stages 0-3.
+
+Two Ray Train workers train the 124m GPT preset for two steps under each stage; each rank then
+counts the bytes of every tensor DeepSpeed holds for it (deduplicated by storage) and its peak RSS.
+Prints a table and the stage-3 / stage-0 ratio (target <= 0.55).
+Run: python bench/zero_memory.py
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+
+import torch
+from common import CONFIGS, save_result, scratch
+
+from bigray.config import GPTPretrainConfig, from_dict, load_config, to_dict
+from bigray.data.text import prepare_text
+
+
+def _tensors(obj, depth=0):
+    """Tensors reachable from an optimizer wrapper's attributes (two levels of lists/dicts)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth < 3 and isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v, depth + 1)
+    elif depth < 3 and isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v, depth + 1)
+
+
+def state_bytes(engine) -> dict[str, int]:
+    seen: set[int] = set()
+    totals = {"params": 0, "grads": 0, "optimizer": 0}
+
+    def add(kind, t):
+        if t is None or t.numel() == 0:
+            return
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            return
+        seen.add(key)
+        totals[kind] += t.untyped_storage().nbytes()
+
+    for p in engine.module.parameters():
+        add("params", getattr(p, "ds_tensor", p.data))
+        add("grads", p.grad)
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    for state in inner.state.values():
+        for t in _tensors(state):
+            add("optimizer", t)
+    for name, value in vars(opt).items():
+        if value is inner:
+            continue
+        kind = "grads" if "grad" in name else "optimizer" if ("fp32" in name or "master" in name) else "params"
+        for t in _tensors(value):
+            add(kind, t)
+    return totals
+
+
+def loop(config):
+    import ray.train
+
+    from bigray.train.context import RayContext
+    from bigray.train.gpt import GPTTrainer
+
+    cfg = from_dict(GPTPretrainConfig, config["job"])
+    ctx = RayContext()
+    trainer = GPTTrainer(cfg, ctx, None)
+    for _ in range(2):
+        trainer.train_step()
+    row = {"rank": ctx.rank, **state_bytes(trainer.engine), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    Path(config["out"], f"stage{cfg.deepspeed.zero_stage}_rank{ctx.rank}.json").write_text(json.dumps(row))
+    ray.train.report({"done": 1})
+
+
+def main(preset: str = "124m") -> dict:
+    import sys
+
+    import ray
+    import ray.cloudpickle
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    tmp = scratch("zero-memory")
+    rows = {}
+    for stage in (0, 1, 2, 3):
+        cfg = load_config(GPTPretrainConfig, CONFIGS / "gpt_tiny.yaml", [
+            f"model.preset={preset}", "model.block_size=128", "train.micro_batch_size=1", f"deepspeed.zero_stage={stage}",
+            "scaling.num_workers=2", f"run.storage_path={tmp}", f"run.name=stage{stage}",
+        ])  # fmt: skip
+        prepare_text(cfg.data)
+        TorchTrainer(
+            loop,
+            train_loop_config={"job": to_dict(cfg), "out": str(tmp)},
+            scaling_config=ray.train.ScalingConfig(num_workers=2),
+            run_config=ray.train.RunConfig(name=f"stage{stage}", storage_path=str(tmp)),
+        ).fit()
+        rows[stage] = [json.loads((tmp / f"stage{stage}_rank{r}.json").read_text()) for r in range(2)]
+    gib = 1 << 30
+    print(f"\nZeRO memory per rank, GPT {preset}, fp32, 2 workers (GiB)")
+    print(f"{'stage':>5} {'params':>8} {'grads':>8} {'optim':>8} {'total':>8} {'peak RSS':>9}")
+    table = {}
+    for stage, ranks in rows.items():
+        r0 = ranks[0]
+        total = r0["params"] + r0["grads"] + r0["optimizer"]
+        table[stage] = {**{k: r0[k] for k in ("params", "grads", "optimizer", "peak_rss")}, "total": total}
+        print(f"{stage:>5} {r0['params']/gib:8.3f} {r0['grads']/gib:8.3f} {r0['optimizer']/gib:8.3f} {total/gib:8.3f} {r0['peak_rss']/gib:9.2f}")
+    ratio = table[3]["total"] / table[0]["total"]
+    print(f"stage 3 / stage 0 per-rank state: {ratio:.3f} (target <= 0.55)")
+    result = {"benchmark": "zero_memory", "preset": preset, "per_rank_bytes": table, "stage3_over_stage0": round(ratio, 3), "per_rank_all": rows}
+    save_result("zero_memory", result)
+    ray.shutdown()
+    return result
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(*sys.argv[1:])

@@ -1,0 +1,148 @@
+"""`bigray quickstart`: the main job end to end on an embedded local Ray.
+
+Prepare data, pretrain a small GPT with ZeRO-2 on 2 workers, export it and generate a sample,
+train a ResNet on Fashion-MNIST, and print what a user wants to see. Every step is the same
+library call the individual commands make; only the presets are smaller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from bigray.config import GPTPretrainConfig, ResNetJobConfig, load_config
+
+log = logging.getLogger(__name__)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+
+
+def _preset(name: str) -> Path:
+    """Presets ship in the repo's jobs/configs (a source checkout); fall back to the working directory."""
+    p = CONFIGS / name
+    return p if p.is_file() else Path("jobs/configs") / name
+
+
+def generate_sample(model_dir: str | Path, prompt: str, max_new_tokens: int = 60, seed: int = 0) -> str:
+    """Sample a continuation from a Hugging Face model directory (as written by export)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    ids = tok(prompt, return_tensors="pt").input_ids
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, top_k=40, temperature=0.8, pad_token_id=tok.eos_token_id)
+    return tok.decode(out[0])
+
+
+def run(storage_path: str = "./runs", overrides: list[str] | None = None) -> dict[str, Any]:
+    import ray
+
+    from bigray.data.images import image_summary
+    from bigray.data.text import prepare_text
+    from bigray.export import export_gpt
+    from bigray.runs import finish, run_dir
+    from bigray.train import gpt, resnet
+    from bigray.train.launch import ensure_ray
+
+    t_start = time.time()
+    root = run_dir(storage_path, "quickstart")
+    stage_times: dict[str, float] = {}
+    started = ensure_ray()
+    try:
+        t0 = time.time()
+        gpt_cfg = load_config(GPTPretrainConfig, _preset("gpt_tiny.yaml"), [f"run.storage_path={root}", *(overrides or [])])
+        data, stats = prepare_text(gpt_cfg.data)
+        log.info("[1/4] data: %d train / %d val tokens, vocab %d", stats["tokens"]["train"], stats["tokens"]["val"], stats["vocab_size"])
+        images = image_summary(dataclasses.replace(ResNetJobConfig().data))
+        stage_times["data"] = time.time() - t0
+
+        t0 = time.time()
+        log.info("[2/4] pretraining GPT (%s, ZeRO-%d, %d workers)", gpt_cfg.model.preset, gpt_cfg.deepspeed.zero_stage, gpt_cfg.scaling.num_workers)
+        gpt_summary = gpt.pretrain(gpt_cfg)
+        hf_dir = Path(root) / "gpt-hf"
+        if hf_dir.exists():
+            import shutil
+
+            shutil.rmtree(hf_dir)
+        export_gpt(gpt_summary["checkpoint"], str(hf_dir))
+        sample = generate_sample(hf_dir, "ROMEO:\n")
+        stage_times["gpt"] = time.time() - t0
+
+        t0 = time.time()
+        resnet_cfg = load_config(
+            ResNetJobConfig,
+            _preset("resnet_fashion.yaml"),
+            ["train.epochs=1", "data.max_train_samples=12000", "data.max_eval_samples=2000", "train.precision=bf16",
+             "train.batch_size=32", "train.lr=0.05",
+             f"run.storage_path={root}", "run.name=resnet"],
+        )  # fmt: skip
+        log.info("[3/4] training %s on Fashion-MNIST (%d images, %d workers)", resnet_cfg.model.arch, resnet_cfg.data.max_train_samples, resnet_cfg.scaling.num_workers)
+        resnet_summary = resnet.train(resnet_cfg)
+        example = classify_example(resnet_summary["checkpoint"], resnet_cfg)
+        stage_times["resnet"] = time.time() - t0
+    finally:
+        if started:
+            ray.shutdown()
+
+    report = {
+        "gpt": {
+            "val_loss": gpt_summary["metrics"].get("val/loss"),
+            "val_perplexity": gpt_summary["metrics"].get("val/perplexity"),
+            "checkpoint": gpt_summary["checkpoint"],
+            "hf_export": str(hf_dir),
+            "sample": sample,
+        },
+        "resnet": {
+            "test_accuracy": resnet_summary["metrics"].get("val/acc"),
+            "checkpoint": resnet_summary["checkpoint"],
+            "example": example,
+        },
+        "data": {"text_tokens": stats["tokens"], "images": images},
+        "stage_seconds": {k: round(v, 1) for k, v in stage_times.items()},
+    }
+    print_report(report)
+    return finish(root, gpt_summary["checkpoint"], {"gpt/val_loss": report["gpt"]["val_loss"], "resnet/val_acc": report["resnet"]["test_accuracy"]},
+                  seconds=round(time.time() - t_start, 1), report=report)  # fmt: skip
+
+
+def classify_example(checkpoint: str, cfg: ResNetJobConfig) -> dict[str, Any]:
+    """Classify the first test image with the saved checkpoint, as a server would."""
+    import torch
+
+    from bigray.data.images import load_images
+    from bigray.models.resnet import normalize
+    from bigray.train.resnet import load_classifier
+
+    model, card = load_classifier(checkpoint)
+    splits, info = load_images(cfg.data)
+    image, label = splits["test"][0]
+    with torch.no_grad():
+        probs = model(normalize(image[None], card["data"]["mean"], card["data"]["std"])).softmax(-1)[0]
+    top = int(probs.argmax())
+    return {"true_label": info.class_names[label], "predicted": info.class_names[top], "score": round(float(probs[top]), 3)}
+
+
+def print_report(report: dict[str, Any]) -> None:
+    g, r = report["gpt"], report["resnet"]
+    lines = [
+        "",
+        "=" * 72,
+        "bigray quickstart",
+        f"GPT      val loss {g['val_loss']:.3f}  perplexity {g['val_perplexity']:.1f}",
+        f"         checkpoint {g['checkpoint']}",
+        f"         Hugging Face export {g['hf_export']}",
+        "         sample:",
+        *("           " + line for line in g["sample"].splitlines()[:12]),
+        f"ResNet   test accuracy {100 * r['test_accuracy']:.2f}%",
+        f"         checkpoint {r['checkpoint']}",
+        f"         example: a {r['example']['true_label']!r} classified as {r['example']['predicted']!r} ({r['example']['score']:.2f})",
+        f"time per stage (s): {report['stage_seconds']}",
+        "=" * 72,
+    ]
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,256 @@
+"""Hyperparameter search with Ray Tune over either trainer (Ray Train V2 pattern).
+
+Each trial runs :func:`trial_driver`, a Tune function trainable that builds and runs its own
+TorchTrainer (a Trainer cannot be passed to a Tuner in Train V2); TuneReportCallback forwards
+rank 0's reports to Tune, so ASHA can stop a trial between reports. Trial runs are named after the
+trial id, so a resumed search continues each unfinished trial from its own checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from bigray.config import ConfigError, GPTPretrainConfig, ResNetJobConfig, TuneJobConfig, from_dict, set_dotted, to_dict
+from bigray.runs import finish, run_dir, save_resolved_config, storage_root
+
+log = logging.getLogger(__name__)
+
+PARAMS = "params"
+# The trial driver only waits on its TorchTrainer; its workers reserve the real resources.
+DRIVER_CPU = 0.01
+
+
+def search_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The YAML search space as Tune domains, keyed by dotted trainer key."""
+    from ray import tune
+
+    domains: dict[str, Any] = {}
+    for key, spec in space.items():
+        kind, args = next(iter(spec.items()))
+        if kind in ("loguniform", "uniform", "randint"):
+            if not (isinstance(args, list) and len(args) == 2):
+                raise ConfigError(f"tune.space.{key}", f"{kind} takes [low, high], got {args!r}")
+            domains[key] = getattr(tune, kind)(*args)
+        elif kind == "choice":
+            domains[key] = tune.choice(list(args))
+        else:
+            domains[key] = tune.grid_search(list(args))
+    return domains
+
+
+def trainer_class(kind: str) -> type:
+    return GPTPretrainConfig if kind == "gpt" else ResNetJobConfig
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], kind: str, trials_dir: str, trial_id: str) -> Any:
+    """The typed trainer config of one trial: base config + sampled values + a trial-id run name."""
+    data = copy.deepcopy(base)
+    for key, value in params.items():
+        set_dotted(data, key, value)
+    cfg = from_dict(trainer_class(kind), data, prefix="trainer")
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"trial_{trial_id}", storage_path=trials_dir))
+
+
+def trial_driver(config: dict[str, Any]) -> None:
+    """One Tune trial: build and run a TorchTrainer that reports through TuneReportCallback."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from bigray.train.launch import build_trainer, loop_for
+
+    kind = config["kind"]
+    cfg = trial_config(config["trainer"], config[PARAMS], kind, config["trials_dir"], ray.tune.get_context().get_trial_id())
+    trainer = build_trainer(loop_for(kind), cfg, cfg.scaling, cfg.run, config["metric"], config["mode"], callbacks=[TuneReportCallback()])
+    trainer.fit()  # raises TrainingFailedError on a crash or divergence: Tune marks the trial ERROR
+
+
+def concurrent_trials(job: TuneJobConfig, trainer_cfg: Any) -> int:
+    """How many trials fit on the cluster at once, from its CPUs/GPUs and each trial's workers."""
+    import ray
+
+    if job.tune.max_concurrent_trials:
+        return job.tune.max_concurrent_trials
+    resources = ray.cluster_resources()
+    s = trainer_cfg.scaling
+    fits = int(resources.get("CPU", 1) // (s.num_workers * s.cpus_per_worker))
+    if s.use_gpu:
+        fits = min(fits, int(resources.get("GPU", 0) // s.num_workers))
+    return max(1, fits)
+
+
+def max_iterations(kind: str, cfg: Any) -> int:
+    """Reports a trial makes when it runs to the end (ASHA's max_t)."""
+    if kind == "resnet":
+        return cfg.train.epochs
+    return math.ceil(cfg.train.max_steps / cfg.train.eval_interval)
+
+
+def progress(kind: str, metrics: dict[str, Any], cfg: Any) -> tuple[int, int]:
+    """(reached, goal) in the trainer's own units: epochs for ResNet, steps for GPT."""
+    if kind == "resnet":
+        return int(metrics.get("epoch", 0)), cfg.train.epochs
+    return int(metrics.get("step", 0)), cfg.train.max_steps
+
+
+def prepare_trainer_config(job: TuneJobConfig) -> dict[str, Any]:
+    """Validate the base trainer config and pin its paths before any trial starts."""
+    cfg = job.trainer_config()
+    if job.tune.trainer == "gpt":
+        from bigray.data.text import prepare_text, with_absolute_paths
+        from bigray.train.gpt import model_config_for
+
+        # Every GPT report must carry the metric ASHA compares: report at the eval interval.
+        cfg = dataclasses.replace(cfg, data=with_absolute_paths(cfg.data), train=dataclasses.replace(cfg.train, log_interval=cfg.train.eval_interval))
+        model_config_for(cfg, prepare_text(cfg.data)[0])
+    else:
+        from bigray.data.images import load_images, with_absolute_root
+
+        cfg = dataclasses.replace(cfg, data=with_absolute_root(cfg.data))
+        load_images(cfg.data)
+    return to_dict(cfg)
+
+
+def make_tuner(job: TuneJobConfig, base: dict[str, Any], directory: str) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    t = job.tune
+    cfg = from_dict(trainer_class(t.trainer), base)
+    scheduler: Any
+    if t.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_iterations(t.trainer, cfg), grace_period=1, reduction_factor=2)
+    else:
+        scheduler = FIFOScheduler()
+    search_alg = None
+    if t.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=t.seed)
+    param_space = {
+        "kind": t.trainer,
+        "trainer": base,
+        "trials_dir": directory + "/trials",
+        "metric": t.metric,
+        "mode": t.mode,
+        PARAMS: search_space(t.space),
+    }
+    return tune.Tuner(
+        tune.with_resources(trial_driver, {"CPU": DRIVER_CPU}),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=t.metric,
+            mode=t.mode,
+            num_samples=t.num_samples,
+            scheduler=scheduler,
+            search_alg=search_alg,
+            max_concurrent_trials=concurrent_trials(job, cfg),
+            time_budget_s=t.time_budget_s or None,
+        ),
+        run_config=tune.RunConfig(name=job.run.name, storage_path=storage_root(job.run.storage_path)),
+    )
+
+
+def results_table(grid: Any, job: TuneJobConfig, cfg: Any) -> list[dict[str, Any]]:
+    """One row per trial: id, sampled config, best metric, iterations, status, best checkpoint."""
+    t = job.tune
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        df = result.metrics_dataframe
+        best, checkpoint = None, None
+        if df is not None and t.metric in df:
+            scored = df[df[t.metric].notna()]
+            if len(scored):
+                idx = scored[t.metric].idxmin() if t.mode == "min" else scored[t.metric].idxmax()
+                best = float(scored.loc[idx, t.metric])
+                with_ckpt = scored[scored["checkpoint_path"].notna()] if "checkpoint_path" in scored else scored.iloc[0:0]
+                if len(with_ckpt):
+                    cidx = with_ckpt[t.metric].idxmin() if t.mode == "min" else with_ckpt[t.metric].idxmax()
+                    checkpoint = str(with_ckpt.loc[cidx, "checkpoint_path"])
+        iterations = int(metrics.get("training_iteration", 0))
+        reached, goal = progress(job.tune.trainer, metrics, cfg)
+        if result.error is not None:
+            status = "failed"
+        elif reached < goal:
+            status = "stopped early"
+        else:
+            status = "completed"
+        rows.append({
+            "trial_id": metrics.get("trial_id") or Path(result.path).name,
+            "config": json.dumps((result.config or {}).get(PARAMS, {}), sort_keys=True),
+            f"best {t.metric}": best, "iterations": iterations, "status": status, "checkpoint": checkpoint,
+            "error": (str(result.error).strip().splitlines() or [""])[-1][:200] if result.error else "",
+        })  # fmt: skip
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    cols = [c for c in rows[0] if c != "checkpoint"]
+    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(_fmt(r[c]).ljust(widths[c]) for c in cols))
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else "" if v is None else str(v)
+
+
+def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, Any]:
+    """`bigray tune`: run (or resume) a search, print and save the table, record the best trial."""
+    from ray import tune
+
+    from bigray.train.launch import ensure_ray
+
+    started = ensure_ray()
+    try:
+        if resume_dir:
+            directory = str(Path(resume_dir).resolve())
+            saved = json.loads(Path(directory, "tune_job.json").read_text())
+            job = from_dict(TuneJobConfig, saved["job"])
+            base = saved["trainer"]
+            tuner = tune.Tuner.restore(directory, trainable=tune.with_resources(trial_driver, {"CPU": DRIVER_CPU}), resume_errored=False)
+        else:
+            directory = run_dir(job.run.storage_path, job.run.name)
+            if Path(directory, "tune_job.json").exists():
+                raise ConfigError("run.name", f"{directory} already holds a search; resume it with --resume {directory} or pick a new run.name")
+            base = prepare_trainer_config(job)
+            save_resolved_config(directory, job)
+            Path(directory, "tune_job.json").write_text(json.dumps({"job": to_dict(job), "trainer": base}, indent=2))
+            tuner = make_tuner(job, base, directory)
+        grid = tuner.fit()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    cfg = from_dict(trainer_class(job.tune.trainer), base)
+    rows = results_table(grid, job, cfg)
+    print_table(rows)
+    with open(Path(directory, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+    key = f"best {job.tune.metric}"
+    scored = [r for r in rows if r[key] is not None and r["status"] != "failed"]
+    if not scored:
+        raise RuntimeError("no trial produced the metric; see results.csv")
+    best = (min if job.tune.mode == "min" else max)(scored, key=lambda r: r[key])
+    best_config = trial_config(base, json.loads(best["config"]), job.tune.trainer, directory + "/trials", best["trial_id"])
+    return finish(
+        directory,
+        best["checkpoint"],
+        {job.tune.metric: best[key]},
+        best_trial=best["trial_id"],
+        best_config=to_dict(best_config),
+        trials={r["status"]: sum(1 for x in rows if x["status"] == r["status"]) for r in rows},
+    )

@@ -1,0 +1,124 @@
+"""Ray Tune searches over the real trainers on the shared local Ray cluster (tiny models)."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bigray.config import TuneJobConfig, load_config
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def gpt_search(small_text, tmp_path, name, *overrides):
+    text_cfg, _ = small_text
+    return load_config(
+        TuneJobConfig,
+        REPO / "jobs" / "configs" / "tune_gpt.yaml",
+        [
+            "tune.searcher=random", "tune.max_concurrent_trials=1",
+            f"trainer.data.cache_dir={text_cfg.cache_dir}", f"trainer.data.max_chars={text_cfg.max_chars}",
+            f"trainer.data.vocab_size={text_cfg.vocab_size}", "trainer.train.max_steps=40",
+            "trainer.train.eval_interval=10", "trainer.run.checkpoint_interval=10",
+            f"run.storage_path={tmp_path}", f"run.name={name}", *overrides,
+        ],
+    )  # fmt: skip
+
+
+def read_table(run_dir):
+    with open(Path(run_dir, "results.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_asha_search_stops_bad_trials_and_reports_the_best(ray_cluster, small_text, tmp_path):
+    from bigray.tune import run_search
+
+    # Best learning rate first: run one at a time, ASHA must stop the worse ones at a rung.
+    job = gpt_search(small_text, tmp_path, "asha", "tune.num_samples=1",
+                     "tune.space={train.lr: {grid: [0.006, 0.002, 0.0003, 0.00005]}}")  # fmt: skip
+    summary = run_search(job)
+    rows = read_table(summary["run_dir"])
+    assert len(rows) == 4
+    assert {r["status"] for r in rows} <= {"completed", "stopped early"}
+    assert any(r["status"] == "stopped early" for r in rows)
+    best_row = min(rows, key=lambda r: float(r["best val/loss"]))
+    assert summary["metrics"]["val/loss"] == pytest.approx(float(best_row["best val/loss"]))
+    assert summary["best_trial"] == best_row["trial_id"]
+    assert json.loads(best_row["config"])["train.lr"] == summary["best_config"]["train"]["lr"]
+    # the best checkpoint is a complete GPT checkpoint that export accepts straight from summary.json
+    from bigray.export import export_gpt
+
+    info = export_gpt(str(Path(summary["run_dir"]) / "summary.json"), str(tmp_path / "best-hf"))
+    assert info["checkpoint"] == summary["checkpoint"]
+    assert (tmp_path / "best-hf" / "model.safetensors").is_file()
+
+
+def test_diverging_trial_fails_while_others_complete(ray_cluster, tmp_path):
+    from bigray.tune import run_search
+
+    job = load_config(TuneJobConfig, REPO / "jobs" / "configs" / "tune_resnet.yaml", [
+        "tune.num_samples=1", "tune.scheduler=fifo", "tune.max_concurrent_trials=2",
+        "tune.space={train.lr: {grid: [0.05, 100000.0]}}",
+        "trainer.data.max_train_samples=256", "trainer.data.max_eval_samples=128", "trainer.train.epochs=1",
+        "trainer.train.batch_size=32", "trainer.train.schedule=cosine", "trainer.train.warmup_epochs=0",
+        f"run.storage_path={tmp_path}", "run.name=diverge",
+    ])  # fmt: skip
+    summary = run_search(job)
+    rows = {json.loads(r["config"])["train.lr"]: r for r in read_table(summary["run_dir"])}
+    assert rows[100000.0]["status"] == "failed" and "diverged" in rows[100000.0]["error"]
+    assert rows[0.05]["status"] == "completed"
+    assert summary["best_config"]["train"]["lr"] == 0.05
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluster, small_text, tmp_path):
+    job_args = ["--set", "tune.num_samples=1", "--set", "tune.space={train.lr: {grid: [0.003, 0.001, 0.0005]}}",
+                "--set", "tune.scheduler=fifo"]  # fmt: skip
+    job = gpt_search(small_text, tmp_path, "resume")
+    overrides = [f"{k}={v}" for k, v in [
+        ("tune.searcher", "random"), ("tune.max_concurrent_trials", 1),
+        ("trainer.data.cache_dir", job.trainer["data"]["cache_dir"]), ("trainer.data.max_chars", job.trainer["data"]["max_chars"]),
+        ("trainer.data.vocab_size", job.trainer["data"]["vocab_size"]), ("trainer.train.max_steps", 40),
+        ("trainer.train.eval_interval", 10), ("trainer.run.checkpoint_interval", 10),
+        ("run.storage_path", tmp_path), ("run.name", "resume"),
+    ]]  # fmt: skip
+    cmd = [sys.executable, "-m", "bigray.cli", "tune", "--config", str(REPO / "jobs" / "configs" / "tune_gpt.yaml")]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(cmd + job_args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trials = tmp_path / "resume" / "trials"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # interrupt once the second trial started (one at a time: the first finished)
+        if len(list(trials.glob("trial_*"))) >= 2:
+            break
+        time.sleep(0.5)
+    assert len(list(trials.glob("trial_*"))) >= 2, "the search never got to its second trial"
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    finished_before = {d.name: _steps_list(d) for d in trials.glob("trial_*") if _steps(d) >= 40}
+    assert finished_before
+    out = subprocess.run([sys.executable, "-m", "bigray.cli", "tune", "--resume", str(tmp_path / "resume")],
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = read_table(tmp_path / "resume")
+    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows)
+    for name, steps in finished_before.items():
+        assert _steps_list(trials / name) == steps  # finished trials were not run again
+
+
+def _steps_list(trial_dir):
+    path = trial_dir / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _steps(trial_dir):
+    steps = _steps_list(trial_dir)
+    return max(steps) if steps else 0
