@@ -12,10 +12,10 @@ from bigray.config import GPTPretrainConfig, load_config
 from bigray.data.text import prepare_text
 
 
-def main(steps: int = 40) -> dict:
+def main(steps: int = 60) -> dict:
     tmp = scratch("gpt-overhead")
     overrides = [
-        "scaling.num_workers=1", "scaling.cpus_per_worker=2", f"train.max_steps={steps}", "train.log_interval=1",
+        "scaling.num_workers=1", "scaling.cpus_per_worker=2", f"train.max_steps={steps}", "train.log_interval=5",
         f"train.eval_interval={steps}", f"run.checkpoint_interval={steps}", "train.eval_batches=1",
         f"run.storage_path={tmp}",
     ]  # fmt: skip
@@ -26,13 +26,13 @@ def main(steps: int = 40) -> dict:
 
     (tmp / "local").mkdir()
     train_local(cfg, str(tmp / "local"))
-    local = median_after_warmup(read_jsonl(tmp / "local" / "metrics.jsonl"), "train/tokens_per_s")
+    local = median_after_warmup(read_jsonl(tmp / "local" / "metrics.jsonl"), "train/tokens_per_s", skip=1)
 
     from bigray.train.gpt import pretrain
 
     ray_cfg = load_config(GPTPretrainConfig, CONFIGS / "gpt_tiny.yaml", overrides + ["run.name=ray"])
     summary = pretrain(ray_cfg)
-    under_ray = median_after_warmup(read_jsonl(tmp / "ray" / "metrics.jsonl"), "train/tokens_per_s")
+    under_ray = median_after_warmup(read_jsonl(tmp / "ray" / "metrics.jsonl"), "train/tokens_per_s", skip=1)
     result = {
         "benchmark": "gpt_ray_overhead",
         "model": cfg.model.preset, "block_size": cfg.model.block_size, "micro_batch": cfg.train.micro_batch_size,

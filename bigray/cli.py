@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from bigray.config import ConfigError, DataPrepareConfig, load_config
+from bigray.config import ConfigError, DataPrepareConfig, ServeJobConfig, load_config
 
 log = logging.getLogger("bigray")
 
@@ -96,6 +96,31 @@ def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
     return run_search(load_config(TuneJobConfig, args.config, args.overrides))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from bigray.serve.app import AppArgs
+    from bigray.serve.launch import serve_forever
+
+    cfg = load_config(ServeJobConfig, args.config, args.overrides + _serve_overrides(args))
+    if not cfg.gpt_checkpoint and not cfg.resnet_checkpoint:
+        raise ConfigError("gpt_checkpoint", "give --gpt CKPT, --resnet CKPT or both")
+    app_args = AppArgs(
+        gpt_checkpoint=cfg.gpt_checkpoint or None, resnet_checkpoint=cfg.resnet_checkpoint or None,
+        max_prompt_tokens=cfg.max_prompt_tokens, max_tokens_limit=cfg.max_tokens_limit,
+        max_image_bytes=cfg.max_image_bytes, max_image_pixels=cfg.max_image_pixels,
+    )  # fmt: skip
+    app_args.resnet.max_batch_size = cfg.max_batch_size
+    app_args.resnet.batch_wait_timeout_s = cfg.batch_wait_timeout_s
+    serve_forever(app_args, cfg.host, cfg.port)
+
+
+def _serve_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    for flag, key in (("gpt", "gpt_checkpoint"), ("resnet", "resnet_checkpoint"), ("port", "port"), ("host", "host")):
+        if getattr(args, flag, None) is not None:
+            out.append(f"{key}={getattr(args, flag)}")
+    return out
+
+
 def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
     from bigray.quickstart import run
 
@@ -142,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(tune)
     tune.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted search without redoing finished trials")
     tune.set_defaults(func=cmd_tune)
+
+    srv = sub.add_parser("serve", help="serve GPT and/or ResNet checkpoints over HTTP until interrupted")
+    add_config_args(srv)
+    srv.add_argument("--gpt", metavar="CKPT", help="GPT checkpoint, run directory, summary.json or exported HF directory")
+    srv.add_argument("--resnet", metavar="CKPT", help="ResNet checkpoint, run directory or summary.json")
+    srv.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    srv.add_argument("--host", help="HTTP host (default 127.0.0.1)")
+    srv.set_defaults(func=cmd_serve)
 
     quick = sub.add_parser("quickstart", help="the main job end to end on an embedded local Ray (~10 min on 2 cores)")
     quick.add_argument("--storage-path", default="./runs", help="where run directories go (default ./runs)")

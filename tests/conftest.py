@@ -39,3 +39,36 @@ def small_text(tmp_path_factory, downloads_dir):
     cfg = TextDataConfig(cache_dir=str(cache), max_chars=400_000, vocab_size=512)
     dataset, _ = prepare_text(cfg)
     return cfg, dataset
+
+
+@pytest.fixture(scope="session")
+def gpt_checkpoint(small_text, tmp_path_factory):
+    """A tiny GPT trained for a few steps in this process (world size 1, ZeRO-1), as a checkpoint dir."""
+    from bigray.config import GPTPretrainConfig, load_config
+    from bigray.train.gpt import train_local
+
+    text_cfg, _ = small_text
+    out = tmp_path_factory.mktemp("gpt_local")
+    cfg = load_config(GPTPretrainConfig, REPO / "jobs" / "configs" / "gpt_tiny.yaml", [
+        f"data.cache_dir={text_cfg.cache_dir}", f"data.max_chars={text_cfg.max_chars}", f"data.vocab_size={text_cfg.vocab_size}",
+        "model.block_size=64", "train.micro_batch_size=8", "train.max_steps=40", "train.lr=3e-3", "train.warmup_steps=5",
+        "train.eval_interval=40", "train.eval_batches=2", "run.checkpoint_interval=20", "deepspeed.zero_stage=1",
+        "scaling.num_workers=1", "scaling.cpus_per_worker=2",
+    ])  # fmt: skip
+    _, ctx = train_local(cfg, str(out))
+    return ctx.checkpoints
+
+
+@pytest.fixture(scope="session")
+def resnet_checkpoint(tmp_path_factory):
+    """A ResNet-18 trained for one short epoch on Fashion-MNIST in this process."""
+    from bigray.config import ResNetJobConfig, load_config
+    from bigray.train.resnet import train_local
+
+    out = tmp_path_factory.mktemp("resnet_local")
+    cfg = load_config(ResNetJobConfig, REPO / "jobs" / "configs" / "resnet_fashion.yaml", [
+        "data.max_train_samples=1024", "data.max_eval_samples=256", "train.epochs=1", "train.batch_size=32",
+        "train.lr=0.05", "train.precision=bf16", "scaling.num_workers=1", "scaling.cpus_per_worker=2",
+    ])  # fmt: skip
+    _, ctx = train_local(cfg, str(out))
+    return ctx.checkpoints[-1]

@@ -1,0 +1,401 @@
+"""Ray Serve app: a FastAPI ingress in front of a GPT and a ResNet deployment, each scaled on its own.
+
+``build_app(args) -> Application`` is what ``serve run serve/config.yaml`` imports (typed args,
+vLLM/Ray-style app builder). Routes live in the ingress; schemas in protocol.py; model logic in
+runners.py. Client mistakes become OpenAI-style JSON errors with a 4xx status, never a 500.
+"""
+
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from bigray.serve.protocol import (
+    ClassificationResponse,
+    ClassLabel,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorDetail,
+    ErrorResponse,
+    GenerationParams,
+    ModelCard,
+    ModelList,
+    ServeError,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- typed app args
+
+
+class DeploymentArgs(BaseModel):
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, ge=1)
+    target_ongoing_requests: float = Field(default=8, gt=0)
+    max_ongoing_requests: int = Field(default=32, ge=1)
+    max_batch_size: int = Field(default=16, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    num_cpus: float = Field(default=1, gt=0)
+
+    def options(self) -> dict[str, Any]:
+        return {
+            # max_ongoing_requests >= max_batch_size, or @serve.batch never fills
+            "max_ongoing_requests": max(self.max_ongoing_requests, self.max_batch_size),
+            "autoscaling_config": {
+                "min_replicas": self.min_replicas,
+                "initial_replicas": max(1, self.min_replicas),
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+            },
+            "ray_actor_options": {"num_cpus": self.num_cpus},
+        }
+
+
+class AppArgs(BaseModel):
+    """Arguments of the Serve app (from serve/config.yaml or `bigray serve`)."""
+
+    gpt_checkpoint: str | None = None
+    resnet_checkpoint: str | None = None
+    gpt_name: str = "bigray-gpt"
+    resnet_name: str = "bigray-resnet"
+    max_prompt_tokens: int = Field(default=512, ge=1)
+    max_tokens_limit: int = Field(default=256, ge=1)
+    max_image_bytes: int = Field(default=4_000_000, ge=1)
+    max_image_pixels: int = Field(default=16_000_000, ge=1)
+    gpt: DeploymentArgs = DeploymentArgs(max_batch_size=8)
+    resnet: DeploymentArgs = DeploymentArgs()
+    api_key_env: str = "BIGRAY_API_KEY"
+
+
+def _threads(num_cpus: float) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+
+
+def error_fields(e: ServeError) -> dict[str, Any]:
+    return {"status": e.status, "message": e.message, "type": e.type}
+
+
+def raise_if_error(result: dict[str, Any]) -> dict[str, Any]:
+    if "error" in result:
+        err = result["error"]
+        raise ServeError(err["status"], err["message"], err["type"])
+    return result
+
+
+# ----------------------------------------------------------------------------- model deployments
+
+
+@serve.deployment(name="gpt")
+class GPTDeployment:
+    """Text generation; concurrent prompts are decoded together (shared forward passes + KV cache).
+
+    The checkpoint arrives as user_config, so pointing a running app at a new checkpoint is an
+    in-place reconfigure: the old model answers until the new one has loaded, then they swap.
+    """
+
+    def __init__(self, max_prompt_tokens: int, max_batch_size: int, batch_wait_timeout_s: float, num_cpus: float = 1):
+        _threads(num_cpus)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.runner: Any = None
+        self.checkpoint: str | None = None
+        self._batched.set_max_batch_size(max_batch_size)
+        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        from bigray.serve.runners import GPTRunner, gpt_model_dir
+
+        path = user_config["checkpoint"]
+        if path != self.checkpoint:
+            self.runner = GPTRunner(gpt_model_dir(path), self.max_prompt_tokens)
+            self.checkpoint = path
+
+    def ready(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "context": self.runner.max_positions}
+
+    def check(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Prompt token count, or the client error (returned, not raised: it crosses a handle)."""
+        try:
+            return {"prompt_tokens": self.runner.check(GenerationParams(**job))}
+        except ServeError as e:
+            return {"error": error_fields(e)}
+
+    async def generate(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async for delta in self._batched(GenerationParams(**job)):
+            yield {"text": delta.text, "finish_reason": delta.finish_reason, "completion_tokens": delta.completion_tokens}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _batched(self, jobs: list[GenerationParams]) -> AsyncIterator[list[Any]]:
+        runner = self.runner
+        steps = runner.generate(jobs)
+        while True:
+            # each decode step runs off the event loop, so the replica keeps accepting requests
+            step = await asyncio.to_thread(next, steps, None)
+            if step is None:
+                return
+            yield [StopIteration if d is None else d for d in step]
+
+
+@serve.deployment(name="resnet")
+class ResNetDeployment:
+    """Image classification with dynamic batching (@serve.batch); checkpoint via user_config as above."""
+
+    def __init__(self, max_image_pixels: int, max_batch_size: int, batch_wait_timeout_s: float, num_cpus: float = 1):
+        _threads(num_cpus)
+        self.max_image_pixels = max_image_pixels
+        self.runner: Any = None
+        self.checkpoint: str | None = None
+        self._batched.set_max_batch_size(max_batch_size)
+        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        from bigray.serve.runners import ClassifierRunner
+
+        path = user_config["checkpoint"]
+        if path != self.checkpoint:
+            self.runner = ClassifierRunner(path, self.max_image_pixels)
+            self.checkpoint = path
+
+    def ready(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, **self.runner.describe()}
+
+    async def classify(self, image: bytes, top_k: int) -> dict[str, Any]:
+        """Top-k labels, or the client error (returned, not raised: it crosses a handle)."""
+        try:
+            x = self.runner.preprocess(image)
+        except ServeError as e:
+            return {"error": error_fields(e)}
+        probs = await self._batched(x)
+        k = min(top_k, len(probs))
+        scores, idx = probs.topk(k)
+        names = self.runner.class_names
+        return {"predictions": [{"label": names[i], "index": int(i), "score": float(s)} for s, i in zip(scores.tolist(), idx.tolist())]}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _batched(self, images: list[Any]) -> list[Any]:
+        import torch
+
+        probs = await asyncio.to_thread(self.runner.classify, torch.stack(images))
+        return list(probs)
+
+
+# ----------------------------------------------------------------------------- HTTP ingress
+
+api = FastAPI(title="bigray", description="GPT completions and ResNet classification on Ray Serve")
+
+
+def error_response(status: int, message: str, type_: str) -> JSONResponse:
+    body = ErrorResponse(error=ErrorDetail(message=message, type=type_, code=status))
+    return JSONResponse(status_code=status, content=body.model_dump())
+
+
+@api.exception_handler(ServeError)
+async def _serve_error(_: Request, exc: ServeError) -> JSONResponse:
+    return error_response(exc.status, exc.message, exc.type)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(400, _describe(exc.errors()), "invalid_request_error")
+
+
+def _describe(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+async def _json_body(request: Request) -> Any:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in ("application/json", ""):
+        raise ServeError(415, f"unsupported content type {ctype}; send application/json", "unsupported_media_type")
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise ServeError(400, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ServeError(400, "the body must be a JSON object")
+    return body
+
+
+@serve.deployment(name="ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, gpt: DeploymentHandle | None, resnet: DeploymentHandle | None, args: dict[str, Any], api_key: str | None):
+        self.gpt, self.resnet = gpt, resnet
+        self.args = AppArgs(**args)
+        self.api_key = api_key or None
+
+    def _authorize(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+            raise ServeError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """Liveness, and readiness once every model replica has loaded its checkpoint."""
+        models = {}
+        try:
+            for name, handle in (("gpt", self.gpt), ("resnet", self.resnet)):
+                if handle is not None:
+                    models[name] = await asyncio.wait_for(handle.ready.remote(), timeout=5)
+        except Exception as e:  # not loaded yet, or a replica is restarting
+            return JSONResponse(status_code=503, content={"status": "loading", "detail": str(e)[:200]})
+        return JSONResponse(content={"status": "ok", "models": models})
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> ModelList:
+        self._authorize(request)
+        cards = []
+        if self.gpt is not None:
+            cards.append(ModelCard(id=self.args.gpt_name, task="text-completion"))
+        if self.resnet is not None:
+            cards.append(ModelCard(id=self.args.resnet_name, task="image-classification"))
+        return ModelList(data=cards)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        self._authorize(request)
+        if self.gpt is None:
+            raise ServeError(404, "no GPT model is served here", "not_found_error")
+        body = await _json_body(request)
+        try:
+            req = CompletionRequest.model_validate(body)
+        except ValidationError as e:
+            raise ServeError(400, _describe(e.errors())) from None
+        if req.model not in (None, self.args.gpt_name):
+            raise ServeError(404, f"model {req.model!r} is not served; GET /v1/models lists the models", "not_found_error")
+        if req.max_tokens > self.args.max_tokens_limit:
+            raise ServeError(400, f"max_tokens is {req.max_tokens}; this server allows at most {self.args.max_tokens_limit}")
+        jobs = [
+            GenerationParams(prompt=p, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stops(),
+                             seed=None if req.seed is None else req.seed + i).model_dump()
+            for i, p in enumerate(req.prompts())
+        ]  # fmt: skip
+        prompt_tokens = 0
+        for job in jobs:
+            prompt_tokens += raise_if_error(await self.gpt.check.remote(job))["prompt_tokens"]
+        if req.stream:
+            return StreamingResponse(self._stream(req, jobs), media_type="text/event-stream")
+        results = await asyncio.gather(*(self._collect(job) for job in jobs))
+        choices = [CompletionChoice(index=i, text=text, finish_reason=reason) for i, (text, reason, _) in enumerate(results)]
+        completion_tokens = sum(n for _, _, n in results)
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
+        return CompletionResponse(model=self.args.gpt_name, choices=choices, usage=usage)
+
+    async def _collect(self, job: dict[str, Any]) -> tuple[str, str | None, int]:
+        text, reason, n = [], None, 0
+        async for delta in self.gpt.options(stream=True).generate.remote(job):
+            text.append(delta["text"])
+            reason, n = delta["finish_reason"] or reason, delta["completion_tokens"]
+        return "".join(text), reason, n
+
+    async def _stream(self, req: CompletionRequest, jobs: list[dict[str, Any]]) -> AsyncIterator[str]:
+        base = CompletionResponse(model=self.args.gpt_name, choices=[])
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, job: dict[str, Any]) -> None:
+            try:
+                async for delta in self.gpt.options(stream=True).generate.remote(job):
+                    await queue.put((index, delta))
+            finally:
+                await queue.put((index, None))
+
+        tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                index, delta = await queue.get()
+                if delta is None:
+                    remaining -= 1
+                    continue
+                if not delta["text"] and not delta["finish_reason"]:
+                    continue
+                chunk = base.model_copy(update={"choices": [CompletionChoice(index=index, text=delta["text"], finish_reason=delta["finish_reason"])]})
+                yield f"data: {chunk.model_dump_json()}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    @api.post("/v1/classify")
+    async def classify(self, request: Request, top_k: int = 3) -> ClassificationResponse:
+        self._authorize(request)
+        if self.resnet is None:
+            raise ServeError(404, "no image classifier is served here", "not_found_error")
+        if not 1 <= top_k <= 1000:
+            raise ServeError(400, f"top_k must be between 1 and 1000, got {top_k}")
+        image = await self._image_bytes(request)
+        result = raise_if_error(await self.resnet.classify.remote(image, top_k))
+        return ClassificationResponse(model=self.args.resnet_name, predictions=[ClassLabel(**p) for p in result["predictions"]])
+
+    async def _image_bytes(self, request: Request) -> bytes:
+        """The image from a raw JPEG/PNG body or a multipart 'file' field, within the byte limit."""
+        limit = self.args.max_image_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit + 64_000:
+            raise ServeError(413, f"body is {declared} bytes; images may be at most {limit} bytes", "payload_too_large")
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            form = await request.form()
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise ServeError(400, "multipart body needs a file field named 'file'")
+            data = await upload.read()
+        elif ctype in ("image/jpeg", "image/png", "application/octet-stream"):
+            data = await request.body()
+        else:
+            raise ServeError(415, f"unsupported content type {ctype or '(none)'}; send image/jpeg, image/png or multipart/form-data", "unsupported_media_type")
+        if not data:
+            raise ServeError(400, "the request carries no image")
+        if len(data) > limit:
+            raise ServeError(413, f"image is {len(data)} bytes; at most {limit} are accepted", "payload_too_large")
+        return data
+
+
+def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
+    """The Serve application for ``args`` (either model may be left out, not both)."""
+    if not isinstance(args, AppArgs):
+        args = AppArgs(**args)
+    if not args.gpt_checkpoint and not args.resnet_checkpoint:
+        raise ValueError("give gpt_checkpoint, resnet_checkpoint or both")
+    # Pin relative paths here: replicas run in their own working directory.
+    for name in ("gpt_checkpoint", "resnet_checkpoint"):
+        value = getattr(args, name)
+        if value and "://" not in value:
+            setattr(args, name, str(Path(value).expanduser().resolve()))
+    gpt = resnet = None
+    if args.gpt_checkpoint:
+        g = args.gpt
+        gpt = GPTDeployment.options(**g.options(), user_config={"checkpoint": args.gpt_checkpoint}).bind(
+            args.max_prompt_tokens, g.max_batch_size, g.batch_wait_timeout_s, g.num_cpus
+        )
+    if args.resnet_checkpoint:
+        r = args.resnet
+        resnet = ResNetDeployment.options(**r.options(), user_config={"checkpoint": args.resnet_checkpoint}).bind(
+            args.max_image_pixels, r.max_batch_size, r.batch_wait_timeout_s, r.num_cpus
+        )
+    # The ingress gets no checkpoint paths: a model swap then leaves it untouched.
+    ingress_args = args.model_dump(exclude={"gpt_checkpoint", "resnet_checkpoint"})
+    return Ingress.bind(gpt, resnet, ingress_args, os.environ.get(args.api_key_env))

@@ -1,0 +1,120 @@
+"""HTTP request/response schemas: the OpenAI completions shape, classification, errors."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions (the subset of OpenAI's fields that applies to a base model)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | list[str]
+    max_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v: str | list[str]) -> str | list[str]:
+        prompts = [v] if isinstance(v, str) else v
+        if not prompts or any(not p.strip() for p in prompts):
+            raise ValueError("prompt must be a non-empty string or a non-empty list of non-empty strings")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return v
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class GenerationParams(BaseModel):
+    """One prompt's generation job, as sent from the ingress to the GPT deployment."""
+
+    prompt: str
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    seed: int | None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "bigray"
+    task: Literal["text-completion", "image-classification"]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ClassLabel(BaseModel):
+    label: str
+    index: int
+    score: float
+
+
+class ClassificationResponse(BaseModel):
+    model: str
+    predictions: list[ClassLabel]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ServeError(Exception):
+    """An error a client caused or may retry: becomes an OpenAI-style JSON error with this status."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type_

@@ -1,0 +1,222 @@
+"""Model runners: plain torch serving logic (no Ray), loaded from a checkpoint directory alone.
+
+:class:`GPTRunner` decodes many prompts together with a KV cache, each with its own sampling
+settings, seed, length limit and stop strings; :class:`ClassifierRunner` preprocesses images
+exactly as training did and classifies a batch. Weights come from safetensors only.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from bigray.serve.protocol import GenerationParams, ServeError
+
+log = logging.getLogger(__name__)
+
+
+def local_checkpoint(path: str) -> Path:
+    """A local directory for a checkpoint path or storage URI (s3://, gs://: copied down once)."""
+    if "://" not in path:
+        return Path(path).expanduser().resolve()
+    import pyarrow.fs as pafs
+
+    fs, fs_path = pafs.FileSystem.from_uri(path)
+    dest = Path(tempfile.mkdtemp(prefix="bigray-serve-"))
+    pafs.copy_files(fs_path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return dest
+
+
+def gpt_model_dir(path: str) -> Path:
+    """The Hugging Face directory of a GPT checkpoint, run directory, summary.json or export."""
+    from bigray.export import resolve_checkpoint
+
+    p = local_checkpoint(path)
+    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
+        return p
+    ckpt = resolve_checkpoint(str(p))
+    if (ckpt / "model" / "model.safetensors").is_file():
+        return ckpt / "model"
+    raise ServeError(500, f"{path} holds no GPT weights (expected model.safetensors)", "server_error")
+
+
+def classifier_dir(path: str) -> Path:
+    """The checkpoint directory of a ResNet checkpoint, run directory or summary.json."""
+    from bigray.export import resolve_checkpoint
+
+    p = local_checkpoint(path)
+    if (p / "model" / "model.json").is_file() or (p / "model.json").is_file():
+        return p
+    return resolve_checkpoint(str(p))
+
+
+# ----------------------------------------------------------------------------- GPT
+
+
+@dataclass
+class Delta:
+    """What one decode step produced for one prompt."""
+
+    text: str
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+@dataclass
+class _Row:
+    job: GenerationParams
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)
+    emitted: int = 0
+    done: bool = False
+
+
+class GPTRunner:
+    def __init__(self, model_dir: str | Path, max_prompt_tokens: int = 512):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), use_safetensors=True).eval()
+        self.eos = self.tokenizer.eos_token_id
+        self.max_positions = int(self.model.config.n_positions)
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt, add_special_tokens=False).input_ids)
+
+    def check(self, job: GenerationParams) -> int:
+        """Prompt tokens of a job, or a 400 naming the limit it breaks."""
+        n = self.count_tokens(job.prompt)
+        if n > self.max_prompt_tokens:
+            raise ServeError(400, f"prompt has {n} tokens; this server accepts at most {self.max_prompt_tokens}")
+        if n + job.max_tokens > self.max_positions:
+            raise ServeError(400, f"prompt ({n} tokens) + max_tokens ({job.max_tokens}) exceeds the model's context of {self.max_positions} tokens")
+        return n
+
+    def _sample(self, logits: torch.Tensor, row: _Row) -> int:
+        if row.job.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / row.job.temperature, dim=-1)
+        if row.job.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(-1) - sorted_probs < row.job.top_p
+            sorted_probs = sorted_probs * keep
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=row.generator))
+
+    def _advance(self, row: _Row, token: int) -> Delta:
+        """Append a token; return the text safe to emit (held back while it may start a stop string)."""
+        stops = row.job.stop
+        if token == self.eos:
+            row.done = True
+            text = self.tokenizer.decode(row.tokens)
+            return Delta(text[row.emitted :], "stop", len(row.tokens))
+        row.tokens.append(token)
+        text = self.tokenizer.decode(row.tokens)
+        for s in stops:
+            at = text.find(s)
+            if at != -1:
+                row.done = True
+                return Delta(text[row.emitted : at] if at > row.emitted else "", "stop", len(row.tokens))
+        if len(row.tokens) >= row.job.max_tokens:
+            row.done = True
+            return Delta(text[row.emitted :], "length", len(row.tokens))
+        hold = max((len(s) - 1 for s in stops), default=0)
+        safe = max(row.emitted, len(text) - hold)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            safe = min(safe, len(text) - 1)
+        delta = Delta(text[row.emitted : safe], None, len(row.tokens))
+        row.emitted = max(row.emitted, safe)
+        return delta
+
+    @torch.no_grad()
+    def generate(self, jobs: list[GenerationParams]) -> Iterator[list[Delta | None]]:
+        """Decode all jobs together; each step yields one Delta per job (None once a job is finished)."""
+        rows = [_Row(j, torch.Generator().manual_seed(j.seed if j.seed is not None else int(torch.randint(0, 2**31, ())))) for j in jobs]
+        prompts = [self.tokenizer(j.prompt, add_special_tokens=False).input_ids for j in jobs]
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[self.eos] * (width - len(p)) + p for p in prompts])
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        cache = None
+        while True:
+            out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+            cache = out.cache
+            logits = out.logits[:, -1, :].float()
+            step: list[Delta | None] = []
+            next_tokens = []
+            for i, row in enumerate(rows):
+                if row.done:
+                    step.append(None)
+                    next_tokens.append(self.eos)
+                    continue
+                token = self._sample(logits[i], row)
+                step.append(self._advance(row, token))
+                next_tokens.append(token)
+            yield step
+            if all(r.done for r in rows):
+                return
+            input_ids = torch.tensor(next_tokens).view(-1, 1)
+            attention = torch.cat([attention, torch.ones(len(rows), 1, dtype=attention.dtype)], dim=1)
+            positions = positions[:, -1:] + 1
+
+
+# ----------------------------------------------------------------------------- ResNet
+
+
+class ClassifierRunner:
+    def __init__(self, checkpoint: str | Path, max_image_pixels: int = 16_000_000):
+        from bigray.train.resnet import load_classifier
+
+        self.model, card = load_classifier(classifier_dir(str(checkpoint)))
+        self.info = card["data"]
+        self.arch = card["arch"]
+        self.max_image_pixels = max_image_pixels
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.info["class_names"])
+
+    def preprocess(self, data: bytes) -> torch.Tensor:
+        """Decode a JPEG/PNG and turn it into the uint8 CHW tensor training used (same size, channels)."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            im = Image.open(io.BytesIO(data))
+        except (UnidentifiedImageError, OSError):
+            raise ServeError(400, "the body is not a decodable image (send a JPEG or PNG)") from None
+        if im.format not in ("JPEG", "PNG"):
+            raise ServeError(415, f"unsupported image format {im.format}; send a JPEG or PNG", "unsupported_media_type")
+        w, h = im.size
+        if w * h > self.max_image_pixels:
+            raise ServeError(413, f"image is {w}x{h} = {w * h} pixels; this server accepts at most {self.max_image_pixels}", "payload_too_large")
+        try:
+            im.load()
+        except Exception:
+            raise ServeError(400, "the image data is truncated or corrupt") from None
+        channels, size = self.info["channels"], self.info["image_size"]
+        im = im.convert("L" if channels == 1 else "RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        return arr.view(size, size, channels).permute(2, 0, 1).contiguous()
+
+    @torch.no_grad()
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """Probabilities for a uint8 NCHW batch, normalised as in training."""
+        from bigray.models.resnet import normalize
+
+        return self.model(normalize(images, self.info["mean"], self.info["std"])).softmax(-1)
+
+    def describe(self) -> dict:
+        return {"arch": self.arch, "classes": self.class_names}
+
+
+__all__ = ["ClassifierRunner", "Delta", "GPTRunner", "gpt_model_dir", "local_checkpoint"]

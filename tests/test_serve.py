@@ -1,0 +1,230 @@
+"""Real HTTP against a local Ray Serve app serving a tiny GPT and a ResNet."""
+
+import concurrent.futures
+import io
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from bigray.data.images import DEBIAN_FASHION_MNIST
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file(), reason="needs dataset-fashion-mnist"),
+]
+
+PORT = 8123
+URL = f"http://127.0.0.1:{PORT}"
+
+
+def _wait_ready(timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{URL}/healthz", timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("app never became ready")
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, gpt_checkpoint, resnet_checkpoint):
+    from ray import serve
+
+    from bigray.serve.app import AppArgs, build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    args = AppArgs(gpt_checkpoint=str(gpt_checkpoint[-1]), resnet_checkpoint=str(resnet_checkpoint), max_tokens_limit=64,
+                   max_prompt_tokens=48, max_image_bytes=200_000, max_image_pixels=1_000_000)  # fmt: skip
+    serve.run(build_app(args), name="bigray", route_prefix="/")
+    _wait_ready()
+    yield args
+    serve.delete("bigray")
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def complete(**body):
+    return requests.post(f"{URL}/v1/completions", json=body, timeout=60)
+
+
+def test_healthz_and_models(app):
+    health = requests.get(f"{URL}/healthz").json()
+    assert health["status"] == "ok" and set(health["models"]) == {"gpt", "resnet"}
+    ids = [m["id"] for m in requests.get(f"{URL}/v1/models").json()["data"]]
+    assert ids == ["bigray-gpt", "bigray-resnet"]
+
+
+def test_completion_shape_seed_and_limits(app):
+    r = complete(prompt="ROMEO:", max_tokens=12, temperature=0.9, seed=7)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == "bigray-gpt"
+    choice = body["choices"][0]
+    assert choice["finish_reason"] in ("length", "stop")
+    usage = body["usage"]
+    assert usage["completion_tokens"] <= 12 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    again = complete(prompt="ROMEO:", max_tokens=12, temperature=0.9, seed=7).json()
+    assert again["choices"][0]["text"] == choice["text"]  # same seed, same text
+    other = [complete(prompt="ROMEO:", max_tokens=12, temperature=0.9, seed=s).json()["choices"][0]["text"] for s in (1, 2, 3)]
+    assert len(set(other + [choice["text"]])) > 1
+    # max_tokens is honoured exactly when no stop string or end-of-text intervenes
+    greedy = complete(prompt="KING:", max_tokens=5, temperature=0).json()
+    assert greedy["usage"]["completion_tokens"] == 5 and greedy["choices"][0]["finish_reason"] == "length"
+
+
+def test_stop_sequence_and_prompt_list(app):
+    base = complete(prompt="First Citizen:", max_tokens=40, temperature=0).json()["choices"][0]["text"]
+    assert len(base) > 4
+    stop = base[2:4]
+    stopped = complete(prompt="First Citizen:", max_tokens=40, temperature=0, stop=[stop]).json()["choices"][0]
+    assert stopped["finish_reason"] == "stop" and stop not in stopped["text"]
+    assert base.startswith(stopped["text"])
+    two = complete(prompt=["To be", "Or not"], max_tokens=4, temperature=0).json()
+    assert [c["index"] for c in two["choices"]] == [0, 1]
+
+
+def test_streaming_matches_non_streaming(app):
+    full = complete(prompt="HAMLET:", max_tokens=16, temperature=0).json()["choices"][0]["text"]
+    with requests.post(f"{URL}/v1/completions", json={"prompt": "HAMLET:", "max_tokens": 16, "temperature": 0, "stream": True}, stream=True, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines(decode_unicode=True) if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert len(chunks) > 1
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_classification_matches_the_trained_model(app, resnet_checkpoint):
+    from bigray.data.images import read_idx
+    from bigray.train.resnet import load_classifier
+    from bigray.models.resnet import normalize
+
+    images = read_idx(DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz")[:16]
+    model, card = load_classifier(resnet_checkpoint)
+    with torch.no_grad():
+        expected = model(normalize(torch.from_numpy(images.copy())[:, None], card["data"]["mean"], card["data"]["std"])).argmax(1)
+    for i, img in enumerate(images):
+        r = requests.post(f"{URL}/v1/classify?top_k=3", data=png_bytes(img), headers={"content-type": "image/png"})
+        assert r.status_code == 200, r.text
+        preds = r.json()["predictions"]
+        assert len(preds) == 3 and preds[0]["index"] == int(expected[i])
+        assert preds[0]["label"] == card["data"]["class_names"][int(expected[i])]
+    # multipart upload works too
+    r = requests.post(f"{URL}/v1/classify", files={"file": ("x.png", png_bytes(images[0]), "image/png")})
+    assert r.status_code == 200 and r.json()["predictions"][0]["index"] == int(expected[0])
+
+
+BAD_REQUESTS = [
+    ("completions", {"json": {"prompt": ""}}, 400, "prompt"),
+    ("completions", {"json": {"prompt": 5}}, 400, "prompt"),
+    ("completions", {"json": {"prompt": "hi", "max_tokens": "many"}}, 400, "max_tokens"),
+    ("completions", {"json": {"prompt": "hi", "max_tokens": 10_000}}, 400, "at most 64"),
+    ("completions", {"json": {"prompt": "hi", "temperature": -1}}, 400, "temperature"),
+    ("completions", {"json": {"prompt": "word " * 200}}, 400, "at most 48"),
+    ("completions", {"json": {"prompt": "hi", "model": "gpt-4"}}, 404, "not served"),
+    ("completions", {"data": "{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ("completions", {"json": ["a list"]}, 400, "JSON object"),
+    ("completions", {"data": "prompt=hi", "headers": {"content-type": "text/plain"}}, 415, "content type"),
+    ("classify", {"data": b"GIF89a....", "headers": {"content-type": "image/gif"}}, 415, "content type"),
+    ("classify", {"data": b"\x89PNG\r\n\x1a\n garbage", "headers": {"content-type": "image/png"}}, 400, "not a decodable image"),
+    ("classify", {"data": b"", "headers": {"content-type": "image/png"}}, 400, "no image"),
+    ("classify", {"data": b"x" * 300_000, "headers": {"content-type": "image/png"}}, 413, "bytes"),
+    ("classify", {"files": {"other": ("a.png", b"x", "image/png")}}, 400, "'file'"),
+]
+
+
+@pytest.mark.parametrize("route, kwargs, status, words", BAD_REQUESTS, ids=[f"{b[0]}-{b[2]}-{b[3]}" for b in BAD_REQUESTS])
+def test_bad_requests_get_4xx_with_a_message(app, route, kwargs, status, words):
+    r = requests.post(f"{URL}/v1/{route}", timeout=30, **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert words in err["message"] and err["type"]
+
+
+def test_huge_image_and_replicas_keep_serving(app):
+    big = np.zeros((1200, 1000), dtype=np.uint8)  # 1.2 MP, over the 1 MP cap but small as a PNG
+    r = requests.post(f"{URL}/v1/classify", data=png_bytes(big), headers={"content-type": "image/png"})
+    assert r.status_code == 413 and "pixels" in r.json()["error"]["message"]
+    # after every bad request above, both models still answer
+    assert complete(prompt="ROMEO:", max_tokens=3).status_code == 200
+    ok = requests.post(f"{URL}/v1/classify", data=png_bytes(np.zeros((28, 28), dtype=np.uint8)), headers={"content-type": "image/png"})
+    assert ok.status_code == 200
+
+
+def test_64_concurrent_requests_all_succeed(app):
+    image = png_bytes(np.full((28, 28), 128, dtype=np.uint8))
+
+    def one(i):
+        if i % 2:
+            return requests.post(f"{URL}/v1/classify", data=image, headers={"content-type": "image/png"}, timeout=120).status_code
+        return complete(prompt="To be", max_tokens=4, seed=i).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        codes = list(pool.map(one, range(64)))
+    assert codes == [200] * 64
+
+
+def test_auth_when_api_key_set(app, monkeypatch, gpt_checkpoint, resnet_checkpoint):
+    from ray import serve
+
+    from bigray.serve.app import build_app
+
+    monkeypatch.setenv("BIGRAY_API_KEY", "s3cret")
+    secured = app.model_copy()
+    serve.run(build_app(secured), name="secured", route_prefix="/secure")
+    try:
+        base = f"{URL}/secure"
+        assert requests.get(f"{base}/healthz").status_code in (200, 503)  # no key needed
+        assert requests.get(f"{base}/v1/models").status_code == 401
+        r = requests.post(f"{base}/v1/completions", json={"prompt": "hi"}, headers={"authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        ok = requests.get(f"{base}/v1/models", headers={"authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert requests.get(f"{URL}/v1/models").status_code == 200  # the app without a key stays open
+    finally:
+        serve.delete("secured")
+
+
+def test_checkpoint_swap_drops_no_request(app, gpt_checkpoint):
+    from ray import serve
+
+    from bigray.serve.app import build_app
+
+    stop = threading.Event()
+    codes = []
+
+    def hammer():
+        while not stop.is_set():
+            codes.append(complete(prompt="ROMEO:", max_tokens=2, temperature=0).status_code)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    new = app.model_copy(update={"gpt_checkpoint": str(gpt_checkpoint[0])})  # the step-20 checkpoint
+    serve.run(build_app(new), name="bigray", route_prefix="/")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if gpt_checkpoint[0].name in json.dumps(requests.get(f"{URL}/healthz").json()):
+            break
+        time.sleep(0.5)
+    time.sleep(2)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert codes and all(c == 200 for c in codes), codes
+    assert gpt_checkpoint[0].name in json.dumps(requests.get(f"{URL}/healthz").json())
