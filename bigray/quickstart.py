@@ -58,12 +58,12 @@ def run(storage_path: str = "./runs", overrides: list[str] | None = None) -> dic
         t0 = time.time()
         gpt_cfg = load_config(GPTPretrainConfig, _preset("gpt_tiny.yaml"), [f"run.storage_path={root}", *(overrides or [])])
         data, stats = prepare_text(gpt_cfg.data)
-        log.info("[1/4] data: %d train / %d val tokens, vocab %d", stats["tokens"]["train"], stats["tokens"]["val"], stats["vocab_size"])
+        log.info("[1/5] data: %d train / %d val tokens, vocab %d", stats["tokens"]["train"], stats["tokens"]["val"], stats["vocab_size"])
         images = image_summary(dataclasses.replace(ResNetJobConfig().data))
         stage_times["data"] = time.time() - t0
 
         t0 = time.time()
-        log.info("[2/4] pretraining GPT (%s, ZeRO-%d, %d workers)", gpt_cfg.model.preset, gpt_cfg.deepspeed.zero_stage, gpt_cfg.scaling.num_workers)
+        log.info("[2/5] pretraining GPT (%s, ZeRO-%d, %d workers)", gpt_cfg.model.preset, gpt_cfg.deepspeed.zero_stage, gpt_cfg.scaling.num_workers)
         gpt_summary = gpt.pretrain(gpt_cfg)
         hf_dir = Path(root) / "gpt-hf"
         if hf_dir.exists():
@@ -82,10 +82,21 @@ def run(storage_path: str = "./runs", overrides: list[str] | None = None) -> dic
              "train.batch_size=32", "train.lr=0.05",
              f"run.storage_path={root}", "run.name=resnet"],
         )  # fmt: skip
-        log.info("[3/4] training %s on Fashion-MNIST (%d images, %d workers)", resnet_cfg.model.arch, resnet_cfg.data.max_train_samples, resnet_cfg.scaling.num_workers)
+        log.info("[3/5] training %s on Fashion-MNIST (%d images, %d workers)", resnet_cfg.model.arch, resnet_cfg.data.max_train_samples, resnet_cfg.scaling.num_workers)
         resnet_summary = resnet.train(resnet_cfg)
         example = classify_example(resnet_summary["checkpoint"], resnet_cfg)
         stage_times["resnet"] = time.time() - t0
+
+        t0 = time.time()
+        log.info("[4/5] searching the GPT learning rate with Ray Tune (ASHA, 4 trials)")
+        tune_summary = short_search(root, gpt_cfg)
+        stage_times["tune"] = time.time() - t0
+
+        t0 = time.time()
+        log.info("[5/5] serving both models on Ray Serve and querying them over HTTP")
+        served = serve_and_query(str(hf_dir), resnet_summary["checkpoint"])
+        stage_times["serve"] = time.time() - t0
+        plots = write_plots(root, gpt_summary["run_dir"], resnet_summary["run_dir"])
     finally:
         if started:
             ray.shutdown()
@@ -103,6 +114,11 @@ def run(storage_path: str = "./runs", overrides: list[str] | None = None) -> dic
             "checkpoint": resnet_summary["checkpoint"],
             "example": example,
         },
+        "tune": {"best_trial": tune_summary["best_trial"], "best_lr": tune_summary["best_config"]["train"]["lr"],
+                 "best_val_loss": tune_summary["metrics"].get("val/loss"), "trials": tune_summary["trials"],
+                 "run_dir": tune_summary["run_dir"]},
+        "serve": served,
+        "plots": plots,
         "data": {"text_tokens": stats["tokens"], "images": images},
         "stage_seconds": {k: round(v, 1) for k, v in stage_times.items()},
     }
@@ -142,7 +158,98 @@ def print_report(report: dict[str, Any]) -> None:
         f"ResNet   test accuracy {100 * r['test_accuracy']:.2f}%",
         f"         checkpoint {r['checkpoint']}",
         f"         example: a {r['example']['true_label']!r} classified as {r['example']['predicted']!r} ({r['example']['score']:.2f})",
+        f"Tune     best lr {report['tune']['best_lr']:.2e} (val loss {report['tune']['best_val_loss']:.3f}), trials {report['tune']['trials']}",
+        f"Serve    POST /v1/completions -> {report['serve']['completion']!r}",
+        f"         POST /v1/classify    -> {report['serve']['classification']}",
+        f"plots    {', '.join(report['plots'])}",
         f"time per stage (s): {report['stage_seconds']}",
         "=" * 72,
     ]
     print("\n".join(lines), flush=True)
+
+
+def short_search(root: str, gpt_cfg: GPTPretrainConfig) -> dict[str, Any]:
+    """A 4-trial ASHA search over the tiny GPT's learning rate (one worker per trial)."""
+    from bigray.config import TuneJobConfig, to_dict
+    from bigray.tune import run_search
+
+    trainer = to_dict(gpt_cfg)
+    trainer["model"]["block_size"] = 64
+    trainer["train"].update(max_steps=60, micro_batch_size=8, eval_interval=15, eval_batches=4, warmup_steps=10)
+    trainer["scaling"]["num_workers"] = 1
+    trainer["run"].update(checkpoint_interval=15)
+    job = TuneJobConfig(
+        tune=dataclasses.replace(TuneJobConfig().tune, trainer="gpt", num_samples=4, metric="val/loss", mode="min",
+                                 space={"train.lr": {"loguniform": [1e-4, 1e-2]}}, seed=0),
+        trainer=trainer,
+        run=dataclasses.replace(TuneJobConfig().run, storage_path=root, name="tune"),
+    )  # fmt: skip
+    import shutil
+
+    shutil.rmtree(Path(root) / "tune", ignore_errors=True)
+    return run_search(job)
+
+
+def serve_and_query(gpt_dir: str, resnet_checkpoint: str) -> dict[str, Any]:
+    """Deploy both models, send one completion and one classification over HTTP, then tear down."""
+    import io
+
+    import requests
+    from PIL import Image
+    from ray import serve
+
+    from bigray.data.images import load_images
+    from bigray.serve.app import AppArgs
+    from bigray.serve.launch import deploy
+
+    url = deploy(AppArgs(gpt_checkpoint=gpt_dir, resnet_checkpoint=resnet_checkpoint), port=8000)
+    try:
+        completion = requests.post(f"{url}/v1/completions", json={"prompt": "JULIET:\n", "max_tokens": 24, "temperature": 0.8, "seed": 0}, timeout=60).json()
+        splits, info = load_images(ResNetJobConfig().data)
+        image, label = splits["test"][1]
+        buf = io.BytesIO()
+        Image.fromarray(image[0].numpy()).save(buf, format="PNG")
+        classified = requests.post(f"{url}/v1/classify?top_k=1", data=buf.getvalue(), headers={"content-type": "image/png"}, timeout=60).json()
+    finally:
+        serve.shutdown()
+    top = classified["predictions"][0]
+    return {
+        "url": url,
+        "completion": completion["choices"][0]["text"],
+        "classification": f"true {info.class_names[label]!r} -> {top['label']!r} ({top['score']:.2f})",
+    }
+
+
+def write_plots(root: str, gpt_run: str, resnet_run: str) -> list[str]:
+    """PNG loss and accuracy curves from the runs' metrics.jsonl."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def rows(run: str) -> list[dict[str, Any]]:
+        path = Path(run) / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    out = []
+    g = rows(gpt_run)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in g], [r["train/loss"] for r in g], label="train")
+    val = [r for r in g if "val/loss" in r]
+    ax.plot([r["step"] for r in val], [r["val/loss"] for r in val], "o-", label="val")
+    ax.set(xlabel="step", ylabel="loss", title="GPT pretraining (ZeRO-2, 2 workers)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(Path(root) / "gpt_loss.png", dpi=100)
+    out.append(str(Path(root) / "gpt_loss.png"))
+    r = rows(resnet_run)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([x["epoch"] for x in r], [x["val/acc"] for x in r], "o-")
+    ax.set(xlabel="epoch", ylabel="test accuracy", title="ResNet-18 on Fashion-MNIST")
+    fig.tight_layout()
+    fig.savefig(Path(root) / "resnet_accuracy.png", dpi=100)
+    out.append(str(Path(root) / "resnet_accuracy.png"))
+    plt.close("all")
+    return out

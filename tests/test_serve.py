@@ -228,3 +228,25 @@ def test_checkpoint_swap_drops_no_request(app, gpt_checkpoint):
         t.join()
     assert codes and all(c == 200 for c in codes), codes
     assert gpt_checkpoint[0].name in json.dumps(requests.get(f"{URL}/healthz").json())
+
+
+def test_killed_replica_is_replaced_and_requests_keep_being_answered(app):
+    import os
+    import signal
+
+    from ray.util.state import list_actors
+
+    def replicas():
+        return [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "ServeReplica:bigray:resnet"]
+
+    image = png_bytes(np.zeros((28, 28), dtype=np.uint8))
+    (victim,) = replicas()
+    os.kill(victim.pid, signal.SIGKILL)
+    codes, deadline = [], time.time() + 90
+    while time.time() < deadline:
+        codes.append(requests.post(f"{URL}/v1/classify", data=image, headers={"content-type": "image/png"}, timeout=60).status_code)
+        if codes[-3:] == [200, 200, 200] and replicas() and replicas()[0].pid != victim.pid:
+            break
+        time.sleep(0.2)
+    assert codes[-3:] == [200, 200, 200], codes
+    assert replicas()[0].pid != victim.pid  # Serve started a new replica

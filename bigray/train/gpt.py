@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bigray.checkpoint import CheckpointError, read_meta, write_meta, write_rank_marker
+from bigray.checkpoint import CheckpointError, is_complete, latest_complete, read_meta, write_meta, write_rank_marker
 from bigray.config import ConfigError, GPTPretrainConfig, from_dict, to_dict
 from bigray.data.text import EOS, TextDataset, TokenWindows, load_tokenizer, prepare_text
 from bigray.models.gpt import build_gpt, decay_groups, flops_per_token, gpt_config
@@ -233,6 +233,11 @@ class GPTTrainer:
         with self.ctx.resume_checkpoint() as ckpt:
             if ckpt is None and self.cfg.resume_from:
                 ckpt = self.cfg.resume_from
+            if ckpt and not is_complete(ckpt, KIND) and self.run_dir and "://" not in self.run_dir:
+                # An interrupted write is never loaded: fall back to the newest complete checkpoint.
+                fallback = latest_complete(self.run_dir, KIND)
+                log.warning("checkpoint %s is incomplete; resuming from %s instead", ckpt, fallback)
+                ckpt = str(fallback) if fallback else None
             if ckpt:
                 self.load(ckpt)
         metrics: dict[str, Any] = {}

@@ -1,0 +1,78 @@
+"""Failures cost a restart, not the run: killed workers, interrupted checkpoints, killed replicas."""
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bigray.checkpoint import CheckpointError, latest_complete, read_meta
+from bigray.config import GPTPretrainConfig, load_config
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rows(run_dir):
+    path = Path(run_dir, "metrics.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, small_text, tmp_path):
+    from ray.util.state import list_actors
+
+    from bigray.train.gpt import pretrain
+
+    text_cfg, _ = small_text
+    cfg = load_config(GPTPretrainConfig, REPO / "jobs" / "configs" / "gpt_tiny.yaml", [
+        f"data.cache_dir={text_cfg.cache_dir}", f"data.max_chars={text_cfg.max_chars}", f"data.vocab_size={text_cfg.vocab_size}",
+        "model.block_size=64", "train.micro_batch_size=8", "train.max_steps=30", "train.log_interval=1",
+        "train.eval_interval=10", "train.eval_batches=2", "run.checkpoint_interval=10", "run.max_failures=1",
+        f"run.storage_path={tmp_path}", "run.name=killed",
+    ])  # fmt: skip
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(pretrain(cfg)))
+    runner.start()
+    run_dir = tmp_path / "killed"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(r["step"] >= 14 for r in _rows(run_dir)):
+        time.sleep(0.2)
+    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    assert workers, "no live training worker to kill"
+    os.kill(workers[0].pid, signal.SIGKILL)  # a real worker process dies mid-run
+    runner.join(timeout=600)
+    assert result, "the run did not finish after the worker was killed"
+    assert read_meta(result["checkpoint"], "gpt")["step"] == 30
+    rows = _rows(run_dir)
+    steps = [r["step"] for r in rows]
+    assert steps.count(11) == 2, steps  # restarted from the step-10 checkpoint ...
+    assert steps[-1] == 30 and sorted(set(steps)) == list(range(1, 31))  # ... and no step was skipped
+    first, second = {}, {}
+    for r in rows:
+        (second if r["step"] in first else first)[r["step"]] = r["train/loss"]
+    for step, loss in second.items():  # the replayed steps saw exactly the same batches
+        assert loss == pytest.approx(first[step], abs=1e-5), step
+
+
+def test_interrupted_checkpoint_is_never_loaded(gpt_checkpoint, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    older, newer = gpt_checkpoint[-2:]  # steps 20 and 40
+    good = Path(shutil.copytree(older, run / older.name))
+    newest = Path(shutil.copytree(newer, run / newer.name))
+    # simulate a write cut short on one rank: its shard is truncated
+    shard = next((newest / "deepspeed" / "state").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="incomplete"):
+        read_meta(newest)
+    assert latest_complete(run) == good
+    from bigray.export import resolve_checkpoint
+
+    assert resolve_checkpoint(str(run)) == good  # resuming from the run directory picks the complete one
+    (newest / "ranks" / "rank_0.json").unlink()  # a rank that never finished writing
+    with pytest.raises(CheckpointError, match="rank 0 never finished"):
+        read_meta(newest)
