@@ -36,7 +36,7 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
 bench: setup
-	$(VENV)/bin/bigray bench
+	$(VENV)/bin/bigray bench gpt_ray_overhead zero_memory gpt_cpu resnet_ray_overhead resnet_accuracy
 
 clean:
 	rm -rf runs .pytest_cache

@@ -16,12 +16,12 @@ from bigray.config import GPTPretrainConfig, load_config
 
 
 def main() -> dict:
+    import torch
+
     from bigray.export import export_gpt
     from bigray.quickstart import generate_sample
     from bigray.train.gpt import pretrain
     from bigray.train.metrics import measure_matmul_peak
-
-    import torch
 
     torch.set_num_threads(1)
     peak_fp32 = measure_matmul_peak(torch.float32, seconds=1.0)

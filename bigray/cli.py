@@ -127,6 +127,22 @@ def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
     return run(args.storage_path, args.overrides)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    """Run benchmarks from the checkout's bench/ folder (each prints its ratio against a baseline)."""
+    import subprocess
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+    available = sorted(p.stem for p in bench_dir.glob("*.py") if p.stem != "common")
+    if not args.names:
+        print("benchmarks: " + ", ".join(available) + "  (results go to bench/out/, summary in bench/README.md)")
+        return
+    for name in args.names:
+        if name not in available:
+            raise ConfigError("bench", f"unknown benchmark {name!r}; available: {', '.join(available)}")
+        subprocess.run([sys.executable, str(bench_dir / f"{name}.py")], check=True)
+
+
 def _resume_override(args: argparse.Namespace) -> list[str]:
     return [f"resume_from={args.resume_from}"] if getattr(args, "resume_from", None) else []
 
@@ -153,15 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(prep)
     prep.set_defaults(func=cmd_data_prepare)
 
-    gpt = sub.add_parser("pretrain-gpt", help="pretrain a GPT with DeepSpeed ZeRO on Ray Train")
-    add_config_args(gpt)
-    gpt.add_argument("--resume-from", metavar="PATH", help="checkpoint (or run directory) to continue from")
-    gpt.set_defaults(func=cmd_pretrain_gpt)
-
-    resnet = sub.add_parser("train-resnet", help="train a torchvision ResNet with DDP on Ray Train")
-    add_config_args(resnet)
-    resnet.add_argument("--resume-from", metavar="PATH", help="checkpoint (or run directory) to continue from")
-    resnet.set_defaults(func=cmd_train_resnet)
+    for name, help_text, func in (
+        ("pretrain-gpt", "pretrain a GPT with DeepSpeed ZeRO on Ray Train", cmd_pretrain_gpt),
+        ("train-resnet", "train a torchvision ResNet with DDP on Ray Train", cmd_train_resnet),
+    ):
+        trainer = sub.add_parser(name, help=help_text)
+        add_config_args(trainer)
+        trainer.add_argument("--resume-from", metavar="PATH", help="checkpoint, run directory or summary.json to continue from")
+        trainer.set_defaults(func=func)
 
     tune = sub.add_parser("tune", help="hyperparameter search with Ray Tune over either trainer")
     add_config_args(tune)
@@ -180,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--storage-path", default="./runs", help="where run directories go (default ./runs)")
     quick.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a GPT config key")
     quick.set_defaults(func=cmd_quickstart)
+
+    bench = sub.add_parser("bench", help="run benchmarks from bench/ (no name: list them)")
+    bench.add_argument("names", nargs="*", help="benchmark names, e.g. gpt_ray_overhead")
+    bench.set_defaults(func=cmd_bench)
 
     export = sub.add_parser("export", help="consolidate a GPT checkpoint into a Hugging Face model directory")
     export.add_argument("checkpoint", help="checkpoint directory, run directory or summary.json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ def ray_cluster():
     """Start one local Ray (with the dashboard: Train V2 and Tune use the State API)."""
     import ray
 
+    # Jobs submitted to this cluster run `python` from PATH: make it this environment's python.
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=True, log_to_driver=True)
     yield ray

@@ -36,5 +36,24 @@ def test_schema_check_rejects_a_broken_config():
 
     config = yaml.safe_load((REPO / "cluster.yaml").read_text())
     config["available_node_types"]["head"]["min_workers"] = "many"
-    with pytest.raises(Exception):
+    from jsonschema import ValidationError
+
+    with pytest.raises(ValidationError, match="'many' is not of type 'integer'"):
         validate_config(prepare_config(config))
+
+
+def test_kuberay_manifests_reference_real_entry_points():
+    from bigray.serve.app import AppArgs
+
+    job = yaml.safe_load((REPO / "jobs" / "kuberay" / "rayjob-pretrain-gpt.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["apiVersion"] == "ray.io/v1"
+    entry = job["spec"]["entrypoint"].split()
+    assert (REPO / entry[1]).is_file() and (REPO / entry[entry.index("--config") + 1]).is_file()
+    svc = yaml.safe_load((REPO / "serve" / "kuberay-rayservice.yaml").read_text())
+    assert svc["kind"] == "RayService"
+    app = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]
+    assert app["import_path"] == "bigray.serve.app:build_app"
+    AppArgs(**app["args"])  # the typed app args accept what the manifest passes
+    local = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())["applications"][0]
+    assert local["import_path"] == app["import_path"]
+    AppArgs(**local["args"])

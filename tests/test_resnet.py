@@ -78,8 +78,8 @@ def test_resume_continues_at_saved_epoch_with_optimizer_state(ddp_run, ray_clust
 
 @needs_fmnist
 def test_checkpoint_loads_into_fresh_model_with_same_predictions(tmp_path):
-    from bigray.train.resnet import ResNetTrainer, load_classifier
     from bigray.train.context import LocalContext
+    from bigray.train.resnet import ResNetTrainer, load_classifier
 
     cfg = resnet_config(tmp_path, "local", "data.max_train_samples=320", "data.max_eval_samples=200", "train.epochs=1",
                         "train.precision=fp32", "scaling.num_workers=1")  # fmt: skip
@@ -99,13 +99,13 @@ def test_checkpoint_loads_into_fresh_model_with_same_predictions(tmp_path):
 
 @pytest.mark.slow
 def test_ranks_see_distinct_samples_every_epoch(ray_cluster, tmp_path):
+    import sys
+
+    import ray.cloudpickle
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from bigray.config import to_dict
-
-    import ray.cloudpickle
-    import sys
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
     results = tmp_path / "seen"

@@ -110,8 +110,8 @@ def test_streaming_matches_non_streaming(app):
 
 def test_classification_matches_the_trained_model(app, resnet_checkpoint):
     from bigray.data.images import read_idx
-    from bigray.train.resnet import load_classifier
     from bigray.models.resnet import normalize
+    from bigray.train.resnet import load_classifier
 
     images = read_idx(DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz")[:16]
     model, card = load_classifier(resnet_checkpoint)

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 
 class DeploymentArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=2, ge=1)
     target_ongoing_requests: float = Field(default=8, gt=0)
@@ -66,7 +68,9 @@ class DeploymentArgs(BaseModel):
 
 
 class AppArgs(BaseModel):
-    """Arguments of the Serve app (from serve/config.yaml or `bigray serve`)."""
+    """Arguments of the Serve app (from serve/config.yaml or `bigray serve`); unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
 
     gpt_checkpoint: str | None = None
     resnet_checkpoint: str | None = None
@@ -101,29 +105,42 @@ def raise_if_error(result: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- model deployments
 
 
-@serve.deployment(name="gpt")
-class GPTDeployment:
-    """Text generation; concurrent prompts are decoded together (shared forward passes + KV cache).
+class SwappableModel:
+    """A model replica whose checkpoint arrives as user_config ``{"checkpoint": path}``.
 
-    The checkpoint arrives as user_config, so pointing a running app at a new checkpoint is an
-    in-place reconfigure: the old model answers until the new one has loaded, then they swap.
+    Pointing a running app at a new checkpoint is then an in-place reconfigure: the old model
+    answers until the new one has loaded, then they swap. Subclasses say how to load a runner.
     """
 
-    def __init__(self, max_prompt_tokens: int, max_batch_size: int, batch_wait_timeout_s: float, num_cpus: float = 1):
+    def __init__(self, max_batch_size: int, batch_wait_timeout_s: float, num_cpus: float):
         _threads(num_cpus)
-        self.max_prompt_tokens = max_prompt_tokens
         self.runner: Any = None
         self.checkpoint: str | None = None
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        from bigray.serve.runners import GPTRunner, gpt_model_dir
+    def load(self, path: str) -> Any:
+        raise NotImplementedError
 
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
         path = user_config["checkpoint"]
         if path != self.checkpoint:
-            self.runner = GPTRunner(gpt_model_dir(path), self.max_prompt_tokens)
+            self.runner = self.load(path)
             self.checkpoint = path
+
+
+@serve.deployment(name="gpt")
+class GPTDeployment(SwappableModel):
+    """Text generation; concurrent prompts are decoded together (shared forward passes + KV cache)."""
+
+    def __init__(self, max_prompt_tokens: int, max_batch_size: int, batch_wait_timeout_s: float, num_cpus: float = 1):
+        self.max_prompt_tokens = max_prompt_tokens
+        super().__init__(max_batch_size, batch_wait_timeout_s, num_cpus)
+
+    def load(self, path: str) -> Any:
+        from bigray.serve.runners import GPTRunner, gpt_model_dir
+
+        return GPTRunner(gpt_model_dir(path), self.max_prompt_tokens)
 
     def ready(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, "context": self.runner.max_positions}
@@ -152,24 +169,17 @@ class GPTDeployment:
 
 
 @serve.deployment(name="resnet")
-class ResNetDeployment:
-    """Image classification with dynamic batching (@serve.batch); checkpoint via user_config as above."""
+class ResNetDeployment(SwappableModel):
+    """Image classification with dynamic batching (@serve.batch)."""
 
     def __init__(self, max_image_pixels: int, max_batch_size: int, batch_wait_timeout_s: float, num_cpus: float = 1):
-        _threads(num_cpus)
         self.max_image_pixels = max_image_pixels
-        self.runner: Any = None
-        self.checkpoint: str | None = None
-        self._batched.set_max_batch_size(max_batch_size)
-        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        super().__init__(max_batch_size, batch_wait_timeout_s, num_cpus)
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
+    def load(self, path: str) -> Any:
         from bigray.serve.runners import ClassifierRunner
 
-        path = user_config["checkpoint"]
-        if path != self.checkpoint:
-            self.runner = ClassifierRunner(path, self.max_image_pixels)
-            self.checkpoint = path
+        return ClassifierRunner(path, self.max_image_pixels)
 
     def ready(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, **self.runner.describe()}

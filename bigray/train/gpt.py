@@ -286,11 +286,10 @@ def pretrain(cfg: GPTPretrainConfig) -> dict[str, Any]:
     """`bigray pretrain-gpt`: check everything that can be checked on the driver, then train on Ray."""
     import dataclasses
 
+    from bigray.data.text import with_absolute_paths
     from bigray.export import resolve_checkpoint
     from bigray.runs import finish
     from bigray.train.launch import fit
-
-    from bigray.data.text import with_absolute_paths
 
     cfg = dataclasses.replace(cfg, data=with_absolute_paths(cfg.data))
     data, _ = prepare_text(cfg.data)
