@@ -128,11 +128,14 @@ def make_tuner(job: TuneJobConfig, base: dict[str, Any], directory: str) -> Any:
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_iterations(t.trainer, cfg), grace_period=1, reduction_factor=2)
     else:
         scheduler = FIFOScheduler()
-    search_alg = None
     if t.searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(seed=t.seed)
+        search_alg: Any = OptunaSearch(seed=t.seed)
+    else:
+        from ray.tune.search import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(random_state=t.seed)  # same seed, same sampled trials
     param_space = {
         "kind": t.trainer,
         "trainer": base,
