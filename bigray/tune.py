@@ -128,14 +128,19 @@ def make_tuner(job: TuneJobConfig, base: dict[str, Any], directory: str) -> Any:
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_iterations(t.trainer, cfg), grace_period=1, reduction_factor=2)
     else:
         scheduler = FIFOScheduler()
+    concurrency = concurrent_trials(job, cfg)
     if t.searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg: Any = OptunaSearch(seed=t.seed)
+        max_concurrent: int | None = concurrency  # Tune wraps the searcher in a ConcurrencyLimiter
     else:
         from ray.tune.search import BasicVariantGenerator
 
-        search_alg = BasicVariantGenerator(random_state=t.seed)  # same seed, same sampled trials
+        # Same seed, same sampled trials; the generator takes the concurrency limit itself
+        # (Tune ignores max_concurrent_trials for a BasicVariantGenerator passed in).
+        search_alg = BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrency)
+        max_concurrent = None
     param_space = {
         "kind": t.trainer,
         "trainer": base,
@@ -153,7 +158,7 @@ def make_tuner(job: TuneJobConfig, base: dict[str, Any], directory: str) -> Any:
             num_samples=t.num_samples,
             scheduler=scheduler,
             search_alg=search_alg,
-            max_concurrent_trials=concurrent_trials(job, cfg),
+            max_concurrent_trials=max_concurrent,
             time_budget_s=t.time_budget_s or None,
         ),
         run_config=tune.RunConfig(name=job.run.name, storage_path=storage_root(job.run.storage_path)),

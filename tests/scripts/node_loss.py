@@ -21,7 +21,12 @@ def main() -> None:
     from bigray.train.gpt import pretrain
     from bigray.train.launch import TrainingFailed
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True})
+    import socket
+
+    with socket.socket() as sock:  # the test session's own Ray already holds the default dashboard port
+        sock.bind(("127.0.0.1", 0))
+        dashboard_port = sock.getsockname()[1]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": dashboard_port})
     node = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
@@ -43,7 +48,11 @@ def main() -> None:
     runner = threading.Thread(target=train, daemon=True)
     runner.start()
     metrics = Path(out) / "node-loss" / "metrics.jsonl"
+    deadline = time.time() + 300
     while not (metrics.exists() and any(json.loads(r)["step"] >= 12 for r in metrics.read_text().splitlines())):
+        if time.time() > deadline or not runner.is_alive():
+            print(json.dumps({"finished": False, "error": outcome.get("error", "training never reached step 12")}), flush=True)
+            return
         time.sleep(0.2)
     cluster.remove_node(node, allow_graceful=False)  # the node and both training workers are gone
     lost_at = time.time()
