@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from bigray.checkpoint import CheckpointError
     from bigray.data.cache import DataError
+    from bigray.train.launch import TrainingFailed
 
     try:
         args.func(args)
@@ -226,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"bigray: checkpoint error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        if type(e).__name__ != "TrainingFailed":
-            raise
+    except TrainingFailed as e:
         print(f"bigray: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -59,7 +59,7 @@ def run(storage_path: str = "./runs", overrides: list[str] | None = None) -> dic
         gpt_cfg = load_config(GPTPretrainConfig, _preset("gpt_tiny.yaml"), [f"run.storage_path={root}", *(overrides or [])])
         data, stats = prepare_text(gpt_cfg.data)
         log.info("[1/5] data: %d train / %d val tokens, vocab %d", stats["tokens"]["train"], stats["tokens"]["val"], stats["vocab_size"])
-        images = image_summary(dataclasses.replace(ResNetJobConfig().data))
+        images = image_summary(ResNetJobConfig().data)
         stage_times["data"] = time.time() - t0
 
         t0 = time.time()
