@@ -71,6 +71,14 @@ def cmd_pretrain_gpt(args: argparse.Namespace) -> dict[str, Any]:
     return pretrain(cfg)
 
 
+def cmd_finetune_gpt(args: argparse.Namespace) -> dict[str, Any]:
+    from bigray.config import GPTFinetuneConfig
+    from bigray.train.gpt import finetune
+
+    cfg = load_config(GPTFinetuneConfig, args.config, args.overrides + _resume_override(args))
+    return finetune(cfg)
+
+
 def cmd_train_resnet(args: argparse.Namespace) -> dict[str, Any]:
     from bigray.config import ResNetJobConfig
     from bigray.train.resnet import train
@@ -171,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_text, func in (
         ("pretrain-gpt", "pretrain a GPT with DeepSpeed ZeRO on Ray Train", cmd_pretrain_gpt),
+        ("finetune-gpt", "fine-tune a pretrained GPT on text or prompt/completion JSONL", cmd_finetune_gpt),
         ("train-resnet", "train a torchvision ResNet with DDP on Ray Train", cmd_train_resnet),
     ):
         trainer = sub.add_parser(name, help=help_text)

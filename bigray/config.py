@@ -419,6 +419,66 @@ class GPTPretrainConfig:
     """A checkpoint directory to continue from (same model and tokenizer)."""
 
 
+# ----------------------------------------------------------------------------- GPT fine-tuning
+
+
+@dataclass
+class FinetuneDataConfig:
+    format: Literal["text", "jsonl"] = "jsonl"
+    """'text': plain text files (continued pretraining); 'jsonl': {"prompt", "completion"} rows (SFT)."""
+    train_files: list[str] = field(default_factory=list)
+    """Training files in that format."""
+    val_files: list[str] = field(default_factory=list)
+    """Validation files; empty holds out the last val_fraction of the training text or rows."""
+    val_fraction: float = 0.1
+    """Share held out for validation when val_files is empty."""
+    cache_dir: str = "./data"
+    """Where the tokenized dataset is cached (under finetune/)."""
+
+    def __post_init__(self) -> None:
+        check(0.0 < self.val_fraction < 0.5, "val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
+
+
+@dataclass
+class GPTFinetuneModelConfig:
+    block_size: int = 128
+    """Context length used in training (must fit the base model's positions)."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention and residuals."""
+
+    def __post_init__(self) -> None:
+        check(self.block_size >= 8, "block_size", f"must be >= 8, got {self.block_size}")
+        check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class GPTFinetuneConfig:
+    """`bigray finetune-gpt`: continue a pretrained GPT on new text or prompt/completion pairs."""
+
+    init_from: str = ""
+    """The base model: a bigray GPT checkpoint, run directory or summary.json, or a Hugging Face GPT-2 directory."""
+    model: GPTFinetuneModelConfig = field(default_factory=GPTFinetuneModelConfig)
+    """Context length and dropout (the shape comes from the base model)."""
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    """Fine-tuning data, tokenized with the base model's tokenizer."""
+    train: GPTTrainConfig = field(
+        default_factory=lambda: GPTTrainConfig(max_steps=100, lr=3e-4, warmup_steps=10, eval_interval=25, weight_decay=0.0)
+    )
+    """Optimisation and schedule (a fresh optimizer; the schedule starts at step 0)."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """Sharding and precision."""
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    """Workers and resources."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="gpt-finetune"))
+    """Run directory, checkpoints and fault tolerance."""
+    resume_from: str = ""
+    """A checkpoint of this fine-tuning run to continue from."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.init_from), "init_from", "must name the base model (a bigray GPT checkpoint or a Hugging Face directory)")
+        check(bool(self.data.train_files), "data.train_files", "must list at least one file")
+
+
 # ----------------------------------------------------------------------------- ResNet training
 
 

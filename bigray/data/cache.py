@@ -10,11 +10,12 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,29 @@ class FileLock:
         assert self._fd is not None
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
+
+
+def build_cache_dir(directory: Path, build: Callable[[Path], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """Reuse a verified cache directory, or build it once (under a lock) and move it into place.
+
+    ``build(tmp)`` writes the payload into ``tmp`` and returns the manifest's fields; the file
+    records and ``manifest.json`` are written last, so an interrupted build is never trusted.
+    Returns (manifest, built_now).
+    """
+    with FileLock(directory.parent / f".{directory.name}.lock"):
+        manifest = verify_manifest(directory)
+        if manifest is not None:
+            return manifest, False
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp = directory.with_name(directory.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        manifest = build(tmp)
+        manifest["files"] = {str(p.relative_to(tmp)): file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        atomic_write_json(tmp / MANIFEST, manifest)
+        tmp.rename(directory)
+        return manifest, True
 
 
 def fetch_from_pypi(requirement: str, sha256: str, dest: Path, sdist: bool) -> Path:

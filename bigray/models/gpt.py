@@ -52,12 +52,13 @@ def gpt_config(preset: str, vocab_size: int, dropout: float = 0.0, eos_token_id:
 
 def build_gpt(config, seed: int | None = None) -> torch.nn.Module:
     """A freshly initialised GPT2LMHeadModel with SDPA attention (seeded for identical ranks)."""
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     if seed is not None:
         torch.manual_seed(seed)
-    config._attn_implementation = "sdpa"
-    return GPT2LMHeadModel(config)
+    # from_config (not the bare constructor) so that a partitioned-construction context set up by
+    # the training side (DeepSpeed ZeRO-3) applies; the model code itself knows nothing of it.
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
 
 
 def flops_per_token(config, seq_len: int) -> float:

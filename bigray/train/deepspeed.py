@@ -6,9 +6,10 @@ stage, offload, precision and optimizer, and wraps the model in a DeepSpeed engi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -80,3 +81,47 @@ def initialize(model: torch.nn.Module, param_groups: list[dict], config: dict[st
 def set_lr(engine: Any, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
+
+
+@contextlib.contextmanager
+def partitioned_construction(config: dict[str, Any]) -> Iterator[None]:
+    """Under ZeRO-3, models built inside are partitioned layer by layer as they are created.
+
+    transformers' ``from_config`` runs construction under ``deepspeed.zero.Init`` while an
+    ``HfDeepSpeedConfig`` is alive, so no rank ever holds the whole model: what lets 2 workers on
+    one machine train a model neither could build alone. Other stages: a no-op.
+    """
+    if config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    import deepspeed
+    import torch.distributed as dist
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    # DeepSpeed's own view of the (already initialised) process group, so the config sees the world size.
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False, verbose=False)
+    hf_config = HfDeepSpeedConfig(config)  # noqa: F841 - transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def load_full_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy full weights into ``model``; ZeRO-3 partitions are gathered one parameter at a time and
+    rank 0's copy is scattered back, so no rank holds the whole model at once."""
+    params = dict(model.named_parameters())
+    if not any(hasattr(p, "ds_id") for p in params.values()):
+        model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()}, strict=False)
+        return
+    import deepspeed
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for name, p in params.items():
+            if name not in state:
+                continue
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if dist.get_rank() == 0:
+                    p.data.copy_(state[name])

@@ -18,7 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bigray.checkpoint import CheckpointError, is_complete, latest_complete, read_meta, write_meta, write_rank_marker
-from bigray.config import ConfigError, GPTPretrainConfig, from_dict, to_dict
+from bigray.config import ConfigError, GPTFinetuneConfig, GPTPretrainConfig, from_dict, to_dict
+from bigray.data.cache import DataError
 from bigray.data.text import EOS, TextDataset, TokenWindows, load_tokenizer, prepare_text
 from bigray.models.gpt import build_gpt, decay_groups, flops_per_token, gpt_config
 from bigray.train import deepspeed as ds
@@ -29,52 +30,88 @@ log = logging.getLogger(__name__)
 
 KIND = "gpt"
 
+GPTJob = GPTPretrainConfig | GPTFinetuneConfig
+"""Pretraining and fine-tuning share this module's loop; they differ only in where weights and data come from."""
+
 
 def model_config_for(cfg: GPTPretrainConfig, data: TextDataset) -> Any:
     """The GPT2Config for this job; raises ConfigError if the block does not fit the positions."""
     tok = load_tokenizer(data.tokenizer_dir)
     model_cfg = gpt_config(cfg.model.preset, data.vocab_size, cfg.model.dropout, tok.convert_tokens_to_ids(EOS))
-    if cfg.model.block_size > model_cfg.n_positions:
-        raise ConfigError(
-            "model.block_size",
-            f"{cfg.model.block_size} is larger than preset {cfg.model.preset}'s {model_cfg.n_positions} positions",
-        )
+    check_block_fits(cfg.model.block_size, model_cfg)
     return model_cfg
 
 
-def check_resume_compatible(meta: dict[str, Any], cfg: GPTPretrainConfig, world_size: int, tokenizer_sha: str) -> None:
+def model_shape(model_cfg: Any) -> list[int]:
+    return [model_cfg.n_layer, model_cfg.n_head, model_cfg.n_embd, model_cfg.vocab_size]
+
+
+def check_block_fits(block_size: int, model_cfg: Any) -> None:
+    if block_size > model_cfg.n_positions:
+        raise ConfigError("model.block_size", f"{block_size} is larger than the model's {model_cfg.n_positions} positions")
+
+
+def check_resume_compatible(
+    meta: dict[str, Any], cfg: GPTJob, model_cfg: Any, world_size: int, tokenizer_sha: str
+) -> None:
     """Refuse a checkpoint that this job cannot continue from, saying why."""
-    saved = from_dict(GPTPretrainConfig, meta["config"])
+    saved = meta["config"]
     problems = []
-    if saved.model.preset != cfg.model.preset or saved.model.block_size != cfg.model.block_size:
-        problems.append(f"model {saved.model.preset}/block {saved.model.block_size} vs {cfg.model.preset}/block {cfg.model.block_size}")
+    if meta.get("model_shape") != model_shape(model_cfg) or saved["model"]["block_size"] != cfg.model.block_size:
+        problems.append(
+            f"model (layers, heads, width, vocab) {meta.get('model_shape')}/block {saved['model']['block_size']} "
+            f"vs {model_shape(model_cfg)}/block {cfg.model.block_size}"
+        )
     if meta.get("tokenizer_sha256") != tokenizer_sha:
         problems.append("it was trained with a different tokenizer")
     if meta["world_size"] != world_size:
         problems.append(f"it has {meta['world_size']} ZeRO shards but this run has {world_size} workers")
-    if saved.deepspeed.zero_stage != cfg.deepspeed.zero_stage:
-        problems.append(f"it uses ZeRO stage {saved.deepspeed.zero_stage}, this run {cfg.deepspeed.zero_stage}")
+    if saved["deepspeed"]["zero_stage"] != cfg.deepspeed.zero_stage:
+        problems.append(f"it uses ZeRO stage {saved['deepspeed']['zero_stage']}, this run {cfg.deepspeed.zero_stage}")
     if problems:
         raise CheckpointError("cannot resume from this checkpoint: " + "; ".join(problems))
+
+
+def initial_model(cfg: GPTJob) -> tuple[TextDataset, Any, torch.nn.Module]:
+    """Data, model config and starting weights: seeded random init (pretraining) or the base model."""
+    if isinstance(cfg, GPTFinetuneConfig):
+        from bigray.data.finetune import prepare_finetune_data
+        from bigray.train.pretrained import open_pretrained
+
+        base = open_pretrained(cfg.init_from)
+        data = prepare_finetune_data(cfg.data, base.model_dir)
+        check_block_fits(cfg.model.block_size, base.config)
+        return data, base.config, base.build(cfg.model.dropout)
+    data, _ = prepare_text(cfg.data)
+    model_cfg = model_config_for(cfg, data)
+    return data, model_cfg, build_gpt(model_cfg, seed=cfg.train.seed)
+
+
+def token_windows(data: TextDataset, split: str, block_size: int) -> TokenWindows:
+    """The window reader of one split; a split shorter than one window is an error naming it."""
+    try:
+        return TokenWindows(data.tokens(split), block_size, data.loss_mask(split))
+    except DataError as e:
+        raise DataError(f"{split} data: {e} (use more data or a smaller model.block_size)") from None
 
 
 class GPTTrainer:
     """State of one rank's training: engine, data readers, step counter and throughput meters."""
 
-    def __init__(self, cfg: GPTPretrainConfig, ctx: TrainContext, run_dir: str | None = None):
+    def __init__(self, cfg: GPTJob, ctx: TrainContext, run_dir: str | None = None):
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
         torch.set_num_threads(cfg.scaling.threads)
         self.device = ctx.device(cfg.scaling.use_gpu)
-        self.data, _ = prepare_text(cfg.data)  # verified by checksum; built once per node under a lock
-        self.model_cfg = model_config_for(cfg, self.data)
-        model = build_gpt(self.model_cfg, seed=cfg.train.seed)
+        self.ds_config = ds.deepspeed_config(cfg.deepspeed, cfg.train, ctx.world_size, cfg.scaling.use_gpu)
+        # Data caches are verified by checksum and built once per node under a lock.
+        with ds.partitioned_construction(self.ds_config):
+            self.data, self.model_cfg, model = initial_model(cfg)
         if cfg.deepspeed.activation_checkpointing:
             model.gradient_checkpointing_enable()
-        self.ds_config = ds.deepspeed_config(cfg.deepspeed, cfg.train, ctx.world_size, cfg.scaling.use_gpu)
         self.engine = ds.initialize(model, decay_groups(model, cfg.train.weight_decay), self.ds_config)
         bs = cfg.model.block_size
-        self.train_windows = TokenWindows(self.data.tokens("train"), bs)
-        self.val_windows = TokenWindows(self.data.tokens("val"), bs)
+        self.train_windows = token_windows(self.data, "train", bs)
+        self.val_windows = token_windows(self.data, "val", bs)
         self.step = 0
         self.flops_per_token = flops_per_token(self.model_cfg, bs)
         self.peak = peak_flops(self.device, cfg.deepspeed.precision)
@@ -93,7 +130,9 @@ class GPTTrainer:
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = self.engine(input_ids=x).logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100)
+        # Mean over the targets that count (a window of prompt tokens only contributes zero, not NaN).
+        total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100, reduction="sum")
+        return total / (y != -100).sum().clamp(min=1)
 
     def _mean_across_ranks(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
@@ -168,6 +207,7 @@ class GPTTrainer:
                     "world_size": self.ctx.world_size,
                     "writer_ranks": list(range(self.ctx.world_size)),
                     "zero_stage": self.cfg.deepspeed.zero_stage,
+                    "model_shape": model_shape(self.model_cfg),
                     "tokenizer_sha256": self.data.manifest["tokenizer_sha256"],
                     "config": to_dict(self.cfg),
                     "metrics": metrics,
@@ -182,9 +222,10 @@ class GPTTrainer:
             return self.engine._zero3_consolidated_16bit_state_dict()
         return self.engine.module.state_dict() if self.ctx.is_main else None
 
-    def load(self, directory: str) -> None:
+    def load(self, directory: str) -> dict[str, Any]:
+        """Restore weights, optimizer, RNG and step from a checkpoint; returns its bigray.json."""
         meta = read_meta(directory, KIND)
-        check_resume_compatible(meta, self.cfg, self.ctx.world_size, self.data.manifest["tokenizer_sha256"])
+        check_resume_compatible(meta, self.cfg, self.model_cfg, self.ctx.world_size, self.data.manifest["tokenizer_sha256"])
         path, _ = self.engine.load_checkpoint(
             f"{directory}/deepspeed", tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
         )
@@ -198,6 +239,7 @@ class GPTTrainer:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.step = int(meta["step"])
         log.info("rank %d resumed from %s at step %d", self.ctx.rank, directory, self.step)
+        return meta
 
     # ------------------------------------------------------------------ logging
 
@@ -238,11 +280,17 @@ class GPTTrainer:
                 fallback = latest_complete(self.run_dir, KIND)
                 log.warning("checkpoint %s is incomplete; resuming from %s instead", ckpt, fallback)
                 ckpt = str(fallback) if fallback else None
-            if ckpt:
-                self.load(ckpt)
+            saved = self.load(ckpt) if ckpt else None
+        # Fine-tuning reports the base model's val loss on the new data with every report: the bar to beat.
+        initial: dict[str, Any] = {}
+        if saved is not None:
+            initial = {k: v for k, v in saved["metrics"].items() if k.startswith("init/")}
+        elif isinstance(self.cfg, GPTFinetuneConfig):
+            initial = {"init/val_loss": self.evaluate()["val/loss"]}
+            log.info("base model val loss on the fine-tuning data: %.4f", initial["init/val_loss"])
         metrics: dict[str, Any] = {}
         while self.step < t.max_steps:
-            metrics = {"step": self.step + 1, **self.train_step()}
+            metrics = {"step": self.step + 1, **self.train_step(), **initial}
             last = self.step == t.max_steps
             checkpoint_now = self.step % self.cfg.run.checkpoint_interval == 0 or last
             if self.step % t.eval_interval == 0 or checkpoint_now:
@@ -270,35 +318,67 @@ def save_hf_model(state_dict: dict[str, torch.Tensor] | None, model_cfg: Any, to
 
 
 def ray_train_loop(config: dict[str, Any]) -> None:
-    """Ray Train's train_loop_per_worker: untyped dict in, typed config from here on."""
-    cfg = from_dict(GPTPretrainConfig, config["job"])
-    GPTTrainer(cfg, RayContext(), config.get("run_dir")).fit()
+    """Ray Train's train_loop_per_worker for pretraining: untyped dict in, typed config from here on."""
+    GPTTrainer(from_dict(GPTPretrainConfig, config["job"]), RayContext(), config.get("run_dir")).fit()
 
 
-def train_local(cfg: GPTPretrainConfig, run_dir: str) -> tuple[dict[str, Any], LocalContext]:
+def ray_finetune_loop(config: dict[str, Any]) -> None:
+    """The same loop for fine-tuning (only the config type differs)."""
+    GPTTrainer(from_dict(GPTFinetuneConfig, config["job"]), RayContext(), config.get("run_dir")).fit()
+
+
+def train_local(cfg: GPTJob, run_dir: str) -> tuple[dict[str, Any], LocalContext]:
     """The same loop in this process without Ray (world size 1)."""
     ctx = LocalContext(run_dir, cfg.resume_from or None)
     metrics = GPTTrainer(cfg, ctx, run_dir).fit()
     return metrics, ctx
 
 
-def pretrain(cfg: GPTPretrainConfig) -> dict[str, Any]:
-    """`bigray pretrain-gpt`: check everything that can be checked on the driver, then train on Ray."""
+def prepare_job(cfg: GPTJob) -> GPTJob:
+    """Everything checkable without workers, on the driver: paths made absolute (workers have their
+    own cwd), data tokenized, base model, block size, windows and resume checkpoint checked."""
     import dataclasses
 
+    from bigray.data import finetune as finetune_data
     from bigray.data.text import with_absolute_paths
     from bigray.export import resolve_checkpoint
-    from bigray.runs import finish
-    from bigray.train.launch import fit
 
-    cfg = dataclasses.replace(cfg, data=with_absolute_paths(cfg.data))
-    data, _ = prepare_text(cfg.data)
-    model_config_for(cfg, data)
+    if isinstance(cfg, GPTFinetuneConfig):
+        from bigray.train.pretrained import open_pretrained
+
+        base = open_pretrained(Path(cfg.init_from).expanduser().resolve())
+        cfg = dataclasses.replace(cfg, init_from=str(base.path), data=finetune_data.with_absolute_paths(cfg.data))
+        data = finetune_data.prepare_finetune_data(cfg.data, base.model_dir)
+        model_cfg = base.config
+        check_block_fits(cfg.model.block_size, model_cfg)
+    else:
+        cfg = dataclasses.replace(cfg, data=with_absolute_paths(cfg.data))
+        data, _ = prepare_text(cfg.data)
+        model_cfg = model_config_for(cfg, data)
+    for split in ("train", "val"):
+        token_windows(data, split, cfg.model.block_size)
     if cfg.resume_from:
         resolved = resolve_checkpoint(cfg.resume_from)
         meta = read_meta(resolved, KIND)
-        check_resume_compatible(meta, cfg, cfg.scaling.num_workers, data.manifest["tokenizer_sha256"])
+        check_resume_compatible(meta, cfg, model_cfg, cfg.scaling.num_workers, data.manifest["tokenizer_sha256"])
         cfg = dataclasses.replace(cfg, resume_from=str(resolved))
-    outcome = fit(ray_train_loop, cfg, cfg.scaling, cfg.run, metric="val/loss", mode="min")
+    return cfg
+
+
+def _launch(cfg: GPTJob, loop: Any) -> dict[str, Any]:
+    from bigray.runs import finish
+    from bigray.train.launch import fit
+
+    cfg = prepare_job(cfg)
+    outcome = fit(loop, cfg, cfg.scaling, cfg.run, metric="val/loss", mode="min")
     return finish(outcome.run_dir, outcome.checkpoint, outcome.metrics, best_checkpoint=outcome.best_checkpoint)
 
+
+def pretrain(cfg: GPTPretrainConfig) -> dict[str, Any]:
+    """`bigray pretrain-gpt`: check everything that can be checked on the driver, then train on Ray."""
+    return _launch(cfg, ray_train_loop)
+
+
+def finetune(cfg: GPTFinetuneConfig) -> dict[str, Any]:
+    """`bigray finetune-gpt`: the pretraining loop, started from a base model on new data."""
+    return _launch(cfg, ray_finetune_loop)

@@ -1,0 +1,166 @@
+"""Fine-tuning data: text files or prompt/completion JSONL, tokenized with the base model's tokenizer.
+
+The result is the same kind of cache as pretraining's (``train.bin``/``val.bin`` token streams and
+the tokenizer, under ``<cache_dir>/finetune/<key>/``), so the same window reader and training loop
+use it. JSONL examples are packed one after another, each ending in the end-of-text token, with a
+parallel ``<split>.mask`` that is 0 on prompt tokens: only completion tokens (and the end-of-text
+that closes them) are learned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bigray.config import FinetuneDataConfig
+from bigray.data.cache import DataError, build_cache_dir, sha256_file
+from bigray.data.text import TextDataset, clean_text, encode_documents, load_tokenizer, split_documents, token_dtype
+
+log = logging.getLogger(__name__)
+
+
+def read_jsonl(path: Path) -> list[tuple[str, str]]:
+    """(prompt, completion) rows; blank lines are skipped, anything else wrong names its line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path.name} line {number}"
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{where}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object with 'prompt' and 'completion', got {type(row).__name__}")
+            for key in ("prompt", "completion"):
+                if key not in row:
+                    raise DataError(f"{where}: missing field '{key}'")
+                if not isinstance(row[key], str):
+                    raise DataError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__}")
+            if not row["completion"]:
+                raise DataError(f"{where}: 'completion' is empty")
+            rows.append((row["prompt"], row["completion"]))
+    return rows
+
+
+def encode_examples(tok: Any, rows: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+    """Packed token ids and the loss mask (0 on prompt tokens, 1 on completion + end-of-text)."""
+    ids: list[int] = []
+    mask: list[int] = []
+    prompts = tok([p for p, _ in rows], add_special_tokens=False)["input_ids"]
+    completions = tok([c for _, c in rows], add_special_tokens=False)["input_ids"]
+    for p, c in zip(prompts, completions):
+        ids += p + c + [tok.eos_token_id]
+        mask += [0] * len(p) + [1] * (len(c) + 1)
+    return ids, mask
+
+
+def _check_files(files: list[str], key: str) -> list[Path]:
+    paths = [Path(f) for f in files]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"data.{key}: {p} does not exist")
+    return paths
+
+
+def _split_jsonl(cfg: FinetuneDataConfig, train_paths: list[Path], val_paths: list[Path]) -> dict[str, list[tuple[str, str]]]:
+    train = [row for p in train_paths for row in read_jsonl(p)]
+    if not train:
+        raise DataError(f"the fine-tuning dataset is empty: no examples in {', '.join(map(str, train_paths))}")
+    if val_paths:
+        val = [row for p in val_paths for row in read_jsonl(p)]
+    else:
+        if len(train) < 2:
+            raise DataError("need at least 2 examples to hold some out for validation (or give data.val_files)")
+        n_val = max(1, round(len(train) * cfg.val_fraction))
+        train, val = train[:-n_val], train[-n_val:]
+    if not val:
+        raise DataError(f"the validation set is empty: no examples in {', '.join(map(str, val_paths))}")
+    return {"train": train, "val": val}
+
+
+def _split_text(cfg: FinetuneDataConfig, train_paths: list[Path], val_paths: list[Path]) -> dict[str, list[str]]:
+    def docs(paths: list[Path]) -> list[tuple[str, str]]:
+        out = [(p.name, clean_text(p.read_text(encoding="utf-8", errors="replace"))) for p in paths]
+        return [(n, t) for n, t in out if t.strip()]
+
+    train_docs = docs(train_paths)
+    if not train_docs:
+        raise DataError(f"the fine-tuning dataset is empty: no text in {', '.join(map(str, train_paths))}")
+    if val_paths:
+        train, val = [t for _, t in train_docs], [t for _, t in docs(val_paths)]
+    else:
+        train, val = split_documents(train_docs, cfg.val_fraction)
+    if not val:
+        raise DataError("the validation text is empty: use more text, a larger data.val_fraction or data.val_files")
+    return {"train": train, "val": val}
+
+
+def prepare_finetune_data(cfg: FinetuneDataConfig, tokenizer_dir: str | Path) -> TextDataset:
+    """Tokenize (or reuse) the fine-tuning data with the tokenizer in ``tokenizer_dir``."""
+    train_paths = _check_files(cfg.train_files, "train_files")
+    val_paths = _check_files(cfg.val_files, "val_files")
+    tok = load_tokenizer(tokenizer_dir)
+    if tok.eos_token_id is None:
+        raise DataError(f"the tokenizer in {tokenizer_dir} has no end-of-text (eos) token")
+    settings = {
+        "format": cfg.format,
+        "val_fraction": cfg.val_fraction,
+        "train": [sha256_file(p) for p in train_paths],
+        "val": [sha256_file(p) for p in val_paths],
+        "tokenizer": hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest(),
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    directory = Path(cfg.cache_dir) / "finetune" / f"{cfg.format}-{key}"
+
+    def build(tmp: Path) -> dict[str, Any]:
+        tok.save_pretrained(str(tmp / "tokenizer"))
+        dtype = token_dtype(len(tok))
+        counts, examples = {}, {}
+        if cfg.format == "jsonl":
+            for split, rows in _split_jsonl(cfg, train_paths, val_paths).items():
+                ids, mask = encode_examples(tok, rows)
+                np.asarray(mask, dtype=np.uint8).tofile(tmp / f"{split}.mask")
+                np.asarray(ids, dtype=dtype).tofile(tmp / f"{split}.bin")
+                counts[split], examples[split] = len(ids), len(rows)
+        else:
+            for split, texts in _split_text(cfg, train_paths, val_paths).items():
+                ids = encode_documents(tok, texts)
+                np.asarray(ids, dtype=dtype).tofile(tmp / f"{split}.bin")
+                counts[split], examples[split] = len(ids), len(texts)
+        return {
+            "source": [str(p) for p in train_paths + val_paths],
+            "format": cfg.format,
+            "examples": examples,
+            "tokens": counts,
+            "masked": cfg.format == "jsonl",
+            "tokenizer_sha256": sha256_file(tmp / "tokenizer" / "tokenizer.json"),
+            "vocab_size": len(tok),
+            "dtype": dtype.name,
+        }
+
+    manifest, built = build_cache_dir(directory, build)
+    if built:
+        log.info("tokenized fine-tuning data into %s: %s", directory, manifest["tokens"])
+    return TextDataset(directory, manifest)
+
+
+def with_absolute_paths(cfg: FinetuneDataConfig) -> FinetuneDataConfig:
+    """Pin paths on the driver: Ray Train workers run in their own cwd."""
+    import dataclasses
+
+    def absolute(f: str) -> str:
+        return str(Path(f).expanduser().resolve())
+
+    return dataclasses.replace(
+        cfg,
+        cache_dir=absolute(cfg.cache_dir),
+        train_files=[absolute(f) for f in cfg.train_files],
+        val_files=[absolute(f) for f in cfg.val_files],
+    )
