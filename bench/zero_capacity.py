@@ -3,8 +3,9 @@
 For each strategy (ZeRO-0; ZeRO-3; ZeRO-3 with optimizer and parameter offload) the presets are
 tried from small to large, each attempt in its own process with its own local Ray, until one
 fails. An attempt builds the model on 2 Ray Train workers, trains 3 steps (micro batch 1,
-block 128, bf16, GPT-2's 50,257-token vocabulary) and reports each worker's peak RSS, the bytes
-DeepSpeed holds for it, and the machine's peak used memory. A failure (Ray's out-of-memory killer,
+block 128, bf16, GPT-2's 50,257-token vocabulary) and reports each worker's peak RSS (and its RSS
+after setup and after each step), the bytes DeepSpeed holds for it, and the machine's peak used
+memory. A failure (Ray's out-of-memory killer,
 the kernel's, or any error) is recorded with its message.
 Run: python bench/zero_capacity.py [presets...]   (default: 350m 774m 1.3b)
 """
@@ -12,6 +13,8 @@ Run: python bench/zero_capacity.py [presets...]   (default: 350m 774m 1.3b)
 from __future__ import annotations
 
 import json
+import os
+import re
 import resource
 import subprocess
 import sys
@@ -27,9 +30,14 @@ STRATEGIES = {
     "zero3_offload": ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"],
 }
 STEPS = 3
+# glibc keeps freed mid-sized blocks (a layer's weights, optimizer temporaries) in its heap, which
+# cost 1.5 GB per worker at 350m; a fixed mmap threshold returns them to the system. Every
+# strategy runs with it (Ray's processes inherit it from the attempt process that starts Ray).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def loop(config):
+    import psutil
     import ray.train
     from zero_memory import state_bytes
 
@@ -39,19 +47,24 @@ def loop(config):
 
     cfg = from_dict(GPTPretrainConfig, config["job"])
     ctx = RayContext()
+    me = psutil.Process()
+    phases = {"start": me.memory_info().rss}
     t0 = time.perf_counter()
     trainer = GPTTrainer(cfg, ctx, None)
     setup_s = time.perf_counter() - t0
+    phases["after_setup"] = me.memory_info().rss
     losses, times = [], []
-    for _ in range(STEPS):
+    for i in range(STEPS):
         m = trainer.train_step()
         losses.append(m["train/loss"])
         times.append(m["train/step_time_s"])
+        phases[f"after_step_{i + 1}"] = me.memory_info().rss
     row = {
         "rank": ctx.rank,
         "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainer.engine.module.parameters()),
         "state_bytes": state_bytes(trainer.engine),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_bytes_by_phase": phases,
         "setup_s": round(setup_s, 1),
         "step_s": [round(t, 2) for t in times],
         "loss": losses,
@@ -104,7 +117,9 @@ def attempt(strategy: str, preset: str, out: str) -> None:
         result["ranks"] = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2)]
     except Exception as e:  # noqa: BLE001 - any failure is the measurement
         result["ok"] = False
-        result["error"] = " ".join(str(e).split())[-600:]
+        text = " ".join(str(e).split())
+        oom = re.search(r"Memory on the node .*? limit \([0-9.]+\)", text)  # Ray's out-of-memory killer says how full the node was
+        result["error"] = ("out of memory: " + oom.group(0)) if oom else text[-600:]
     done.set()
     result["wall_s"] = round(time.time() - t0, 1)
     result["machine_peak_used_bytes"] = peak["used"]
@@ -121,7 +136,7 @@ def main(presets: list[str]) -> dict:
             out = tmp / f"{strategy}-{preset}"
             out.mkdir()
             print(f"--- {strategy} {preset}", flush=True)
-            proc = subprocess.run([sys.executable, __file__, "--attempt", strategy, preset, str(out)], timeout=1800)
+            proc = subprocess.run([sys.executable, __file__, "--attempt", strategy, preset, str(out)], env={**os.environ, **MALLOC_ENV}, timeout=1800)
             result_file = out / "result.json"
             if result_file.exists():
                 row = json.loads(result_file.read_text())

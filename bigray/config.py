@@ -558,8 +558,11 @@ class TuneSettings:
     """Which trainer each trial runs."""
     num_samples: int = 4
     """Trials to sample from the search space."""
-    scheduler: Literal["asha", "fifo"] = "asha"
-    """Trial scheduler: ASHA stops bad trials early; fifo runs every trial to the end."""
+    scheduler: Literal["asha", "pbt", "fifo"] = "asha"
+    """Trial scheduler: ASHA stops bad trials early; PBT copies good trials' checkpoints into bad ones
+    and perturbs their hyperparameters; fifo runs every trial to the end."""
+    perturbation_interval: int = 1
+    """PBT: reports (epochs for ResNet, eval intervals for GPT) between exploit/explore steps."""
     searcher: Literal["random", "optuna"] = "random"
     """Search algorithm."""
     metric: str = "val/acc"
@@ -579,6 +582,8 @@ class TuneSettings:
         check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
         check(self.time_budget_s >= 0, "time_budget_s", f"must be >= 0, got {self.time_budget_s}")
         check(self.max_concurrent_trials >= 0, "max_concurrent_trials", f"must be >= 0, got {self.max_concurrent_trials}")
+        check(self.perturbation_interval >= 1, "perturbation_interval", f"must be >= 1, got {self.perturbation_interval}")
+        check(self.scheduler != "pbt" or self.searcher == "random", "searcher", "PBT explores by itself: use searcher 'random' with it")
         kinds = ("loguniform", "uniform", "choice", "grid", "randint")
         for key, spec in self.space.items():
             ok = isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in kinds

@@ -1,9 +1,10 @@
 """Hyperparameter search with Ray Tune over either trainer (Ray Train V2 pattern).
 
 Each trial runs :func:`trial_driver`, a Tune function trainable that builds and runs its own
-TorchTrainer (a Trainer cannot be passed to a Tuner in Train V2); TuneReportCallback forwards
-rank 0's reports to Tune, so ASHA can stop a trial between reports. Trial runs are named after the
-trial id, so a resumed search continues each unfinished trial from its own checkpoints.
+TorchTrainer (a Trainer cannot be passed to a Tuner in Train V2); a Train callback forwards rank 0's
+reports and checkpoints to it, and it reports both to Tune, so ASHA can stop a trial between reports
+and PBT can copy one trial's checkpoint into another. Trial runs are named after the trial id (and
+the checkpoint they started from), so a resumed search continues each unfinished trial.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ray.train.v2.api.callback import UserCallback
+
 from bigray.config import ConfigError, GPTPretrainConfig, ResNetJobConfig, TuneJobConfig, from_dict, set_dotted, to_dict
 from bigray.runs import finish, run_dir, save_resolved_config, storage_root
 
 log = logging.getLogger(__name__)
 
 PARAMS = "params"
+CHECKPOINT_PATH = "checkpoint_path"  # the Train checkpoint of a report, as TuneReportCallback names it
 # The trial driver only waits on its TorchTrainer; its workers reserve the real resources.
 DRIVER_CPU = 0.01
 
@@ -45,6 +49,16 @@ def search_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return domains
 
 
+def pbt_mutations(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """PBT resamples from the same domains; a grid has no distribution to resample, so it is refused."""
+    grids = [k for k, spec in space.items() if "grid" in spec]
+    if grids:
+        raise ConfigError(f"tune.space.{grids[0]}", "PBT needs a distribution or a choice to mutate, not a grid")
+    if not space:
+        raise ConfigError("tune.space", "PBT needs at least one hyperparameter to mutate")
+    return search_space(space)
+
+
 def trainer_class(kind: str) -> type:
     return GPTPretrainConfig if kind == "gpt" else ResNetJobConfig
 
@@ -58,17 +72,63 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], kind: str, trials
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"trial_{trial_id}", storage_path=trials_dir))
 
 
+class ForwardReports(UserCallback):
+    """A Ray Train callback, run in the trial's TrainController, that hands every report (rank 0's
+    metrics and the persisted checkpoint's path) to the trial driver through a Ray queue.
+
+    TuneReportCallback forwards metrics only; forwarding the checkpoint as well lets the driver
+    report it to Tune, which PBT needs to copy a good trial's state into a bad one and which a
+    resumed search restores trials from.
+    """
+
+    def __init__(self, queue: Any):
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        self.queue.put((dict(metrics[0]), checkpoint.path if checkpoint else None))
+
+
 def trial_driver(config: dict[str, Any]) -> None:
-    """One Tune trial: build and run a TorchTrainer that reports through TuneReportCallback."""
+    """One Tune trial: run a TorchTrainer in a thread and report each of its reports to Tune."""
+    import hashlib
+    import threading
+
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.queue import Empty, Queue
 
     from bigray.train.launch import build_trainer, loop_for
 
     kind = config["kind"]
-    cfg = trial_config(config["trainer"], config[PARAMS], kind, config["trials_dir"], ray.tune.get_context().get_trial_id())
-    trainer = build_trainer(loop_for(kind), cfg, cfg.scaling, cfg.run, config["metric"], config["mode"], callbacks=[TuneReportCallback()])
-    trainer.fit()  # raises TrainingFailedError on a crash or divergence: Tune marks the trial ERROR
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(config["trainer"], config[PARAMS], kind, config["trials_dir"], trial_id)
+    start = ray.tune.get_checkpoint()
+    if start is not None:
+        # Restored by PBT (another trial's checkpoint) or by a resumed search (its own): continue
+        # from it in a run of its own, named after the checkpoint so a resume finds it again.
+        tag = hashlib.sha1(start.path.encode()).hexdigest()[:8]
+        run = dataclasses.replace(cfg.run, name=f"{cfg.run.name}-from-{tag}")
+        cfg = dataclasses.replace(cfg, run=run, resume_from=start.path)
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    trainer = build_trainer(loop_for(kind), cfg, cfg.scaling, cfg.run, config["metric"], config["mode"], callbacks=[ForwardReports(queue)])
+    outcome: dict[str, BaseException] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the trial's thread below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, name=f"fit-{trial_id}", daemon=True)
+    thread.start()
+    while thread.is_alive() or not queue.empty():
+        try:
+            metrics, path = queue.get(timeout=1.0)
+        except Empty:
+            continue
+        metrics[CHECKPOINT_PATH] = path
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(path) if path else None)
+    if "error" in outcome:
+        raise outcome["error"]  # a crash or divergence: Tune marks the trial ERROR
 
 
 def concurrent_trials(job: TuneJobConfig, trainer_cfg: Any) -> int:
@@ -126,6 +186,14 @@ def make_tuner(job: TuneJobConfig, base: dict[str, Any], directory: str) -> Any:
     scheduler: Any
     if t.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_iterations(t.trainer, cfg), grace_period=1, reduction_factor=2)
+    elif t.scheduler == "pbt":
+        from ray.tune.schedulers import PopulationBasedTraining
+
+        scheduler = PopulationBasedTraining(
+            time_attr="training_iteration",
+            perturbation_interval=t.perturbation_interval,
+            hyperparam_mutations={PARAMS: pbt_mutations(t.space)},
+        )
     else:
         scheduler = FIFOScheduler()
     concurrency = concurrent_trials(job, cfg)
@@ -161,7 +229,12 @@ def make_tuner(job: TuneJobConfig, base: dict[str, Any], directory: str) -> Any:
             max_concurrent_trials=max_concurrent,
             time_budget_s=t.time_budget_s or None,
         ),
-        run_config=tune.RunConfig(name=job.run.name, storage_path=storage_root(job.run.storage_path)),
+        run_config=tune.RunConfig(
+            name=job.run.name,
+            storage_path=storage_root(job.run.storage_path),
+            # PBT may restore any trial from any earlier report's checkpoint: keep them all.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None if t.scheduler == "pbt" else job.run.keep_checkpoints),
+        ),
     )
 
 

@@ -122,3 +122,20 @@ def _steps_list(trial_dir):
 def _steps(trial_dir):
     steps = _steps_list(trial_dir)
     return max(steps) if steps else 0
+
+
+def test_pbt_copies_good_checkpoints_into_bad_trials(ray_cluster, small_text, tmp_path):
+    from bigray.tune import run_search
+
+    job = gpt_search(small_text, tmp_path, "pbt", "tune.scheduler=pbt", "tune.num_samples=4", "tune.max_concurrent_trials=2",
+                     "tune.seed=3", "tune.space={train.lr: {loguniform: [0.00001, 0.006]}}")  # fmt: skip
+    summary = run_search(job)
+    rows = read_table(summary["run_dir"])
+    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows), rows
+    # An exploited trial continues in a run of its own from the donor's checkpoint, not from step 0.
+    trials = Path(summary["run_dir"]) / "trials"
+    restored = [d for d in trials.glob("trial_*-from-*") if _steps_list(d)]
+    assert restored, sorted(p.name for p in trials.iterdir())
+    assert all(_steps_list(d)[0] > 10 for d in restored)
+    best_row = min(rows, key=lambda r: float(r["best val/loss"]))
+    assert summary["metrics"]["val/loss"] == pytest.approx(float(best_row["best val/loss"]))

@@ -32,7 +32,15 @@ def deepspeed_config(ds: DeepSpeedConfig, train: GPTTrainConfig, world_size: int
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
     if ds.zero_stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=1e4)
+        zero.update(
+            stage3_gather_16bit_weights_on_model_save=True,
+            stage3_param_persistence_threshold=1e4,
+            # Bounded working memory: the optimizer steps sub-groups of 5e7 elements (its temporaries
+            # are sized by them, not by the whole partition) and at most 1e8 gathered parameters live.
+            sub_group_size=5e7,
+            stage3_max_live_parameters=1e8,
+            stage3_max_reuse_distance=1e8,
+        )
     optimizer_params: dict[str, Any] = {
         "lr": train.lr,
         "betas": [train.beta1, train.beta2],
