@@ -7,7 +7,8 @@ block 128, bf16, GPT-2's 50,257-token vocabulary) and reports each worker's peak
 after setup and after each step), the bytes DeepSpeed holds for it, and the machine's peak used
 memory. A failure (Ray's out-of-memory killer,
 the kernel's, or any error) is recorded with its message.
-Run: python bench/zero_capacity.py [presets...]   (default: 350m 774m 1.3b)
+Run: python bench/zero_capacity.py [strategies...] [presets...]
+     (default: zero0 zero3 zero3_offload over 350m 774m 1.3b; `zero3_nvme 1.3b` tries ZeRO-Infinity)
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ STRATEGIES = {
     "zero0": ["deepspeed.zero_stage=0"],
     "zero3": ["deepspeed.zero_stage=3"],
     "zero3_offload": ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"],
+    # ZeRO-Infinity: fp32 master weights and Adam states in files on disk (needs libaio: apt-get install libaio-dev).
+    "zero3_nvme": ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_device=nvme"],
 }
+DEFAULT_STRATEGIES = ["zero0", "zero3", "zero3_offload"]
 STEPS = 3
 # glibc keeps freed mid-sized blocks (a layer's weights, optimizer temporaries) in its heap, which
 # cost 1.5 GB per worker at 350m; a fixed mmap threshold returns them to the system. Every
@@ -91,6 +95,7 @@ def attempt(strategy: str, preset: str, out: str) -> None:
         f"model.preset={preset}", "model.block_size=128", "train.micro_batch_size=1", "train.warmup_steps=1",
         "data.tokenizer=gpt2", f"data.cache_dir={REPO}/data", "deepspeed.precision=bf16", "scaling.num_workers=2",
         *STRATEGIES[strategy],
+        *([f"deepspeed.nvme_path={out}/nvme"] if "nvme" in strategy else []),
     ]  # fmt: skip
     cfg = load_config(GPTPretrainConfig, CONFIGS / "gpt_tiny.yaml", overrides)
     cfg = dataclasses.replace(cfg, data=with_absolute_paths(cfg.data))
@@ -127,11 +132,11 @@ def attempt(strategy: str, preset: str, out: str) -> None:
     ray.shutdown()
 
 
-def main(presets: list[str]) -> dict:
+def main(presets: list[str], strategies: list[str]) -> dict:
     gib = 1 << 30
     tmp = scratch("zero-capacity")
     rows = []
-    for strategy in STRATEGIES:
+    for strategy in strategies:
         for preset in presets:
             out = tmp / f"{strategy}-{preset}"
             out.mkdir()
@@ -155,10 +160,10 @@ def main(presets: list[str]) -> dict:
             else:
                 print(f"{strategy:14} {preset:5} FAILED {row['error'][-300:]}", flush=True)
                 break
-    largest = {s: max((r["preset"] for r in rows if r["strategy"] == s and r["ok"]), key=presets.index, default=None) for s in STRATEGIES}
+    largest = {s: max((r["preset"] for r in rows if r["strategy"] == s and r["ok"]), key=presets.index, default=None) for s in strategies}
     print("largest preset that trains:", largest)
     result = {"benchmark": "zero_capacity", "workers": 2, "steps": STEPS, "largest": largest, "attempts": rows}
-    save_result("zero_capacity", result)
+    save_result("zero_capacity" if strategies == DEFAULT_STRATEGIES else "zero_capacity_" + "_".join(strategies), result)
     return result
 
 
@@ -166,4 +171,6 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--attempt"]:
         attempt(*sys.argv[2:5])
     else:
-        main(sys.argv[1:] or ["350m", "774m", "1.3b"])
+        args = sys.argv[1:]
+        chosen = [a for a in args if a in STRATEGIES] or DEFAULT_STRATEGIES
+        main([a for a in args if a not in STRATEGIES] or ["350m", "774m", "1.3b"], chosen)

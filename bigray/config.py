@@ -390,6 +390,10 @@ class DeepSpeedConfig:
     """Keep optimizer states on the CPU (ZeRO 1-3)."""
     offload_params: bool = False
     """Keep parameters on the CPU (ZeRO 3 only)."""
+    offload_device: Literal["cpu", "nvme"] = "cpu"
+    """Where offloaded state goes: CPU memory, or files under nvme_path (ZeRO-Infinity; ZeRO 3, needs libaio)."""
+    nvme_path: str = ""
+    """Directory on a fast local disk for offload_device nvme (each rank writes its own files)."""
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
 
@@ -397,6 +401,10 @@ class DeepSpeedConfig:
         check(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         check(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer", "needs zero_stage >= 1")
         check(not self.offload_params or self.zero_stage == 3, "offload_params", "needs zero_stage 3")
+        if self.offload_device == "nvme":
+            check(self.zero_stage == 3, "offload_device", "nvme offload needs zero_stage 3")
+            check(self.offload_optimizer or self.offload_params, "offload_device", "nvme needs offload_optimizer or offload_params")
+            check(bool(self.nvme_path), "nvme_path", "must name a directory when offload_device is nvme")
 
 
 @dataclass

@@ -6,6 +6,7 @@ import yaml
 from bigray.config import (
     ConfigError,
     DataPrepareConfig,
+    GPTFinetuneConfig,
     GPTPretrainConfig,
     ResNetJobConfig,
     ServeJobConfig,
@@ -14,7 +15,7 @@ from bigray.config import (
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
-JOB_CLASSES = {"gpt": GPTPretrainConfig, "resnet": ResNetJobConfig, "tune": TuneJobConfig, "data": DataPrepareConfig}
+JOB_CLASSES = {"gpt_finetune": GPTFinetuneConfig, "gpt": GPTPretrainConfig, "resnet": ResNetJobConfig, "tune": TuneJobConfig, "data": DataPrepareConfig}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -63,6 +64,8 @@ def test_partial_section_keeps_job_defaults():
         (ResNetJobConfig, "model.arch=vgg", "model.arch", "'resnet18'"),
         (ResNetJobConfig, "data.dataset=mnist", "data.dataset", "'fashion_mnist'"),
         (ServeJobConfig, "port=70000", "port", "1..65535"),
+        (GPTPretrainConfig, "deepspeed.offload_device=nvme", "deepspeed.offload_device", "zero_stage 3"),
+        (GPTFinetuneConfig, "init_from=", "init_from", "base model"),
         (TuneJobConfig, "tune.scheduler=hyperband", "tune.scheduler", "'asha'"),
         (TuneJobConfig, "trainer.train.epochs=0", "trainer.train.epochs", ">= 1"),
         (TuneJobConfig, "tune.space={train.lrr: {loguniform: [0.01, 0.1]}}", "tune.space.train.lrr", "unknown key"),
@@ -94,3 +97,26 @@ def test_cli_reports_config_error(capsys):
     assert main(["data", "prepare", "--set", "text.val_fraction=0.9"]) == 2
     err = capsys.readouterr().err
     assert "text.val_fraction" in err and "(0, 0.5)" in err
+
+
+def test_nvme_offload_builds_a_zero_infinity_config():
+    from bigray.train.deepspeed import deepspeed_config
+
+    cfg = load_config(GPTPretrainConfig, CONFIGS / "gpt_tiny.yaml", [
+        "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_device=nvme", "deepspeed.nvme_path=/scratch",
+    ])  # fmt: skip
+    ds = deepspeed_config(cfg.deepspeed, cfg.train, world_size=2, use_gpu=False)
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "nvme", "pin_memory": False, "nvme_path": "/scratch"}
+    assert "offload_param" not in ds["zero_optimization"] and ds["aio"]["block_size"] == 1 << 20
+    with pytest.raises(ConfigError, match="nvme_path"):
+        load_config(GPTPretrainConfig, None, ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_device=nvme"])
+
+
+def test_pbt_needs_the_random_searcher_and_no_grid():
+    with pytest.raises(ConfigError, match="PBT explores by itself") as err:
+        load_config(TuneJobConfig, CONFIGS / "tune_gpt.yaml", ["tune.scheduler=pbt"])  # tune_gpt.yaml uses optuna
+    assert err.value.key == "tune.searcher"
+    from bigray.tune import pbt_mutations
+
+    with pytest.raises(ConfigError, match="not a grid"):
+        pbt_mutations({"train.lr": {"grid": [0.1, 0.01]}})

@@ -27,10 +27,14 @@ def deepspeed_config(ds: DeepSpeedConfig, train: GPTTrainConfig, world_size: int
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
         zero.update(overlap_comm=use_gpu, contiguous_gradients=True, reduce_bucket_size=5e7)
+    offload: dict[str, Any] = {"device": ds.offload_device, "pin_memory": use_gpu}
+    if ds.offload_device == "nvme":
+        offload["nvme_path"] = ds.nvme_path
     if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+        zero["offload_optimizer"] = dict(offload)
     if ds.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
+        # NVMe parameter buffers must hold the largest parameter (the token embedding).
+        zero["offload_param"] = {**offload, **({"buffer_count": 5, "buffer_size": 2e8} if ds.offload_device == "nvme" else {})}
     if ds.zero_stage == 3:
         zero.update(
             stage3_gather_16bit_weights_on_model_save=True,
@@ -58,6 +62,8 @@ def deepspeed_config(ds: DeepSpeedConfig, train: GPTTrainConfig, world_size: int
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
         "optimizer": {"type": "AdamW", "params": optimizer_params},
+        **({"aio": {"block_size": 1 << 20, "queue_depth": 8, "thread_count": 1, "single_submit": False, "overlap_events": True}}
+           if ds.offload_device == "nvme" else {}),
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }

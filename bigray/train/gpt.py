@@ -57,7 +57,8 @@ def check_resume_compatible(
     """Refuse a checkpoint that this job cannot continue from, saying why."""
     saved = meta["config"]
     problems = []
-    if meta.get("model_shape") != model_shape(model_cfg) or saved["model"]["block_size"] != cfg.model.block_size:
+    saved_shape = meta.get("model_shape")  # absent in checkpoints written before fine-tuning existed
+    if (saved_shape is not None and saved_shape != model_shape(model_cfg)) or saved["model"]["block_size"] != cfg.model.block_size:
         problems.append(
             f"model (layers, heads, width, vocab) {meta.get('model_shape')}/block {saved['model']['block_size']} "
             f"vs {model_shape(model_cfg)}/block {cfg.model.block_size}"
@@ -355,6 +356,9 @@ def prepare_job(cfg: GPTJob) -> GPTJob:
         cfg = dataclasses.replace(cfg, data=with_absolute_paths(cfg.data))
         data, _ = prepare_text(cfg.data)
         model_cfg = model_config_for(cfg, data)
+    if cfg.deepspeed.nvme_path:
+        nvme = str(Path(cfg.deepspeed.nvme_path).expanduser().resolve())
+        cfg = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, nvme_path=nvme))
     for split in ("train", "val"):
         token_windows(data, split, cfg.model.block_size)
     if cfg.resume_from:
