@@ -85,7 +85,8 @@ class ForwardReports(UserCallback):
         self.queue = queue
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        self.queue.put((dict(metrics[0]), checkpoint.path if checkpoint else None))
+        where = (checkpoint.path, checkpoint.filesystem) if checkpoint else (None, None)
+        self.queue.put((dict(metrics[0]), *where))
 
 
 def trial_driver(config: dict[str, Any]) -> None:
@@ -122,11 +123,12 @@ def trial_driver(config: dict[str, Any]) -> None:
     thread.start()
     while thread.is_alive() or not queue.empty():
         try:
-            metrics, path = queue.get(timeout=1.0)
+            metrics, path, filesystem = queue.get(timeout=1.0)
         except Empty:
             continue
         metrics[CHECKPOINT_PATH] = path
-        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(path) if path else None)
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint(path, filesystem) if path else None)
+    queue.shutdown()
     if "error" in outcome:
         raise outcome["error"]  # a crash or divergence: Tune marks the trial ERROR
 
@@ -139,7 +141,8 @@ def concurrent_trials(job: TuneJobConfig, trainer_cfg: Any) -> int:
         return job.tune.max_concurrent_trials
     resources = ray.cluster_resources()
     s = trainer_cfg.scaling
-    fits = int(resources.get("CPU", 1) // (s.num_workers * s.cpus_per_worker))
+    # Each trial also holds its driver's DRIVER_CPU: 2 trials of one 1-CPU worker need 2.02 CPUs.
+    fits = int(resources.get("CPU", 1) // (s.num_workers * s.cpus_per_worker + DRIVER_CPU))
     if s.use_gpu:
         fits = min(fits, int(resources.get("GPU", 0) // s.num_workers))
     return max(1, fits)
