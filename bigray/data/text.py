@@ -160,7 +160,8 @@ def cache_key(cfg: TextDataConfig) -> str:
         "files": [str(Path(f).resolve()) for f in cfg.text_files] if cfg.source == "files" else [],
         "max_chars": cfg.max_chars,
         "val_fraction": cfg.val_fraction,
-        "tokenizer": cfg.tokenizer,
+        # "gpt2-v2": caches built before the GPT-2 BPE fix hold one token per document; never reuse them.
+        "tokenizer": "gpt2-v2" if cfg.tokenizer == "gpt2" else cfg.tokenizer,
         "vocab_size": cfg.vocab_size if cfg.tokenizer == "bpe" else 50257,
     }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
