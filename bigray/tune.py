@@ -258,6 +258,9 @@ def results_table(grid: Any, job: TuneJobConfig, cfg: Any) -> list[dict[str, Any
                 if len(with_ckpt):
                     cidx = with_ckpt[t.metric].idxmin() if t.mode == "min" else with_ckpt[t.metric].idxmax()
                     checkpoint = str(with_ckpt.loc[cidx, "checkpoint_path"])
+        if best is None and isinstance(metrics.get(t.metric), (int, float)) and math.isfinite(metrics[t.metric]):
+            # A trial PBT restored keeps only its history since the restore: use its last report.
+            best, checkpoint = float(metrics[t.metric]), metrics.get(CHECKPOINT_PATH)
         iterations = int(metrics.get("training_iteration", 0))
         reached, goal = progress(job.tune.trainer, metrics, cfg)
         if result.error is not None:

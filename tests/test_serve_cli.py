@@ -26,11 +26,11 @@ def _env(ray_cluster):
 def _wait_ready(proc, timeout=180):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert proc.poll() is None, "the server process exited early"
         try:
             if requests.get(f"{URL}/healthz", timeout=5).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or the proxy still starting the app
             pass
         time.sleep(1)
     raise TimeoutError("the app never became ready")
@@ -39,11 +39,10 @@ def _wait_ready(proc, timeout=180):
 def _stop(proc):
     proc.send_signal(signal.SIGINT)
     try:
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, _ = proc.communicate()
-    return out
+        proc.wait()
 
 
 def test_serve_run_config_yaml_with_a_storage_uri(ray_cluster, gpt_checkpoint, resnet_checkpoint, tmp_path):
@@ -58,7 +57,8 @@ def test_serve_run_config_yaml_with_a_storage_uri(ray_cluster, gpt_checkpoint, r
         app["args"][model].update(min_replicas=1, max_replicas=1)
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen(["serve", "run", str(path)], env=_env(ray_cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    with open(tmp_path / "serve-run.log", "w") as sink:
+        proc = subprocess.Popen(["serve", "run", str(path)], env=_env(ray_cluster), stdout=sink, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         _wait_ready(proc)
         models = requests.get(f"{URL}/v1/models", timeout=30).json()
@@ -70,17 +70,23 @@ def test_serve_run_config_yaml_with_a_storage_uri(ray_cluster, gpt_checkpoint, r
     assert proc.returncode is not None
 
 
-def test_bigray_serve_runs_until_interrupted(ray_cluster, gpt_checkpoint):
+def test_bigray_serve_runs_until_interrupted(ray_cluster, gpt_checkpoint, tmp_path):
     """`bigray serve --gpt CKPT --port P`: ResNet left out, answers, stops cleanly on Ctrl-C."""
     cmd = [sys.executable, "-m", "bigray.cli", "serve", "--gpt", str(gpt_checkpoint[-1]), "--port", str(PORT)]
-    proc = subprocess.Popen(cmd, env=_env(ray_cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "serve.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, env=_env(ray_cluster), stdout=sink, stderr=subprocess.STDOUT, text=True)
+    banner = f"bigray is serving at http://127.0.0.1:{PORT}"
     try:
-        _wait_ready(proc)
+        deadline = time.time() + 180
+        while banner not in log.read_text() and time.time() < deadline:  # printed once the deploy returned
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(1)
+        assert banner in log.read_text()
         r = requests.post(f"{URL}/v1/completions", json={"prompt": "KING:", "max_tokens": 4}, timeout=60)
         assert r.status_code == 200, r.text
         r = requests.post(f"{URL}/v1/classify", data=b"\x89PNG", headers={"Content-Type": "image/png"}, timeout=30)
         assert r.status_code == 404 and "no image classifier is served" in r.json()["error"]["message"], r.text
     finally:
-        out = _stop(proc)
-    assert proc.returncode == 0, out[-3000:]
-    assert f"bigray is serving at http://127.0.0.1:{PORT}" in out
+        _stop(proc)
+    assert proc.returncode == 0, log.read_text()[-3000:]
