@@ -1,12 +1,12 @@
 """What ZeRO buys on one machine: the largest GPT preset 2 workers can train under each strategy.
 
-For each strategy (ZeRO-0; ZeRO-3; ZeRO-3 with optimizer and parameter offload) the presets are
-tried from small to large, each attempt in its own process with its own local Ray, until one
-fails. An attempt builds the model on 2 Ray Train workers, trains 3 steps (micro batch 1,
-block 128, bf16, GPT-2's 50,257-token vocabulary) and reports each worker's peak RSS (and its RSS
-after setup and after each step), the bytes DeepSpeed holds for it, and the machine's peak used
-memory. A failure (Ray's out-of-memory killer,
-the kernel's, or any error) is recorded with its message.
+For each strategy (ZeRO-0; ZeRO-3; ZeRO-3 with CPU offload; ZeRO-3 with NVMe offload on request)
+the presets are tried from small to large, each attempt in its own process with its own local Ray,
+until one fails. An attempt builds the model on 2 Ray Train workers, trains 3 steps (micro batch
+1, block 128, bf16, GPT-2's 50,257-token vocabulary) and reports each worker's peak RSS (and its
+RSS after setup and after each step), the bytes DeepSpeed holds for it, and the machine's peak
+used memory. A failure (Ray's out-of-memory killer, the kernel's, or any error) is recorded with
+its message.
 Run: python bench/zero_capacity.py [strategies...] [presets...]
      (default: zero0 zero3 zero3_offload over 350m 774m 1.3b; `zero3_nvme 1.3b` tries ZeRO-Infinity)
 """
