@@ -322,17 +322,23 @@ GPT_PRESETS = ("tiny", "124m", "350m", "774m", "1.3b", "2.7b")
 
 
 @dataclass
-class GPTModelConfig:
-    preset: Literal["tiny", "124m", "350m", "774m", "1.3b", "2.7b"] = "tiny"
-    """GPT-2/GPT-3 shapes; 'tiny' is for tests and CI."""
+class GPTContextConfig:
+    """The model keys a GPT job sets whatever the model's shape (fine-tuning takes the shape from its base)."""
+
     block_size: int = 128
-    """Context length used in training (must fit the preset's positions)."""
+    """Context length used in training (must fit the model's positions)."""
     dropout: float = 0.0
     """Dropout on embeddings, attention and residuals."""
 
     def __post_init__(self) -> None:
         check(self.block_size >= 8, "block_size", f"must be >= 8, got {self.block_size}")
         check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class GPTModelConfig(GPTContextConfig):
+    preset: Literal["tiny", "124m", "350m", "774m", "1.3b", "2.7b"] = "tiny"
+    """GPT-2/GPT-3 shapes; 'tiny' is for tests and CI."""
 
 
 @dataclass
@@ -448,24 +454,12 @@ class FinetuneDataConfig:
 
 
 @dataclass
-class GPTFinetuneModelConfig:
-    block_size: int = 128
-    """Context length used in training (must fit the base model's positions)."""
-    dropout: float = 0.0
-    """Dropout on embeddings, attention and residuals."""
-
-    def __post_init__(self) -> None:
-        check(self.block_size >= 8, "block_size", f"must be >= 8, got {self.block_size}")
-        check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
-
-
-@dataclass
 class GPTFinetuneConfig:
     """`bigray finetune-gpt`: continue a pretrained GPT on new text or prompt/completion pairs."""
 
     init_from: str = ""
     """The base model: a bigray GPT checkpoint, run directory or summary.json, or a Hugging Face GPT-2 directory."""
-    model: GPTFinetuneModelConfig = field(default_factory=GPTFinetuneModelConfig)
+    model: GPTContextConfig = field(default_factory=GPTContextConfig)
     """Context length and dropout (the shape comes from the base model)."""
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     """Fine-tuning data, tokenized with the base model's tokenizer."""
