@@ -2,7 +2,7 @@
 
 Classification: requests/s and p50/p99 latency at concurrency 1, 8 and 32 for (a) the Serve app
 with @serve.batch, (b) the same app with max_batch_size=1 (unbatched) and (c) a plain FastAPI +
-uvicorn process holding the same model. Generation: tokens/s for 8 concurrent completions through
+uvicorn process holding the same model; all three with float32 weights, then all three with bfloat16 weights. Generation: tokens/s for 8 concurrent completions through
 the Serve app vs answering them one by one with transformers' generate in this process.
 All traffic stays on 127.0.0.1; every load loop is bounded by a request count.
 
@@ -30,26 +30,28 @@ PLAIN_PORT = 8210
 
 
 async def _load(url: str, body: bytes, concurrency: int, total: int) -> dict:
-    import httpx
+    """`total` POSTs from `concurrency` closed-loop clients; aiohttp, the lightest client at hand, so the
+    load generator takes as little as possible of the two cores it shares with the servers."""
+    import aiohttp
 
     latencies: list[float] = []
     errors = 0
-    queue: asyncio.Queue = asyncio.Queue()
-    for _ in range(total):
-        queue.put_nowait(None)
+    remaining = total
 
-    async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal errors
-        while not queue.empty():
-            queue.get_nowait()
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal errors, remaining
+        while remaining > 0:
+            remaining -= 1
             t0 = time.perf_counter()
-            r = await client.post(url, content=body, headers={"content-type": "image/png"})
+            async with session.post(url, data=body, headers={"content-type": "image/png"}) as r:
+                await r.read()
+                errors += r.status != 200
             latencies.append(time.perf_counter() - t0)
-            errors += r.status_code != 200
 
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     latencies.sort()
     return {
@@ -78,7 +80,7 @@ PLAIN_APP = textwrap.dedent(
     from fastapi import FastAPI, Request
     from bigray.serve.runners import ClassifierRunner
     torch.set_num_threads(1)
-    runner = ClassifierRunner(sys.argv[1])
+    runner = ClassifierRunner(sys.argv[1], dtype=sys.argv[3])
     app = FastAPI()
 
     @app.post("/v1/classify")
@@ -93,7 +95,7 @@ PLAIN_APP = textwrap.dedent(
 )
 
 
-def classification(resnet: str) -> dict:
+def classification(resnet: str, dtype: str) -> dict:
     import requests
     from ray import serve
 
@@ -103,13 +105,13 @@ def classification(resnet: str) -> dict:
     results = {}
     for name, batch in (("serve_batched", 32), ("serve_unbatched", 1)):
         args = AppArgs(resnet_checkpoint=resnet, resnet=DeploymentArgs(min_replicas=1, max_replicas=1, max_batch_size=batch,
-                                                                       max_ongoing_requests=64, batch_wait_timeout_s=0.005))  # fmt: skip
-        url = deploy(args, port=8000, name=name)
+                                                                       max_ongoing_requests=64, batch_wait_timeout_s=0.005, dtype=dtype))  # fmt: skip
+        url = deploy(args, port=8000, name=name, access_log=False)  # uvicorn below logs no requests either
         results[name] = _sweep(f"{url}/v1/classify")
         serve.delete(name)
     script = scratch("plain") / "plain_app.py"
     script.write_text(PLAIN_APP)
-    proc = subprocess.Popen([sys.executable, str(script), resnet, str(PLAIN_PORT)], env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen([sys.executable, str(script), resnet, str(PLAIN_PORT), dtype], env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         for _ in range(120):
             try:
@@ -133,7 +135,7 @@ def generation(gpt_dir: str, n: int = 8, max_tokens: int = 32) -> dict:
     from bigray.serve.launch import deploy
 
     prompts = [f"{name}:\n" for name in ("ROMEO", "JULIET", "HAMLET", "KING LEAR", "OTHELLO", "MACBETH", "PORTIA", "VIOLA")][:n]
-    url = deploy(AppArgs(gpt_checkpoint=gpt_dir, gpt=DeploymentArgs(max_replicas=1, max_batch_size=n, batch_wait_timeout_s=0.05)), port=8000, name="gen")
+    url = deploy(AppArgs(gpt_checkpoint=gpt_dir, gpt=DeploymentArgs(max_replicas=1, max_batch_size=n, batch_wait_timeout_s=0.05)), port=8000, name="gen", access_log=False)
 
     async def one(client, prompt):
         r = await client.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
@@ -178,7 +180,11 @@ def main(gpt_dir: str = "runs/quickstart/gpt-hf", resnet: str = "runs/quickstart
     gpt_dir, resnet = str(Path(gpt_dir).resolve()), str(classifier_dir(resnet))
     ray.init(num_cpus=2, include_dashboard=True)
     try:
-        result = {"benchmark": "serve_throughput", "classification": classification(resnet), "generation": generation(gpt_dir)}
+        result = {
+            "benchmark": "serve_throughput",
+            "classification": {dtype: classification(resnet, dtype) for dtype in ("float32", "bfloat16")},
+            "generation": generation(gpt_dir),
+        }
     finally:
         ray.shutdown()
     save_result("serve_throughput", result)

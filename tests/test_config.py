@@ -64,6 +64,7 @@ def test_partial_section_keeps_job_defaults():
         (ResNetJobConfig, "model.arch=vgg", "model.arch", "'resnet18'"),
         (ResNetJobConfig, "data.dataset=mnist", "data.dataset", "'fashion_mnist'"),
         (ServeJobConfig, "port=70000", "port", "1..65535"),
+        (ServeJobConfig, "dtype=float16", "dtype", "'bfloat16'"),
         (GPTPretrainConfig, "deepspeed.offload_device=nvme", "deepspeed.offload_device", "zero_stage 3"),
         (GPTFinetuneConfig, "init_from=", "init_from", "base model"),
         (TuneJobConfig, "tune.scheduler=hyperband", "tune.scheduler", "'asha'"),

@@ -128,6 +128,18 @@ def test_classification_matches_the_trained_model(app, resnet_checkpoint):
     assert r.status_code == 200 and r.json()["predictions"][0]["index"] == int(expected[0])
 
 
+def test_bfloat16_weights_give_the_float32_predictions(resnet_checkpoint):
+    from bigray.data.images import read_idx
+    from bigray.serve.runners import ClassifierRunner
+
+    images = torch.from_numpy(read_idx(DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz")[:200].copy())[:, None]
+    fp32, bf16 = ClassifierRunner(resnet_checkpoint), ClassifierRunner(resnet_checkpoint, dtype="bfloat16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    p32, p16 = fp32.classify(images), bf16.classify(images)
+    assert p16.dtype == torch.float32 and torch.allclose(p16.sum(-1), torch.ones(200), atol=1e-4)
+    assert (p32.argmax(-1) == p16.argmax(-1)).float().mean() >= 0.97
+
+
 BAD_REQUESTS = [
     ("completions", {"json": {"prompt": ""}}, 400, "prompt"),
     ("completions", {"json": {"prompt": 5}}, 400, "prompt"),
@@ -176,6 +188,9 @@ def test_64_concurrent_requests_all_succeed(app):
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
         codes = list(pool.map(one, range(64)))
     assert codes == [200] * 64
+    # requests that arrived while a model was busy shared its next forward passes
+    models = requests.get(f"{URL}/healthz", timeout=10).json()["models"]
+    assert models["resnet"]["largest"] > 1 and models["gpt"]["largest"] > 1, models
 
 
 def test_auth_when_api_key_set(app, monkeypatch, gpt_checkpoint, resnet_checkpoint):

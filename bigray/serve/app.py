@@ -7,12 +7,14 @@ runners.py. Client mistakes become OpenAI-style JSON errors with a 4xx status, n
 
 
 import asyncio
+import collections
+import contextlib
 import hmac
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -52,6 +54,8 @@ class DeploymentArgs(BaseModel):
     max_batch_size: int = Field(default=16, ge=1)
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
     num_cpus: float = Field(default=1, gt=0)
+    # weights cast to bfloat16 at load: much faster on CPUs with AMX / AVX-512 BF16 (runners.torch_dtype)
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
     def options(self) -> dict[str, Any]:
         return {
@@ -110,14 +114,39 @@ class SwappableModel:
 
     Pointing a running app at a new checkpoint is then an in-place reconfigure: the old model
     answers until the new one has loaded, then they swap. Subclasses say how to load a runner.
+
+    Requests enter the ``@serve.batch`` queue only while the model is idle. Serve (since 2.47)
+    forms the next batch while the previous one still runs, from whatever arrived within
+    ``batch_wait_timeout_s``, so under load it queued many batches of 1-2 behind the model. Held
+    back here, everything that arrived during a forward pass goes into the next batch together:
+    batches grow with the backlog, and an idle replica still answers a lone request at once.
     """
 
-    def __init__(self, max_batch_size: int, batch_wait_timeout_s: float, num_cpus: float):
-        _threads(num_cpus)
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = DeploymentArgs(**settings)
+        _threads(self.settings.num_cpus)
         self.runner: Any = None
         self.checkpoint: str | None = None
-        self._batched.set_max_batch_size(max_batch_size)
-        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._batched.set_max_batch_size(self.settings.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self._model_idle = asyncio.Event()
+        self._model_idle.set()
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+
+    @contextlib.contextmanager
+    def _model_busy(self, batch_size: int) -> Iterator[None]:
+        """Wrap a batch's model work: requests arriving meanwhile wait for the next batch."""
+        self.batch_sizes[batch_size] += 1
+        self._model_idle.clear()
+        try:
+            yield
+        finally:
+            self._model_idle.set()
+
+    def batch_stats(self) -> dict[str, Any]:
+        """How well batching works here (shown by /healthz): batches run, requests in them, the largest."""
+        batches, requests = sum(self.batch_sizes.values()), sum(k * n for k, n in self.batch_sizes.items())
+        return {"batches": batches, "requests": requests, "largest": max(self.batch_sizes, default=0)}
 
     def load(self, path: str) -> Any:
         raise NotImplementedError
@@ -133,17 +162,17 @@ class SwappableModel:
 class GPTDeployment(SwappableModel):
     """Text generation; concurrent prompts are decoded together (shared forward passes + KV cache)."""
 
-    def __init__(self, max_prompt_tokens: int, max_batch_size: int, batch_wait_timeout_s: float, num_cpus: float = 1):
+    def __init__(self, max_prompt_tokens: int, settings: dict[str, Any]):
         self.max_prompt_tokens = max_prompt_tokens
-        super().__init__(max_batch_size, batch_wait_timeout_s, num_cpus)
+        super().__init__(settings)
 
     def load(self, path: str) -> Any:
         from bigray.serve.runners import GPTRunner, gpt_model_dir
 
-        return GPTRunner(gpt_model_dir(path), self.max_prompt_tokens)
+        return GPTRunner(gpt_model_dir(path), self.max_prompt_tokens, self.settings.dtype)
 
     def ready(self) -> dict[str, Any]:
-        return {"checkpoint": self.checkpoint, "context": self.runner.max_positions}
+        return {"checkpoint": self.checkpoint, "context": self.runner.max_positions, **self.batch_stats()}
 
     def check(self, job: dict[str, Any]) -> dict[str, Any]:
         """Prompt token count, or the client error (returned, not raised: it crosses a handle)."""
@@ -153,6 +182,7 @@ class GPTDeployment(SwappableModel):
             return {"error": error_fields(e)}
 
     async def generate(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        await self._model_idle.wait()
         async for delta in self._batched(GenerationParams(**job)):
             yield {"text": delta.text, "finish_reason": delta.finish_reason, "completion_tokens": delta.completion_tokens}
 
@@ -160,29 +190,30 @@ class GPTDeployment(SwappableModel):
     async def _batched(self, jobs: list[GenerationParams]) -> AsyncIterator[list[Any]]:
         runner = self.runner
         steps = runner.generate(jobs)
-        while True:
-            # each decode step runs off the event loop, so the replica keeps accepting requests
-            step = await asyncio.to_thread(next, steps, None)
-            if step is None:
-                return
-            yield [StopIteration if d is None else d for d in step]
+        with self._model_busy(len(jobs)):
+            while True:
+                # each decode step runs off the event loop, so the replica keeps accepting requests
+                step = await asyncio.to_thread(next, steps, None)
+                if step is None:
+                    return
+                yield [StopIteration if d is None else d for d in step]
 
 
 @serve.deployment(name="resnet")
 class ResNetDeployment(SwappableModel):
     """Image classification with dynamic batching (@serve.batch)."""
 
-    def __init__(self, max_image_pixels: int, max_batch_size: int, batch_wait_timeout_s: float, num_cpus: float = 1):
+    def __init__(self, max_image_pixels: int, settings: dict[str, Any]):
         self.max_image_pixels = max_image_pixels
-        super().__init__(max_batch_size, batch_wait_timeout_s, num_cpus)
+        super().__init__(settings)
 
     def load(self, path: str) -> Any:
         from bigray.serve.runners import ClassifierRunner
 
-        return ClassifierRunner(path, self.max_image_pixels)
+        return ClassifierRunner(path, self.max_image_pixels, self.settings.dtype)
 
     def ready(self) -> dict[str, Any]:
-        return {"checkpoint": self.checkpoint, **self.runner.describe()}
+        return {"checkpoint": self.checkpoint, **self.runner.describe(), **self.batch_stats()}
 
     async def classify(self, image: bytes, top_k: int) -> dict[str, Any]:
         """Top-k labels, or the client error (returned, not raised: it crosses a handle)."""
@@ -190,6 +221,7 @@ class ResNetDeployment(SwappableModel):
             x = self.runner.preprocess(image)
         except ServeError as e:
             return {"error": error_fields(e)}
+        await self._model_idle.wait()
         probs = await self._batched(x)
         k = min(top_k, len(probs))
         scores, idx = probs.topk(k)
@@ -200,7 +232,8 @@ class ResNetDeployment(SwappableModel):
     async def _batched(self, images: list[Any]) -> list[Any]:
         import torch
 
-        probs = await asyncio.to_thread(self.runner.classify, torch.stack(images))
+        with self._model_busy(len(images)):
+            probs = await asyncio.to_thread(self.runner.classify, torch.stack(images))
         return list(probs)
 
 
@@ -398,14 +431,10 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
     gpt = resnet = None
     if args.gpt_checkpoint:
         g = args.gpt
-        gpt = GPTDeployment.options(**g.options(), user_config={"checkpoint": args.gpt_checkpoint}).bind(
-            args.max_prompt_tokens, g.max_batch_size, g.batch_wait_timeout_s, g.num_cpus
-        )
+        gpt = GPTDeployment.options(**g.options(), user_config={"checkpoint": args.gpt_checkpoint}).bind(args.max_prompt_tokens, g.model_dump())
     if args.resnet_checkpoint:
         r = args.resnet
-        resnet = ResNetDeployment.options(**r.options(), user_config={"checkpoint": args.resnet_checkpoint}).bind(
-            args.max_image_pixels, r.max_batch_size, r.batch_wait_timeout_s, r.num_cpus
-        )
+        resnet = ResNetDeployment.options(**r.options(), user_config={"checkpoint": args.resnet_checkpoint}).bind(args.max_image_pixels, r.model_dump())
     # The ingress gets no checkpoint paths: a model swap then leaves it untouched.
     ingress_args = args.model_dump(exclude={"gpt_checkpoint", "resnet_checkpoint"})
     return Ingress.bind(gpt, resnet, ingress_args, os.environ.get(args.api_key_env))

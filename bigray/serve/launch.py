@@ -10,27 +10,31 @@ from bigray.serve.app import AppArgs, build_app
 log = logging.getLogger(__name__)
 
 
-def deploy(args: AppArgs, host: str = "127.0.0.1", port: int = 8000, name: str = "bigray") -> str:
-    """Start Serve's HTTP proxy on host:port and deploy the app; returns the base URL."""
+def deploy(args: AppArgs, host: str = "127.0.0.1", port: int = 8000, name: str = "bigray", access_log: bool = True) -> str:
+    """Start Serve's HTTP proxy on host:port and deploy the app; returns the base URL.
+
+    ``access_log=False`` turns off Serve's per-request log lines in the proxy and the replicas.
+    """
     from ray import serve
 
     from bigray.train.launch import ensure_ray
 
     ensure_ray()
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(args), name=name, route_prefix="/")
+    logging_config = {"enable_access_log": access_log}
+    serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
+    serve.run(build_app(args), name=name, route_prefix="/", logging_config=logging_config)
     url = f"http://{host}:{port}"
     log.info("serving %s at %s (GET /healthz, /v1/models; POST /v1/completions, /v1/classify)", name, url)
     return url
 
 
-def serve_forever(args: AppArgs, host: str, port: int) -> None:
+def serve_forever(args: AppArgs, host: str, port: int, access_log: bool = True) -> None:
     """`bigray serve`: deploy, print the URL, and run until Ctrl-C (then shut everything down)."""
     import ray
     from ray import serve
 
     try:
-        url = deploy(args, host, port)
+        url = deploy(args, host, port, access_log=access_log)
         print(f"bigray is serving at {url} (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)

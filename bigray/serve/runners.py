@@ -12,13 +12,25 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import torch
 
 from bigray.serve.protocol import GenerationParams, ServeError
 
 log = logging.getLogger(__name__)
+
+DType = Literal["float32", "bfloat16"]
+
+
+def torch_dtype(name: DType) -> torch.dtype:
+    """The dtype weights are cast to at load time.
+
+    bfloat16 suits CPUs with AMX or AVX-512 BF16 (and GPUs): ResNet-18 here runs 1.6x faster per image
+    at batch 1 and 3.7x at batch 32, and agrees with the float32 weights on 99.8% of test images
+    (bench/README.md). The weights are cast once: autocast would re-cast them on every call.
+    """
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def local_checkpoint(path: str) -> Path:
@@ -78,12 +90,12 @@ class _Row:
 
 
 class GPTRunner:
-    def __init__(self, model_dir: str | Path, max_prompt_tokens: int = 512):
+    def __init__(self, model_dir: str | Path, max_prompt_tokens: int = 512, dtype: DType = "float32"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-        self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), use_safetensors=True).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), use_safetensors=True, dtype=torch_dtype(dtype)).eval()
         self.eos = self.tokenizer.eos_token_id
         self.max_positions = int(self.model.config.n_positions)
         self.max_prompt_tokens = max_prompt_tokens
@@ -172,10 +184,13 @@ class GPTRunner:
 
 
 class ClassifierRunner:
-    def __init__(self, checkpoint: str | Path, max_image_pixels: int = 16_000_000):
+    def __init__(self, checkpoint: str | Path, max_image_pixels: int = 16_000_000, dtype: DType = "float32"):
         from bigray.train.resnet import load_classifier
 
-        self.model, card = load_classifier(classifier_dir(str(checkpoint)))
+        model, card = load_classifier(classifier_dir(str(checkpoint)))
+        # channels_last: what oneDNN's convolutions want (no cost in float32, 1.4x faster in bfloat16 here)
+        self.dtype = torch_dtype(dtype)
+        self.model = model.to(dtype=self.dtype, memory_format=torch.channels_last)
         self.info = card["data"]
         self.arch = card["arch"]
         self.max_image_pixels = max_image_pixels
@@ -213,7 +228,8 @@ class ClassifierRunner:
         """Probabilities for a uint8 NCHW batch, normalised as in training."""
         from bigray.models.resnet import normalize
 
-        return self.model(normalize(images, self.info["mean"], self.info["std"])).softmax(-1)
+        x = normalize(images, self.info["mean"], self.info["std"]).to(self.dtype)
+        return self.model(x).float().softmax(-1)
 
     def describe(self) -> dict:
         return {"arch": self.arch, "classes": self.class_names}
