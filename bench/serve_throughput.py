@@ -25,7 +25,7 @@ import numpy as np
 from common import REPO, save_result, scratch
 from PIL import Image
 
-REQUESTS_PER_LEVEL = {1: 60, 8: 160, 32: 320}
+REQUESTS_PER_LEVEL = {1: 60, 8: 240, 32: 640}
 PLAIN_PORT = 8210
 
 
@@ -68,10 +68,45 @@ def _png() -> bytes:
     return buf.getvalue()
 
 
+def _cpu_seconds() -> dict[str, float]:
+    """CPU time so far of every process on this machine, keyed by role: Serve's proxy, each deployment's
+    replicas (by deployment name), the plain server, the rest of Ray, and this load generator."""
+    import psutil
+
+    roles: dict[str, float] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd, t = " ".join(p.info["cmdline"] or []), p.cpu_times()
+        except psutil.Error:
+            continue
+        if "ProxyActor" in cmd:
+            role = "proxy"
+        elif "ServeReplica:" in cmd:
+            role = cmd.split("ServeReplica:")[1].split(":")[1].split()[0]  # ServeReplica:<app>:<deployment>
+        elif "plain_app.py" in cmd:
+            role = "plain_server"
+        elif p.pid == os.getpid():
+            role = "load_generator"
+        elif "ray" in cmd:
+            role = "ray_other"
+        else:
+            continue
+        roles[role] = roles.get(role, 0.0) + t.user + t.system
+    return roles
+
+
 def _sweep(url: str) -> dict:
+    """Every concurrency level; at the top level also the CPU milliseconds each role spent per request."""
     body = _png()
     asyncio.run(_load(url, body, 4, 20))  # warm-up
-    return {c: asyncio.run(_load(url, body, c, n)) for c, n in REQUESTS_PER_LEVEL.items()}
+    out: dict = {}
+    for c, n in REQUESTS_PER_LEVEL.items():
+        before = _cpu_seconds()
+        out[c] = asyncio.run(_load(url, body, c, n))
+        if c == 32:
+            spent = {k: v - before.get(k, 0.0) for k, v in sorted(_cpu_seconds().items())}
+            out["cpu_ms_per_request_at_32"] = {k: round(1000 * v / n, 2) for k, v in spent.items() if v > 0}
+    return out
 
 
 PLAIN_APP = textwrap.dedent(
@@ -127,7 +162,8 @@ def classification(resnet: str, dtype: str) -> dict:
     return results
 
 
-def generation(gpt_dir: str, n: int = 8, max_tokens: int = 32) -> dict:
+def generation(gpt_dir: str, n: int = 8, max_tokens: int = 32, rounds: int = 3) -> dict:
+    """`rounds` rounds of n concurrent completions through Serve, vs the same prompts one by one."""
     import torch
     from ray import serve
 
@@ -146,9 +182,10 @@ def generation(gpt_dir: str, n: int = 8, max_tokens: int = 32) -> dict:
 
         async with httpx.AsyncClient(timeout=300) as client:
             await one(client, "warm up")
-            t0 = time.perf_counter()
-            tokens = await asyncio.gather(*(one(client, p) for p in prompts))
-            return sum(tokens), time.perf_counter() - t0
+            t0, tokens = time.perf_counter(), 0
+            for _ in range(rounds):
+                tokens += sum(await asyncio.gather(*(one(client, p) for p in prompts)))
+            return tokens, time.perf_counter() - t0
 
     served_tokens, served_s = asyncio.run(all_at_once())
     serve.delete("gen")
@@ -159,13 +196,13 @@ def generation(gpt_dir: str, n: int = 8, max_tokens: int = 32) -> dict:
     model = AutoModelForCausalLM.from_pretrained(gpt_dir).eval()
     t0, seq_tokens = time.perf_counter(), 0
     with torch.no_grad():
-        for p in prompts:
+        for p in prompts * rounds:
             ids = tok(p, return_tensors="pt").input_ids
             out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
             seq_tokens += out.shape[1] - ids.shape[1]
     seq_s = time.perf_counter() - t0
     return {
-        "requests": n, "max_tokens": max_tokens,
+        "requests": n, "max_tokens": max_tokens, "rounds": rounds,
         "serve_batched_tokens_per_s": round(served_tokens / served_s, 1),
         "sequential_generate_tokens_per_s": round(seq_tokens / seq_s, 1),
         "ratio": round((served_tokens / served_s) / (seq_tokens / seq_s), 2),
