@@ -17,6 +17,7 @@ def main() -> int:
     p.add_argument("--resnet", help="ResNet checkpoint (path or URI)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights of both models")
     a = p.parse_args()
     if not a.gpt and not a.resnet:
         print("serve_app: give --gpt, --resnet or both", file=sys.stderr)
@@ -24,7 +25,9 @@ def main() -> int:
     from bigray.serve.app import AppArgs
     from bigray.serve.launch import deploy
 
-    url = deploy(AppArgs(gpt_checkpoint=a.gpt, resnet_checkpoint=a.resnet), a.host, a.port)
+    args = AppArgs(gpt_checkpoint=a.gpt, resnet_checkpoint=a.resnet)
+    args.gpt.dtype = args.resnet.dtype = a.dtype
+    url = deploy(args, a.host, a.port)
     print(json.dumps({"deployed": "bigray", "url": url}), flush=True)
     return 0
 

@@ -115,11 +115,12 @@ class SwappableModel:
     Pointing a running app at a new checkpoint is then an in-place reconfigure: the old model
     answers until the new one has loaded, then they swap. Subclasses say how to load a runner.
 
-    Requests enter the ``@serve.batch`` queue only while the model is idle. Serve (since 2.47)
-    forms the next batch while the previous one still runs, from whatever arrived within
-    ``batch_wait_timeout_s``, so under load it queued many batches of 1-2 behind the model. Held
-    back here, everything that arrived during a forward pass goes into the next batch together:
-    batches grow with the backlog, and an idle replica still answers a lone request at once.
+    Requests enter the ``@serve.batch`` queue only while the model is idle. Serve's batch loop
+    (Ray 2.60, since ``max_concurrent_batches`` exists) forms the next batch while the previous one
+    still runs, from whatever arrived within ``batch_wait_timeout_s``; under load that queued
+    batches of 1-2 behind the model (bench/README.md). Held back here, everything that arrived
+    during a forward pass goes into the next batch together: batches grow with the backlog, and an
+    idle replica still answers a lone request at once.
     """
 
     def __init__(self, settings: dict[str, Any]):
