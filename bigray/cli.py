@@ -118,7 +118,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )  # fmt: skip
     app_args.resnet.max_batch_size = cfg.max_batch_size
     app_args.resnet.batch_wait_timeout_s = cfg.batch_wait_timeout_s
-    app_args.gpt.dtype = app_args.resnet.dtype = cfg.dtype
+    for deployment in (app_args.gpt, app_args.resnet):
+        deployment.dtype, deployment.num_gpus = cfg.dtype, cfg.num_gpus
     serve_forever(app_args, cfg.host, cfg.port, cfg.access_log)
 
 

@@ -654,6 +654,8 @@ class ServeJobConfig:
     """How long a batch waits to fill."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Weights of both models: float32, or bfloat16 (much faster on CPUs with AMX / AVX-512 BF16)."""
+    num_gpus: float = 0
+    """GPUs per model replica (0: the models run on CPU)."""
     access_log: bool = True
     """Log every request (Serve's access log); off saves about 10% CPU per request on a small box."""
 
@@ -662,3 +664,4 @@ class ServeJobConfig:
         for name in ("max_prompt_tokens", "max_tokens_limit", "max_image_bytes", "max_image_pixels", "max_batch_size"):
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         check(self.batch_wait_timeout_s >= 0, "batch_wait_timeout_s", "must be >= 0")
+        check(self.num_gpus >= 0, "num_gpus", f"must be >= 0, got {self.num_gpus}")

@@ -18,6 +18,7 @@ def main() -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights of both models")
+    p.add_argument("--num-gpus", type=float, default=0, help="GPUs per model replica (default 0: CPU)")
     a = p.parse_args()
     if not a.gpt and not a.resnet:
         print("serve_app: give --gpt, --resnet or both", file=sys.stderr)
@@ -26,7 +27,8 @@ def main() -> int:
     from bigray.serve.launch import deploy
 
     args = AppArgs(gpt_checkpoint=a.gpt, resnet_checkpoint=a.resnet)
-    args.gpt.dtype = args.resnet.dtype = a.dtype
+    for deployment in (args.gpt, args.resnet):
+        deployment.dtype, deployment.num_gpus = a.dtype, a.num_gpus
     url = deploy(args, a.host, a.port)
     print(json.dumps({"deployed": "bigray", "url": url}), flush=True)
     return 0

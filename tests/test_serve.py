@@ -128,6 +128,17 @@ def test_classification_matches_the_trained_model(app, resnet_checkpoint):
     assert r.status_code == 200 and r.json()["predictions"][0]["index"] == int(expected[0])
 
 
+def test_a_gpu_replica_without_a_gpu_says_so(resnet_checkpoint):
+    from bigray.serve.runners import ClassifierRunner
+
+    if torch.cuda.is_available():
+        runner = ClassifierRunner(resnet_checkpoint, use_gpu=True)
+        assert next(runner.model.parameters()).is_cuda and runner.classify(torch.zeros(2, 1, 28, 28, dtype=torch.uint8)).shape[0] == 2
+        return
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        ClassifierRunner(resnet_checkpoint, use_gpu=True)
+
+
 def test_bfloat16_weights_give_the_float32_predictions(resnet_checkpoint):
     from bigray.data.images import read_idx
     from bigray.serve.runners import ClassifierRunner

@@ -54,6 +54,7 @@ class DeploymentArgs(BaseModel):
     max_batch_size: int = Field(default=16, ge=1)
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
     num_cpus: float = Field(default=1, gt=0)
+    num_gpus: float = Field(default=0, ge=0)  # > 0: the model runs on the replica's GPU
     # weights cast to bfloat16 at load: much faster on CPUs with AMX / AVX-512 BF16 (runners.torch_dtype)
     dtype: Literal["float32", "bfloat16"] = "float32"
 
@@ -67,7 +68,7 @@ class DeploymentArgs(BaseModel):
                 "max_replicas": self.max_replicas,
                 "target_ongoing_requests": self.target_ongoing_requests,
             },
-            "ray_actor_options": {"num_cpus": self.num_cpus},
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
         }
 
 
@@ -170,7 +171,7 @@ class GPTDeployment(SwappableModel):
     def load(self, path: str) -> Any:
         from bigray.serve.runners import GPTRunner, gpt_model_dir
 
-        return GPTRunner(gpt_model_dir(path), self.max_prompt_tokens, self.settings.dtype)
+        return GPTRunner(gpt_model_dir(path), self.max_prompt_tokens, self.settings.dtype, self.settings.num_gpus > 0)
 
     def ready(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, "context": self.runner.max_positions, **self.batch_stats()}
@@ -211,7 +212,7 @@ class ResNetDeployment(SwappableModel):
     def load(self, path: str) -> Any:
         from bigray.serve.runners import ClassifierRunner
 
-        return ClassifierRunner(path, self.max_image_pixels, self.settings.dtype)
+        return ClassifierRunner(path, self.max_image_pixels, self.settings.dtype, self.settings.num_gpus > 0)
 
     def ready(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, **self.runner.describe(), **self.batch_stats()}

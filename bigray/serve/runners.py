@@ -33,6 +33,15 @@ def torch_dtype(name: DType) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+def inference_device(use_gpu: bool) -> torch.device:
+    """cuda for a replica given a GPU (Ray sets CUDA_VISIBLE_DEVICES to it), else cpu."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("this replica asked for a GPU (num_gpus > 0) but torch sees no CUDA device")
+    return torch.device("cuda")
+
+
 def local_checkpoint(path: str) -> Path:
     """A local directory for a checkpoint path or storage URI (s3://, gs://: copied down once)."""
     if "://" not in path:
@@ -90,12 +99,14 @@ class _Row:
 
 
 class GPTRunner:
-    def __init__(self, model_dir: str | Path, max_prompt_tokens: int = 512, dtype: DType = "float32"):
+    def __init__(self, model_dir: str | Path, max_prompt_tokens: int = 512, dtype: DType = "float32", use_gpu: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-        self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), use_safetensors=True, dtype=torch_dtype(dtype)).eval()
+        self.device = inference_device(use_gpu)
+        model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), use_safetensors=True, dtype=torch_dtype(dtype))
+        self.model = model.to(self.device).eval()
         self.eos = self.tokenizer.eos_token_id
         self.max_positions = int(self.model.config.n_positions)
         self.max_prompt_tokens = max_prompt_tokens
@@ -154,14 +165,14 @@ class GPTRunner:
         rows = [_Row(j, torch.Generator().manual_seed(j.seed if j.seed is not None else int(torch.randint(0, 2**31, ())))) for j in jobs]
         prompts = [self.tokenizer(j.prompt, add_special_tokens=False).input_ids for j in jobs]
         width = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[self.eos] * (width - len(p)) + p for p in prompts])
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        input_ids = torch.tensor([[self.eos] * (width - len(p)) + p for p in prompts], device=self.device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         cache = None
         while True:
             out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
             cache = out.cache
-            logits = out.logits[:, -1, :].float()
+            logits = out.logits[:, -1, :].float().cpu()  # sampled on the CPU with each request's generator
             step: list[Delta | None] = []
             next_tokens = []
             for i, row in enumerate(rows):
@@ -175,8 +186,8 @@ class GPTRunner:
             yield step
             if all(r.done for r in rows):
                 return
-            input_ids = torch.tensor(next_tokens).view(-1, 1)
-            attention = torch.cat([attention, torch.ones(len(rows), 1, dtype=attention.dtype)], dim=1)
+            input_ids = torch.tensor(next_tokens, device=self.device).view(-1, 1)
+            attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
             positions = positions[:, -1:] + 1
 
 
@@ -184,13 +195,13 @@ class GPTRunner:
 
 
 class ClassifierRunner:
-    def __init__(self, checkpoint: str | Path, max_image_pixels: int = 16_000_000, dtype: DType = "float32"):
+    def __init__(self, checkpoint: str | Path, max_image_pixels: int = 16_000_000, dtype: DType = "float32", use_gpu: bool = False):
         from bigray.train.resnet import load_classifier
 
         model, card = load_classifier(classifier_dir(str(checkpoint)))
         # channels_last: what oneDNN's convolutions want (no cost in float32, 1.4x faster in bfloat16 here)
-        self.dtype = torch_dtype(dtype)
-        self.model = model.to(dtype=self.dtype, memory_format=torch.channels_last)
+        self.dtype, self.device = torch_dtype(dtype), inference_device(use_gpu)
+        self.model = model.to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
         self.info = card["data"]
         self.arch = card["arch"]
         self.max_image_pixels = max_image_pixels
@@ -228,8 +239,8 @@ class ClassifierRunner:
         """Probabilities for a uint8 NCHW batch, normalised as in training."""
         from bigray.models.resnet import normalize
 
-        x = normalize(images, self.info["mean"], self.info["std"]).to(self.dtype)
-        return self.model(x).float().softmax(-1)
+        x = normalize(images.to(self.device), self.info["mean"], self.info["std"]).to(self.dtype)
+        return self.model(x).float().softmax(-1).cpu()
 
     def describe(self) -> dict:
         return {"arch": self.arch, "classes": self.class_names}
