@@ -1,10 +1,12 @@
-"""The two ways users start serving: `serve run serve/config.yaml` and `bigray serve`, as real processes
-against the session's Ray, answered over real HTTP, then stopped with Ctrl-C."""
+"""The ways users start serving: `serve run serve/config.yaml` and `bigray serve` as real processes
+against the session's Ray, stopped with Ctrl-C, and `serve deploy serve/config.yaml` through the
+dashboard's REST API; all answered over real HTTP."""
 
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,16 +47,22 @@ def _stop(proc):
         proc.wait()
 
 
-def test_serve_run_config_yaml_with_a_storage_uri(ray_cluster, gpt_checkpoint, resnet_checkpoint, tmp_path):
-    """serve/config.yaml as shipped, pointed at test checkpoints; the GPT one given as a file:// URI
-    (the storage-URI path, the same pyarrow copy as s3://)."""
+def _config(gpt: str, resnet: str, **app_fields) -> dict:
+    """serve/config.yaml as shipped, on this session's Serve port, one replica per model."""
     config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": PORT}
     app = config["applications"][0]
-    app["args"]["gpt_checkpoint"] = Path(gpt_checkpoint[-1]).as_uri()
-    app["args"]["resnet_checkpoint"] = str(resnet_checkpoint)
+    app.update(app_fields)
+    app["args"]["gpt_checkpoint"], app["args"]["resnet_checkpoint"] = gpt, resnet
     for model in ("gpt", "resnet"):
         app["args"][model].update(min_replicas=1, max_replicas=1)
+    return config
+
+
+def test_serve_run_config_yaml_with_a_storage_uri(ray_cluster, gpt_checkpoint, resnet_checkpoint, tmp_path):
+    """serve/config.yaml as shipped, pointed at test checkpoints; the GPT one given as a file:// URI
+    (the storage-URI path, the same pyarrow copy as s3://)."""
+    config = _config(Path(gpt_checkpoint[-1]).as_uri(), str(resnet_checkpoint))
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     with open(tmp_path / "serve-run.log", "w") as sink:
@@ -90,3 +98,55 @@ def test_bigray_serve_runs_until_interrupted(ray_cluster, gpt_checkpoint, tmp_pa
     finally:
         _stop(proc)
     assert proc.returncode == 0, log.read_text()[-3000:]
+
+
+def test_serve_deploy_then_redeploy_a_new_checkpoint_drops_no_request(ray_cluster, gpt_checkpoint, resnet_checkpoint, tmp_path):
+    """`serve deploy serve/config.yaml` to the running cluster; deploying it again with another GPT
+    checkpoint swaps the model in place while requests keep being answered."""
+    import ray
+    from ray import serve
+
+    dashboard = "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
+    base = f"{URL}/deployed"
+    path = tmp_path / "serve.yaml"
+
+    def deploy(gpt):
+        path.write_text(yaml.safe_dump(_config(str(gpt), str(resnet_checkpoint), name="deployed", route_prefix="/deployed")))
+        out = subprocess.run(["serve", "deploy", str(path), "--address", dashboard], env=_env(ray_cluster), capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    def serving(checkpoint, timeout=180):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                r = requests.get(f"{base}/healthz", timeout=5)
+                if r.status_code == 200 and checkpoint.name in r.json()["models"]["gpt"]["checkpoint"]:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"{checkpoint.name} never served")
+
+    deploy(gpt_checkpoint[-1])
+    try:
+        serving(gpt_checkpoint[-1])
+        stop, codes = threading.Event(), []
+
+        def hammer():
+            while not stop.is_set():
+                r = requests.post(f"{base}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 2, "temperature": 0}, timeout=60)
+                codes.append(r.status_code)
+
+        threads = [threading.Thread(target=hammer) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        deploy(gpt_checkpoint[0])  # the step-20 checkpoint
+        serving(gpt_checkpoint[0])
+        time.sleep(2)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert len(codes) > 10 and all(c == 200 for c in codes), codes
+    finally:
+        serve.delete("deployed")
