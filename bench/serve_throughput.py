@@ -2,8 +2,10 @@
 
 Classification: requests/s and p50/p99 latency at concurrency 1, 8 and 32 for (a) the Serve app
 with @serve.batch, (b) the same app with max_batch_size=1 (unbatched) and (c) a plain FastAPI +
-uvicorn process holding the same model; all three with float32 weights, then all three with bfloat16 weights. Generation: tokens/s for 8 concurrent completions through
-the Serve app vs answering them one by one with transformers' generate in this process.
+uvicorn process holding the same model; all three with float32 weights, then with bfloat16
+weights; at concurrency 32 also the CPU each process spent per request. Generation: tokens/s for
+3 rounds of 8 concurrent completions through the Serve app vs answering them one by one with
+transformers' generate in this process.
 All traffic stays on 127.0.0.1; every load loop is bounded by a request count.
 
 Run: python bench/serve_throughput.py [GPT_DIR] [RESNET_CKPT]   (defaults: make quickstart's outputs)
