@@ -28,18 +28,28 @@ def deploy(args: AppArgs, host: str = "127.0.0.1", port: int = 8000, name: str =
     return url
 
 
-def serve_forever(args: AppArgs, host: str, port: int, access_log: bool = True) -> None:
-    """`bigray serve`: deploy, print the URL, and run until Ctrl-C (then shut everything down)."""
+def serve_forever(args: AppArgs, host: str, port: int, access_log: bool = True, name: str = "bigray") -> None:
+    """`bigray serve`: deploy, print the URL, and run until Ctrl-C.
+
+    On the way out it deletes its own app; it shuts Serve down only when no other app is left, so
+    attached to a shared cluster (RAY_ADDRESS) it leaves other people's apps serving.
+    """
     import ray
     from ray import serve
 
     try:
-        url = deploy(args, host, port, access_log=access_log)
+        url = deploy(args, host, port, name=name, access_log=access_log)
         print(f"bigray is serving at {url} (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            try:
+                serve.delete(name)
+                if not serve.status().applications:
+                    serve.shutdown()
+            except Exception as e:  # Serve already gone: nothing of ours is left to clean up
+                log.warning("cleaning up Serve failed: %s", e)
+            ray.shutdown()
