@@ -121,7 +121,7 @@ class SwappableModel:
     still runs, from whatever arrived within ``batch_wait_timeout_s``; under load that queued
     batches of 1-2 behind the model (bench/README.md). Held back here, everything that arrived
     during a forward pass goes into the next batch together: batches grow with the backlog, and an
-    idle replica still answers a lone request at once.
+    request reaching an idle replica goes straight into the batch queue.
     """
 
     def __init__(self, settings: dict[str, Any]):
