@@ -120,7 +120,7 @@ class SwappableModel:
     (Ray 2.60, since ``max_concurrent_batches`` exists) forms the next batch while the previous one
     still runs, from whatever arrived within ``batch_wait_timeout_s``; under load that queued
     batches of 1-2 behind the model (bench/README.md). Held back here, everything that arrived
-    during a forward pass goes into the next batch together: batches grow with the backlog, and an
+    during a forward pass goes into the next batch together: batches grow with the backlog, and a
     request reaching an idle replica goes straight into the batch queue.
     """
 
