@@ -131,10 +131,13 @@ def test_serve_deploy_then_redeploy_a_new_checkpoint_drops_no_request(ray_cluste
         serving(gpt_checkpoint[-1])
         stop, codes = threading.Event(), []
 
-        def hammer():
+        def hammer():  # a connection error is a dropped request too: record it, don't let the thread die
             while not stop.is_set():
-                r = requests.post(f"{base}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 2, "temperature": 0}, timeout=60)
-                codes.append(r.status_code)
+                try:
+                    r = requests.post(f"{base}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 2, "temperature": 0}, timeout=60)
+                    codes.append(r.status_code)
+                except requests.RequestException as e:
+                    codes.append(repr(e))
 
         threads = [threading.Thread(target=hammer) for _ in range(3)]
         for t in threads:
