@@ -20,7 +20,7 @@ def main() -> dict:
 
     from bigray.export import export_gpt
     from bigray.quickstart import generate_sample
-    from bigray.train.gpt import pretrain
+    from bigray.recipes.gpt import pretrain
     from bigray.train.metrics import measure_matmul_peak
 
     torch.set_num_threads(1)

@@ -22,13 +22,13 @@ def main(steps: int = 60) -> dict:
     cfg = load_config(GPTPretrainConfig, CONFIGS / "gpt_tiny.yaml", overrides + ["run.name=local"])
     prepare_text(cfg.data)
 
-    from bigray.train.gpt import train_local
+    from bigray.recipes.gpt import train_local
 
     (tmp / "local").mkdir()
     train_local(cfg, str(tmp / "local"))
     local = median_after_warmup(read_jsonl(tmp / "local" / "metrics.jsonl"), "train/tokens_per_s", skip=1)
 
-    from bigray.train.gpt import pretrain
+    from bigray.recipes.gpt import pretrain
 
     ray_cfg = load_config(GPTPretrainConfig, CONFIGS / "gpt_tiny.yaml", overrides + ["run.name=ray"])
     summary = pretrain(ray_cfg)

@@ -16,14 +16,14 @@ from bigray.config import ResNetJobConfig, load_config
 
 
 def main(epochs: int = 3) -> dict:
-    from bigray.train.resnet import train
+    from bigray.recipes.resnet import train_resnet
 
     tmp = scratch("resnet-accuracy")
     cfg = load_config(ResNetJobConfig, CONFIGS / "resnet_fashion.yaml", [
         f"train.epochs={epochs}", "train.batch_size=64", "train.lr=0.1", "train.precision=bf16",
         f"run.storage_path={tmp}", "run.name=fashion",
     ])  # fmt: skip
-    summary = train(cfg)
+    summary = train_resnet(cfg)
     rows = read_jsonl(tmp / "fashion" / "metrics.jsonl")
     elapsed, curve = 0.0, []
     for r in rows:

@@ -11,7 +11,7 @@ from bigray.config import ResNetJobConfig, load_config
 
 
 def main(samples: int = 4096) -> dict:
-    from bigray.train.resnet import train, train_local
+    from bigray.recipes.resnet import train_local, train_resnet
 
     tmp = scratch("resnet-overhead")
     base = [f"data.max_train_samples={samples}", "data.max_eval_samples=512", "train.epochs=1", "train.precision=bf16",
@@ -23,7 +23,7 @@ def main(samples: int = 4096) -> dict:
     local = read_jsonl(tmp / "local" / "metrics.jsonl")[-1]["train/images_per_s"]
     ray_cfg = load_config(ResNetJobConfig, CONFIGS / "resnet_fashion.yaml",
                           base + ["scaling.num_workers=2", "scaling.cpus_per_worker=1", "train.batch_size=64", "run.name=ray"])  # fmt: skip
-    train(ray_cfg)
+    train_resnet(ray_cfg)
     ddp = read_jsonl(tmp / "ray" / "metrics.jsonl")[-1]["train/images_per_s"]
     result = {
         "benchmark": "resnet_ray_overhead", "images": samples, "global_batch": 128,

@@ -136,7 +136,7 @@ def classification(resnet: str, dtype: str) -> dict:
     import requests
     from ray import serve
 
-    from bigray.serve.app import AppArgs, DeploymentArgs
+    from bigray.serve.settings import AppArgs, DeploymentArgs
     from bigray.serve.launch import deploy
 
     results = {}
@@ -169,7 +169,7 @@ def generation(gpt_dir: str, n: int = 8, max_tokens: int = 32, rounds: int = 3) 
     import torch
     from ray import serve
 
-    from bigray.serve.app import AppArgs, DeploymentArgs
+    from bigray.serve.settings import AppArgs, DeploymentArgs
     from bigray.serve.launch import deploy
 
     prompts = [f"{name}:\n" for name in ("ROMEO", "JULIET", "HAMLET", "KING LEAR", "OTHELLO", "MACBETH", "PORTIA", "VIOLA")][:n]
@@ -214,7 +214,7 @@ def generation(gpt_dir: str, n: int = 8, max_tokens: int = 32, rounds: int = 3) 
 def main(gpt_dir: str = "runs/quickstart/gpt-hf", resnet: str = "runs/quickstart/resnet") -> dict:
     import ray
 
-    from bigray.serve.runners import classifier_dir
+    from bigray.artifacts.locate import resnet_checkpoint_dir as classifier_dir
 
     gpt_dir, resnet = str(Path(gpt_dir).resolve()), str(classifier_dir(resnet))
     ray.init(num_cpus=2, include_dashboard=True)

@@ -54,7 +54,7 @@ def loop(config):
     me = psutil.Process()
     phases = {"start": me.memory_info().rss}
     t0 = time.perf_counter()
-    trainer = GPTTrainer(cfg, ctx, None)
+    trainer = GPTTrainer(cfg, ctx, config["data_dir"])
     setup_s = time.perf_counter() - t0
     phases["after_setup"] = me.memory_info().rss
     losses, times = [], []
@@ -79,8 +79,6 @@ def loop(config):
 
 def attempt(strategy: str, preset: str, out: str) -> None:
     """One (strategy, preset) run on a fresh local Ray; writes out/result.json."""
-    import dataclasses
-
     import psutil
     import ray
     import ray.cloudpickle
@@ -88,7 +86,7 @@ def attempt(strategy: str, preset: str, out: str) -> None:
     from ray.train.torch import TorchTrainer
 
     from bigray.config import GPTPretrainConfig, load_config, to_dict
-    from bigray.data.text import prepare_text, with_absolute_paths
+    from bigray.recipes.gpt import PRETRAIN
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     overrides = [
@@ -98,8 +96,7 @@ def attempt(strategy: str, preset: str, out: str) -> None:
         *([f"deepspeed.nvme_path={out}/nvme"] if "nvme" in strategy else []),
     ]  # fmt: skip
     cfg = load_config(GPTPretrainConfig, CONFIGS / "gpt_tiny.yaml", overrides)
-    cfg = dataclasses.replace(cfg, data=with_absolute_paths(cfg.data))
-    prepare_text(cfg.data)
+    job = PRETRAIN.prepare(cfg)
     peak = {"used": 0}
     done = threading.Event()
 
@@ -114,7 +111,7 @@ def attempt(strategy: str, preset: str, out: str) -> None:
     try:
         TorchTrainer(
             loop,
-            train_loop_config={"job": to_dict(cfg), "out": out},
+            train_loop_config={"job": to_dict(job.config), "data_dir": job.data_dir, "out": out},
             scaling_config=ray.train.ScalingConfig(num_workers=2),
             run_config=ray.train.RunConfig(name=f"{strategy}-{preset}", storage_path=out),
         ).fit()

@@ -8,7 +8,6 @@ Run: python bench/zero_memory.py
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import resource
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from common import CONFIGS, save_result, scratch
 
 from bigray.config import GPTPretrainConfig, from_dict, load_config, to_dict
-from bigray.data.text import prepare_text, with_absolute_paths
+from bigray.recipes.gpt import PRETRAIN
 
 
 def _tensors(obj, depth=0):
@@ -70,7 +69,7 @@ def loop(config):
 
     cfg = from_dict(GPTPretrainConfig, config["job"])
     ctx = RayContext()
-    trainer = GPTTrainer(cfg, ctx, None)
+    trainer = GPTTrainer(cfg, ctx, config["data_dir"])
     trainer.train_step()  # optimizer states exist from the first step on
     # Measure at the peak of a step: gradients computed, optimizer not yet stepped.
     x, y = trainer._batch(trainer.train_windows, 1, shuffle=True)
@@ -102,11 +101,10 @@ def main(preset: str = "124m") -> dict:
                 f"deepspeed.precision={precision}", "scaling.num_workers=2", f"run.storage_path={tmp}",
                 f"run.name={precision}-stage{stage}",
             ])  # fmt: skip
-            cfg = dataclasses.replace(cfg, data=with_absolute_paths(cfg.data))
-            prepare_text(cfg.data)
+            job = PRETRAIN.prepare(cfg)
             TorchTrainer(
                 loop,
-                train_loop_config={"job": to_dict(cfg), "out": str(tmp)},
+                train_loop_config={"job": to_dict(job.config), "data_dir": job.data_dir, "out": str(tmp)},
                 scaling_config=ray.train.ScalingConfig(num_workers=2),
                 run_config=ray.train.RunConfig(name=f"{precision}-stage{stage}", storage_path=str(tmp)),
             ).fit()

@@ -11,9 +11,9 @@ import json
 import logging
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
-from bigray.config import ConfigError, DataPrepareConfig, ServeJobConfig, load_config
+from bigray.config import ConfigError, DataPrepareConfig, load_config
 
 log = logging.getLogger("bigray")
 
@@ -42,9 +42,10 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> dict[str, Any]:
+    from bigray.artifacts.runs import finish, save_resolved_config
+    from bigray.artifacts.storage import run_dir
     from bigray.data.images import image_summary
     from bigray.data.text import prepare_text
-    from bigray.runs import finish, run_dir, save_resolved_config
 
     cfg = load_config(DataPrepareConfig, args.config, args.overrides)
     t0 = time.time()
@@ -65,7 +66,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_pretrain_gpt(args: argparse.Namespace) -> dict[str, Any]:
     from bigray.config import GPTPretrainConfig
-    from bigray.train.gpt import pretrain
+    from bigray.recipes.gpt import pretrain
 
     cfg = load_config(GPTPretrainConfig, args.config, args.overrides + _resume_override(args))
     return pretrain(cfg)
@@ -73,7 +74,7 @@ def cmd_pretrain_gpt(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_finetune_gpt(args: argparse.Namespace) -> dict[str, Any]:
     from bigray.config import GPTFinetuneConfig
-    from bigray.train.gpt import finetune
+    from bigray.recipes.gpt import finetune
 
     cfg = load_config(GPTFinetuneConfig, args.config, args.overrides + _resume_override(args))
     return finetune(cfg)
@@ -81,10 +82,10 @@ def cmd_finetune_gpt(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_train_resnet(args: argparse.Namespace) -> dict[str, Any]:
     from bigray.config import ResNetJobConfig
-    from bigray.train.resnet import train
+    from bigray.recipes.resnet import train_resnet
 
     cfg = load_config(ResNetJobConfig, args.config, args.overrides + _resume_override(args))
-    return train(cfg)
+    return train_resnet(cfg)
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
@@ -105,22 +106,17 @@ def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from bigray.serve.app import AppArgs
-    from bigray.serve.launch import serve_forever
+    from bigray.config import load_settings
+    from bigray.serve.launch import deploy_from, serve_forever
+    from bigray.serve.settings import ServeArgs
 
-    cfg = load_config(ServeJobConfig, args.config, args.overrides + _serve_overrides(args))
-    if not cfg.gpt_checkpoint and not cfg.resnet_checkpoint:
+    settings = load_settings(ServeArgs, args.config, args.overrides + _serve_overrides(args))
+    if not settings.gpt_checkpoint and not settings.resnet_checkpoint:
         raise ConfigError("gpt_checkpoint", "give --gpt CKPT, --resnet CKPT or both")
-    app_args = AppArgs(
-        gpt_checkpoint=cfg.gpt_checkpoint or None, resnet_checkpoint=cfg.resnet_checkpoint or None,
-        max_prompt_tokens=cfg.max_prompt_tokens, max_tokens_limit=cfg.max_tokens_limit,
-        max_image_bytes=cfg.max_image_bytes, max_image_pixels=cfg.max_image_pixels,
-    )  # fmt: skip
-    app_args.resnet.max_batch_size = cfg.max_batch_size
-    app_args.resnet.batch_wait_timeout_s = cfg.batch_wait_timeout_s
-    for deployment in (app_args.gpt, app_args.resnet):
-        deployment.dtype, deployment.num_gpus = cfg.dtype, cfg.num_gpus
-    serve_forever(app_args, cfg.host, cfg.port, cfg.access_log)
+    if args.detach:
+        print(json.dumps({"deployed": "bigray", "url": deploy_from(settings)}), flush=True)
+    else:
+        serve_forever(settings)
 
 
 def _serve_overrides(args: argparse.Namespace) -> list[str]:
@@ -157,15 +153,6 @@ def _resume_override(args: argparse.Namespace) -> list[str]:
     return [f"resume_from={args.resume_from}"] if getattr(args, "resume_from", None) else []
 
 
-def _lazy(module: str, func: str) -> Callable[[argparse.Namespace], Any]:
-    def run(args: argparse.Namespace) -> Any:
-        import importlib
-
-        return getattr(importlib.import_module(module), func)(args)
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bigray",
@@ -199,10 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--gpt", metavar="CKPT", help="GPT checkpoint, run directory, summary.json or exported HF directory")
     srv.add_argument("--resnet", metavar="CKPT", help="ResNet checkpoint, run directory or summary.json")
     srv.add_argument("--port", type=int, help="HTTP port (default 8000)")
-    srv.add_argument("--host", help="HTTP host (default 127.0.0.1)")
+    srv.add_argument("--host", help="HTTP host (default 127.0.0.1; 0.0.0.0 on a cluster's head)")
+    srv.add_argument("--detach", action="store_true", help="deploy onto the (cluster's) Serve and return instead of serving until Ctrl-C")
     srv.set_defaults(func=cmd_serve)
 
-    quick = sub.add_parser("quickstart", help="the main job end to end on an embedded local Ray (~10 min on 2 cores)")
+    quick = sub.add_parser("quickstart", help="the main job end to end on an embedded local Ray (~8 min on 2 cores)")
     quick.add_argument("--storage-path", default="./runs", help="where run directories go (default ./runs)")
     quick.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a GPT config key")
     quick.set_defaults(func=cmd_quickstart)
@@ -223,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
-    from bigray.checkpoint import CheckpointError
+    from bigray.artifacts.checkpoint import CheckpointError
     from bigray.data.cache import DataError
-    from bigray.train.launch import TrainingFailed
+    from bigray.recipes.launch import TrainingFailed
 
     try:
         args.func(args)

@@ -18,6 +18,10 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 
 T = TypeVar("T")
+M = TypeVar("M", bound="BaseModel")
+
+if typing.TYPE_CHECKING:
+    from pydantic import BaseModel
 
 
 class ConfigError(ValueError):
@@ -29,7 +33,7 @@ class ConfigError(ValueError):
         super().__init__(f"config error at '{key}': {message}" if key else f"config error: {message}")
 
 
-def check(ok: bool, key: str, message: str) -> None:
+def require(ok: bool, key: str, message: str) -> None:
     """Raise ConfigError for ``key`` unless ``ok`` (used by __post_init__ checks)."""
     if not ok:
         raise ConfigError(key, message)
@@ -187,8 +191,8 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Load ``cls`` from an optional YAML file, then apply ``--set`` overrides, then validate."""
+def load_mapping(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The raw mapping of an optional YAML file with ``--set`` overrides applied (not yet validated)."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -203,12 +207,24 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         data = loaded or {}
     for key, value in parse_overrides(overrides or []):
         set_dotted(data, key, value)
-    return from_dict(cls, data)
+    return data
 
 
-def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML (every run directory gets one)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Load dataclass ``cls`` from an optional YAML file, then apply ``--set`` overrides, then validate."""
+    return from_dict(cls, load_mapping(path, overrides))
+
+
+def load_settings(cls: type[M], path: str | Path | None = None, overrides: list[str] | None = None) -> M:
+    """The same for a pydantic model (the Serve settings): a validation error names the dotted key."""
+    from pydantic import ValidationError
+
+    try:
+        return cls.model_validate(load_mapping(path, overrides))
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(part) for part in err["loc"])
+        raise ConfigError(key, "unknown key" if err["type"] == "extra_forbidden" else err["msg"]) from None
 
 
 # ----------------------------------------------------------------------------- shared sections
@@ -228,11 +244,11 @@ class RunConfig:
     """Worker-group restarts allowed before the run fails (auto-resume from the last checkpoint)."""
 
     def __post_init__(self) -> None:
-        check(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
-        check(bool(self.storage_path), "storage_path", "must not be empty")
-        check(self.checkpoint_interval >= 1, "checkpoint_interval", f"must be >= 1, got {self.checkpoint_interval}")
-        check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
-        check(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1 retries forever), got {self.max_failures}")
+        require(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        require(bool(self.storage_path), "storage_path", "must not be empty")
+        require(self.checkpoint_interval >= 1, "checkpoint_interval", f"must be >= 1, got {self.checkpoint_interval}")
+        require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        require(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1 retries forever), got {self.max_failures}")
 
 
 @dataclass
@@ -247,9 +263,9 @@ class ScalingConfig:
     """torch intra-op threads per worker; 0 means cpus_per_worker rounded down (at least 1)."""
 
     def __post_init__(self) -> None:
-        check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
-        check(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
-        check(self.threads_per_worker >= 0, "threads_per_worker", f"must be >= 0, got {self.threads_per_worker}")
+        require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        require(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        require(self.threads_per_worker >= 0, "threads_per_worker", f"must be >= 0, got {self.threads_per_worker}")
 
     @property
     def threads(self) -> int:
@@ -277,10 +293,10 @@ class TextDataConfig:
     """Vocabulary size of the trained BPE (ignored for gpt2)."""
 
     def __post_init__(self) -> None:
-        check(0.0 < self.val_fraction < 0.5, "val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
-        check(self.max_chars >= 0, "max_chars", f"must be >= 0, got {self.max_chars}")
-        check(260 <= self.vocab_size <= 262144, "vocab_size", f"must be in 260..262144, got {self.vocab_size}")
-        check(self.source != "files" or bool(self.text_files), "text_files", "must list files when source is 'files'")
+        require(0.0 < self.val_fraction < 0.5, "val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
+        require(self.max_chars >= 0, "max_chars", f"must be >= 0, got {self.max_chars}")
+        require(260 <= self.vocab_size <= 262144, "vocab_size", f"must be in 260..262144, got {self.vocab_size}")
+        require(self.source != "files" or bool(self.text_files), "text_files", "must list files when source is 'files'")
 
 
 @dataclass
@@ -297,8 +313,8 @@ class ImageDataConfig:
     """Use only the first N test images (0 = all)."""
 
     def __post_init__(self) -> None:
-        check(self.max_train_samples >= 0, "max_train_samples", f"must be >= 0, got {self.max_train_samples}")
-        check(self.max_eval_samples >= 0, "max_eval_samples", f"must be >= 0, got {self.max_eval_samples}")
+        require(self.max_train_samples >= 0, "max_train_samples", f"must be >= 0, got {self.max_train_samples}")
+        require(self.max_eval_samples >= 0, "max_eval_samples", f"must be >= 0, got {self.max_eval_samples}")
 
 
 @dataclass
@@ -318,9 +334,6 @@ class DataPrepareConfig:
 # ----------------------------------------------------------------------------- GPT pretraining
 
 
-GPT_PRESETS = ("tiny", "124m", "350m", "774m", "1.3b", "2.7b")
-
-
 @dataclass
 class GPTContextConfig:
     """The model keys a GPT job sets whatever the model's shape (fine-tuning takes the shape from its base)."""
@@ -331,8 +344,8 @@ class GPTContextConfig:
     """Dropout on embeddings, attention and residuals."""
 
     def __post_init__(self) -> None:
-        check(self.block_size >= 8, "block_size", f"must be >= 8, got {self.block_size}")
-        check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        require(self.block_size >= 8, "block_size", f"must be >= 8, got {self.block_size}")
+        require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -373,17 +386,17 @@ class GPTTrainConfig:
     """Seeds the model init and the data order."""
 
     def __post_init__(self) -> None:
-        check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
-        check(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
-        check(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
-        check(0 < self.lr < 1, "lr", f"must be in (0, 1), got {self.lr}")
-        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
-        check(self.eval_interval >= 1, "eval_interval", f"must be >= 1, got {self.eval_interval}")
-        check(self.eval_batches >= 1, "eval_batches", f"must be >= 1, got {self.eval_batches}")
-        check(self.log_interval >= 1, "log_interval", f"must be >= 1, got {self.log_interval}")
+        require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        require(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
+        require(0 < self.lr < 1, "lr", f"must be in (0, 1), got {self.lr}")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        require(self.eval_interval >= 1, "eval_interval", f"must be >= 1, got {self.eval_interval}")
+        require(self.eval_batches >= 1, "eval_batches", f"must be >= 1, got {self.eval_batches}")
+        require(self.log_interval >= 1, "log_interval", f"must be >= 1, got {self.log_interval}")
 
 
 @dataclass
@@ -404,13 +417,13 @@ class DeepSpeedConfig:
     """Recompute activations in the backward pass to save memory."""
 
     def __post_init__(self) -> None:
-        check(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
-        check(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer", "needs zero_stage >= 1")
-        check(not self.offload_params or self.zero_stage == 3, "offload_params", "needs zero_stage 3")
+        require(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        require(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer", "needs zero_stage >= 1")
+        require(not self.offload_params or self.zero_stage == 3, "offload_params", "needs zero_stage 3")
         if self.offload_device == "nvme":
-            check(self.zero_stage == 3, "offload_device", "nvme offload needs zero_stage 3")
-            check(self.offload_optimizer or self.offload_params, "offload_device", "nvme needs offload_optimizer or offload_params")
-            check(bool(self.nvme_path), "nvme_path", "must name a directory when offload_device is nvme")
+            require(self.zero_stage == 3, "offload_device", "nvme offload needs zero_stage 3")
+            require(self.offload_optimizer or self.offload_params, "offload_device", "nvme needs offload_optimizer or offload_params")
+            require(bool(self.nvme_path), "nvme_path", "must name a directory when offload_device is nvme")
 
 
 @dataclass
@@ -450,7 +463,7 @@ class FinetuneDataConfig:
     """Where the tokenized dataset is cached (under finetune/)."""
 
     def __post_init__(self) -> None:
-        check(0.0 < self.val_fraction < 0.5, "val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
+        require(0.0 < self.val_fraction < 0.5, "val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
 
 
 @dataclass
@@ -477,8 +490,8 @@ class GPTFinetuneConfig:
     """A checkpoint of this fine-tuning run to continue from."""
 
     def __post_init__(self) -> None:
-        check(bool(self.init_from), "init_from", "must name the base model (a bigray GPT checkpoint or a Hugging Face directory)")
-        check(bool(self.data.train_files), "data.train_files", "must list at least one file")
+        require(bool(self.init_from), "init_from", "must name the base model (a bigray GPT checkpoint or a Hugging Face directory)")
+        require(bool(self.data.train_files), "data.train_files", "must list at least one file")
 
 
 # ----------------------------------------------------------------------------- ResNet training
@@ -523,14 +536,14 @@ class ResNetTrainConfig:
     """Seeds init and data order."""
 
     def __post_init__(self) -> None:
-        check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
-        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
-        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        check(0 <= self.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
-        check(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
-        check(self.num_data_workers >= 0, "num_data_workers", f"must be >= 0, got {self.num_data_workers}")
+        require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(0 <= self.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        require(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        require(self.num_data_workers >= 0, "num_data_workers", f"must be >= 0, got {self.num_data_workers}")
 
 
 @dataclass
@@ -551,7 +564,7 @@ class ResNetJobConfig:
     """A checkpoint directory to continue from."""
 
 
-# ----------------------------------------------------------------------------- Tune and Serve
+# ----------------------------------------------------------------------------- Tune
 
 
 @dataclass
@@ -581,15 +594,15 @@ class TuneSettings:
     """Seeds the searcher."""
 
     def __post_init__(self) -> None:
-        check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
-        check(self.time_budget_s >= 0, "time_budget_s", f"must be >= 0, got {self.time_budget_s}")
-        check(self.max_concurrent_trials >= 0, "max_concurrent_trials", f"must be >= 0, got {self.max_concurrent_trials}")
-        check(self.perturbation_interval >= 1, "perturbation_interval", f"must be >= 1, got {self.perturbation_interval}")
-        check(self.scheduler != "pbt" or self.searcher == "random", "searcher", "PBT explores by itself: use searcher 'random' with it")
+        require(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        require(self.time_budget_s >= 0, "time_budget_s", f"must be >= 0, got {self.time_budget_s}")
+        require(self.max_concurrent_trials >= 0, "max_concurrent_trials", f"must be >= 0, got {self.max_concurrent_trials}")
+        require(self.perturbation_interval >= 1, "perturbation_interval", f"must be >= 1, got {self.perturbation_interval}")
+        require(self.scheduler != "pbt" or self.searcher == "random", "searcher", "PBT explores by itself: use searcher 'random' with it")
         kinds = ("loguniform", "uniform", "choice", "grid", "randint")
         for key, spec in self.space.items():
             ok = isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in kinds
-            check(ok, f"space.{key}", f"must be one of {{{', '.join(kinds)}: ...}}, got {spec!r}")
+            require(ok, f"space.{key}", f"must be one of {{{', '.join(kinds)}: ...}}, got {spec!r}")
 
 
 @dataclass
@@ -626,42 +639,3 @@ def _check_key_exists(cls: type, dotted: str) -> None:
         if part not in hints:
             raise ConfigError(dotted, f"unknown key '{part}'; allowed: {', '.join(hints)}")
         node = hints[part]
-
-
-@dataclass
-class ServeJobConfig:
-    """`bigray serve`: the HTTP app over a GPT and/or a ResNet checkpoint."""
-
-    gpt_checkpoint: str = ""
-    """GPT checkpoint or exported Hugging Face directory (empty = not served)."""
-    resnet_checkpoint: str = ""
-    """ResNet checkpoint directory (empty = not served)."""
-    host: str = "127.0.0.1"
-    """HTTP host."""
-    port: int = 8000
-    """HTTP port."""
-    max_prompt_tokens: int = 512
-    """Longest prompt accepted."""
-    max_tokens_limit: int = 256
-    """Largest max_tokens accepted."""
-    max_image_bytes: int = 4_000_000
-    """Largest image body accepted."""
-    max_image_pixels: int = 16_000_000
-    """Largest decoded image (width x height) accepted."""
-    max_batch_size: int = 16
-    """Dynamic batch size for classification."""
-    batch_wait_timeout_s: float = 0.01
-    """How long a batch waits to fill."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Weights of both models: float32, or bfloat16 (much faster on CPUs with AMX / AVX-512 BF16)."""
-    num_gpus: float = 0
-    """GPUs per model replica (0: the models run on CPU)."""
-    access_log: bool = True
-    """Log every request (Serve's access log); off saves about 10% CPU per request on a small box."""
-
-    def __post_init__(self) -> None:
-        check(1 <= self.port <= 65535, "port", f"must be in 1..65535, got {self.port}")
-        for name in ("max_prompt_tokens", "max_tokens_limit", "max_image_bytes", "max_image_pixels", "max_batch_size"):
-            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        check(self.batch_wait_timeout_s >= 0, "batch_wait_timeout_s", "must be >= 0")
-        check(self.num_gpus >= 0, "num_gpus", f"must be >= 0, got {self.num_gpus}")

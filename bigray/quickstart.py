@@ -43,12 +43,15 @@ def generate_sample(model_dir: str | Path, prompt: str, max_new_tokens: int = 60
 def run(storage_path: str = "./runs", overrides: list[str] | None = None) -> dict[str, Any]:
     import ray
 
+    from bigray.artifacts.runs import finish
+    from bigray.artifacts.storage import run_dir
+    from bigray.cluster import ensure_ray
     from bigray.data.images import image_summary
-    from bigray.data.text import prepare_text
+    from bigray.data.text import open_prepared
     from bigray.export import export_gpt
-    from bigray.runs import finish, run_dir
-    from bigray.train import gpt, resnet
-    from bigray.train.launch import ensure_ray
+    from bigray.recipes.gpt import PRETRAIN
+    from bigray.recipes.launch import launch_prepared
+    from bigray.recipes.resnet import RESNET
 
     t_start = time.time()
     root = run_dir(storage_path, "quickstart")
@@ -57,14 +60,23 @@ def run(storage_path: str = "./runs", overrides: list[str] | None = None) -> dic
     try:
         t0 = time.time()
         gpt_cfg = load_config(GPTPretrainConfig, _preset("gpt_tiny.yaml"), [f"run.storage_path={root}", *(overrides or [])])
-        data, stats = prepare_text(gpt_cfg.data)
+        gpt_job = PRETRAIN.prepare(gpt_cfg)
+        stats = open_prepared(gpt_job.data_dir).manifest
         log.info("[1/5] data: %d train / %d val tokens, vocab %d", stats["tokens"]["train"], stats["tokens"]["val"], stats["vocab_size"])
-        images = image_summary(ResNetJobConfig().data)
+        resnet_cfg = load_config(
+            ResNetJobConfig,
+            _preset("resnet_fashion.yaml"),
+            ["train.epochs=1", "data.max_train_samples=12000", "data.max_eval_samples=2000", "train.precision=bf16",
+             "train.batch_size=32", "train.lr=0.05",
+             f"run.storage_path={root}", "run.name=resnet"],
+        )  # fmt: skip
+        resnet_job = RESNET.prepare(resnet_cfg)
+        images = image_summary(resnet_job.config.data)
         stage_times["data"] = time.time() - t0
 
         t0 = time.time()
         log.info("[2/5] pretraining GPT (%s, ZeRO-%d, %d workers)", gpt_cfg.model.preset, gpt_cfg.deepspeed.zero_stage, gpt_cfg.scaling.num_workers)
-        gpt_summary = gpt.pretrain(gpt_cfg)
+        gpt_summary = launch_prepared(PRETRAIN, gpt_job)
         hf_dir = Path(root) / "gpt-hf"
         if hf_dir.exists():
             import shutil
@@ -75,16 +87,9 @@ def run(storage_path: str = "./runs", overrides: list[str] | None = None) -> dic
         stage_times["gpt"] = time.time() - t0
 
         t0 = time.time()
-        resnet_cfg = load_config(
-            ResNetJobConfig,
-            _preset("resnet_fashion.yaml"),
-            ["train.epochs=1", "data.max_train_samples=12000", "data.max_eval_samples=2000", "train.precision=bf16",
-             "train.batch_size=32", "train.lr=0.05",
-             f"run.storage_path={root}", "run.name=resnet"],
-        )  # fmt: skip
         log.info("[3/5] training %s on Fashion-MNIST (%d images, %d workers)", resnet_cfg.model.arch, resnet_cfg.data.max_train_samples, resnet_cfg.scaling.num_workers)
-        resnet_summary = resnet.train(resnet_cfg)
-        example = classify_example(resnet_summary["checkpoint"], resnet_cfg)
+        resnet_summary = launch_prepared(RESNET, resnet_job)
+        example = classify_example(resnet_summary["checkpoint"], resnet_job.config)
         stage_times["resnet"] = time.time() - t0
 
         t0 = time.time()
@@ -94,7 +99,7 @@ def run(storage_path: str = "./runs", overrides: list[str] | None = None) -> dic
 
         t0 = time.time()
         log.info("[5/5] serving both models on Ray Serve and querying them over HTTP")
-        served = serve_and_query(str(hf_dir), resnet_summary["checkpoint"])
+        served = serve_and_query(str(hf_dir), resnet_summary["checkpoint"], resnet_job.config)
         stage_times["serve"] = time.time() - t0
         plots = write_plots(root, gpt_summary["run_dir"], resnet_summary["run_dir"])
     finally:
@@ -131,9 +136,9 @@ def classify_example(checkpoint: str, cfg: ResNetJobConfig) -> dict[str, Any]:
     """Classify the first test image with the saved checkpoint, as a server would."""
     import torch
 
+    from bigray.artifacts.resnet_card import load_classifier
     from bigray.data.images import load_images
     from bigray.models.resnet import normalize
-    from bigray.train.resnet import load_classifier
 
     model, card = load_classifier(checkpoint)
     splits, info = load_images(cfg.data)
@@ -190,7 +195,7 @@ def short_search(root: str, gpt_cfg: GPTPretrainConfig) -> dict[str, Any]:
     return run_search(job)
 
 
-def serve_and_query(gpt_dir: str, resnet_checkpoint: str) -> dict[str, Any]:
+def serve_and_query(gpt_dir: str, resnet_checkpoint: str, resnet_cfg: ResNetJobConfig) -> dict[str, Any]:
     """Deploy both models, send one completion and one classification over HTTP, then tear down."""
     import io
 
@@ -199,13 +204,13 @@ def serve_and_query(gpt_dir: str, resnet_checkpoint: str) -> dict[str, Any]:
     from ray import serve
 
     from bigray.data.images import load_images
-    from bigray.serve.app import AppArgs
     from bigray.serve.launch import deploy
+    from bigray.serve.settings import AppArgs
 
     url = deploy(AppArgs(gpt_checkpoint=gpt_dir, resnet_checkpoint=resnet_checkpoint), port=8000)
     try:
         completion = requests.post(f"{url}/v1/completions", json={"prompt": "JULIET:\n", "max_tokens": 24, "temperature": 0.8, "seed": 0}, timeout=60).json()
-        splits, info = load_images(ResNetJobConfig().data)
+        splits, info = load_images(resnet_cfg.data)
         image, label = splits["test"][1]
         buf = io.BytesIO()
         Image.fromarray(image[0].numpy()).save(buf, format="PNG")
@@ -222,19 +227,15 @@ def serve_and_query(gpt_dir: str, resnet_checkpoint: str) -> dict[str, Any]:
 
 def write_plots(root: str, gpt_run: str, resnet_run: str) -> list[str]:
     """PNG loss and accuracy curves from the runs' metrics.jsonl."""
-    import json
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def rows(run: str) -> list[dict[str, Any]]:
-        path = Path(run) / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    from bigray.artifacts.runs import read_metrics
 
     out = []
-    g = rows(gpt_run)
+    g = read_metrics(gpt_run)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["step"] for r in g], [r["train/loss"] for r in g], label="train")
     val = [r for r in g if "val/loss" in r]
@@ -244,7 +245,7 @@ def write_plots(root: str, gpt_run: str, resnet_run: str) -> list[str]:
     fig.tight_layout()
     fig.savefig(Path(root) / "gpt_loss.png", dpi=100)
     out.append(str(Path(root) / "gpt_loss.png"))
-    r = rows(resnet_run)
+    r = read_metrics(resnet_run)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([x["epoch"] for x in r], [x["val/acc"] for x in r], "o-")
     ax.set(xlabel="epoch", ylabel="test accuracy", title="ResNet-18 on Fashion-MNIST")

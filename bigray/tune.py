@@ -20,8 +20,12 @@ from typing import Any
 
 from ray.train.v2.api.callback import UserCallback
 
-from bigray.config import ConfigError, GPTPretrainConfig, ResNetJobConfig, TuneJobConfig, from_dict, set_dotted, to_dict
-from bigray.runs import finish, run_dir, save_resolved_config, storage_root
+from bigray.artifacts.runs import finish, save_resolved_config
+from bigray.artifacts.storage import absolute, run_dir
+from bigray.cluster import ensure_ray
+from bigray.config import ConfigError, TuneJobConfig, from_dict, set_dotted, to_dict
+from bigray.recipes import JOBS
+from bigray.recipes.launch import JobKind, build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +63,12 @@ def pbt_mutations(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return search_space(space)
 
 
-def trainer_class(kind: str) -> type:
-    return GPTPretrainConfig if kind == "gpt" else ResNetJobConfig
-
-
-def trial_config(base: dict[str, Any], params: dict[str, Any], kind: str, trials_dir: str, trial_id: str) -> Any:
+def trial_config(base: dict[str, Any], params: dict[str, Any], kind: JobKind, trials_dir: str, trial_id: str) -> Any:
     """The typed trainer config of one trial: base config + sampled values + a trial-id run name."""
     data = copy.deepcopy(base)
     for key, value in params.items():
         set_dotted(data, key, value)
-    cfg = from_dict(trainer_class(kind), data, prefix="trainer")
+    cfg = from_dict(kind.config_class, data, prefix="trainer")
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"trial_{trial_id}", storage_path=trials_dir))
 
 
@@ -97,9 +97,7 @@ def trial_driver(config: dict[str, Any]) -> None:
     import ray.tune
     from ray.util.queue import Empty, Queue
 
-    from bigray.train.launch import build_trainer, loop_for
-
-    kind = config["kind"]
+    kind = JOBS[config["kind"]]
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(config["trainer"], config[PARAMS], kind, config["trials_dir"], trial_id)
     start = ray.tune.get_checkpoint()
@@ -110,16 +108,16 @@ def trial_driver(config: dict[str, Any]) -> None:
         run = dataclasses.replace(cfg.run, name=f"{cfg.run.name}-from-{tag}")
         cfg = dataclasses.replace(cfg, run=run, resume_from=start.path)
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    trainer = build_trainer(loop_for(kind), cfg, cfg.scaling, cfg.run, config["metric"], config["mode"], callbacks=[ForwardReports(queue)])
+    trainer = build_trainer(kind, kind.prepare(cfg), callbacks=[ForwardReports(queue)])
     outcome: dict[str, BaseException] = {}
 
-    def fit() -> None:
+    def run_trainer() -> None:
         try:
             trainer.fit()
         except BaseException as e:  # noqa: BLE001 - re-raised in the trial's thread below
             outcome["error"] = e
 
-    thread = threading.Thread(target=fit, name=f"fit-{trial_id}", daemon=True)
+    thread = threading.Thread(target=run_trainer, name=f"trial-{trial_id}", daemon=True)
     thread.start()
     while thread.is_alive() or not queue.empty():
         try:
@@ -148,36 +146,10 @@ def concurrent_trials(job: TuneJobConfig, trainer_cfg: Any) -> int:
     return max(1, fits)
 
 
-def max_iterations(kind: str, cfg: Any) -> int:
-    """Reports a trial makes when it runs to the end (ASHA's max_t)."""
-    if kind == "resnet":
-        return cfg.train.epochs
-    return math.ceil(cfg.train.max_steps / cfg.train.eval_interval)
-
-
-def progress(kind: str, metrics: dict[str, Any], cfg: Any) -> tuple[int, int]:
-    """(reached, goal) in the trainer's own units: epochs for ResNet, steps for GPT."""
-    if kind == "resnet":
-        return int(metrics.get("epoch", 0)), cfg.train.epochs
-    return int(metrics.get("step", 0)), cfg.train.max_steps
-
-
-def prepare_trainer_config(job: TuneJobConfig) -> dict[str, Any]:
-    """Validate the base trainer config and pin its paths before any trial starts."""
-    cfg = job.trainer_config()
-    if job.tune.trainer == "gpt":
-        from bigray.data.text import prepare_text, with_absolute_paths
-        from bigray.train.gpt import model_config_for
-
-        # Every GPT report must carry the metric ASHA compares: report at the eval interval.
-        cfg = dataclasses.replace(cfg, data=with_absolute_paths(cfg.data), train=dataclasses.replace(cfg.train, log_interval=cfg.train.eval_interval))
-        model_config_for(cfg, prepare_text(cfg.data)[0])
-    else:
-        from bigray.data.images import load_images, with_absolute_root
-
-        cfg = dataclasses.replace(cfg, data=with_absolute_root(cfg.data))
-        load_images(cfg.data)
-    return to_dict(cfg)
+def prepare_base(job: TuneJobConfig) -> dict[str, Any]:
+    """The trainer config every trial starts from, prepared and checked once before any trial starts."""
+    kind = JOBS[job.tune.trainer]
+    return to_dict(kind.for_search(kind.prepare(job.trainer_config()).config))
 
 
 def make_tuner(job: TuneJobConfig, base: dict[str, Any], directory: str) -> Any:
@@ -185,10 +157,11 @@ def make_tuner(job: TuneJobConfig, base: dict[str, Any], directory: str) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     t = job.tune
-    cfg = from_dict(trainer_class(t.trainer), base)
+    kind = JOBS[t.trainer]
+    cfg = from_dict(kind.config_class, base)
     scheduler: Any
     if t.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_iterations(t.trainer, cfg), grace_period=1, reduction_factor=2)
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=kind.reports(cfg), grace_period=1, reduction_factor=2)
     elif t.scheduler == "pbt":
         from ray.tune.schedulers import PopulationBasedTraining
 
@@ -216,8 +189,6 @@ def make_tuner(job: TuneJobConfig, base: dict[str, Any], directory: str) -> Any:
         "kind": t.trainer,
         "trainer": base,
         "trials_dir": directory + "/trials",
-        "metric": t.metric,
-        "mode": t.mode,
         PARAMS: search_space(t.space),
     }
     return tune.Tuner(
@@ -234,7 +205,7 @@ def make_tuner(job: TuneJobConfig, base: dict[str, Any], directory: str) -> Any:
         ),
         run_config=tune.RunConfig(
             name=job.run.name,
-            storage_path=storage_root(job.run.storage_path),
+            storage_path=absolute(job.run.storage_path),
             # PBT may restore any trial from any earlier report's checkpoint: keep them all.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None if t.scheduler == "pbt" else job.run.keep_checkpoints),
         ),
@@ -262,7 +233,7 @@ def results_table(grid: Any, job: TuneJobConfig, cfg: Any) -> list[dict[str, Any
             # A trial PBT restored keeps only its history since the restore: use its last report.
             best, checkpoint = float(metrics[t.metric]), metrics.get(CHECKPOINT_PATH)
         iterations = int(metrics.get("training_iteration", 0))
-        reached, goal = progress(job.tune.trainer, metrics, cfg)
+        reached, goal = JOBS[t.trainer].progress(metrics, cfg)
         if result.error is not None:
             status = "failed"
         elif reached < goal:
@@ -296,8 +267,6 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
     """`bigray tune`: run (or resume) a search, print and save the table, record the best trial."""
     from ray import tune
 
-    from bigray.train.launch import ensure_ray
-
     started = ensure_ray()
     try:
         if resume_dir:
@@ -310,7 +279,7 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
             directory = run_dir(job.run.storage_path, job.run.name)
             if Path(directory, "tune_job.json").exists():
                 raise ConfigError("run.name", f"{directory} already holds a search; resume it with --resume {directory} or pick a new run.name")
-            base = prepare_trainer_config(job)
+            base = prepare_base(job)
             save_resolved_config(directory, job)
             Path(directory, "tune_job.json").write_text(json.dumps({"job": to_dict(job), "trainer": base}, indent=2))
             tuner = make_tuner(job, base, directory)
@@ -320,8 +289,8 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
             import ray
 
             ray.shutdown()
-    cfg = from_dict(trainer_class(job.tune.trainer), base)
-    rows = results_table(grid, job, cfg)
+    kind = JOBS[job.tune.trainer]
+    rows = results_table(grid, job, from_dict(kind.config_class, base))
     print_table(rows)
     with open(Path(directory, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial_id"])
@@ -332,7 +301,7 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
     if not scored:
         raise RuntimeError("no trial produced the metric; see results.csv")
     best = (min if job.tune.mode == "min" else max)(scored, key=lambda r: r[key])
-    best_config = trial_config(base, json.loads(best["config"]), job.tune.trainer, directory + "/trials", best["trial_id"])
+    best_config = trial_config(base, json.loads(best["config"]), kind, directory + "/trials", best["trial_id"])
     return finish(
         directory,
         best["checkpoint"],

@@ -48,7 +48,7 @@ def small_text(tmp_path_factory, downloads_dir):
 def gpt_checkpoint(small_text, tmp_path_factory):
     """A tiny GPT trained for a few steps in this process (world size 1, ZeRO-1), as a checkpoint dir."""
     from bigray.config import GPTPretrainConfig, load_config
-    from bigray.train.gpt import train_local
+    from bigray.recipes.gpt import train_local
 
     text_cfg, _ = small_text
     out = tmp_path_factory.mktemp("gpt_local")
@@ -66,7 +66,7 @@ def gpt_checkpoint(small_text, tmp_path_factory):
 def resnet_checkpoint(tmp_path_factory):
     """A ResNet-18 trained for one short epoch on Fashion-MNIST in this process."""
     from bigray.config import ResNetJobConfig, load_config
-    from bigray.train.resnet import train_local
+    from bigray.recipes.resnet import train_local
 
     out = tmp_path_factory.mktemp("resnet_local")
     cfg = load_config(ResNetJobConfig, REPO / "jobs" / "configs" / "resnet_fashion.yaml", [

@@ -43,7 +43,7 @@ def test_schema_check_rejects_a_broken_config():
 
 
 def test_kuberay_manifests_reference_real_entry_points():
-    from bigray.serve.app import AppArgs
+    from bigray.serve.settings import AppArgs
 
     job = yaml.safe_load((REPO / "jobs" / "kuberay" / "rayjob-pretrain-gpt.yaml").read_text())
     assert job["kind"] == "RayJob" and job["apiVersion"] == "ray.io/v1"

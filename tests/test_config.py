@@ -9,7 +9,6 @@ from bigray.config import (
     GPTFinetuneConfig,
     GPTPretrainConfig,
     ResNetJobConfig,
-    ServeJobConfig,
     TuneJobConfig,
     load_config,
 )
@@ -63,8 +62,6 @@ def test_partial_section_keeps_job_defaults():
         (ResNetJobConfig, "train.batch_size=0", "train.batch_size", ">= 1"),
         (ResNetJobConfig, "model.arch=vgg", "model.arch", "'resnet18'"),
         (ResNetJobConfig, "data.dataset=mnist", "data.dataset", "'fashion_mnist'"),
-        (ServeJobConfig, "port=70000", "port", "1..65535"),
-        (ServeJobConfig, "dtype=float16", "dtype", "'bfloat16'"),
         (GPTPretrainConfig, "deepspeed.offload_device=nvme", "deepspeed.offload_device", "zero_stage 3"),
         (GPTFinetuneConfig, "init_from=", "init_from", "base model"),
         (TuneJobConfig, "tune.scheduler=hyperband", "tune.scheduler", "'asha'"),
@@ -79,6 +76,36 @@ def test_validation_errors_name_the_key(cls, override, key, words):
         load_config(cls, None, [override])
     assert err.value.key == key
     assert words in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, key, words",
+    [
+        ("port=70000", "port", "65535"),
+        ("dtype=float16", "dtype", "'bfloat16'"),
+        ("gpt.max_batch_size=0", "gpt.max_batch_size", "greater than or equal to 1"),
+        ("resnet.max_batchsize=4", "resnet.max_batchsize", "unknown key"),
+    ],
+)
+def test_serve_settings_errors_name_the_key(override, key, words):
+    from bigray.config import load_settings
+    from bigray.serve.settings import ServeArgs
+
+    with pytest.raises(ConfigError) as err:
+        load_settings(ServeArgs, None, [override])
+    assert err.value.key == key
+    assert words in str(err.value)
+
+
+def test_serve_shortcuts_set_both_deployments():
+    from bigray.config import load_settings
+    from bigray.serve.settings import ServeArgs
+
+    settings = load_settings(ServeArgs, None, ["dtype=bfloat16", "num_gpus=1", "gpt.max_batch_size=4", "access_log=false"])
+    app = settings.app_args()
+    assert (app.gpt.dtype, app.resnet.dtype, app.gpt.num_gpus, app.resnet.num_gpus) == ("bfloat16", "bfloat16", 1, 1)
+    assert app.gpt.max_batch_size == 4 and settings.access_log is False
+    assert load_settings(ServeArgs).app_args().gpt.dtype == "float32"  # no shortcut: each deployment's own
 
 
 def test_bad_files(tmp_path):
@@ -101,7 +128,7 @@ def test_cli_reports_config_error(capsys):
 
 
 def test_nvme_offload_builds_a_zero_infinity_config():
-    from bigray.train.deepspeed import deepspeed_config
+    from bigray.train.engine import deepspeed_config
 
     cfg = load_config(GPTPretrainConfig, CONFIGS / "gpt_tiny.yaml", [
         "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_device=nvme", "deepspeed.nvme_path=/scratch",

@@ -7,7 +7,7 @@ import pytest
 
 from bigray.config import TextDataConfig
 from bigray.data.cache import DataError, verify_manifest
-from bigray.data.text import TokenWindows, clean_text, load_tokenizer, open_text, prepare_text
+from bigray.data.text import TokenWindows, clean_text, load_tokenizer, open_prepared, prepare_text
 
 
 def test_prepared_corpus_is_real_and_split(small_text):
@@ -77,7 +77,7 @@ def test_corrupted_cache_is_rebuilt(tmp_path, downloads_dir):
         f.write(bytes([b[0] ^ 0xFF]))
     assert verify_manifest(ds.directory) is None
     with pytest.raises(DataError, match="bigray data prepare"):
-        open_text(cfg)
+        open_prepared(ds.directory)
     ds2, stats2 = prepare_text(cfg)
     assert stats2["cached"] is False and ds2.manifest["files"] == good["files"]
     # an interrupted build (manifest never written) is also rebuilt
@@ -114,3 +114,24 @@ def test_gpt2_tokenizer_matches_gpt2_ids(tmp_path, downloads_dir):
     assert len(tok) == 50257 and ds.vocab_size == 50257
     assert tok("Hello world", add_special_tokens=False)["input_ids"] == [15496, 995]
     assert ds.manifest["tokens"]["train"] > 60_000 // 6  # about 4 characters per token, not one token per document
+
+
+def test_worker_loop_opens_prepared_data_and_never_rebuilds_it(small_text, tmp_path):
+    import shutil
+
+    from bigray.config import GPTPretrainConfig, ScalingConfig
+    from bigray.train.context import LocalContext
+    from bigray.train.gpt import GPTTrainer
+
+    text_cfg, ds = small_text
+    prepared = tmp_path / "prepared"
+    shutil.copytree(ds.directory, prepared)
+    with open(prepared / "train.bin", "r+b") as f:  # damaged after the driver prepared it
+        b = f.read(1)
+        f.seek(0)
+        f.write(bytes([b[0] ^ 0xFF]))
+    before = {p.name: p.stat().st_mtime_ns for p in prepared.iterdir()}
+    cfg = GPTPretrainConfig(data=text_cfg, scaling=ScalingConfig(num_workers=1))
+    with pytest.raises(DataError, match=f"no complete prepared data at {prepared}.*never rebuild"):
+        GPTTrainer(cfg, LocalContext(str(tmp_path / "run")), str(prepared))
+    assert {p.name: p.stat().st_mtime_ns for p in prepared.iterdir()} == before

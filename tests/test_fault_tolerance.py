@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bigray.checkpoint import CheckpointError, latest_complete, read_meta
+from bigray.artifacts.checkpoint import CheckpointError, latest_complete, read_meta
 from bigray.config import GPTPretrainConfig, load_config
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ def _rows(run_dir):
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, small_text, tmp_path):
     from ray.util.state import list_actors
 
-    from bigray.train.gpt import pretrain
+    from bigray.recipes.gpt import pretrain
 
     text_cfg, _ = small_text
     cfg = load_config(GPTPretrainConfig, REPO / "jobs" / "configs" / "gpt_tiny.yaml", [
@@ -70,7 +70,7 @@ def test_interrupted_checkpoint_is_never_loaded(gpt_checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match="incomplete"):
         read_meta(newest)
     assert latest_complete(run) == good
-    from bigray.export import resolve_checkpoint
+    from bigray.artifacts.locate import resolve_checkpoint
 
     assert resolve_checkpoint(str(run)) == good  # resuming from the run directory picks the complete one
     (newest / "ranks" / "rank_0.json").unlink()  # a rank that never finished writing

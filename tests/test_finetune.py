@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bigray.checkpoint import CheckpointError
+from bigray.artifacts.checkpoint import CheckpointError
 from bigray.config import ConfigError, GPTFinetuneConfig, from_dict, load_config, to_dict
 from bigray.data.cache import DataError
 from bigray.data.finetune import prepare_finetune_data
@@ -127,20 +127,21 @@ def test_bad_base_models_are_refused(tmp_path, exported_dir, downloads_dir):
 
 
 def test_hf_export_and_bigray_checkpoint_start_from_the_same_loss(tmp_path, gpt_checkpoint, exported_dir, code_files):
+    from bigray.recipes.gpt import prepare_finetune
     from bigray.train.context import LocalContext
     from bigray.train.gpt import GPTTrainer
 
     losses = {}
     for name, init in (("checkpoint", gpt_checkpoint[-1]), ("exported", exported_dir)):
-        cfg = ft_config(tmp_path, init, code_files, "text", "scaling.num_workers=1")
-        trainer = GPTTrainer(cfg, LocalContext(str(tmp_path / name)), None)
+        job = prepare_finetune(ft_config(tmp_path, init, code_files, "text", "scaling.num_workers=1"))
+        trainer = GPTTrainer(job.config, LocalContext(str(tmp_path / name)), job.data_dir)
         losses[name] = trainer.evaluate()["val/loss"]
     assert losses["checkpoint"] == pytest.approx(losses["exported"], abs=1e-5)
     assert 3.0 < losses["checkpoint"] < 12.0
 
 
 def test_sft_learns_the_completions_locally(tmp_path, gpt_checkpoint, sft_file):
-    from bigray.train.gpt import train_local
+    from bigray.recipes.gpt import train_local
 
     cfg = ft_config(
         tmp_path, gpt_checkpoint[-1], [sft_file], "jsonl", "train.max_steps=40", "train.lr=1e-3", "train.eval_interval=40",
@@ -156,7 +157,7 @@ def test_finetune_on_ray_lowers_val_loss_resumes_and_exports(ray_cluster, tmp_pa
     from transformers import AutoModelForCausalLM
 
     from bigray.export import export_gpt
-    from bigray.train.gpt import finetune
+    from bigray.recipes.gpt import finetune
 
     overrides = ["train.lr=1e-3", "train.eval_interval=10", "train.log_interval=5", "run.checkpoint_interval=10", "run.name=code"]
     cfg = ft_config(tmp_path, gpt_checkpoint[-1], code_files, "text", "train.max_steps=20", *overrides)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigray.checkpoint import CheckpointError, read_meta
+from bigray.artifacts.checkpoint import CheckpointError, read_meta
 from bigray.config import ConfigError, GPTPretrainConfig, load_config
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,7 @@ def metrics_by_step(run_dir):
 
 @pytest.fixture(scope="module")
 def zero2_run(ray_cluster, small_text, tmp_path_factory):
-    from bigray.train.gpt import pretrain
+    from bigray.recipes.gpt import pretrain
 
     tmp = tmp_path_factory.mktemp("gpt")
     cfg = tiny_config(small_text, tmp, "zero2", "deepspeed.zero_stage=2")
@@ -81,7 +81,7 @@ def test_zero2_trains_and_checkpoints_every_rank(zero2_run, small_text):
 
 @pytest.mark.parametrize("stage", [1, 3])
 def test_other_zero_stages_train(ray_cluster, small_text, tmp_path, stage):
-    from bigray.train.gpt import pretrain
+    from bigray.recipes.gpt import pretrain
 
     cfg = tiny_config(small_text, tmp_path, f"zero{stage}", f"deepspeed.zero_stage={stage}")
     summary = pretrain(cfg)
@@ -91,10 +91,21 @@ def test_other_zero_stages_train(ray_cluster, small_text, tmp_path, stage):
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
     if stage == 3:  # parameters are partitioned too: each rank saves its own model states
         assert "zero_pp_rank_1_mp_rank_00_model_states.pt" in shards
+        # the served weights (gathered parameter by parameter) are exactly the fp32 master weights
+        from safetensors.torch import load_file
+
+        from bigray.train.engine import fp32_weights
+
+        served = load_file(str(Path(summary["checkpoint"], "model", "model.safetensors")))
+        master = fp32_weights(summary["checkpoint"], 3)
+        compared = [k for k in served if k in master]
+        assert len(compared) >= 10
+        for k in compared:
+            assert torch.equal(served[k], master[k]), k
 
 
 def test_resume_continues_with_identical_losses(zero2_run, ray_cluster, small_text, tmp_path):
-    from bigray.train.gpt import pretrain
+    from bigray.recipes.gpt import pretrain
 
     cfg, summary = zero2_run
     step20 = Path(summary["run_dir"]) / "checkpoint_step_0000020"
@@ -132,7 +143,7 @@ def test_export_round_trip(zero2_run, tmp_path):
 
 
 def test_bad_inputs_fail_before_training(ray_cluster, small_text, tmp_path, zero2_run):
-    from bigray.train.gpt import pretrain
+    from bigray.recipes.gpt import pretrain
 
     with pytest.raises(ConfigError, match="256 positions"):
         pretrain(tiny_config(small_text, tmp_path, "b1", "model.block_size=512"))
@@ -149,3 +160,24 @@ def test_bad_inputs_fail_before_training(ray_cluster, small_text, tmp_path, zero
         pretrain(tiny_config(small_text, tmp_path, "b5", "scaling.num_workers=1", f"resume_from={ckpt}"))
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.rglob("*") if p.is_file()} == digest
     assert not (tmp_path / "b4").exists() and not (tmp_path / "b5").exists()
+
+
+def test_worker_refuses_missing_prepared_data(ray_cluster, small_text, tmp_path):
+    """Ray Train workers open what the driver prepared; an unfinished preparation is an error, not a rebuild."""
+    import shutil
+
+    import ray.train
+
+    from bigray.recipes.gpt import PRETRAIN
+    from bigray.recipes.launch import PreparedJob, build_trainer
+
+    _, ds = small_text
+    prepared = tmp_path / "prepared"
+    shutil.copytree(ds.directory, prepared)
+    (prepared / "manifest.json").unlink()  # the driver's preparation never finished
+    before = sorted(p.name for p in prepared.iterdir())
+    cfg = tiny_config(small_text, tmp_path, "nodata", "scaling.num_workers=1")
+    trainer = build_trainer(PRETRAIN, PreparedJob(config=cfg, data_dir=str(prepared)))
+    with pytest.raises(ray.train.TrainingFailedError, match="never rebuild"):
+        trainer.fit()
+    assert sorted(p.name for p in prepared.iterdir()) == before

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bigray.checkpoint import read_meta
+from bigray.artifacts.checkpoint import read_meta
 from bigray.config import ResNetJobConfig, load_config
 from bigray.data.images import DEBIAN_FASHION_MNIST, ArrayImages, DatasetInfo, load_images
 from bigray.models.resnet import normalize
@@ -36,10 +36,10 @@ def metrics_by_epoch(run_dir):
 
 @pytest.fixture(scope="module")
 def ddp_run(ray_cluster, tmp_path_factory):
-    from bigray.train.resnet import train
+    from bigray.recipes.resnet import train_resnet
 
     cfg = resnet_config(tmp_path_factory.mktemp("resnet"), "ddp")
-    return cfg, train(cfg)
+    return cfg, train_resnet(cfg)
 
 
 @needs_fmnist
@@ -61,13 +61,13 @@ def test_ddp_reaches_accuracy_well_above_chance(ddp_run):
 @needs_fmnist
 @pytest.mark.slow
 def test_resume_continues_at_saved_epoch_with_optimizer_state(ddp_run, ray_cluster, tmp_path):
-    from bigray.train.resnet import train
+    from bigray.recipes.resnet import train_resnet
 
     cfg, summary = ddp_run
     epoch1 = Path(summary["run_dir"]) / "checkpoint_epoch_0001"
     assert torch.load(epoch1 / "train_state.pt", weights_only=True)["optimizer"]["state"]  # momentum buffers saved
     resumed_cfg = dataclasses.replace(cfg, resume_from=str(epoch1), run=dataclasses.replace(cfg.run, name="resumed", storage_path=str(tmp_path)))
-    resumed = metrics_by_epoch(train(resumed_cfg)["run_dir"])
+    resumed = metrics_by_epoch(train_resnet(resumed_cfg)["run_dir"])
     full = metrics_by_epoch(summary["run_dir"])
     assert list(resumed) == [2]  # continued at the saved epoch
     assert resumed[2]["step"] == full[2]["step"]
@@ -79,12 +79,13 @@ def test_resume_continues_at_saved_epoch_with_optimizer_state(ddp_run, ray_clust
 @needs_fmnist
 def test_checkpoint_loads_into_fresh_model_with_same_predictions(tmp_path):
     from bigray.train.context import LocalContext
-    from bigray.train.resnet import ResNetTrainer, load_classifier
+    from bigray.artifacts.resnet_card import load_classifier
+    from bigray.train.resnet import ResNetTrainer
 
     cfg = resnet_config(tmp_path, "local", "data.max_train_samples=320", "data.max_eval_samples=200", "train.epochs=1",
                         "train.precision=fp32", "scaling.num_workers=1")  # fmt: skip
     trainer = ResNetTrainer(cfg, LocalContext(str(tmp_path)), str(tmp_path))
-    trainer.fit()
+    trainer.run()
     ckpt = sorted(tmp_path.glob("checkpoint_epoch_*"))[-1]
     loaded, card = load_classifier(ckpt)
     splits, _ = load_images(cfg.data)
@@ -118,7 +119,7 @@ def test_ranks_see_distinct_samples_every_epoch(ray_cluster, tmp_path):
         scaling_config=ray.train.ScalingConfig(num_workers=2),
         run_config=ray.train.RunConfig(name="ids", storage_path=str(tmp_path)),
     )
-    trainer.fit()
+    trainer.run()
     seen = [json.loads((results / f"rank_{r}.json").read_text()) for r in range(2)]
     for epoch in range(2):
         a, b = set(seen[0][epoch]), set(seen[1][epoch])

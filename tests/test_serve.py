@@ -39,7 +39,8 @@ def _wait_ready(timeout=120):
 def app(ray_cluster, gpt_checkpoint, resnet_checkpoint):
     from ray import serve
 
-    from bigray.serve.app import AppArgs, build_app
+    from bigray.serve.app import build_app
+    from bigray.serve.settings import AppArgs
 
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     args = AppArgs(gpt_checkpoint=str(gpt_checkpoint[-1]), resnet_checkpoint=str(resnet_checkpoint), max_tokens_limit=64,
@@ -111,7 +112,7 @@ def test_streaming_matches_non_streaming(app):
 def test_classification_matches_the_trained_model(app, resnet_checkpoint):
     from bigray.data.images import read_idx
     from bigray.models.resnet import normalize
-    from bigray.train.resnet import load_classifier
+    from bigray.artifacts.resnet_card import load_classifier
 
     images = read_idx(DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz")[:16]
     model, card = load_classifier(resnet_checkpoint)

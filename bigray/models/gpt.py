@@ -69,11 +69,3 @@ def flops_per_token(config, seq_len: int) -> float:
         + config.n_layer * (12 * config.n_embd**2 + 13 * config.n_embd)
     )
     return 6 * n_params + 12 * config.n_layer * config.n_embd * seq_len
-
-
-def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: weight decay on matrices and embeddings, none on biases and norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

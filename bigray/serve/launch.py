@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import time
 
-from bigray.serve.app import AppArgs, build_app
+from bigray.cluster import ensure_ray
+from bigray.serve.app import build_app
+from bigray.serve.settings import AppArgs, ServeArgs
 
 log = logging.getLogger(__name__)
 
@@ -17,8 +19,6 @@ def deploy(args: AppArgs, host: str = "127.0.0.1", port: int = 8000, name: str =
     """
     from ray import serve
 
-    from bigray.train.launch import ensure_ray
-
     ensure_ray()
     logging_config = {"enable_access_log": access_log}
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
@@ -28,7 +28,12 @@ def deploy(args: AppArgs, host: str = "127.0.0.1", port: int = 8000, name: str =
     return url
 
 
-def serve_forever(args: AppArgs, host: str, port: int, access_log: bool = True, name: str = "bigray") -> None:
+def deploy_from(args: ServeArgs, name: str = "bigray") -> str:
+    """Deploy what `bigray serve` / jobs/serve_app.py were given; returns the base URL."""
+    return deploy(args.app_args(), args.host, args.port, name=name, access_log=args.access_log)
+
+
+def serve_forever(args: ServeArgs, name: str = "bigray") -> None:
     """`bigray serve`: deploy, print the URL, and run until Ctrl-C.
 
     On the way out it deletes its own app; it shuts Serve down only when no other app is left, so
@@ -38,7 +43,7 @@ def serve_forever(args: AppArgs, host: str, port: int, access_log: bool = True, 
     from ray import serve
 
     try:
-        url = deploy(args, host, port, name=name, access_log=access_log)
+        url = deploy_from(args, name)
         print(f"bigray is serving at {url} (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)

@@ -1,9 +1,15 @@
-"""HTTP request/response schemas: the OpenAI completions shape, classification, errors."""
+"""Request/response schemas: the OpenAI completions shape, classification, errors, and what crosses
+the handle between the ingress and the GPT deployment (GenerationParams in; Admitted, then Deltas out).
+
+A request body is validated and converted once, at the ingress, into typed objects that travel as
+they are; nothing is rebuilt from dicts on the other side.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -45,8 +51,17 @@ class CompletionRequest(BaseModel):
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def generation_params(self) -> list[GenerationParams]:
+        """One job per prompt (each prompt's seed offset by its index, so a list is reproducible)."""
+        return [
+            GenerationParams(prompt=p, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                             stop=self.stops(), seed=None if self.seed is None else self.seed + i)
+            for i, p in enumerate(self.prompts())
+        ]  # fmt: skip
 
-class GenerationParams(BaseModel):
+
+@dataclass(frozen=True)
+class GenerationParams:
     """One prompt's generation job, as sent from the ingress to the GPT deployment."""
 
     prompt: str
@@ -55,6 +70,22 @@ class GenerationParams(BaseModel):
     top_p: float
     stop: list[str]
     seed: int | None
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """The GPT deployment's first answer to a job: the prompt fits (and how many tokens it has)."""
+
+    prompt_tokens: int
+
+
+@dataclass
+class Delta:
+    """What one decode step produced for one prompt."""
+
+    text: str
+    finish_reason: str | None = None
+    completion_tokens: int = 0
 
 
 class CompletionChoice(BaseModel):
@@ -113,8 +144,19 @@ class ErrorResponse(BaseModel):
 
 
 class ServeError(Exception):
-    """An error a client caused or may retry: becomes an OpenAI-style JSON error with this status."""
+    """An error a client caused or may retry: becomes an OpenAI-style JSON error with this status.
+
+    Raised in the ingress; a model deployment returns it as a value instead (an exception crossing
+    a handle arrives as a RayTaskError, not as itself).
+    """
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.type = status, message, type_
+
+    def detail(self) -> ErrorDetail:
+        return ErrorDetail(message=self.message, type=self.type, code=self.status)
+
+    @classmethod
+    def from_detail(cls, detail: ErrorDetail) -> ServeError:
+        return cls(detail.code or 500, detail.message, detail.type)

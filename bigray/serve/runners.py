@@ -1,22 +1,26 @@
 """Model runners: plain torch serving logic (no Ray), loaded from a checkpoint directory alone.
 
-:class:`GPTRunner` decodes many prompts together with a KV cache, each with its own sampling
-settings, seed, length limit and stop strings; :class:`ClassifierRunner` preprocesses images
-exactly as training did and classifies a batch. Weights come from safetensors only.
+:class:`GPTRunner` tokenizes and checks each prompt once (:meth:`GPTRunner.encode`), then decodes
+many prompts together with a KV cache, each with its own sampling settings, seed, length limit and
+stop strings; :class:`ClassifierRunner` preprocesses images exactly as training did and classifies
+a batch. Weights come from safetensors only.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
 import torch
 
-from bigray.serve.protocol import GenerationParams, ServeError
+from bigray.artifacts.locate import resnet_checkpoint_dir
+from bigray.artifacts.resnet_card import load_classifier
+from bigray.cluster import torch_device
+from bigray.models.resnet import normalize
+from bigray.serve.protocol import Delta, GenerationParams, ServeError
 
 log = logging.getLogger(__name__)
 
@@ -33,60 +37,15 @@ def torch_dtype(name: DType) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def inference_device(use_gpu: bool) -> torch.device:
-    """cuda for a replica given a GPU (Ray sets CUDA_VISIBLE_DEVICES to it), else cpu."""
-    if not use_gpu:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("this replica asked for a GPU (num_gpus > 0) but torch sees no CUDA device")
-    return torch.device("cuda")
-
-
-def local_checkpoint(path: str) -> Path:
-    """A local directory for a checkpoint path or storage URI (s3://, gs://: copied down once)."""
-    if "://" not in path:
-        return Path(path).expanduser().resolve()
-    import pyarrow.fs as pafs
-
-    fs, fs_path = pafs.FileSystem.from_uri(path)
-    dest = Path(tempfile.mkdtemp(prefix="bigray-serve-"))
-    pafs.copy_files(fs_path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return dest
-
-
-def gpt_model_dir(path: str) -> Path:
-    """The Hugging Face directory of a GPT checkpoint, run directory, summary.json or export."""
-    from bigray.export import resolve_checkpoint
-
-    p = local_checkpoint(path)
-    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
-        return p
-    ckpt = resolve_checkpoint(str(p))
-    if (ckpt / "model" / "model.safetensors").is_file():
-        return ckpt / "model"
-    raise ServeError(500, f"{path} holds no GPT weights (expected model.safetensors)", "server_error")
-
-
-def classifier_dir(path: str) -> Path:
-    """The checkpoint directory of a ResNet checkpoint, run directory or summary.json."""
-    from bigray.export import resolve_checkpoint
-
-    p = local_checkpoint(path)
-    if (p / "model" / "model.json").is_file() or (p / "model.json").is_file():
-        return p
-    return resolve_checkpoint(str(p))
-
-
 # ----------------------------------------------------------------------------- GPT
 
 
-@dataclass
-class Delta:
-    """What one decode step produced for one prompt."""
+@dataclass(frozen=True)
+class Prompt:
+    """A job with its prompt tokenized (once) and checked against the limits."""
 
-    text: str
-    finish_reason: str | None = None
-    completion_tokens: int = 0
+    job: GenerationParams
+    ids: list[int]
 
 
 @dataclass
@@ -104,24 +63,22 @@ class GPTRunner:
 
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-        self.device = inference_device(use_gpu)
+        self.device = torch_device(use_gpu)
         model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), use_safetensors=True, dtype=torch_dtype(dtype))
         self.model = model.to(self.device).eval()
         self.eos = self.tokenizer.eos_token_id
         self.max_positions = int(self.model.config.n_positions)
         self.max_prompt_tokens = max_prompt_tokens
 
-    def count_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt, add_special_tokens=False).input_ids)
-
-    def check(self, job: GenerationParams) -> int:
-        """Prompt tokens of a job, or a 400 naming the limit it breaks."""
-        n = self.count_tokens(job.prompt)
+    def encode(self, job: GenerationParams) -> Prompt:
+        """Tokenize a job's prompt, or raise a 400 naming the limit it breaks."""
+        ids = self.tokenizer(job.prompt, add_special_tokens=False).input_ids
+        n = len(ids)
         if n > self.max_prompt_tokens:
             raise ServeError(400, f"prompt has {n} tokens; this server accepts at most {self.max_prompt_tokens}")
         if n + job.max_tokens > self.max_positions:
             raise ServeError(400, f"prompt ({n} tokens) + max_tokens ({job.max_tokens}) exceeds the model's context of {self.max_positions} tokens")
-        return n
+        return Prompt(job, ids)
 
     def _sample(self, logits: torch.Tensor, row: _Row) -> int:
         if row.job.temperature == 0:
@@ -160,10 +117,10 @@ class GPTRunner:
         return delta
 
     @torch.no_grad()
-    def generate(self, jobs: list[GenerationParams]) -> Iterator[list[Delta | None]]:
-        """Decode all jobs together; each step yields one Delta per job (None once a job is finished)."""
-        rows = [_Row(j, torch.Generator().manual_seed(j.seed if j.seed is not None else int(torch.randint(0, 2**31, ())))) for j in jobs]
-        prompts = [self.tokenizer(j.prompt, add_special_tokens=False).input_ids for j in jobs]
+    def generate(self, batch: list[Prompt]) -> Iterator[list[Delta | None]]:
+        """Decode all prompts together; each step yields one Delta per prompt (None once it is finished)."""
+        rows = [_Row(p.job, torch.Generator().manual_seed(p.job.seed if p.job.seed is not None else int(torch.randint(0, 2**31, ())))) for p in batch]
+        prompts = [p.ids for p in batch]
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[self.eos] * (width - len(p)) + p for p in prompts], device=self.device)
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
@@ -196,11 +153,9 @@ class GPTRunner:
 
 class ClassifierRunner:
     def __init__(self, checkpoint: str | Path, max_image_pixels: int = 16_000_000, dtype: DType = "float32", use_gpu: bool = False):
-        from bigray.train.resnet import load_classifier
-
-        model, card = load_classifier(classifier_dir(str(checkpoint)))
+        model, card = load_classifier(resnet_checkpoint_dir(str(checkpoint)))
         # channels_last: what oneDNN's convolutions want (no cost in float32, 1.4x faster in bfloat16 here)
-        self.dtype, self.device = torch_dtype(dtype), inference_device(use_gpu)
+        self.dtype, self.device = torch_dtype(dtype), torch_device(use_gpu)
         self.model = model.to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
         self.info = card["data"]
         self.arch = card["arch"]
@@ -237,8 +192,6 @@ class ClassifierRunner:
     @torch.no_grad()
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """Probabilities for a uint8 NCHW batch, normalised as in training."""
-        from bigray.models.resnet import normalize
-
         x = normalize(images.to(self.device), self.info["mean"], self.info["std"]).to(self.dtype)
         return self.model(x).float().softmax(-1).cpu()
 
@@ -246,4 +199,4 @@ class ClassifierRunner:
         return {"arch": self.arch, "classes": self.class_names}
 
 
-__all__ = ["ClassifierRunner", "Delta", "GPTRunner", "gpt_model_dir", "local_checkpoint"]
+__all__ = ["ClassifierRunner", "GPTRunner", "Prompt", "torch_dtype"]

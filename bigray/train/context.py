@@ -21,6 +21,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from bigray.artifacts.checkpoint import is_complete, latest_complete
+from bigray.artifacts.storage import is_uri
+from bigray.cluster import torch_device
+
 log = logging.getLogger(__name__)
 
 
@@ -30,16 +34,11 @@ class TrainContext:
     local_rank: int = 0
 
     def device(self, use_gpu: bool) -> torch.device:
-        if use_gpu:
-            if not torch.cuda.is_available():
-                raise RuntimeError("scaling.use_gpu is true but this worker sees no CUDA GPU")
-            torch.cuda.set_device(self.local_rank)
-            return torch.device("cuda", self.local_rank)
-        return torch.device("cpu")
+        return torch_device(use_gpu, self.local_rank)
 
     @contextlib.contextmanager
-    def resume_checkpoint(self) -> Iterator[str | None]:
-        """The directory of the checkpoint to continue from (None for a fresh run)."""
+    def reported_checkpoint(self) -> Iterator[str | None]:
+        """The latest checkpoint this run reported before a restart (None for a fresh run)."""
         yield None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, name: str | None = None) -> None:
@@ -75,7 +74,7 @@ class RayContext(TrainContext):
         self.local_rank = ctx.get_local_rank()
 
     @contextlib.contextmanager
-    def resume_checkpoint(self) -> Iterator[str | None]:
+    def reported_checkpoint(self) -> Iterator[str | None]:
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
@@ -108,16 +107,11 @@ class RayContext(TrainContext):
 class LocalContext(TrainContext):
     """One process, no Ray: checkpoints are copied to ``<run_dir>/<name>``, metrics kept in a list."""
 
-    def __init__(self, run_dir: str, resume_from: str | None = None):
+    def __init__(self, run_dir: str):
         self.run_dir = Path(run_dir)
-        self.resume_from = resume_from
         self.history: list[dict[str, Any]] = []
         self.checkpoints: list[Path] = []
         _init_single_process_group()
-
-    @contextlib.contextmanager
-    def resume_checkpoint(self) -> Iterator[str | None]:
-        yield self.resume_from
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, name: str | None = None) -> None:
         self.history.append(dict(metrics))
@@ -147,3 +141,20 @@ def _init_single_process_group() -> None:
 def new_checkpoint_dir() -> str:
     """A fresh local directory for one rank's part of a checkpoint."""
     return tempfile.mkdtemp(prefix="bigray-ckpt-")
+
+
+@contextlib.contextmanager
+def checkpoint_to_resume(ctx: TrainContext, resume_from: str, run_dir: str | None, kind: str) -> Iterator[str | None]:
+    """The one rule for what a run continues from, for every loop.
+
+    The run's own latest reported checkpoint (after a worker restart, or a re-run of the same
+    run name) wins; else the job's explicit ``resume_from``; else nothing. A checkpoint whose
+    write was interrupted is never loaded: the newest complete one in the run directory is used.
+    """
+    with ctx.reported_checkpoint() as ckpt:
+        ckpt = ckpt or resume_from or None
+        if ckpt and not is_complete(ckpt, kind) and run_dir and not is_uri(run_dir):
+            fallback = latest_complete(run_dir, kind)
+            log.warning("checkpoint %s is incomplete; resuming from %s instead", ckpt, fallback)
+            ckpt = str(fallback) if fallback else None
+        yield ckpt

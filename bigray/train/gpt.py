@@ -1,12 +1,12 @@
-"""The GPT training loop: plain torch + DeepSpeed, runs under Ray Train or alone at world size 1.
+"""The GPT training loop (worker side): plain torch + DeepSpeed, under Ray Train or alone at world size 1.
 
+Workers open the data the driver prepared (``data_dir`` in their config) and never rebuild it.
 Data position, learning rate and RNG are functions of (seed, step, rank), and checkpoints hold
 every rank's ZeRO shard, so a resumed run continues exactly where the saved one stopped.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -17,14 +17,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bigray.checkpoint import CheckpointError, is_complete, latest_complete, read_meta, write_meta, write_rank_marker
+from bigray.artifacts.checkpoint import CheckpointError, read_meta, write_meta, write_rank_marker
+from bigray.artifacts.hf_gpt import save_hf_model
 from bigray.config import ConfigError, GPTFinetuneConfig, GPTPretrainConfig, from_dict, to_dict
 from bigray.data.cache import DataError
-from bigray.data.text import EOS, TextDataset, TokenWindows, load_tokenizer, prepare_text
-from bigray.models.gpt import build_gpt, decay_groups, flops_per_token, gpt_config
-from bigray.train import deepspeed as ds
-from bigray.train.context import LocalContext, RayContext, TrainContext, new_checkpoint_dir
-from bigray.train.metrics import peak_flops
+from bigray.data.text import EOS, TextDataset, TokenWindows, load_tokenizer, open_prepared
+from bigray.models.gpt import build_gpt, flops_per_token, gpt_config
+from bigray.train import engine as zero
+from bigray.train.context import LocalContext, RayContext, TrainContext, checkpoint_to_resume, new_checkpoint_dir
+from bigray.train.metrics import RunLog, peak_flops
+from bigray.train.optim import decay_groups, gpt_lr
+from bigray.train.pretrained import PretrainedGPT
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +37,8 @@ GPTJob = GPTPretrainConfig | GPTFinetuneConfig
 """Pretraining and fine-tuning share this module's loop; they differ only in where weights and data come from."""
 
 
-def model_config_for(cfg: GPTPretrainConfig, data: TextDataset) -> Any:
-    """The GPT2Config for this job; raises ConfigError if the block does not fit the positions."""
+def pretrain_model_config(cfg: GPTPretrainConfig, data: TextDataset) -> Any:
+    """The GPT2Config of a pretraining job; raises ConfigError if the block does not fit the positions."""
     tok = load_tokenizer(data.tokenizer_dir)
     model_cfg = gpt_config(cfg.model.preset, data.vocab_size, cfg.model.dropout, tok.convert_tokens_to_ids(EOS))
     check_block_fits(cfg.model.block_size, model_cfg)
@@ -65,27 +68,9 @@ def check_resume_compatible(
         )
     if meta.get("tokenizer_sha256") != tokenizer_sha:
         problems.append("it was trained with a different tokenizer")
-    if meta["world_size"] != world_size:
-        problems.append(f"it has {meta['world_size']} ZeRO shards but this run has {world_size} workers")
-    if saved["deepspeed"]["zero_stage"] != cfg.deepspeed.zero_stage:
-        problems.append(f"it uses ZeRO stage {saved['deepspeed']['zero_stage']}, this run {cfg.deepspeed.zero_stage}")
+    problems += zero.resume_problems(saved["deepspeed"]["zero_stage"], meta["world_size"], cfg.deepspeed.zero_stage, world_size)
     if problems:
         raise CheckpointError("cannot resume from this checkpoint: " + "; ".join(problems))
-
-
-def initial_model(cfg: GPTJob) -> tuple[TextDataset, Any, torch.nn.Module]:
-    """Data, model config and starting weights: seeded random init (pretraining) or the base model."""
-    if isinstance(cfg, GPTFinetuneConfig):
-        from bigray.data.finetune import prepare_finetune_data
-        from bigray.train.pretrained import open_pretrained
-
-        base = open_pretrained(cfg.init_from)
-        data = prepare_finetune_data(cfg.data, base.model_dir)
-        check_block_fits(cfg.model.block_size, base.config)
-        return data, base.config, base.build(cfg.model.dropout)
-    data, _ = prepare_text(cfg.data)
-    model_cfg = model_config_for(cfg, data)
-    return data, model_cfg, build_gpt(model_cfg, seed=cfg.train.seed)
 
 
 def token_windows(data: TextDataset, split: str, block_size: int) -> TokenWindows:
@@ -96,20 +81,30 @@ def token_windows(data: TextDataset, split: str, block_size: int) -> TokenWindow
         raise DataError(f"{split} data: {e} (use more data or a smaller model.block_size)") from None
 
 
+def initial_model(cfg: GPTJob, data: TextDataset) -> tuple[Any, torch.nn.Module]:
+    """Model config and starting weights: seeded random init (pretraining) or the base model (fine-tuning)."""
+    if isinstance(cfg, GPTFinetuneConfig):
+        base = PretrainedGPT.at(cfg.init_from)
+        check_block_fits(cfg.model.block_size, base.config)
+        return base.config, base.build(cfg.model.dropout)
+    model_cfg = pretrain_model_config(cfg, data)
+    return model_cfg, build_gpt(model_cfg, seed=cfg.train.seed)
+
+
 class GPTTrainer:
     """State of one rank's training: engine, data readers, step counter and throughput meters."""
 
-    def __init__(self, cfg: GPTJob, ctx: TrainContext, run_dir: str | None = None):
+    def __init__(self, cfg: GPTJob, ctx: TrainContext, data_dir: str, run_dir: str | None = None):
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
         torch.set_num_threads(cfg.scaling.threads)
         self.device = ctx.device(cfg.scaling.use_gpu)
-        self.ds_config = ds.deepspeed_config(cfg.deepspeed, cfg.train, ctx.world_size, cfg.scaling.use_gpu)
-        # Data caches are verified by checksum and built once per node under a lock.
-        with ds.partitioned_construction(self.ds_config):
-            self.data, self.model_cfg, model = initial_model(cfg)
+        self.data = open_prepared(data_dir)
+        self.ds_config = zero.deepspeed_config(cfg.deepspeed, cfg.train, ctx.world_size, cfg.scaling.use_gpu)
+        with zero.partitioned_construction(self.ds_config):
+            self.model_cfg, model = initial_model(cfg, self.data)
         if cfg.deepspeed.activation_checkpointing:
             model.gradient_checkpointing_enable()
-        self.engine = ds.initialize(model, decay_groups(model, cfg.train.weight_decay), self.ds_config)
+        self.engine = zero.initialize(model, decay_groups(model, cfg.train.weight_decay), self.ds_config)
         bs = cfg.model.block_size
         self.train_windows = token_windows(self.data, "train", bs)
         self.val_windows = token_windows(self.data, "val", bs)
@@ -117,7 +112,7 @@ class GPTTrainer:
         self.flops_per_token = flops_per_token(self.model_cfg, bs)
         self.peak = peak_flops(self.device, cfg.deepspeed.precision)
         self.tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * bs  # per rank
-        self.writer = self._tensorboard()
+        self.run_log = RunLog(run_dir, ctx.is_main)
 
     # ------------------------------------------------------------------ data and loss
 
@@ -145,8 +140,8 @@ class GPTTrainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step (grad_accum_steps micro batches); returns this step's metrics."""
         cfg = self.cfg.train
-        lr = ds.lr_at(self.step, cfg)
-        ds.set_lr(self.engine, lr)
+        lr = gpt_lr(self.step, cfg)
+        zero.set_lr(self.engine, lr)
         self.engine.train()
         t0 = time.perf_counter()
         total = 0.0
@@ -188,17 +183,17 @@ class GPTTrainer:
 
     def save(self, metrics: dict[str, Any]) -> str:
         """Write this rank's part of a checkpoint into a fresh local directory and return it."""
+        from safetensors.torch import save_file
+
         d = new_checkpoint_dir()
-        self.engine.save_checkpoint(f"{d}/deepspeed", tag="state", client_state={"step": self.step})
+        zero.save_state(self.engine, d, self.step)
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        from safetensors.torch import save_file
-
         Path(d, "rng").mkdir()
         save_file(rng, f"{d}/rng/rank_{self.ctx.rank}.safetensors")
-        state_dict = self._consolidated_state_dict()
-        if self.ctx.is_main:
+        state_dict = zero.full_state_dict(self.engine, self.ctx.is_main)
+        if state_dict is not None:
             save_hf_model(state_dict, self.model_cfg, self.data.tokenizer_dir, Path(d, "model"))
             write_meta(
                 d,
@@ -217,23 +212,13 @@ class GPTTrainer:
         write_rank_marker(d, self.ctx.rank)
         return d
 
-    def _consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Full weights on rank 0 (ZeRO-3 gathers its partitions; a collective on every rank)."""
-        if self.cfg.deepspeed.zero_stage == 3:
-            return self.engine._zero3_consolidated_16bit_state_dict()
-        return self.engine.module.state_dict() if self.ctx.is_main else None
-
     def load(self, directory: str) -> dict[str, Any]:
         """Restore weights, optimizer, RNG and step from a checkpoint; returns its bigray.json."""
-        meta = read_meta(directory, KIND)
-        check_resume_compatible(meta, self.cfg, self.model_cfg, self.ctx.world_size, self.data.manifest["tokenizer_sha256"])
-        path, _ = self.engine.load_checkpoint(
-            f"{directory}/deepspeed", tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-        if path is None:
-            raise CheckpointError(f"DeepSpeed found no state in {directory}/deepspeed")
         from safetensors.torch import load_file
 
+        meta = read_meta(directory, KIND)
+        check_resume_compatible(meta, self.cfg, self.model_cfg, self.ctx.world_size, self.data.manifest["tokenizer_sha256"])
+        zero.load_state(self.engine, directory)
         rng = load_file(f"{directory}/rng/rank_{self.ctx.rank}.safetensors")
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and self.device.type == "cuda":
@@ -242,26 +227,10 @@ class GPTTrainer:
         log.info("rank %d resumed from %s at step %d", self.ctx.rank, directory, self.step)
         return meta
 
-    # ------------------------------------------------------------------ logging
-
-    def _tensorboard(self) -> Any:
-        if not (self.ctx.is_main and self.run_dir) or "://" in self.run_dir:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(str(Path(self.run_dir) / "tensorboard"))
-
-    def log(self, metrics: dict[str, Any]) -> None:
+    def _log(self, metrics: dict[str, Any]) -> None:
+        self.run_log.write(metrics, self.step)
         if not self.ctx.is_main:
             return
-        if self.run_dir and "://" not in self.run_dir:
-            with open(Path(self.run_dir) / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        if self.writer is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.writer.add_scalar(k, v, self.step)
-            self.writer.flush()
         val = f" val {metrics['val/loss']:.4f} ppl {metrics['val/perplexity']:.1f}" if "val/loss" in metrics else ""
         log.info(
             "step %d/%d loss %.4f%s lr %.2e %.0f tok/s mfu %.1f%% %.2fs/step",
@@ -271,16 +240,10 @@ class GPTTrainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self) -> dict[str, Any]:
+    def run(self) -> dict[str, Any]:
+        """Train to ``train.max_steps`` (resuming first if there is a checkpoint); returns the last metrics."""
         t = self.cfg.train
-        with self.ctx.resume_checkpoint() as ckpt:
-            if ckpt is None and self.cfg.resume_from:
-                ckpt = self.cfg.resume_from
-            if ckpt and not is_complete(ckpt, KIND) and self.run_dir and "://" not in self.run_dir:
-                # An interrupted write is never loaded: fall back to the newest complete checkpoint.
-                fallback = latest_complete(self.run_dir, KIND)
-                log.warning("checkpoint %s is incomplete; resuming from %s instead", ckpt, fallback)
-                ckpt = str(fallback) if fallback else None
+        with checkpoint_to_resume(self.ctx, self.cfg.resume_from, self.run_dir, KIND) as ckpt:
             saved = self.load(ckpt) if ckpt else None
         # Fine-tuning reports the base model's val loss on the new data with every report: the bar to beat.
         initial: dict[str, Any] = {}
@@ -297,92 +260,25 @@ class GPTTrainer:
             if self.step % t.eval_interval == 0 or checkpoint_now:
                 metrics.update(self.evaluate())
             if checkpoint_now or self.step % t.log_interval == 0 or "val/loss" in metrics:
-                self.log(metrics)
+                self._log(metrics)
                 ckpt_dir = self.save(metrics) if checkpoint_now else None
                 self.ctx.report(metrics, ckpt_dir, f"checkpoint_step_{self.step:07d}" if ckpt_dir else None)
-        if self.writer is not None:
-            self.writer.close()
+        self.run_log.close()
         return metrics
 
 
-def save_hf_model(state_dict: dict[str, torch.Tensor] | None, model_cfg: Any, tokenizer_dir: Path, out: Path) -> None:
-    """A Hugging Face model directory: config.json, model.safetensors (tied head dropped), tokenizer."""
-    from safetensors.torch import save_file
-
-    assert state_dict is not None
-    out.mkdir(parents=True, exist_ok=True)
-    model_cfg.architectures = ["GPT2LMHeadModel"]
-    model_cfg.save_pretrained(str(out))
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if k != "lm_head.weight"}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    load_tokenizer(tokenizer_dir).save_pretrained(str(out))
-
-
-def ray_train_loop(config: dict[str, Any]) -> None:
+def pretrain_loop(config: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker for pretraining: untyped dict in, typed config from here on."""
-    GPTTrainer(from_dict(GPTPretrainConfig, config["job"]), RayContext(), config.get("run_dir")).fit()
+    GPTTrainer(from_dict(GPTPretrainConfig, config["job"]), RayContext(), config["data_dir"], config["run_dir"]).run()
 
 
-def ray_finetune_loop(config: dict[str, Any]) -> None:
+def finetune_loop(config: dict[str, Any]) -> None:
     """The same loop for fine-tuning (only the config type differs)."""
-    GPTTrainer(from_dict(GPTFinetuneConfig, config["job"]), RayContext(), config.get("run_dir")).fit()
+    GPTTrainer(from_dict(GPTFinetuneConfig, config["job"]), RayContext(), config["data_dir"], config["run_dir"]).run()
 
 
-def train_local(cfg: GPTJob, run_dir: str) -> tuple[dict[str, Any], LocalContext]:
-    """The same loop in this process without Ray (world size 1)."""
-    ctx = LocalContext(run_dir, cfg.resume_from or None)
-    metrics = GPTTrainer(cfg, ctx, run_dir).fit()
+def run_local(cfg: GPTJob, data_dir: str, run_dir: str) -> tuple[dict[str, Any], LocalContext]:
+    """The same loop in this process without Ray (world size 1), on data already prepared."""
+    ctx = LocalContext(run_dir)
+    metrics = GPTTrainer(cfg, ctx, data_dir, run_dir).run()
     return metrics, ctx
-
-
-def prepare_job(cfg: GPTJob) -> GPTJob:
-    """Everything checkable without workers, on the driver: paths made absolute (workers have their
-    own cwd), data tokenized, base model, block size, windows and resume checkpoint checked."""
-    import dataclasses
-
-    from bigray.data import finetune as finetune_data
-    from bigray.data.text import with_absolute_paths
-    from bigray.export import resolve_checkpoint
-
-    if isinstance(cfg, GPTFinetuneConfig):
-        from bigray.train.pretrained import open_pretrained
-
-        base = open_pretrained(Path(cfg.init_from).expanduser().resolve())
-        cfg = dataclasses.replace(cfg, init_from=str(base.path), data=finetune_data.with_absolute_paths(cfg.data))
-        data = finetune_data.prepare_finetune_data(cfg.data, base.model_dir)
-        model_cfg = base.config
-        check_block_fits(cfg.model.block_size, model_cfg)
-    else:
-        cfg = dataclasses.replace(cfg, data=with_absolute_paths(cfg.data))
-        data, _ = prepare_text(cfg.data)
-        model_cfg = model_config_for(cfg, data)
-    if cfg.deepspeed.nvme_path:
-        nvme = str(Path(cfg.deepspeed.nvme_path).expanduser().resolve())
-        cfg = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, nvme_path=nvme))
-    for split in ("train", "val"):
-        token_windows(data, split, cfg.model.block_size)
-    if cfg.resume_from:
-        resolved = resolve_checkpoint(cfg.resume_from)
-        meta = read_meta(resolved, KIND)
-        check_resume_compatible(meta, cfg, model_cfg, cfg.scaling.num_workers, data.manifest["tokenizer_sha256"])
-        cfg = dataclasses.replace(cfg, resume_from=str(resolved))
-    return cfg
-
-
-def _launch(cfg: GPTJob, loop: Any) -> dict[str, Any]:
-    from bigray.runs import finish
-    from bigray.train.launch import fit
-
-    cfg = prepare_job(cfg)
-    outcome = fit(loop, cfg, cfg.scaling, cfg.run, metric="val/loss", mode="min")
-    return finish(outcome.run_dir, outcome.checkpoint, outcome.metrics, best_checkpoint=outcome.best_checkpoint)
-
-
-def pretrain(cfg: GPTPretrainConfig) -> dict[str, Any]:
-    """`bigray pretrain-gpt`: check everything that can be checked on the driver, then train on Ray."""
-    return _launch(cfg, ray_train_loop)
-
-
-def finetune(cfg: GPTFinetuneConfig) -> dict[str, Any]:
-    """`bigray finetune-gpt`: the pretraining loop, started from a base model on new data."""
-    return _launch(cfg, ray_finetune_loop)

@@ -1,10 +1,16 @@
-"""Throughput and MFU: peak FLOP/s from a table for known GPUs, measured for CPUs."""
+"""What a loop records: peak FLOP/s for MFU (a table for known GPUs, measured for CPUs), and the
+run log rank 0 writes (metrics.jsonl and TensorBoard in the run directory)."""
 
 from __future__ import annotations
 
+import math
 import time
+from typing import Any
 
 import torch
+
+from bigray.artifacts.runs import append_metrics
+from bigray.artifacts.storage import is_uri
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) from the vendors' data sheets.
 GPU_PEAK_BF16 = {
@@ -42,3 +48,31 @@ def peak_flops(device: torch.device, precision: str) -> float:
                 return peak if precision in ("bf16", "fp16") else peak / 2  # tf32 runs at half rate
         return 0.0
     return measure_matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
+class RunLog:
+    """Rank 0's record of a run in its run directory: ``metrics.jsonl`` and TensorBoard scalars.
+
+    Other ranks, runs without a directory, and (for now) run directories on storage URIs log nothing.
+    """
+
+    def __init__(self, run_dir: str | None, is_main: bool):
+        self.run_dir = run_dir if is_main and run_dir and not is_uri(run_dir) else None
+        self.writer: Any = None
+        if self.run_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(f"{self.run_dir}/tensorboard")
+
+    def write(self, metrics: dict[str, Any], step: int) -> None:
+        if self.run_dir is None:
+            return
+        append_metrics(self.run_dir, metrics)
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

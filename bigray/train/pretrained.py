@@ -1,9 +1,9 @@
 """The base model of a fine-tuning run: a bigray GPT checkpoint or a Hugging Face GPT-2 directory.
 
-Both are checked before any training starts (architecture, vocabulary vs tokenizer, weights
-format) and give the same weights: a bigray checkpoint contributes its fp32 master weights rebuilt
-from every rank's ZeRO shard, exactly what ``bigray export`` writes. Only safetensors weights are
-read, so nothing is unpickled from a directory someone handed you.
+The driver resolves and checks it once (:func:`open_pretrained`: architecture, vocabulary vs
+tokenizer, weights format); workers reopen the directory it resolved (:meth:`PretrainedGPT.at`)
+and build the model from it. Both kinds give the same weights: a bigray checkpoint contributes its
+fp32 master weights rebuilt from every rank's ZeRO shard, exactly what ``bigray export`` writes.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ from typing import Any
 
 import torch
 
-from bigray.checkpoint import CheckpointError, read_meta
-from bigray.train.deepspeed import load_full_weights
+from bigray.artifacts.checkpoint import CheckpointError, read_meta
+from bigray.artifacts.hf_gpt import load_hf_weights, read_gpt2_config
+from bigray.artifacts.locate import resolve_checkpoint
+from bigray.models.gpt import build_gpt
+from bigray.train.engine import fp32_weights, load_full_weights
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +36,24 @@ class PretrainedGPT:
     config: Any
     """The transformers GPT2Config."""
 
+    @classmethod
+    def at(cls, path: str | Path) -> PretrainedGPT:
+        """Reopen a base model that :func:`open_pretrained` already resolved and checked (no re-checking)."""
+        from transformers import GPT2Config
+
+        p = Path(path)
+        meta = json.loads((p / "bigray.json").read_text()) if (p / "bigray.json").exists() else None
+        model_dir = p / "model" if meta is not None else p
+        return cls(path=p, model_dir=model_dir, meta=meta, config=GPT2Config.from_pretrained(str(model_dir)))
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.meta is not None:
-            from bigray.export import consolidated_state_dict
-
-            return consolidated_state_dict(self.path, self.meta)
-        from safetensors.torch import load_file
-
-        weights = sorted(self.model_dir.glob("*.safetensors"))
-        if not weights:
-            raise CheckpointError(f"{self.model_dir} has no *.safetensors weights (pickled .bin weights are not loaded)")
-        state: dict[str, torch.Tensor] = {}
-        for w in weights:
-            state.update(load_file(str(w)))
-        # Hugging Face's own GPT-2 files name the base model's weights without the "transformer." prefix.
-        return {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v.float() for k, v in state.items()}
+            return fp32_weights(self.path, self.meta["zero_stage"])
+        return load_hf_weights(self.model_dir)
 
     def build(self, dropout: float) -> torch.nn.Module:
         """A GPT2LMHeadModel with these weights (fp32, SDPA attention; partitioned when built under
         ZeRO-3's partitioned construction)."""
-        from bigray.models.gpt import build_gpt
-
         config = self.config.__class__.from_dict(self.config.to_dict())
         config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = dropout
         model = build_gpt(config)
@@ -75,13 +75,8 @@ class PretrainedGPT:
 
 
 def open_pretrained(path: str | Path) -> PretrainedGPT:
-    """Resolve and check a base model; raise CheckpointError naming what is wrong."""
-    from transformers import GPT2Config
-
-    from bigray.data.text import load_tokenizer
-    from bigray.export import resolve_checkpoint
-
-    p = resolve_checkpoint(str(path))
+    """Resolve and check a base model (on the driver); raise CheckpointError naming what is wrong."""
+    p = resolve_checkpoint(str(path)).expanduser().resolve()
     if not p.is_dir():
         raise CheckpointError(f"base model {p} does not exist")
     meta = None
@@ -92,23 +87,4 @@ def open_pretrained(path: str | Path) -> PretrainedGPT:
         model_dir = p
     else:
         raise CheckpointError(f"{p} is neither a bigray GPT checkpoint nor a Hugging Face model directory (no config.json)")
-    try:
-        raw = json.loads((model_dir / "config.json").read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{model_dir}/config.json is unreadable: {e}") from None
-    if raw.get("model_type") != "gpt2":
-        archs = ", ".join(raw.get("architectures") or []) or "unknown architecture"
-        raise CheckpointError(
-            f"{model_dir} holds a '{raw.get('model_type')}' model ({archs}); bigray fine-tunes GPT-2-architecture models"
-        )
-    config = GPT2Config.from_dict(raw)
-    try:
-        tok = load_tokenizer(model_dir)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{model_dir} has no usable tokenizer (the base model's tokenizer is kept): {e}") from None
-    if len(tok) > config.vocab_size:
-        raise CheckpointError(
-            f"{model_dir}: the tokenizer has {len(tok)} tokens but the model's vocabulary (vocab_size) has "
-            f"{config.vocab_size}; the tokenizer does not belong to this model"
-        )
-    return PretrainedGPT(path=p, model_dir=model_dir, meta=meta, config=config)
+    return PretrainedGPT(path=p, model_dir=model_dir, meta=meta, config=read_gpt2_config(model_dir))

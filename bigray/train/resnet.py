@@ -1,4 +1,5 @@
-"""The ResNet training loop: plain torch DDP via Ray Train's preparation, or alone at world size 1.
+"""The ResNet training loop (worker side): plain torch DDP via Ray Train's preparation, or alone at
+world size 1. Workers read the image data the driver checked and pinned (no downloads here).
 
 Each epoch: train on this rank's shard (a DistributedSampler from Ray Train), evaluate top-1 on
 the whole test split (split across ranks without padding, counts all-reduced), then rank 0 saves
@@ -7,8 +8,6 @@ a checkpoint: weights as safetensors plus everything serving needs to preprocess
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 import time
@@ -20,35 +19,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from bigray.checkpoint import CheckpointError, read_meta, write_meta, write_rank_marker
-from bigray.config import ResNetJobConfig, ResNetTrainConfig, from_dict, to_dict
-from bigray.data.images import DatasetInfo, load_images, with_absolute_root
+from bigray.artifacts.checkpoint import CheckpointError, read_meta, write_meta, write_rank_marker
+from bigray.artifacts.resnet_card import save_classifier
+from bigray.config import ResNetJobConfig, from_dict, to_dict
+from bigray.data.images import DatasetInfo, load_images
 from bigray.models.resnet import build_resnet, normalize
-from bigray.train.context import LocalContext, RayContext, TrainContext, new_checkpoint_dir
+from bigray.train.context import LocalContext, RayContext, TrainContext, checkpoint_to_resume, new_checkpoint_dir
+from bigray.train.metrics import RunLog
+from bigray.train.optim import make_optimizer, resnet_lr
 
 log = logging.getLogger(__name__)
 
 KIND = "resnet"
-
-
-def lr_at(step: int, total_steps: int, steps_per_epoch: int, t: ResNetTrainConfig) -> float:
-    """One-cycle (30% linear warmup, cosine down to ~0) or linear warmup + cosine; a pure function of the step."""
-    warmup = int(0.3 * total_steps) if t.schedule == "onecycle" else int(t.warmup_epochs * steps_per_epoch)
-    if step < warmup:
-        start = t.lr / 25 if t.schedule == "onecycle" else 0.0
-        return start + (t.lr - start) * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return 0.5 * t.lr * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: torch.nn.Module, t: ResNetTrainConfig) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum or AdamW; no weight decay on biases and batch-norm parameters."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.momentum > 0)
-    return torch.optim.AdamW(groups, lr=t.lr)
 
 
 def augment(images: torch.Tensor, info: DatasetInfo, generator: torch.Generator) -> torch.Tensor:
@@ -84,8 +66,7 @@ class ResNetTrainer:
             model = model.to(memory_format=torch.channels_last)
         self.epoch, self.step = 0, 0
         self.optimizer_state: dict | None = None
-        with ctx.resume_checkpoint() as ckpt:
-            ckpt = ckpt or cfg.resume_from or None
+        with checkpoint_to_resume(ctx, cfg.resume_from, run_dir, KIND) as ckpt:
             if ckpt:
                 self._load(ckpt, model)
         self.model = ctx.prepare_model(model, self.device)
@@ -104,6 +85,7 @@ class ResNetTrainer:
         self.total_steps = self.steps_per_epoch * t.epochs
         bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        self.run_log = RunLog(run_dir, ctx.is_main)
 
     def _to_input(self, images: torch.Tensor) -> torch.Tensor:
         x = normalize(images.to(self.device, non_blocking=True), self.info.mean, self.info.std)
@@ -120,7 +102,7 @@ class ResNetTrainer:
             if t.augment:
                 images = augment(images, self.info, aug_gen)
             x, y = self._to_input(images), labels.to(self.device)
-            lr = lr_at(self.step, self.total_steps, self.steps_per_epoch, t)
+            lr = resnet_lr(self.step, self.total_steps, self.steps_per_epoch, t)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             with self.autocast:
@@ -166,15 +148,9 @@ class ResNetTrainer:
         """Rank 0 writes the checkpoint (DDP replicas are identical); other ranks return None."""
         if not self.ctx.is_main:
             return None
-        from safetensors.torch import save_file
-
         d = new_checkpoint_dir()
-        model_dir = Path(d, "model")
-        model_dir.mkdir()
-        state = {k: v.detach().cpu().contiguous() for k, v in self._bare_model().state_dict().items()}
-        save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
         model_card = {"arch": self.cfg.model.arch, "small_input_stem": self.cfg.model.small_input_stem, "data": self.info.to_dict()}
-        (model_dir / "model.json").write_text(json.dumps(model_card, indent=2))
+        save_classifier(Path(d, "model"), self._bare_model().state_dict(), model_card)
         torch.save({"optimizer": self.optimizer.state_dict()}, Path(d, "train_state.pt"))
         write_meta(d, {
             "kind": KIND, "epoch": self.epoch, "step": self.step, "world_size": self.ctx.world_size,
@@ -197,7 +173,8 @@ class ResNetTrainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self) -> dict[str, Any]:
+    def run(self) -> dict[str, Any]:
+        """Train to ``train.epochs`` (resumed at the saved epoch if there was a checkpoint); returns the last metrics."""
         metrics: dict[str, Any] = {}
         while self.epoch < self.cfg.train.epochs:
             metrics = self.train_epoch()
@@ -209,51 +186,19 @@ class ResNetTrainer:
                     self.epoch, self.cfg.train.epochs, metrics["train/loss"], metrics["val/loss"],
                     100 * metrics["val/acc"], metrics["train/images_per_s"], metrics["train/epoch_time_s"],
                 )  # fmt: skip
-                if self.run_dir and "://" not in self.run_dir:
-                    with open(Path(self.run_dir) / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(metrics) + "\n")
+            self.run_log.write(metrics, self.step)
             ckpt = self.save(metrics)
             self.ctx.report(metrics, ckpt, f"checkpoint_epoch_{self.epoch:04d}")
+        self.run_log.close()
         return metrics
 
 
-def load_classifier(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A ResNet rebuilt from a checkpoint's model/ directory alone (no unpickling)."""
-    from safetensors.torch import load_file
-
-    d = Path(directory)
-    model_dir = d / "model" if (d / "model").is_dir() else d
-    card_path = model_dir / "model.json"
-    if not card_path.is_file():
-        raise CheckpointError(f"{directory} is not a ResNet checkpoint (no model/model.json)")
-    card = json.loads(card_path.read_text())
-    info = card["data"]
-    model = build_resnet(card["arch"], len(info["class_names"]), info["channels"], card["small_input_stem"])
-    model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
-    return model.eval(), card
+def resnet_loop(config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker for ResNet training."""
+    ResNetTrainer(from_dict(ResNetJobConfig, config["job"]), RayContext(), config["run_dir"]).run()
 
 
-def ray_train_loop(config: dict[str, Any]) -> None:
-    cfg = from_dict(ResNetJobConfig, config["job"])
-    ResNetTrainer(cfg, RayContext(), config.get("run_dir")).fit()
-
-
-def train_local(cfg: ResNetJobConfig, run_dir: str) -> tuple[dict[str, Any], LocalContext]:
-    ctx = LocalContext(run_dir, cfg.resume_from or None)
-    return ResNetTrainer(cfg, ctx, run_dir).fit(), ctx
-
-
-def train(cfg: ResNetJobConfig) -> dict[str, Any]:
-    """`bigray train-resnet`: check data and checkpoint on the driver, then train on Ray."""
-    from bigray.export import resolve_checkpoint
-    from bigray.runs import finish
-    from bigray.train.launch import fit
-
-    cfg = dataclasses.replace(cfg, data=with_absolute_root(cfg.data))
-    load_images(cfg.data)  # fail fast on a bad data root, before any Ray work
-    if cfg.resume_from:
-        resolved = resolve_checkpoint(cfg.resume_from)
-        read_meta(resolved, KIND)
-        cfg = dataclasses.replace(cfg, resume_from=str(resolved))
-    outcome = fit(ray_train_loop, cfg, cfg.scaling, cfg.run, metric="val/acc", mode="max")
-    return finish(outcome.run_dir, outcome.checkpoint, outcome.metrics, best_checkpoint=outcome.best_checkpoint)
+def run_local(cfg: ResNetJobConfig, run_dir: str) -> tuple[dict[str, Any], LocalContext]:
+    """The same loop in this process without Ray (world size 1), on data the driver checked."""
+    ctx = LocalContext(run_dir)
+    return ResNetTrainer(cfg, ctx, run_dir).run(), ctx

@@ -18,8 +18,8 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     from bigray.config import GPTPretrainConfig, load_config
-    from bigray.train.gpt import pretrain
-    from bigray.train.launch import TrainingFailed
+    from bigray.recipes.gpt import pretrain
+    from bigray.recipes.launch import TrainingFailed
 
     import socket
 

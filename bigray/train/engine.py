@@ -1,41 +1,44 @@
-"""DeepSpeed, configured in one place: the JSON config is built from the typed config here.
+"""Every DeepSpeed / ZeRO decision, in one place: the JSON config built from the typed config,
+partitioned construction, the engine, saving and loading its state, gathering full weights, and
+rebuilding fp32 weights from a checkpoint's shards.
 
-The model never changes for parallelism (torchtitan's parallelize.py); this module decides ZeRO
-stage, offload, precision and optimizer, and wraps the model in a DeepSpeed engine.
+The model never changes for parallelism (torchtitan's parallelize.py); no other module branches on
+the ZeRO stage or calls DeepSpeed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from bigray.artifacts.checkpoint import CheckpointError
 from bigray.config import DeepSpeedConfig, GPTTrainConfig
 
 log = logging.getLogger(__name__)
 
 
-def deepspeed_config(ds: DeepSpeedConfig, train: GPTTrainConfig, world_size: int, use_gpu: bool) -> dict[str, Any]:
+def deepspeed_config(settings: DeepSpeedConfig, train: GPTTrainConfig, world_size: int, use_gpu: bool) -> dict[str, Any]:
     """The DeepSpeed JSON config for this run.
 
     On CPUs the optimizer is torch's AdamW (``torch_adam``), which avoids a JIT build of DeepSpeed's
     CPU Adam; on GPUs DeepSpeed's fused Adam (or its CPU Adam when offloading) is used.
     """
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
-    if ds.zero_stage >= 1:
+    zero: dict[str, Any] = {"stage": settings.zero_stage}
+    if settings.zero_stage >= 1:
         zero.update(overlap_comm=use_gpu, contiguous_gradients=True, reduce_bucket_size=5e7)
-    offload: dict[str, Any] = {"device": ds.offload_device, "pin_memory": use_gpu}
-    if ds.offload_device == "nvme":
-        offload["nvme_path"] = ds.nvme_path
-    if ds.offload_optimizer:
+    offload: dict[str, Any] = {"device": settings.offload_device, "pin_memory": use_gpu}
+    if settings.offload_device == "nvme":
+        offload["nvme_path"] = settings.nvme_path
+    if settings.offload_optimizer:
         zero["offload_optimizer"] = dict(offload)
-    if ds.offload_params:
+    if settings.offload_params:
         # NVMe parameter buffers must hold the largest parameter (the token embedding).
-        zero["offload_param"] = {**offload, **({"buffer_count": 5, "buffer_size": 2e8} if ds.offload_device == "nvme" else {})}
-    if ds.zero_stage == 3:
+        zero["offload_param"] = {**offload, **({"buffer_count": 5, "buffer_size": 2e8} if settings.offload_device == "nvme" else {})}
+    if settings.zero_stage == 3:
         zero.update(
             stage3_gather_16bit_weights_on_model_save=True,
             stage3_param_persistence_threshold=1e4,
@@ -51,7 +54,7 @@ def deepspeed_config(ds: DeepSpeedConfig, train: GPTTrainConfig, world_size: int
         "eps": 1e-8,
         "weight_decay": train.weight_decay,
     }
-    if not use_gpu and not ds.offload_optimizer:
+    if not use_gpu and not settings.offload_optimizer:
         optimizer_params["torch_adam"] = True
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
@@ -59,27 +62,14 @@ def deepspeed_config(ds: DeepSpeedConfig, train: GPTTrainConfig, world_size: int
         "train_batch_size": train.micro_batch_size * train.grad_accum_steps * world_size,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": ds.precision == "bf16"},
-        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
+        "bf16": {"enabled": settings.precision == "bf16"},
+        "fp16": {"enabled": settings.precision == "fp16", "initial_scale_power": 16},
         "optimizer": {"type": "AdamW", "params": optimizer_params},
         **({"aio": {"block_size": 1 << 20, "queue_depth": 8, "thread_count": 1, "single_submit": False, "overlap_events": True}}
-           if ds.offload_device == "nvme" else {}),
+           if settings.offload_device == "nvme" else {}),
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-
-
-def lr_at(step: int, train: GPTTrainConfig) -> float:
-    """Linear warmup to train.lr, then cosine decay to lr * min_lr_ratio at max_steps.
-
-    A pure function of the step, so a resumed run follows exactly the same schedule.
-    """
-    if step < train.warmup_steps:
-        return train.lr * (step + 1) / train.warmup_steps
-    span = max(1, train.max_steps - train.warmup_steps)
-    progress = min(1.0, (step - train.warmup_steps) / span)
-    min_lr = train.lr * train.min_lr_ratio
-    return min_lr + 0.5 * (train.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def initialize(model: torch.nn.Module, param_groups: list[dict], config: dict[str, Any]) -> Any:
@@ -93,6 +83,7 @@ def initialize(model: torch.nn.Module, param_groups: list[dict], config: dict[st
 
 
 def set_lr(engine: Any, lr: float) -> None:
+    """Set the learning rate of every parameter group (the schedule lives in train/optim.py)."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
 
@@ -139,3 +130,63 @@ def load_full_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) ->
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                 if dist.get_rank() == 0:
                     p.data.copy_(state[name])
+
+
+def full_state_dict(engine: Any, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on the main rank (None elsewhere).
+
+    Under ZeRO-3 every rank must call this: each parameter is gathered on its own (a collective),
+    copied to the CPU on the main rank and released, so no rank holds the full model twice.
+    """
+    module = engine.module
+    if engine.zero_optimization_stage() != 3:
+        return module.state_dict() if is_main else None
+    import deepspeed
+
+    aliases = dict(module.named_parameters(remove_duplicate=False))
+    gathered: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for _, p in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                if is_main:
+                    gathered[id(p)] = p.detach().cpu().clone()
+    if not is_main:
+        return None
+    state = {k: v for k, v in module.state_dict().items() if k not in aliases}  # buffers
+    state.update({name: gathered[id(p)] for name, p in aliases.items()})
+    return state
+
+
+def save_state(engine: Any, checkpoint_dir: str | Path, step: int) -> None:
+    """This rank's ZeRO shard (optimizer and, by stage, gradients/parameters) under ``<dir>/deepspeed``."""
+    engine.save_checkpoint(f"{checkpoint_dir}/deepspeed", tag="state", client_state={"step": step})
+
+
+def load_state(engine: Any, checkpoint_dir: str | Path) -> None:
+    """Restore this rank's ZeRO shard written by :func:`save_state`."""
+    path, _ = engine.load_checkpoint(
+        f"{checkpoint_dir}/deepspeed", tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    if path is None:
+        raise CheckpointError(f"DeepSpeed found no state in {checkpoint_dir}/deepspeed")
+
+
+def resume_problems(saved_stage: int, saved_world_size: int, stage: int, world_size: int) -> list[str]:
+    """Why this engine cannot load shards written by another (empty when it can)."""
+    problems = []
+    if saved_world_size != world_size:
+        problems.append(f"it has {saved_world_size} ZeRO shards but this run has {world_size} workers")
+    if saved_stage != stage:
+        problems.append(f"it uses ZeRO stage {saved_stage}, this run {stage}")
+    return problems
+
+
+def fp32_weights(checkpoint_dir: str | Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full fp32 master weights rebuilt from every rank's shard of a saved checkpoint (no engine needed)."""
+    ds_dir = Path(checkpoint_dir) / "deepspeed"
+    if zero_stage == 0:
+        states = torch.load(ds_dir / "state" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag="state")

@@ -5,8 +5,9 @@ A checkpoint directory holds:
 - ``bigray.json``: kind (gpt/resnet), step or epoch, the resolved job config, world size and the
   ranks that must have written (rank 0 writes it);
 - ``ranks/rank_<r>.json``: one per writing rank, listing the files that rank wrote with sizes;
-- the payload: ``deepspeed/`` ZeRO shards (GPT), ``model/`` safetensors weights + config +
-  tokenizer (loadable without unpickling), ``train_state.safetensors`` (ResNet).
+- the payload: ``deepspeed/`` ZeRO shards and ``rng/`` per-rank RNG state (GPT), ``model/``
+  safetensors weights + config + tokenizer or model card (loadable without unpickling),
+  ``train_state.pt`` optimizer state (ResNet, loaded with ``weights_only=True``).
 
 Each rank writes into its own local directory and Ray merges them in storage. A checkpoint is
 *complete* only when ``bigray.json`` exists and every expected rank's marker and listed files are
@@ -41,6 +42,7 @@ def write_rank_marker(directory: str | Path, rank: int) -> None:
 
 
 def write_meta(directory: str | Path, meta: dict[str, Any]) -> None:
+    """Write ``bigray.json`` (rank 0, after its payload)."""
     Path(directory, META).write_text(json.dumps({"format": FORMAT, **meta}, indent=2))
 
 
@@ -72,6 +74,7 @@ def read_meta(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
 
 
 def is_complete(directory: str | Path, kind: str | None = None) -> bool:
+    """Whether :func:`read_meta` accepts the checkpoint."""
     try:
         read_meta(directory, kind)
         return True

@@ -1,0 +1,62 @@
+"""Run directories: ``<storage_path>/<name>/`` holding config.yaml, metrics.jsonl, summary.json and
+what Ray writes.
+
+Every command that produces something ends with :func:`finish`, which saves ``summary.json`` and
+prints it as one JSON line, the last line of the output that scripts and ``ray job logs`` read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bigray.artifacts.storage import is_uri, write_text
+from bigray.config import to_dict
+
+METRICS = "metrics.jsonl"
+
+
+def save_resolved_config(directory: str, cfg: Any) -> None:
+    """``config.yaml``: the job's config after overrides and path pinning (what the run really used)."""
+    write_text(directory + "/config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def append_metrics(directory: str, metrics: dict[str, Any]) -> None:
+    """One line of ``metrics.jsonl`` per report (local run directories only, for now)."""
+    if is_uri(directory):
+        return
+    with open(Path(directory) / METRICS, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
+def read_metrics(directory: str) -> list[dict[str, Any]]:
+    """Every report in a run's ``metrics.jsonl`` (empty when there is none)."""
+    path = Path(directory) / METRICS
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with tensors/numpy scalars as numbers and non-finite floats as strings (valid JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):
+        return jsonable(obj.item())
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def finish(directory: str, checkpoint: str | None, metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """Save summary.json in the run directory and print it as the last, one-line JSON output."""
+    summary = jsonable({"run_dir": directory, "checkpoint": checkpoint, "metrics": metrics, **extra})
+    write_text(directory + "/summary.json", json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary), flush=True)
+    return summary

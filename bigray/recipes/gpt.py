@@ -1,0 +1,97 @@
+"""GPT pretraining and fine-tuning, driver side: check and prepare once, then launch the worker loop.
+
+Everything checkable without workers happens here, before any Ray work: paths pinned (workers have
+their own cwd), the corpus tokenized or the fine-tuning data encoded, the base model opened, the
+block size and windows checked, and a resume checkpoint resolved and checked against the job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from bigray.artifacts.checkpoint import read_meta
+from bigray.artifacts.locate import resolve_checkpoint
+from bigray.artifacts.storage import absolute
+from bigray.config import GPTFinetuneConfig, GPTPretrainConfig
+from bigray.data import finetune as finetune_data
+from bigray.data import text as text_data
+from bigray.data.text import TextDataset
+from bigray.recipes.launch import JobKind, PreparedJob, launch
+from bigray.train.context import LocalContext
+from bigray.train.gpt import (
+    KIND,
+    GPTJob,
+    check_block_fits,
+    check_resume_compatible,
+    finetune_loop,
+    pretrain_loop,
+    pretrain_model_config,
+    run_local,
+    token_windows,
+)
+from bigray.train.pretrained import open_pretrained
+
+
+def prepare_pretrain(cfg: GPTPretrainConfig) -> PreparedJob:
+    """Tokenize the corpus (or reuse its verified cache) and check the job against it."""
+    cfg = dataclasses.replace(cfg, data=text_data.with_absolute_paths(cfg.data))
+    data, _ = text_data.prepare_text(cfg.data)
+    return _checked(cfg, data, pretrain_model_config(cfg, data))
+
+
+def prepare_finetune(cfg: GPTFinetuneConfig) -> PreparedJob:
+    """Open and check the base model, encode the fine-tuning data with its tokenizer, check the job."""
+    base = open_pretrained(cfg.init_from)
+    cfg = dataclasses.replace(cfg, init_from=str(base.path), data=finetune_data.with_absolute_paths(cfg.data))
+    data = finetune_data.prepare_finetune_data(cfg.data, base.model_dir)
+    check_block_fits(cfg.model.block_size, base.config)
+    return _checked(cfg, data, base.config)
+
+
+def _checked(cfg: GPTJob, data: TextDataset, model_cfg: Any) -> PreparedJob:
+    if cfg.deepspeed.nvme_path:
+        cfg = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, nvme_path=absolute(cfg.deepspeed.nvme_path)))
+    for split in ("train", "val"):
+        token_windows(data, split, cfg.model.block_size)
+    if cfg.resume_from:
+        resolved = resolve_checkpoint(cfg.resume_from)
+        meta = read_meta(resolved, KIND)
+        check_resume_compatible(meta, cfg, model_cfg, cfg.scaling.num_workers, data.manifest["tokenizer_sha256"])
+        cfg = dataclasses.replace(cfg, resume_from=absolute(str(resolved)))
+    return PreparedJob(config=cfg, data_dir=str(data.directory))
+
+
+def _reports(cfg: GPTJob) -> int:
+    return math.ceil(cfg.train.max_steps / cfg.train.eval_interval)
+
+
+def _progress(metrics: dict[str, Any], cfg: GPTJob) -> tuple[int, int]:
+    return int(metrics.get("step", 0)), cfg.train.max_steps
+
+
+def _for_search(cfg: GPTJob) -> GPTJob:
+    """Every report of a trial carries val/loss: report at the eval interval."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, log_interval=cfg.train.eval_interval))
+
+
+PRETRAIN = JobKind("gpt", GPTPretrainConfig, prepare_pretrain, pretrain_loop, "val/loss", "min", _reports, _progress, _for_search)
+FINETUNE = JobKind("gpt-finetune", GPTFinetuneConfig, prepare_finetune, finetune_loop, "val/loss", "min", _reports, _progress, _for_search)
+
+
+def pretrain(cfg: GPTPretrainConfig) -> dict[str, Any]:
+    """`bigray pretrain-gpt`: check everything that can be checked on the driver, then train on Ray."""
+    return launch(PRETRAIN, cfg)
+
+
+def finetune(cfg: GPTFinetuneConfig) -> dict[str, Any]:
+    """`bigray finetune-gpt`: the pretraining loop, started from a base model on new data."""
+    return launch(FINETUNE, cfg)
+
+
+def train_local(cfg: GPTJob, run_dir: str) -> tuple[dict[str, Any], LocalContext]:
+    """Prepare and train in this process without Ray (world size 1): tests, benchmarks, GPU boxes."""
+    kind = FINETUNE if isinstance(cfg, GPTFinetuneConfig) else PRETRAIN
+    prepared = kind.prepare(cfg)
+    return run_local(prepared.config, prepared.data_dir, run_dir)

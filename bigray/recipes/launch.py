@@ -1,0 +1,129 @@
+"""The driver side of every training job: prepare once, launch a TorchTrainer, summarize.
+
+A :class:`JobKind` says everything the driver needs about one kind of job (its config class, how
+to prepare it, the worker loop, the metric that ranks its checkpoints); the CLI, Tune and the
+quickstart all go through it, so a job is prepared and launched the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Sequence
+
+from bigray.artifacts.runs import finish, save_resolved_config
+from bigray.artifacts.storage import absolute, run_dir
+from bigray.cluster import check_resources, ensure_ray
+from bigray.config import to_dict
+
+log = logging.getLogger(__name__)
+
+
+class TrainingFailed(RuntimeError):
+    """The Ray Train run ended in error; the message holds the workers' error."""
+
+
+@dataclass
+class PreparedJob:
+    """A job checked and prepared on the driver: what every worker is handed."""
+
+    config: Any
+    """The typed job config with paths made absolute and the resume checkpoint resolved."""
+    data_dir: str = ""
+    """The prepared data cache the workers open (never rebuild); empty when the loop reads its data config."""
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """One kind of training job, as the driver sees it."""
+
+    name: str
+    config_class: type
+    prepare: Callable[[Any], PreparedJob]
+    """Check everything that can be checked without workers and build the data, once."""
+    loop: Callable[[dict[str, Any]], None]
+    """Ray Train's train_loop_per_worker: ``{"job", "run_dir", "data_dir"}`` in."""
+    metric: str
+    """The validation metric checkpoints are ranked by."""
+    mode: Literal["min", "max"]
+    reports: Callable[[Any], int]
+    """How many validation reports a full run makes (ASHA's max_t)."""
+    progress: Callable[[dict[str, Any], Any], tuple[int, int]]
+    """(reached, goal) of a run from its last metrics, in the job's own units."""
+    for_search: Callable[[Any], Any] = lambda cfg: cfg
+    """The config a Tune trial runs (e.g. every report carries the metric the scheduler compares)."""
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: str
+    checkpoint: str | None
+    best_checkpoint: str | None
+    metrics: dict[str, Any]
+
+
+def build_trainer(kind: JobKind, prepared: PreparedJob, callbacks: Sequence[Any] = ()) -> Any:
+    """A TorchTrainer for a prepared job: resources, storage, checkpoint retention and failure budget."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = prepared.config
+    scaling, run = cfg.scaling, cfg.run
+    directory = run_dir(run.storage_path, run.name)
+    save_resolved_config(directory, cfg)
+    return TorchTrainer(
+        train_loop_per_worker=kind.loop,
+        train_loop_config={"job": to_dict(cfg), "run_dir": directory, "data_dir": prepared.data_dir},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run.name,
+            storage_path=absolute(run.storage_path),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=run.keep_checkpoints,
+                checkpoint_score_attribute=kind.metric,
+                checkpoint_score_order=kind.mode,
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def run_training(kind: JobKind, prepared: PreparedJob) -> TrainOutcome:
+    """Run a prepared job on its Ray Train workers and return where things ended up."""
+    import ray.train
+
+    cfg = prepared.config
+    started = ensure_ray()
+    check_resources(cfg.scaling)
+    directory = run_dir(cfg.run.storage_path, cfg.run.name)
+    trainer = build_trainer(kind, prepared)
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrainingFailed(f"training run {cfg.run.name} failed: {e}") from None
+    finally:
+        if started:
+            ray.shutdown()  # flushes worker logs, so the summary line printed next is the last one
+    best = result.get_best_checkpoint(kind.metric, kind.mode) if result.best_checkpoints else None
+    return TrainOutcome(
+        run_dir=directory,
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        best_checkpoint=best.path if best else None,
+        metrics=dict(result.metrics or {}),
+    )
+
+
+def launch(kind: JobKind, cfg: Any) -> dict[str, Any]:
+    """A training command end to end: prepare on the driver, train on Ray, write and print the summary."""
+    return launch_prepared(kind, kind.prepare(cfg))
+
+
+def launch_prepared(kind: JobKind, prepared: PreparedJob) -> dict[str, Any]:
+    """Train a job already prepared, then write and print its summary."""
+    outcome = run_training(kind, prepared)
+    return finish(outcome.run_dir, outcome.checkpoint, outcome.metrics, best_checkpoint=outcome.best_checkpoint)

@@ -1,0 +1,147 @@
+"""The model deployments: a GPT and a ResNet replica class, each batching with ``@serve.batch``.
+
+Replicas get their checkpoint as ``user_config`` (so a new checkpoint is an in-place swap) and
+their numbers from :class:`~bigray.serve.settings.DeploymentArgs`. Client errors are returned as
+values (``ErrorDetail``), not raised: an exception crossing a handle loses its type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from typing import Any, AsyncIterator, Iterator
+
+from ray import serve
+
+from bigray.artifacts.locate import gpt_model_dir
+from bigray.serve.protocol import Admitted, Delta, ErrorDetail, GenerationParams, ServeError
+from bigray.serve.runners import ClassifierRunner, GPTRunner, Prompt
+from bigray.serve.settings import DeploymentArgs
+
+
+class SwappableModel:
+    """A model replica whose checkpoint arrives as user_config ``{"checkpoint": path}``.
+
+    Pointing a running app at a new checkpoint is then an in-place reconfigure: the old model
+    answers until the new one has loaded, then they swap. Subclasses say how to load a runner.
+
+    The ``@serve.batch`` size and wait come from the deployment's settings (set here, in
+    ``__init__``). Requests enter the batch queue only while the model is idle. Serve's batch loop
+    (Ray 2.60, since ``max_concurrent_batches`` exists) forms the next batch while the previous one
+    still runs, from whatever arrived within ``batch_wait_timeout_s``; under load that queued
+    batches of 1-2 behind the model (bench/README.md). Held back here, everything that arrived
+    during a forward pass goes into the next batch together: batches grow with the backlog, and a
+    request reaching an idle replica goes straight into the batch queue.
+    """
+
+    def __init__(self, settings: dict[str, Any]):
+        import torch
+
+        self.settings = DeploymentArgs(**settings)
+        torch.set_num_threads(max(1, int(self.settings.num_cpus)))
+        self.runner: Any = None
+        self.checkpoint: str | None = None
+        self._batched.set_max_batch_size(self.settings.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self._model_idle = asyncio.Event()
+        self._model_idle.set()
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+
+    @contextlib.contextmanager
+    def _model_busy(self, batch_size: int) -> Iterator[None]:
+        """Wrap a batch's model work: requests arriving meanwhile wait for the next batch."""
+        self.batch_sizes[batch_size] += 1
+        self._model_idle.clear()
+        try:
+            yield
+        finally:
+            self._model_idle.set()
+
+    def batch_stats(self) -> dict[str, Any]:
+        """How well batching works here (shown by /healthz): batches run, requests in them, the largest."""
+        batches, requests = sum(self.batch_sizes.values()), sum(k * n for k, n in self.batch_sizes.items())
+        return {"batches": batches, "requests": requests, "largest": max(self.batch_sizes, default=0)}
+
+    def load(self, path: str) -> Any:
+        raise NotImplementedError
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        path = user_config["checkpoint"]
+        if path != self.checkpoint:
+            self.runner = self.load(path)
+            self.checkpoint = path
+
+
+@serve.deployment(name="gpt")
+class GPTDeployment(SwappableModel):
+    """Text generation; concurrent prompts are decoded together (shared forward passes + KV cache)."""
+
+    def __init__(self, max_prompt_tokens: int, settings: dict[str, Any]):
+        self.max_prompt_tokens = max_prompt_tokens
+        super().__init__(settings)
+
+    def load(self, path: str) -> GPTRunner:
+        return GPTRunner(gpt_model_dir(path), self.max_prompt_tokens, self.settings.dtype, self.settings.num_gpus > 0)
+
+    def ready(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "context": self.runner.max_positions, **self.batch_stats()}
+
+    async def generate(self, job: GenerationParams) -> AsyncIterator[Admitted | ErrorDetail | Delta]:
+        """First :class:`Admitted` (the prompt was tokenized, once, and fits) or the client error; then the Deltas."""
+        try:
+            prompt = self.runner.encode(job)
+        except ServeError as e:
+            yield e.detail()
+            return
+        yield Admitted(prompt_tokens=len(prompt.ids))
+        await self._model_idle.wait()
+        async for delta in self._batched(prompt):
+            yield delta
+
+    @serve.batch
+    async def _batched(self, batch: list[Prompt]) -> AsyncIterator[list[Any]]:
+        steps = self.runner.generate(batch)
+        with self._model_busy(len(batch)):
+            while True:
+                # each decode step runs off the event loop, so the replica keeps accepting requests
+                step = await asyncio.to_thread(next, steps, None)
+                if step is None:
+                    return
+                yield [StopIteration if d is None else d for d in step]
+
+
+@serve.deployment(name="resnet")
+class ResNetDeployment(SwappableModel):
+    """Image classification with dynamic batching (@serve.batch)."""
+
+    def __init__(self, max_image_pixels: int, settings: dict[str, Any]):
+        self.max_image_pixels = max_image_pixels
+        super().__init__(settings)
+
+    def load(self, path: str) -> ClassifierRunner:
+        return ClassifierRunner(path, self.max_image_pixels, self.settings.dtype, self.settings.num_gpus > 0)
+
+    def ready(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, **self.runner.describe(), **self.batch_stats()}
+
+    async def classify(self, image: bytes, top_k: int) -> dict[str, Any] | ErrorDetail:
+        """Top-k labels, or the client error."""
+        try:
+            x = self.runner.preprocess(image)
+        except ServeError as e:
+            return e.detail()
+        await self._model_idle.wait()
+        probs = await self._batched(x)
+        k = min(top_k, len(probs))
+        scores, idx = probs.topk(k)
+        names = self.runner.class_names
+        return {"predictions": [{"label": names[i], "index": int(i), "score": float(s)} for s, i in zip(scores.tolist(), idx.tolist())]}
+
+    @serve.batch
+    async def _batched(self, images: list[Any]) -> list[Any]:
+        import torch
+
+        with self._model_busy(len(images)):
+            probs = await asyncio.to_thread(self.runner.classify, torch.stack(images))
+        return list(probs)

@@ -1,0 +1,90 @@
+"""The Serve app's settings, one typed model: what serve/config.yaml's ``args`` hold
+(:class:`AppArgs`), and what ``bigray serve`` / ``jobs/serve_app.py`` add (:class:`ServeArgs`).
+
+Every number a deployment runs with comes from here: replicas, ``max_ongoing_requests``, the
+``@serve.batch`` size and wait, CPUs/GPUs and the weights' dtype. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DeploymentArgs(BaseModel):
+    """One model deployment: autoscaling, batching and resources of its replicas."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, ge=1)
+    target_ongoing_requests: float = Field(default=8, gt=0)
+    max_ongoing_requests: int = Field(default=32, ge=1)
+    max_batch_size: int = Field(default=16, ge=1)
+    """Largest @serve.batch (prompts decoded together, or images classified together)."""
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    """How long a batch waits to fill."""
+    num_cpus: float = Field(default=1, gt=0)
+    num_gpus: float = Field(default=0, ge=0)
+    """> 0: the model runs on the replica's GPU."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights cast at load: bfloat16 is much faster on CPUs with AMX / AVX-512 BF16 (runners.torch_dtype)."""
+
+    def options(self) -> dict[str, Any]:
+        """The ``Deployment.options(...)`` these settings mean."""
+        return {
+            # max_ongoing_requests >= max_batch_size, or @serve.batch never fills
+            "max_ongoing_requests": max(self.max_ongoing_requests, self.max_batch_size),
+            "autoscaling_config": {
+                "min_replicas": self.min_replicas,
+                "initial_replicas": max(1, self.min_replicas),
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+            },
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+        }
+
+
+class AppArgs(BaseModel):
+    """Arguments of the Serve app (serve/config.yaml's ``args``, or from ServeArgs); unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpt_checkpoint: str | None = None
+    """GPT checkpoint, run directory, summary.json or exported HF directory (path or URI); None: not served."""
+    resnet_checkpoint: str | None = None
+    """ResNet checkpoint, run directory or summary.json (path or URI); None: not served."""
+    gpt_name: str = "bigray-gpt"
+    resnet_name: str = "bigray-resnet"
+    max_prompt_tokens: int = Field(default=512, ge=1)
+    max_tokens_limit: int = Field(default=256, ge=1)
+    max_image_bytes: int = Field(default=4_000_000, ge=1)
+    max_image_pixels: int = Field(default=16_000_000, ge=1)
+    gpt: DeploymentArgs = DeploymentArgs(max_batch_size=8)
+    resnet: DeploymentArgs = DeploymentArgs()
+    api_key_env: str = "BIGRAY_API_KEY"
+    """Environment variable holding the API key (unset: no key needed)."""
+
+
+class ServeArgs(AppArgs):
+    """`bigray serve` and jobs/serve_app.py: the app's args, where Serve's HTTP proxy listens, and two
+    shortcuts that set both deployments at once (``--set dtype=bfloat16``, ``--set num_gpus=1``)."""
+
+    host: str = "127.0.0.1"
+    """HTTP host (0.0.0.0 to listen on every interface, as a cluster's head needs)."""
+    port: int = Field(default=8000, ge=1, le=65535)
+    access_log: bool = True
+    """Log every request (Serve's access log); off saves about 10% CPU per request on a small box."""
+    dtype: Literal["float32", "bfloat16"] | None = None
+    """Both models' weights dtype (None: each deployment's own)."""
+    num_gpus: float | None = Field(default=None, ge=0)
+    """GPUs per replica of both models (None: each deployment's own)."""
+
+    def app_args(self) -> AppArgs:
+        """The app's own args, with the shortcuts applied to both deployments."""
+        shortcuts = {k: v for k, v in (("dtype", self.dtype), ("num_gpus", self.num_gpus)) if v is not None}
+        fields = self.model_dump(include=set(AppArgs.model_fields))
+        for model in ("gpt", "resnet"):
+            fields[model].update(shortcuts)
+        return AppArgs(**fields)

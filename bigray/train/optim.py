@@ -1,0 +1,49 @@
+"""Parameter groups and learning-rate schedules, shared by the GPT and ResNet loops.
+
+Schedules are pure functions of the optimizer step, so a resumed run follows exactly the schedule
+the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bigray.config import GPTTrainConfig, ResNetTrainConfig
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer parameter groups: weight decay on matrices and embeddings, none on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(step: int, *, peak: float, total: int, warmup: int, start: float = 0.0, end: float = 0.0) -> float:
+    """Linear warmup from ``start`` to ``peak`` over ``warmup`` steps, then cosine down to ``end`` at ``total``."""
+    if step < warmup:
+        return start + (peak - start) * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return end + 0.5 * (peak - end) * (1 + math.cos(math.pi * progress))
+
+
+def gpt_lr(step: int, t: GPTTrainConfig) -> float:
+    """GPT: warmup to train.lr, cosine to lr * min_lr_ratio at max_steps."""
+    return warmup_cosine(step, peak=t.lr, total=t.max_steps, warmup=t.warmup_steps, end=t.lr * t.min_lr_ratio)
+
+
+def resnet_lr(step: int, total_steps: int, steps_per_epoch: int, t: ResNetTrainConfig) -> float:
+    """ResNet: one-cycle (30% warmup from lr/25, cosine to 0) or linear warmup + cosine to 0."""
+    if t.schedule == "onecycle":
+        return warmup_cosine(step, peak=t.lr, total=total_steps, warmup=int(0.3 * total_steps), start=t.lr / 25)
+    return warmup_cosine(step, peak=t.lr, total=total_steps, warmup=int(t.warmup_epochs * steps_per_epoch))
+
+
+def make_optimizer(model: torch.nn.Module, t: ResNetTrainConfig) -> torch.optim.Optimizer:
+    """ResNet's optimizer: SGD with Nesterov momentum or AdamW, on :func:`decay_groups`."""
+    groups = decay_groups(model, t.weight_decay)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.momentum > 0)
+    return torch.optim.AdamW(groups, lr=t.lr)
