@@ -1,0 +1,20 @@
+"""bigray: train GPT (DeepSpeed ZeRO) and ResNets on Ray Train, search with Ray Tune, serve with Ray Serve.
+
+Layers, bottom first; a module imports only from its own layer or below (checked with
+``python ../shared/tools/import_graph.py bigray --layers "<the line below>"``)::
+
+    config | models | artifacts cluster | serve | data | train | recipes | tune export | quickstart cli
+
+- ``config``: the config engine and every job's typed sections.
+- ``models``: plain single-device torch models (nothing of Ray or DeepSpeed).
+- ``artifacts``: the formats every side reads, local path or URI: checkpoint directories and their
+  completeness, run directories and summaries, locating a checkpoint, the GPT Hugging Face format,
+  the ResNet model card. ``cluster``: connecting to Ray, resource checks, the torch device.
+- ``serve``: settings, protocol, runners, deployments, ingress, app builder; it reads artifacts and
+  never imports data, train or recipes.
+- ``data``: corpus, tokenizer, token shards, fine-tuning data, image datasets (built on the driver).
+- ``train``: the worker side only: loops, context, metrics, optimizer/schedules, and engine.py, which
+  owns every DeepSpeed/ZeRO decision.
+- ``recipes``: the driver side: prepare once, launch, summarize; one registry of job kinds.
+- ``tune``, ``export``, ``quickstart``, ``cli``: commands built from the layers below.
+"""

@@ -119,7 +119,7 @@ def test_ranks_see_distinct_samples_every_epoch(ray_cluster, tmp_path):
         scaling_config=ray.train.ScalingConfig(num_workers=2),
         run_config=ray.train.RunConfig(name="ids", storage_path=str(tmp_path)),
     )
-    trainer.run()
+    trainer.fit()
     seen = [json.loads((results / f"rank_{r}.json").read_text()) for r in range(2)]
     for epoch in range(2):
         a, b = set(seen[0][epoch]), set(seen[1][epoch])

@@ -99,7 +99,7 @@ class GPTDeployment(SwappableModel):
         async for delta in self._batched(prompt):
             yield delta
 
-    @serve.batch
+    @serve.batch()  # sizes come from the settings, set in SwappableModel.__init__
     async def _batched(self, batch: list[Prompt]) -> AsyncIterator[list[Any]]:
         steps = self.runner.generate(batch)
         with self._model_busy(len(batch)):
@@ -138,7 +138,7 @@ class ResNetDeployment(SwappableModel):
         names = self.runner.class_names
         return {"predictions": [{"label": names[i], "index": int(i), "score": float(s)} for s, i in zip(scores.tolist(), idx.tolist())]}
 
-    @serve.batch
+    @serve.batch()  # sizes come from the settings, set in SwappableModel.__init__
     async def _batched(self, images: list[Any]) -> list[Any]:
         import torch
 
