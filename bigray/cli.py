@@ -110,9 +110,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from bigray.serve.launch import deploy_from, serve_forever
     from bigray.serve.settings import ServeArgs
 
+    from bigray.artifacts.locate import gpt_model_dir, resnet_checkpoint_dir
+    from bigray.artifacts.storage import is_uri
+
     settings = load_settings(ServeArgs, args.config, args.overrides + _serve_overrides(args))
     if not settings.gpt_checkpoint and not settings.resnet_checkpoint:
         raise ConfigError("gpt_checkpoint", "give --gpt CKPT, --resnet CKPT or both")
+    # Refuse a broken local checkpoint here, with one clear error, before any replica tries it.
+    for path, check_dir in ((settings.gpt_checkpoint, gpt_model_dir), (settings.resnet_checkpoint, resnet_checkpoint_dir)):
+        if path and not is_uri(path):
+            check_dir(path)
     if args.detach:
         print(json.dumps({"deployed": "bigray", "url": deploy_from(settings)}), flush=True)
     else:

@@ -20,12 +20,13 @@ from typing import Any
 
 from ray.train.v2.api.callback import UserCallback
 
+from bigray.artifacts.checkpoint import CheckpointError, is_complete
 from bigray.artifacts.runs import finish, save_resolved_config
-from bigray.artifacts.storage import absolute, run_dir
+from bigray.artifacts.storage import absolute, is_uri, run_dir
 from bigray.cluster import ensure_ray
 from bigray.config import ConfigError, TuneJobConfig, from_dict, set_dotted, to_dict
 from bigray.recipes import JOBS
-from bigray.recipes.launch import JobKind, build_trainer
+from bigray.recipes.launch import JobKind, build_trainer, raise_recorded_failure
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,8 @@ def trial_driver(config: dict[str, Any]) -> None:
         ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint(path, filesystem) if path else None)
     queue.shutdown()
     if "error" in outcome:
-        raise outcome["error"]  # a crash or divergence: Tune marks the trial ERROR
+        raise outcome["error"]  # a crash: Tune marks the trial ERROR
+    raise_recorded_failure(cfg)  # a divergence: the same
 
 
 def concurrent_trials(job: TuneJobConfig, trainer_cfg: Any) -> int:
@@ -300,6 +302,14 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
     scored = [r for r in rows if r[key] is not None and r["status"] != "failed"]
     if not scored:
         raise RuntimeError("no trial produced the metric; see results.csv")
+    if not is_uri(directory):  # the one completeness check, before the best checkpoint is handed on
+        handed = [r for r in scored if r["checkpoint"] and is_complete(r["checkpoint"])]
+        for r in scored:
+            if r not in handed:
+                log.warning("trial %s is not handed on: its checkpoint %s is missing or incomplete", r["trial_id"], r["checkpoint"])
+        if not handed:
+            raise CheckpointError("no trial left a complete checkpoint; see results.csv")
+        scored = handed
     best = (min if job.tune.mode == "min" else max)(scored, key=lambda r: r[key])
     best_config = trial_config(base, json.loads(best["config"]), kind, directory + "/trials", best["trial_id"])
     return finish(

@@ -62,3 +62,25 @@ def test_imagefolder_bad_roots(tmp_path, setup, message):
     setup(root)
     with pytest.raises(DataError, match=message):
         load_images(ImageDataConfig(dataset="imagefolder", root=str(root)))
+
+
+def test_truncated_jpeg_is_skipped_at_scan_and_training_runs(tmp_path, caplog):
+    """A JPEG cut short after its header passes PIL's verify(); it must be counted as skipped, not crash training."""
+    from bigray.config import ResNetJobConfig, from_dict
+    from bigray.recipes.resnet import train_local
+
+    _write_folder(tmp_path / "images", ["cat", "dog"], per_class=4)
+    rng = np.random.default_rng(1)
+    good = tmp_path / "good.jpg"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good, format="JPEG", quality=95)
+    data = good.read_bytes()
+    (tmp_path / "images" / "train" / "dog" / "cut.jpg").write_bytes(data[: int(len(data) * 0.6)])
+    with Image.open(tmp_path / "images" / "train" / "dog" / "cut.jpg") as im:
+        im.verify()  # the header alone looks fine
+    cfg = from_dict(ResNetJobConfig, {
+        "data": {"dataset": "imagefolder", "root": str(tmp_path / "images")},
+        "train": {"epochs": 1, "batch_size": 4, "lr": 0.01}, "scaling": {"num_workers": 1},
+    })  # fmt: skip
+    metrics, _ = train_local(cfg, str(tmp_path / "run"))
+    assert "skipped 1 unreadable image" in caplog.text
+    assert metrics["epoch"] == 1 and np.isfinite(metrics["train/loss"])

@@ -22,18 +22,22 @@ def _rows(run_dir):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _gpt_config(small_text, tmp_path, *overrides):
+    """The tiny GPT, checkpointing every 10 steps, allowed one worker-group restart."""
+    text_cfg, _ = small_text
+    return load_config(GPTPretrainConfig, REPO / "jobs" / "configs" / "gpt_tiny.yaml", [
+        f"data.cache_dir={text_cfg.cache_dir}", f"data.max_chars={text_cfg.max_chars}", f"data.vocab_size={text_cfg.vocab_size}",
+        "model.block_size=64", "train.micro_batch_size=8", "train.log_interval=1", "train.eval_interval=10",
+        "train.eval_batches=2", "run.checkpoint_interval=10", "run.max_failures=1", f"run.storage_path={tmp_path}", *overrides,
+    ])  # fmt: skip
+
+
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, small_text, tmp_path):
     from ray.util.state import list_actors
 
     from bigray.recipes.gpt import pretrain
 
-    text_cfg, _ = small_text
-    cfg = load_config(GPTPretrainConfig, REPO / "jobs" / "configs" / "gpt_tiny.yaml", [
-        f"data.cache_dir={text_cfg.cache_dir}", f"data.max_chars={text_cfg.max_chars}", f"data.vocab_size={text_cfg.vocab_size}",
-        "model.block_size=64", "train.micro_batch_size=8", "train.max_steps=30", "train.log_interval=1",
-        "train.eval_interval=10", "train.eval_batches=2", "run.checkpoint_interval=10", "run.max_failures=1",
-        f"run.storage_path={tmp_path}", "run.name=killed",
-    ])  # fmt: skip
+    cfg = _gpt_config(small_text, tmp_path, "train.max_steps=30", "run.name=killed")
     result = {}
     runner = threading.Thread(target=lambda: result.update(pretrain(cfg)))
     runner.start()
@@ -76,3 +80,54 @@ def test_interrupted_checkpoint_is_never_loaded(gpt_checkpoint, tmp_path):
     (newest / "ranks" / "rank_0.json").unlink()  # a rank that never finished writing
     with pytest.raises(CheckpointError, match="rank 0 never finished"):
         read_meta(newest)
+
+
+def test_resume_after_a_kill_skips_a_truncated_newest_checkpoint(ray_cluster, small_text, tmp_path):
+    """Ray restores its latest checkpoint, which was cut short: the run continues from the one before."""
+    from ray.util.state import list_actors
+
+    from bigray.recipes.gpt import pretrain
+
+    cfg = _gpt_config(small_text, tmp_path, "train.max_steps=60", "run.keep_checkpoints=10", "run.name=truncated")
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(pretrain(cfg)))
+    runner.start()
+    run_dir = tmp_path / "truncated"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(r["step"] >= 22 for r in _rows(run_dir)):
+        time.sleep(0.1)  # mid-interval: the step-20 checkpoint is written, the step-30 one not yet
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert workers, "no live training worker to kill"
+    newest = latest_complete(run_dir)
+    assert newest is not None and newest.name == "checkpoint_step_0000020", newest
+    shard = next((newest / "deepspeed" / "state").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])  # the newest checkpoint is cut short ...
+    os.kill(workers[0].pid, signal.SIGKILL)  # ... and a worker dies before the next one
+    runner.join(timeout=600)
+    assert result, "the run did not finish after the worker was killed"
+    assert read_meta(result["checkpoint"], "gpt")["step"] == 60
+    steps = [r["step"] for r in _rows(run_dir)]
+    assert steps.count(11) == 2, steps  # replayed from the step-10 checkpoint, the complete one before it
+    assert steps[-1] == 60 and sorted(set(steps)) == list(range(1, 61))
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(), reason="needs dataset-fashion-mnist")
+def test_divergence_fails_once_whatever_max_failures_says(ray_cluster, tmp_path):
+    from ray.util.state import list_actors
+
+    from bigray.config import ResNetJobConfig
+    from bigray.recipes.launch import TrainingFailed
+    from bigray.recipes.resnet import train_resnet
+
+    def workers_started() -> int:
+        return len(list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=100_000))
+
+    cfg = load_config(ResNetJobConfig, REPO / "jobs" / "configs" / "resnet_fashion.yaml", [
+        "data.max_train_samples=256", "data.max_eval_samples=64", "train.epochs=3", "train.batch_size=32",
+        "train.lr=1000000", "scaling.num_workers=2", "run.max_failures=3", f"run.storage_path={tmp_path}", "run.name=diverge",
+    ])  # fmt: skip
+    before = workers_started()
+    with pytest.raises(TrainingFailed, match="not retried.*training diverged: loss is"):
+        train_resnet(cfg)
+    assert workers_started() - before == 2  # one attempt of 2 workers, not 4 attempts
+    assert json.loads((tmp_path / "diverge" / "failure.json").read_text())["reason"].startswith("FloatingPointError")

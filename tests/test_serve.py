@@ -1,10 +1,12 @@
 """Real HTTP against a local Ray Serve app serving a tiny GPT and a ResNet."""
 
 import concurrent.futures
+import contextlib
 import io
 import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,6 +61,30 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 def complete(**body):
     return requests.post(f"{URL}/v1/completions", json=body, timeout=60)
+
+
+@contextlib.contextmanager
+def requests_in_flight(threads: int):
+    """Completions sent without pause from ``threads`` threads while the block runs; yields their
+    status codes (a connection error counts as a dropped request, recorded, not killing its thread)."""
+    stop, codes = threading.Event(), []
+
+    def hammer():
+        while not stop.is_set():
+            try:
+                codes.append(complete(prompt="ROMEO:", max_tokens=2, temperature=0).status_code)
+            except requests.RequestException as e:
+                codes.append(repr(e))
+
+    workers = [threading.Thread(target=hammer) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    try:
+        yield codes
+    finally:
+        stop.set()
+        for t in workers:
+            t.join()
 
 
 def test_healthz_and_models(app):
@@ -231,33 +257,41 @@ def test_checkpoint_swap_drops_no_request(app, gpt_checkpoint):
 
     from bigray.serve.app import build_app
 
-    stop = threading.Event()
-    codes = []
-
-    def hammer():  # a connection error is a dropped request too: record it, don't let the thread die
-        while not stop.is_set():
-            try:
-                codes.append(complete(prompt="ROMEO:", max_tokens=2, temperature=0).status_code)
-            except requests.RequestException as e:
-                codes.append(repr(e))
-
-    threads = [threading.Thread(target=hammer) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(2)
-    new = app.model_copy(update={"gpt_checkpoint": str(gpt_checkpoint[0])})  # the step-20 checkpoint
-    serve.run(build_app(new), name="bigray", route_prefix="/")
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if gpt_checkpoint[0].name in json.dumps(requests.get(f"{URL}/healthz").json()):
-            break
-        time.sleep(0.5)
-    time.sleep(2)
-    stop.set()
-    for t in threads:
-        t.join()
+    with requests_in_flight(4) as codes:
+        time.sleep(2)
+        new = app.model_copy(update={"gpt_checkpoint": str(gpt_checkpoint[0])})  # the step-20 checkpoint
+        serve.run(build_app(new), name="bigray", route_prefix="/")
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if gpt_checkpoint[0].name in json.dumps(requests.get(f"{URL}/healthz").json()):
+                break
+            time.sleep(0.5)
+        time.sleep(2)
     assert codes and all(c == 200 for c in codes), codes
     assert gpt_checkpoint[0].name in json.dumps(requests.get(f"{URL}/healthz").json())
+
+
+def test_incomplete_checkpoint_is_refused_and_a_swap_to_one_keeps_serving(app, gpt_checkpoint, tmp_path):
+    import shutil
+
+    from ray import serve
+
+    from bigray.serve.app import build_app
+
+    broken = Path(shutil.copytree(gpt_checkpoint[-1], tmp_path / gpt_checkpoint[-1].name))
+    (broken / "ranks" / "rank_0.json").unlink()  # rank 0 never finished writing
+    with pytest.raises(Exception, match="rank 0 never finished writing"):
+        serve.run(build_app(app.model_copy(update={"gpt_checkpoint": str(broken), "resnet_checkpoint": None})), name="broken", route_prefix="/broken")
+    serve.delete("broken")
+
+    before = requests.get(f"{URL}/healthz", timeout=10).json()["models"]["gpt"]["checkpoint"]
+    with requests_in_flight(3) as codes:
+        serve.run(build_app(app.model_copy(update={"gpt_checkpoint": str(broken)})), name="bigray", route_prefix="/")
+        time.sleep(2)
+    gpt = requests.get(f"{URL}/healthz", timeout=10).json()["models"]["gpt"]
+    assert gpt["checkpoint"] == before and "never finished writing" in gpt["swap_error"], gpt
+    assert len(codes) > 3 and all(c == 200 for c in codes), codes
+    serve.run(build_app(app), name="bigray", route_prefix="/")  # back to the fixture's checkpoint
 
 
 def test_killed_replica_is_replaced_and_requests_keep_being_answered(app):

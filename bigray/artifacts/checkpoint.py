@@ -5,27 +5,58 @@ A checkpoint directory holds:
 - ``bigray.json``: kind (gpt/resnet), step or epoch, the resolved job config, world size and the
   ranks that must have written (rank 0 writes it);
 - ``ranks/rank_<r>.json``: one per writing rank, listing the files that rank wrote with sizes;
-- the payload: ``deepspeed/`` ZeRO shards and ``rng/`` per-rank RNG state (GPT), ``model/``
-  safetensors weights + config + tokenizer or model card (loadable without unpickling),
-  ``train_state.pt`` optimizer state (ResNet, loaded with ``weights_only=True``).
+- the payload, per file kind:
+  ``model/`` safetensors weights + config + tokenizer or model card (no pickle);
+  ``rng/rank_<r>.safetensors`` per-rank RNG state (GPT; no pickle);
+  ``deepspeed/**.pt`` ZeRO shards (GPT) and ``train_state.pt`` optimizer state (ResNet): torch
+  pickles, only ever loaded with ``weights_only=True`` and the few non-tensor types DeepSpeed stores
+  allow-listed in :data:`PICKLE_ALLOWED`.
 
 Each rank writes into its own local directory and Ray merges them in storage. A checkpoint is
-*complete* only when ``bigray.json`` exists and every expected rank's marker and listed files are
-there with the right sizes; anything else is refused with a message saying what is missing.
+*complete* only when ``bigray.json`` is well formed, every expected rank's marker is well formed
+and its files are there with the right sizes, and no pickle in it needs a type outside the
+allow-list. :func:`read_meta` is the one check every reader uses; anything else is refused with a
+:class:`CheckpointError` saying what is wrong, never another exception.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 FORMAT = "bigray-checkpoint-v1"
 META = "bigray.json"
 
+PICKLE_ALLOWED = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})  # fmt: skip
+"""Types (besides torch's own weights-only set) that DeepSpeed's checkpoint pickles may hold."""
+
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, or was written by a different kind of job."""
+    """A checkpoint is missing, incomplete, unsafe, or was written by a different kind of job."""
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Temp file + rename: a reader sees the whole file or none of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_rank_marker(directory: str | Path, rank: int) -> None:
@@ -36,40 +67,73 @@ def write_rank_marker(directory: str | Path, rank: int) -> None:
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.parent.name != "ranks"
     }
-    marker = directory / "ranks" / f"rank_{rank}.json"
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"rank": rank, "files": files}, indent=1))
+    _write_atomically(directory / "ranks" / f"rank_{rank}.json", json.dumps({"rank": rank, "files": files}, indent=1))
 
 
 def write_meta(directory: str | Path, meta: dict[str, Any]) -> None:
     """Write ``bigray.json`` (rank 0, after its payload)."""
-    Path(directory, META).write_text(json.dumps({"format": FORMAT, **meta}, indent=2))
+    _write_atomically(Path(directory, META), json.dumps({"format": FORMAT, **meta}, indent=2))
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{what} {path} is unreadable: {e}") from None
+
+
+def unsafe_pickled_types(path: str | Path) -> list[str]:
+    """The types a torch pickle needs beyond torch's weights-only set and :data:`PICKLE_ALLOWED`.
+
+    Reads only the pickle's opcodes (nothing is unpickled, no tensor data is read).
+    """
+    import torch
+
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as e:  # not a torch zip file, or a damaged one
+        raise CheckpointError(f"{path} is not a readable torch checkpoint file: {e}") from None
+    return sorted(set(needed) - PICKLE_ALLOWED)
 
 
 def read_meta(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
-    """Read and verify a checkpoint; raise CheckpointError naming what is wrong."""
+    """Read and verify a checkpoint; raise CheckpointError naming what is wrong (and nothing else)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint {directory} does not exist")
     meta_path = directory / META
     if not meta_path.is_file():
         raise CheckpointError(f"{directory} is not a bigray checkpoint (no {META})")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{meta_path} is unreadable: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{directory} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    meta = _read_json(meta_path, "checkpoint metadata")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{directory} has format {found!r}, expected {FORMAT!r}")
     if kind is not None and meta.get("kind") != kind:
         raise CheckpointError(f"{directory} is a {meta.get('kind')} checkpoint, not a {kind} checkpoint")
-    for rank in meta["writer_ranks"]:
+    ranks = meta.get("writer_ranks")
+    if not isinstance(ranks, list) or not ranks or not all(isinstance(r, int) for r in ranks):
+        raise CheckpointError(f"{meta_path} has no valid writer_ranks (a list of the ranks that wrote the checkpoint)")
+    for key in ("step", "world_size", "config"):
+        if key not in meta:
+            raise CheckpointError(f"{meta_path} lacks '{key}'")
+    for rank in ranks:
         marker = directory / "ranks" / f"rank_{rank}.json"
         if not marker.is_file():
             raise CheckpointError(f"checkpoint {directory} is incomplete: rank {rank} never finished writing")
-        for rel, size in json.loads(marker.read_text())["files"].items():
+        files = _read_json(marker, f"rank {rank}'s marker")
+        files = files.get("files") if isinstance(files, dict) else None
+        if not isinstance(files, dict) or not all(isinstance(s, int) for s in files.values()):
+            raise CheckpointError(f"rank {rank}'s marker {marker} does not list its files with their sizes")
+        for rel, size in files.items():
             p = directory / rel
             if not p.is_file() or p.stat().st_size != size:
                 raise CheckpointError(f"checkpoint {directory} is incomplete: {rel} from rank {rank} is missing or truncated")
+    for p in sorted(directory.rglob("*.pt")):
+        unsafe = unsafe_pickled_types(p)
+        if unsafe:
+            raise CheckpointError(
+                f"{p} needs {', '.join(unsafe)} to load, which bigray never unpickles (not an allow-listed type): refusing it"
+            )
     return meta
 
 
@@ -83,6 +147,15 @@ def is_complete(directory: str | Path, kind: str | None = None) -> bool:
 
 
 def latest_complete(run_directory: str | Path, kind: str | None = None) -> Path | None:
-    """The newest complete checkpoint under a run directory (Ray names them checkpoint_*)."""
-    candidates = sorted(Path(run_directory).glob("checkpoint*"), key=lambda p: p.name, reverse=True)
-    return next((c for c in candidates if is_complete(c, kind)), None)
+    """The newest complete checkpoint under a run directory (Ray names them checkpoint_*).
+
+    Newer checkpoints that are refused are skipped, each with one warning saying why.
+    """
+    candidates = sorted((p for p in Path(run_directory).glob("checkpoint*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+    for c in candidates:
+        try:
+            read_meta(c, kind)
+            return c
+        except CheckpointError as e:
+            log.warning("skipping checkpoint %s: %s", c.name, e)
+    return None

@@ -14,10 +14,11 @@ from typing import Any
 
 import yaml
 
-from bigray.artifacts.storage import is_uri, write_text
+from bigray.artifacts.storage import delete_file, exists, is_uri, read_text, write_text
 from bigray.config import to_dict
 
 METRICS = "metrics.jsonl"
+FAILURE = "failure.json"
 
 
 def save_resolved_config(directory: str, cfg: Any) -> None:
@@ -37,6 +38,27 @@ def read_metrics(directory: str) -> list[dict[str, Any]]:
     """Every report in a run's ``metrics.jsonl`` (empty when there is none)."""
     path = Path(directory) / METRICS
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def record_failure(directory: str, reason: str) -> None:
+    """``failure.json``: why the workers stopped a run that a retry cannot fix (read by the driver)."""
+    write_text(f"{directory}/{FAILURE}", json.dumps({"reason": reason}) + "\n")
+
+
+def recorded_failure(directory: str) -> str | None:
+    """The reason :func:`record_failure` left in a run directory, if any."""
+    path = f"{directory}/{FAILURE}"
+    if not exists(path):
+        return None
+    try:
+        return str(json.loads(read_text(path))["reason"])
+    except (ValueError, KeyError, TypeError):
+        return f"the workers stopped the run ({path} is unreadable)"
+
+
+def clear_failure(directory: str) -> None:
+    """Forget an earlier attempt's failure before running again under the same name."""
+    delete_file(f"{directory}/{FAILURE}")
 
 
 def jsonable(obj: Any) -> Any:

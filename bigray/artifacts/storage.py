@@ -53,6 +53,29 @@ def read_text(path: str) -> str:
     return Path(path).read_text()
 
 
+def exists(path: str) -> bool:
+    """Whether a file exists at a local path or a storage URI."""
+    if is_uri(path):
+        import pyarrow.fs as pafs
+
+        fs, p = pafs.FileSystem.from_uri(path)
+        return fs.get_file_info(p).type == pafs.FileType.File
+    return Path(path).is_file()
+
+
+def delete_file(path: str) -> None:
+    """Remove a file at a local path or a storage URI (nothing to do if it is not there)."""
+    if not exists(path):
+        return
+    if is_uri(path):
+        import pyarrow.fs as pafs
+
+        fs, p = pafs.FileSystem.from_uri(path)
+        fs.delete_file(p)
+        return
+    Path(path).unlink(missing_ok=True)
+
+
 def local_dir(path: str) -> Path:
     """A local directory for a path or storage URI (a URI's files are copied down once)."""
     if not is_uri(path):

@@ -133,12 +133,19 @@ def fetch_from_pypi(requirement: str, sha256: str, dest: Path, sdist: bool) -> P
         if existing.is_file() and sha256_file(existing) == sha256:
             return existing
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", tmp]
+        # --require-hashes: pip checks the file's sha256 as it downloads, before it runs anything of it
+        # (an sdist's setup code runs only once the file is known to be the expected one).
+        pinned = Path(tmp, "requirement.txt")
+        pinned.write_text(f"{requirement} --hash=sha256:{sha256}\n")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--disable-pip-version-check", "-q", "-d", tmp]
         cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
-        cmd.append(requirement)
+        cmd += ["-r", str(pinned)]
         log.info("downloading %s from the package index", requirement)
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        files = list(Path(tmp).iterdir())
+        files = [f for f in Path(tmp).iterdir() if f != pinned]
+        if "Expected sha256" in proc.stderr:
+            got = proc.stderr.split("Got", 1)[1].split()[0].strip(")")
+            raise DataError(f"{requirement} from the package index has sha256 {got}, expected {sha256}: refusing a tampered download")
         if proc.returncode != 0 or len(files) != 1:
             raise DataError(
                 f"could not download {requirement} from the package index (pip said: "

@@ -193,7 +193,7 @@ def _scan_folder(root: Path) -> tuple[list[tuple[str, int]], list[str], int]:
                 continue
             try:
                 with Image.open(p) as im:
-                    im.verify()
+                    im.load()  # decode every pixel: a file cut short after its header fails here, not in training
                 samples.append((str(p), label))
             except Exception:
                 skipped += 1

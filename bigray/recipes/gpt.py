@@ -18,7 +18,7 @@ from bigray.config import GPTFinetuneConfig, GPTPretrainConfig
 from bigray.data import finetune as finetune_data
 from bigray.data import text as text_data
 from bigray.data.text import TextDataset
-from bigray.recipes.launch import JobKind, PreparedJob, launch
+from bigray.recipes.launch import JobKind, PreparedJob, in_run_dir, launch, resuming
 from bigray.train.context import LocalContext
 from bigray.train.gpt import (
     KIND,
@@ -57,9 +57,10 @@ def _checked(cfg: GPTJob, data: TextDataset, model_cfg: Any) -> PreparedJob:
         token_windows(data, split, cfg.model.block_size)
     if cfg.resume_from:
         resolved = resolve_checkpoint(cfg.resume_from)
-        meta = read_meta(resolved, KIND)
-        check_resume_compatible(meta, cfg, model_cfg, cfg.scaling.num_workers, data.manifest["tokenizer_sha256"])
         cfg = dataclasses.replace(cfg, resume_from=absolute(str(resolved)))
+    with resuming(cfg, KIND) as ckpt:
+        if ckpt is not None:
+            check_resume_compatible(read_meta(ckpt, KIND), cfg, model_cfg, cfg.scaling.num_workers, data.manifest["tokenizer_sha256"])
     return PreparedJob(config=cfg, data_dir=str(data.directory))
 
 
@@ -93,5 +94,5 @@ def finetune(cfg: GPTFinetuneConfig) -> dict[str, Any]:
 def train_local(cfg: GPTJob, run_dir: str) -> tuple[dict[str, Any], LocalContext]:
     """Prepare and train in this process without Ray (world size 1): tests, benchmarks, GPU boxes."""
     kind = FINETUNE if isinstance(cfg, GPTFinetuneConfig) else PRETRAIN
-    prepared = kind.prepare(cfg)
+    prepared = kind.prepare(in_run_dir(cfg, run_dir))
     return run_local(prepared.config, prepared.data_dir, run_dir)

@@ -7,12 +7,16 @@ quickstart all go through it, so a job is prepared and launched the same way eve
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Sequence
 
-from bigray.artifacts.runs import finish, save_resolved_config
-from bigray.artifacts.storage import absolute, run_dir
+from bigray.artifacts.runs import clear_failure, finish, recorded_failure, save_resolved_config
+from bigray.artifacts.checkpoint import CheckpointError, latest_complete
+from bigray.artifacts.storage import absolute, is_uri, run_dir
 from bigray.cluster import check_resources, ensure_ray
 from bigray.config import to_dict
 
@@ -54,6 +58,32 @@ class JobKind:
     """The config a Tune trial runs (e.g. every report carries the metric the scheduler compares)."""
 
 
+@contextlib.contextmanager
+def resuming(cfg: Any, kind_name: str) -> Iterator[Path | None]:
+    """The checkpoint a launch of ``cfg`` will continue from, for the driver to check before any worker
+    starts: the explicit ``resume_from``, or else the newest complete checkpoint of the same run name
+    (re-running a run name resumes it). An incompatible one then fails here, once, with the reason.
+    """
+    if cfg.resume_from:
+        yield Path(cfg.resume_from)
+        return
+    directory = run_dir(cfg.run.storage_path, cfg.run.name)
+    previous = None if is_uri(directory) else latest_complete(directory, kind_name)
+    try:
+        yield previous
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"run.name {cfg.run.name!r} already holds {previous} (re-running a run name resumes it): {e}; "
+            "pick a new run.name to start over"
+        ) from None
+
+
+def in_run_dir(cfg: Any, directory: str) -> Any:
+    """``cfg`` with run.storage_path and run.name naming ``directory`` (a local run's own directory)."""
+    p = Path(directory).expanduser().resolve()
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, storage_path=str(p.parent), name=p.name))
+
+
 @dataclass
 class TrainOutcome:
     run_dir: str
@@ -71,6 +101,7 @@ def build_trainer(kind: JobKind, prepared: PreparedJob, callbacks: Sequence[Any]
     scaling, run = cfg.scaling, cfg.run
     directory = run_dir(run.storage_path, run.name)
     save_resolved_config(directory, cfg)
+    clear_failure(directory)
     return TorchTrainer(
         train_loop_per_worker=kind.loop,
         train_loop_config={"job": to_dict(cfg), "run_dir": directory, "data_dir": prepared.data_dir},
@@ -109,6 +140,7 @@ def run_training(kind: JobKind, prepared: PreparedJob) -> TrainOutcome:
     finally:
         if started:
             ray.shutdown()  # flushes worker logs, so the summary line printed next is the last one
+    raise_recorded_failure(cfg)
     best = result.get_best_checkpoint(kind.metric, kind.mode) if result.best_checkpoints else None
     return TrainOutcome(
         run_dir=directory,
@@ -116,6 +148,13 @@ def run_training(kind: JobKind, prepared: PreparedJob) -> TrainOutcome:
         best_checkpoint=best.path if best else None,
         metrics=dict(result.metrics or {}),
     )
+
+
+def raise_recorded_failure(cfg: Any) -> None:
+    """Raise TrainingFailed if the workers stopped the run on a failure a retry cannot fix."""
+    reason = recorded_failure(run_dir(cfg.run.storage_path, cfg.run.name))
+    if reason:
+        raise TrainingFailed(f"training run {cfg.run.name} failed (not retried): {reason}")
 
 
 def launch(kind: JobKind, cfg: Any) -> dict[str, Any]:

@@ -10,9 +10,9 @@ from bigray.artifacts.locate import resolve_checkpoint
 from bigray.artifacts.storage import absolute
 from bigray.config import ResNetJobConfig
 from bigray.data.images import load_images, with_absolute_root
-from bigray.recipes.launch import JobKind, PreparedJob, launch
+from bigray.recipes.launch import JobKind, PreparedJob, in_run_dir, launch, resuming
 from bigray.train.context import LocalContext
-from bigray.train.resnet import KIND, resnet_loop, run_local
+from bigray.train.resnet import KIND, check_resume_compatible, resnet_loop, run_local
 
 
 def prepare_resnet(cfg: ResNetJobConfig) -> PreparedJob:
@@ -21,9 +21,10 @@ def prepare_resnet(cfg: ResNetJobConfig) -> PreparedJob:
     load_images(cfg.data)  # fail fast on a bad data root, before any Ray work
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, download=False))
     if cfg.resume_from:
-        resolved = resolve_checkpoint(cfg.resume_from)
-        read_meta(resolved, KIND)
-        cfg = dataclasses.replace(cfg, resume_from=absolute(str(resolved)))
+        cfg = dataclasses.replace(cfg, resume_from=absolute(str(resolve_checkpoint(cfg.resume_from))))
+    with resuming(cfg, KIND) as ckpt:
+        if ckpt is not None:
+            check_resume_compatible(read_meta(ckpt, KIND), cfg)
     return PreparedJob(config=cfg)
 
 
@@ -41,5 +42,5 @@ def train_resnet(cfg: ResNetJobConfig) -> dict[str, Any]:
 
 def train_local(cfg: ResNetJobConfig, run_dir: str) -> tuple[dict[str, Any], LocalContext]:
     """Prepare and train in this process without Ray (world size 1)."""
-    prepared = prepare_resnet(cfg)
+    prepared = prepare_resnet(in_run_dir(cfg, run_dir))
     return run_local(prepared.config, run_dir)

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from bigray.artifacts.checkpoint import is_complete, latest_complete
+from bigray.artifacts.checkpoint import CheckpointError, is_complete, latest_complete
+from bigray.artifacts.runs import record_failure
 from bigray.artifacts.storage import is_uri
 from bigray.cluster import torch_device
 
@@ -105,13 +106,22 @@ class RayContext(TrainContext):
 
 
 class LocalContext(TrainContext):
-    """One process, no Ray: checkpoints are copied to ``<run_dir>/<name>``, metrics kept in a list."""
+    """One process, no Ray: checkpoints are copied to ``<run_dir>/<name>``, metrics kept in a list.
+
+    Like a Ray run of the same name, a second run in the same directory continues from its newest
+    complete checkpoint.
+    """
 
     def __init__(self, run_dir: str):
         self.run_dir = Path(run_dir)
         self.history: list[dict[str, Any]] = []
         self.checkpoints: list[Path] = []
         _init_single_process_group()
+
+    @contextlib.contextmanager
+    def reported_checkpoint(self) -> Iterator[str | None]:
+        latest = latest_complete(self.run_dir) if self.run_dir.is_dir() else None
+        yield str(latest) if latest else None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, name: str | None = None) -> None:
         self.history.append(dict(metrics))
@@ -158,3 +168,25 @@ def checkpoint_to_resume(ctx: TrainContext, resume_from: str, run_dir: str | Non
             log.warning("checkpoint %s is incomplete; resuming from %s instead", ckpt, fallback)
             ckpt = str(fallback) if fallback else None
         yield ckpt
+
+
+PERMANENT_FAILURES = (FloatingPointError, CheckpointError)
+"""Failures a retry cannot fix: a divergence, a checkpoint refused as incompatible or unsafe. Every
+rank meets them at the same point (the loss is checked after an all-reduce; every rank reads the
+same checkpoint), so every rank can stop together without leaving another in a collective."""
+
+
+@contextlib.contextmanager
+def permanent_failures_end_the_run(ctx: TrainContext, run_dir: str) -> Iterator[None]:
+    """Under Ray Train: end the run at once on a permanent failure, whatever run.max_failures says.
+
+    Ray Train retries every worker error; here the workers instead stop normally and rank 0 records
+    the reason in the run directory, which the driver raises as the run's failure. Worker crashes
+    and lost nodes still raise, and are retried.
+    """
+    try:
+        yield
+    except PERMANENT_FAILURES as e:
+        log.error("rank %d stops the run (a retry would fail the same way): %s", ctx.rank, e)
+        if ctx.is_main:
+            record_failure(run_dir, f"{type(e).__name__}: {e}")

@@ -9,13 +9,15 @@ the ZeRO stage or calls DeepSpeed.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
+import pickle
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from bigray.artifacts.checkpoint import CheckpointError
+from bigray.artifacts.checkpoint import PICKLE_ALLOWED, CheckpointError, unsafe_pickled_types
 from bigray.config import DeepSpeedConfig, GPTTrainConfig
 
 log = logging.getLogger(__name__)
@@ -162,11 +164,42 @@ def save_state(engine: Any, checkpoint_dir: str | Path, step: int) -> None:
     engine.save_checkpoint(f"{checkpoint_dir}/deepspeed", tag="state", client_state={"step": step})
 
 
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` inside, DeepSpeed's own included, runs with ``weights_only=True``.
+
+    DeepSpeed's checkpoint engine and zero_to_fp32 call ``torch.load(..., weights_only=False)``;
+    here they get torch's weights-only unpickler with only the types in PICKLE_ALLOWED added, so a
+    crafted checkpoint cannot run code even if it got past the completeness check.
+    """
+    allowed = []
+    for name in PICKLE_ALLOWED:
+        module, _, attr = name.rpartition(".")
+        allowed.append(getattr(importlib.import_module(module), attr))
+    original = torch.load
+
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        try:
+            return original(f, *args, **kwargs)
+        except pickle.UnpicklingError:
+            unsafe = unsafe_pickled_types(f) if isinstance(f, (str, Path)) else ["a type outside the allow-list"]
+            raise CheckpointError(f"{f} needs {', '.join(unsafe)} to load, which bigray never unpickles: refusing it") from None
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        torch.load = original
+
+
 def load_state(engine: Any, checkpoint_dir: str | Path) -> None:
-    """Restore this rank's ZeRO shard written by :func:`save_state`."""
-    path, _ = engine.load_checkpoint(
-        f"{checkpoint_dir}/deepspeed", tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
-    )
+    """Restore this rank's ZeRO shard written by :func:`save_state` (weights-only unpickling)."""
+    with weights_only_loads():
+        path, _ = engine.load_checkpoint(
+            f"{checkpoint_dir}/deepspeed", tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
+        )
     if path is None:
         raise CheckpointError(f"DeepSpeed found no state in {checkpoint_dir}/deepspeed")
 
@@ -182,11 +215,13 @@ def resume_problems(saved_stage: int, saved_world_size: int, stage: int, world_s
 
 
 def fp32_weights(checkpoint_dir: str | Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full fp32 master weights rebuilt from every rank's shard of a saved checkpoint (no engine needed)."""
+    """Full fp32 master weights rebuilt from every rank's shard of a saved checkpoint (no engine
+    needed; weights-only unpickling)."""
     ds_dir = Path(checkpoint_dir) / "deepspeed"
-    if zero_stage == 0:
-        states = torch.load(ds_dir / "state" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {k: v.float() for k, v in states["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with weights_only_loads():
+        if zero_stage == 0:
+            states = torch.load(str(ds_dir / "state" / "mp_rank_00_model_states.pt"), map_location="cpu")
+            return {k: v.float() for k, v in states["module"].items()}
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag="state")
+        return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag="state")

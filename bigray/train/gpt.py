@@ -24,7 +24,14 @@ from bigray.data.cache import DataError
 from bigray.data.text import EOS, TextDataset, TokenWindows, load_tokenizer, open_prepared
 from bigray.models.gpt import build_gpt, flops_per_token, gpt_config
 from bigray.train import engine as zero
-from bigray.train.context import LocalContext, RayContext, TrainContext, checkpoint_to_resume, new_checkpoint_dir
+from bigray.train.context import (
+    LocalContext,
+    RayContext,
+    TrainContext,
+    checkpoint_to_resume,
+    new_checkpoint_dir,
+    permanent_failures_end_the_run,
+)
 from bigray.train.metrics import RunLog, peak_flops
 from bigray.train.optim import decay_groups, gpt_lr
 from bigray.train.pretrained import PretrainedGPT
@@ -267,14 +274,20 @@ class GPTTrainer:
         return metrics
 
 
+def _ray_loop(cfg: GPTJob, config: dict[str, Any]) -> None:
+    ctx = RayContext()
+    with permanent_failures_end_the_run(ctx, config["run_dir"]):
+        GPTTrainer(cfg, ctx, config["data_dir"], config["run_dir"]).run()
+
+
 def pretrain_loop(config: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker for pretraining: untyped dict in, typed config from here on."""
-    GPTTrainer(from_dict(GPTPretrainConfig, config["job"]), RayContext(), config["data_dir"], config["run_dir"]).run()
+    _ray_loop(from_dict(GPTPretrainConfig, config["job"]), config)
 
 
 def finetune_loop(config: dict[str, Any]) -> None:
     """The same loop for fine-tuning (only the config type differs)."""
-    GPTTrainer(from_dict(GPTFinetuneConfig, config["job"]), RayContext(), config["data_dir"], config["run_dir"]).run()
+    _ray_loop(from_dict(GPTFinetuneConfig, config["job"]), config)
 
 
 def run_local(cfg: GPTJob, data_dir: str, run_dir: str) -> tuple[dict[str, Any], LocalContext]:

@@ -21,16 +21,36 @@ from torch.utils.data import DataLoader, Subset
 
 from bigray.artifacts.checkpoint import CheckpointError, read_meta, write_meta, write_rank_marker
 from bigray.artifacts.resnet_card import save_classifier
-from bigray.config import ResNetJobConfig, from_dict, to_dict
+from bigray.config import ConfigError, ResNetJobConfig, from_dict, to_dict
 from bigray.data.images import DatasetInfo, load_images
 from bigray.models.resnet import build_resnet, normalize
-from bigray.train.context import LocalContext, RayContext, TrainContext, checkpoint_to_resume, new_checkpoint_dir
+from bigray.train.context import (
+    LocalContext,
+    RayContext,
+    TrainContext,
+    checkpoint_to_resume,
+    new_checkpoint_dir,
+    permanent_failures_end_the_run,
+)
 from bigray.train.metrics import RunLog
 from bigray.train.optim import make_optimizer, resnet_lr
 
 log = logging.getLogger(__name__)
 
 KIND = "resnet"
+
+
+def check_resume_compatible(meta: dict[str, Any], cfg: ResNetJobConfig) -> None:
+    """Refuse a checkpoint of another architecture, saying which."""
+    try:
+        saved = from_dict(ResNetJobConfig, meta["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"cannot resume: the checkpoint's config is not a ResNet job's ({e})") from None
+    if saved.model.arch != cfg.model.arch or saved.model.small_input_stem != cfg.model.small_input_stem:
+        raise CheckpointError(
+            f"cannot resume from this checkpoint: it is {saved.model.arch} (small stem {saved.model.small_input_stem}), "
+            f"this run {cfg.model.arch} (small stem {cfg.model.small_input_stem})"
+        )
 
 
 def augment(images: torch.Tensor, info: DatasetInfo, generator: torch.Generator) -> torch.Tensor:
@@ -107,7 +127,8 @@ class ResNetTrainer:
                 g["lr"] = lr
             with self.autocast:
                 loss = F.cross_entropy(self.model(x), y, label_smoothing=t.label_smoothing)
-            if not math.isfinite(loss.item()):
+            # Summed over ranks first: every rank sees a divergence at the same step and stops together.
+            if not math.isfinite(self._all_reduce([loss.item()])[0]):
                 raise FloatingPointError(f"training diverged: loss is {loss.item()} at step {self.step} (lr {lr:.3g})")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -163,9 +184,7 @@ class ResNetTrainer:
         from safetensors.torch import load_file
 
         meta = read_meta(directory, KIND)
-        saved = from_dict(ResNetJobConfig, meta["config"])
-        if saved.model.arch != self.cfg.model.arch or saved.model.small_input_stem != self.cfg.model.small_input_stem:
-            raise CheckpointError(f"cannot resume: checkpoint is {saved.model.arch} (small stem {saved.model.small_input_stem}), this run {self.cfg.model.arch} (small stem {self.cfg.model.small_input_stem})")
+        check_resume_compatible(meta, self.cfg)
         model.load_state_dict(load_file(f"{directory}/model/model.safetensors"))
         self.optimizer_state = torch.load(Path(directory, "train_state.pt"), weights_only=True)["optimizer"]
         self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
@@ -195,7 +214,9 @@ class ResNetTrainer:
 
 def resnet_loop(config: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker for ResNet training."""
-    ResNetTrainer(from_dict(ResNetJobConfig, config["job"]), RayContext(), config["run_dir"]).run()
+    ctx = RayContext()
+    with permanent_failures_end_the_run(ctx, config["run_dir"]):
+        ResNetTrainer(from_dict(ResNetJobConfig, config["job"]), ctx, config["run_dir"]).run()
 
 
 def run_local(cfg: ResNetJobConfig, run_dir: str) -> tuple[dict[str, Any], LocalContext]:
