@@ -120,7 +120,7 @@ def test_divergence_fails_once_whatever_max_failures_says(ray_cluster, tmp_path)
     from bigray.recipes.resnet import train_resnet
 
     def workers_started() -> int:
-        return len(list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=100_000))
+        return len(list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000))
 
     cfg = load_config(ResNetJobConfig, REPO / "jobs" / "configs" / "resnet_fashion.yaml", [
         "data.max_train_samples=256", "data.max_eval_samples=64", "train.epochs=3", "train.batch_size=32",

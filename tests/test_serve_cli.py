@@ -127,19 +127,19 @@ def test_serve_deploy_then_redeploy_a_new_checkpoint_drops_no_request(ray_cluste
         raise TimeoutError(f"{checkpoint.name} never served")
 
     deploy(gpt_checkpoint[-1])
+    stop, codes = threading.Event(), []
+
+    def hammer():  # a connection error is a dropped request too: record it, don't let the thread die
+        while not stop.is_set():
+            try:
+                r = requests.post(f"{base}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 2, "temperature": 0}, timeout=60)
+                codes.append(r.status_code)
+            except requests.RequestException as e:
+                codes.append(repr(e))
+
+    threads = [threading.Thread(target=hammer, daemon=True) for _ in range(3)]
     try:
         serving(gpt_checkpoint[-1])
-        stop, codes = threading.Event(), []
-
-        def hammer():  # a connection error is a dropped request too: record it, don't let the thread die
-            while not stop.is_set():
-                try:
-                    r = requests.post(f"{base}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 2, "temperature": 0}, timeout=60)
-                    codes.append(r.status_code)
-                except requests.RequestException as e:
-                    codes.append(repr(e))
-
-        threads = [threading.Thread(target=hammer) for _ in range(3)]
         for t in threads:
             t.start()
         time.sleep(2)
@@ -151,4 +151,5 @@ def test_serve_deploy_then_redeploy_a_new_checkpoint_drops_no_request(ray_cluste
             t.join()
         assert len(codes) > 10 and all(c == 200 for c in codes), codes
     finally:  # through the REST API too: `serve run` above shut down the Serve this process knew
+        stop.set()
         subprocess.run(["serve", "shutdown", "-y", "--address", dashboard], env=_env(ray_cluster), timeout=120, check=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import logging
 from typing import Any, AsyncIterator, Iterator
 
 from ray import serve
@@ -19,8 +18,6 @@ from bigray.artifacts.locate import gpt_model_dir
 from bigray.serve.protocol import Admitted, Delta, ErrorDetail, GenerationParams, ServeError
 from bigray.serve.runners import ClassifierRunner, GPTRunner, Prompt
 from bigray.serve.settings import DeploymentArgs
-
-log = logging.getLogger(__name__)
 
 
 class SwappableModel:
@@ -45,7 +42,6 @@ class SwappableModel:
         torch.set_num_threads(max(1, int(self.settings.num_cpus)))
         self.runner: Any = None
         self.checkpoint: str | None = None
-        self.swap_error: str | None = None
         self._batched.set_max_batch_size(self.settings.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         self._model_idle = asyncio.Event()
@@ -65,27 +61,17 @@ class SwappableModel:
     def batch_stats(self) -> dict[str, Any]:
         """How well batching works here (shown by /healthz): batches run, requests in them, the largest."""
         batches, requests = sum(self.batch_sizes.values()), sum(k * n for k, n in self.batch_sizes.items())
-        stats = {"batches": batches, "requests": requests, "largest": max(self.batch_sizes, default=0)}
-        return {**stats, **({"swap_error": self.swap_error} if self.swap_error else {})}
+        return {"batches": batches, "requests": requests, "largest": max(self.batch_sizes, default=0)}
 
     def load(self, path: str) -> Any:
         raise NotImplementedError
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Load the checkpoint; a first load that fails fails the replica, a swap that fails keeps
-        the old model serving (and says why in /healthz)."""
+        """Load the checkpoint (a refused one fails the replica with the reason, shown by `serve status`)."""
         path = user_config["checkpoint"]
-        if path == self.checkpoint:
-            return
-        try:
-            runner = self.load(path)
-        except Exception as e:
-            if self.runner is None:
-                raise
-            self.swap_error = f"kept {self.checkpoint}: {path} could not be loaded: {e}"
-            log.error("%s", self.swap_error)
-            return
-        self.runner, self.checkpoint, self.swap_error = runner, path, None
+        if path != self.checkpoint:
+            self.runner = self.load(path)
+            self.checkpoint = path
 
 
 @serve.deployment(name="gpt")

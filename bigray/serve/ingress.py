@@ -4,8 +4,8 @@ A request is validated here, once, into typed objects (protocol.py) that go to t
 are. Client mistakes become OpenAI-style JSON errors with a 4xx status, never a 500.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI must see the route signatures' real types
+# (a string annotation of `request: Request` turns it into a required query parameter).
 import asyncio
 import hmac
 import json
