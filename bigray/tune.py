@@ -148,10 +148,16 @@ def concurrent_trials(job: TuneJobConfig, trainer_cfg: Any) -> int:
     return max(1, fits)
 
 
-def prepare_base(job: TuneJobConfig) -> dict[str, Any]:
-    """The trainer config every trial starts from, prepared and checked once before any trial starts."""
+def prepare_base(job: TuneJobConfig, trials_dir: str) -> dict[str, Any]:
+    """The trainer config every trial starts from, prepared and checked once before any trial starts.
+
+    Its run section points into the search's own trials directory: the trainer config's run name is
+    never launched (each trial gets its own), so an earlier run of that name is nothing to resume.
+    """
     kind = JOBS[job.tune.trainer]
-    return to_dict(kind.for_search(kind.prepare(job.trainer_config()).config))
+    cfg = job.trainer_config()
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, storage_path=trials_dir, name="base"))
+    return to_dict(kind.for_search(kind.prepare(cfg).config))
 
 
 def make_tuner(job: TuneJobConfig, base: dict[str, Any], directory: str) -> Any:
@@ -281,7 +287,7 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
             directory = run_dir(job.run.storage_path, job.run.name)
             if Path(directory, "tune_job.json").exists():
                 raise ConfigError("run.name", f"{directory} already holds a search; resume it with --resume {directory} or pick a new run.name")
-            base = prepare_base(job)
+            base = prepare_base(job, directory + "/trials")
             save_resolved_config(directory, job)
             Path(directory, "tune_job.json").write_text(json.dumps({"job": to_dict(job), "trainer": base}, indent=2))
             tuner = make_tuner(job, base, directory)
