@@ -102,7 +102,9 @@ def test_bigray_serve_runs_until_interrupted(ray_cluster, gpt_checkpoint, tmp_pa
 
 def test_serve_deploy_then_redeploy_a_new_checkpoint_drops_no_request(ray_cluster, gpt_checkpoint, resnet_checkpoint, tmp_path):
     """`serve deploy serve/config.yaml` to the running cluster; deploying it again with another GPT
-    checkpoint swaps the model in place while requests keep being answered."""
+    checkpoint in the deployment's user_config swaps the model in place while requests keep being
+    answered; deploying an incomplete checkpoint then is refused by the replica, which keeps the old
+    model answering."""
     import ray
 
     dashboard = "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
@@ -110,7 +112,11 @@ def test_serve_deploy_then_redeploy_a_new_checkpoint_drops_no_request(ray_cluste
     path = tmp_path / "serve.yaml"
 
     def deploy(gpt):
-        path.write_text(yaml.safe_dump(_config(str(gpt), str(resnet_checkpoint), name="deployed", route_prefix="/deployed")))
+        """The app's args stay those of the first deploy; a swap changes only the gpt deployment's
+        user_config (a lightweight update: Serve reconfigures the running replica in place)."""
+        config = _config(str(gpt_checkpoint[-1]), str(resnet_checkpoint), name="deployed", route_prefix="/deployed")
+        config["applications"][0]["deployments"] = [{"name": "gpt", "user_config": {"checkpoint": str(gpt)}}]
+        path.write_text(yaml.safe_dump(config))
         out = subprocess.run(["serve", "deploy", str(path), "--address", dashboard], env=_env(ray_cluster), capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stdout + out.stderr
 
@@ -118,7 +124,7 @@ def test_serve_deploy_then_redeploy_a_new_checkpoint_drops_no_request(ray_cluste
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
-                r = requests.get(f"{base}/healthz", timeout=5)
+                r = requests.get(f"{base}/healthz", timeout=30)
                 if r.status_code == 200 and checkpoint.name in r.json()["models"]["gpt"]["checkpoint"]:
                     return
             except requests.RequestException:
@@ -126,6 +132,10 @@ def test_serve_deploy_then_redeploy_a_new_checkpoint_drops_no_request(ray_cluste
             time.sleep(1)
         raise TimeoutError(f"{checkpoint.name} never served")
 
+    import shutil
+
+    broken = Path(shutil.copytree(gpt_checkpoint[-1], tmp_path / "broken" / gpt_checkpoint[-1].name))
+    (broken / "ranks" / "rank_0.json").unlink()  # rank 0 never finished writing
     deploy(gpt_checkpoint[-1])
     stop, codes = threading.Event(), []
 
@@ -146,10 +156,20 @@ def test_serve_deploy_then_redeploy_a_new_checkpoint_drops_no_request(ray_cluste
         deploy(gpt_checkpoint[0])  # the step-20 checkpoint
         serving(gpt_checkpoint[0])
         time.sleep(2)
+        swapped = len(codes)
+        deploy(broken)  # a swap to an incomplete checkpoint: refused, the step-20 model keeps serving
+        refused, deadline = None, time.time() + 120
+        while refused is None and time.time() < deadline:
+            refused = requests.get(f"{base}/healthz", timeout=30).json().get("models", {}).get("gpt", {}).get("refused")
+            time.sleep(1)
+        time.sleep(2)
         stop.set()
         for t in threads:
             t.join()
         assert len(codes) > 10 and all(c == 200 for c in codes), codes
+        assert len(codes) > swapped + 3, "no request was answered during the refused swap"
+        assert refused and refused["checkpoint"] == str(broken) and "rank 0 never finished writing" in refused["reason"], refused
+        serving(gpt_checkpoint[0], timeout=5)
     finally:  # through the REST API too: `serve run` above shut down the Serve this process knew
         stop.set()
         subprocess.run(["serve", "shutdown", "-y", "--address", dashboard], env=_env(ray_cluster), timeout=120, check=True)

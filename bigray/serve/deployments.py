@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 from typing import Any, AsyncIterator, Iterator
 
 from ray import serve
@@ -18,6 +19,8 @@ from bigray.artifacts.locate import gpt_model_dir
 from bigray.serve.protocol import Admitted, Delta, ErrorDetail, GenerationParams, ServeError
 from bigray.serve.runners import ClassifierRunner, GPTRunner, Prompt
 from bigray.serve.settings import DeploymentArgs
+
+log = logging.getLogger(__name__)
 
 
 class SwappableModel:
@@ -42,6 +45,7 @@ class SwappableModel:
         torch.set_num_threads(max(1, int(self.settings.num_cpus)))
         self.runner: Any = None
         self.checkpoint: str | None = None
+        self.refused: dict[str, str] | None = None
         self._batched.set_max_batch_size(self.settings.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         self._model_idle = asyncio.Event()
@@ -66,12 +70,32 @@ class SwappableModel:
     def load(self, path: str) -> Any:
         raise NotImplementedError
 
+    def describe(self) -> dict[str, Any]:
+        """What the loaded model tells /healthz about itself."""
+        return {}
+
+    def ready(self) -> dict[str, Any]:
+        """/healthz's view of this replica (raises until a model is loaded)."""
+        if self.runner is None:
+            raise RuntimeError("no model loaded yet")
+        return {"checkpoint": self.checkpoint, "refused": self.refused, **self.describe(), **self.batch_stats()}
+
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Load the checkpoint (a refused one fails the replica with the reason, shown by `serve status`)."""
+        """Load the checkpoint. A replica with nothing loaded yet fails with the reason (shown by
+        `serve status`); a swap whose checkpoint is refused keeps the loaded model serving and reports
+        the refusal in /healthz (``refused``), so a bad redeploy costs no request."""
         path = user_config["checkpoint"]
-        if path != self.checkpoint:
-            self.runner = self.load(path)
-            self.checkpoint = path
+        if path == self.checkpoint:
+            return
+        try:
+            runner = self.load(path)
+        except Exception as e:  # CheckpointError, or anything else that stops the new model loading
+            if self.runner is None:
+                raise
+            log.error("refused to swap to %s, still serving %s: %s", path, self.checkpoint, e)
+            self.refused = {"checkpoint": path, "reason": str(e)[:500]}
+            return
+        self.runner, self.checkpoint, self.refused = runner, path, None
 
 
 @serve.deployment(name="gpt")
@@ -85,8 +109,8 @@ class GPTDeployment(SwappableModel):
     def load(self, path: str) -> GPTRunner:
         return GPTRunner(gpt_model_dir(path), self.max_prompt_tokens, self.settings.dtype, self.settings.num_gpus > 0)
 
-    def ready(self) -> dict[str, Any]:
-        return {"checkpoint": self.checkpoint, "context": self.runner.max_positions, **self.batch_stats()}
+    def describe(self) -> dict[str, Any]:
+        return {"context": self.runner.max_positions}
 
     async def generate(self, job: GenerationParams) -> AsyncIterator[Admitted | ErrorDetail | Delta]:
         """First :class:`Admitted` (the prompt was tokenized, once, and fits) or the client error; then the Deltas."""
@@ -123,8 +147,8 @@ class ResNetDeployment(SwappableModel):
     def load(self, path: str) -> ClassifierRunner:
         return ClassifierRunner(path, self.max_image_pixels, self.settings.dtype, self.settings.num_gpus > 0)
 
-    def ready(self) -> dict[str, Any]:
-        return {"checkpoint": self.checkpoint, **self.runner.describe(), **self.batch_stats()}
+    def describe(self) -> dict[str, Any]:
+        return self.runner.describe()
 
     async def classify(self, image: bytes, top_k: int) -> dict[str, Any] | ErrorDetail:
         """Top-k labels, or the client error."""
