@@ -214,9 +214,9 @@ def generation(gpt_dir: str, n: int = 8, max_tokens: int = 32, rounds: int = 3) 
 def main(gpt_dir: str = "runs/quickstart/gpt-hf", resnet: str = "runs/quickstart/resnet") -> dict:
     import ray
 
-    from bigray.artifacts.locate import resnet_checkpoint_dir as classifier_dir
+    from bigray.artifacts.locate import resolve_checkpoint, servable
 
-    gpt_dir, resnet = str(Path(gpt_dir).resolve()), str(classifier_dir(resnet))
+    gpt_dir, resnet = str(Path(gpt_dir).resolve()), servable(resolve_checkpoint(resnet), "resnet")
     ray.init(num_cpus=2, include_dashboard=True)
     try:
         result = {

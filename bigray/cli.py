@@ -110,16 +110,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from bigray.serve.launch import deploy_from, serve_forever
     from bigray.serve.settings import ServeArgs
 
-    from bigray.artifacts.locate import gpt_model_dir, resnet_checkpoint_dir
-    from bigray.artifacts.storage import is_uri
+    from bigray.artifacts.locate import servable
 
     settings = load_settings(ServeArgs, args.config, args.overrides + _serve_overrides(args))
     if not settings.gpt_checkpoint and not settings.resnet_checkpoint:
         raise ConfigError("gpt_checkpoint", "give --gpt CKPT, --resnet CKPT or both")
-    # Refuse a broken local checkpoint here, with one clear error, before any replica tries it.
-    for path, check_dir in ((settings.gpt_checkpoint, gpt_model_dir), (settings.resnet_checkpoint, resnet_checkpoint_dir)):
-        if path and not is_uri(path):
-            check_dir(path)
+    # Refuse a broken checkpoint (local or in storage) here, with one clear error, before any replica tries it.
+    for path, kind in ((settings.gpt_checkpoint, "gpt"), (settings.resnet_checkpoint, "resnet")):
+        if path:
+            servable(path, kind)
     if args.detach:
         print(json.dumps({"deployed": "bigray", "url": deploy_from(settings)}), flush=True)
     else:
@@ -219,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from bigray.artifacts.checkpoint import CheckpointError
+    from bigray.artifacts.storage import StorageError
     from bigray.data.cache import DataError
     from bigray.recipes.launch import TrainingFailed
 
@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except CheckpointError as e:
         print(f"bigray: checkpoint error: {e}", file=sys.stderr)
+        return 2
+    except StorageError as e:
+        print(f"bigray: storage error: {e}", file=sys.stderr)
         return 2
     except TrainingFailed as e:
         print(f"bigray: {e}", file=sys.stderr)

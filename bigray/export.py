@@ -13,26 +13,37 @@ from typing import Any
 
 from bigray.artifacts.checkpoint import CheckpointError, read_meta
 from bigray.artifacts.hf_gpt import save_hf_model
-from bigray.artifacts.locate import resolve_checkpoint
+from bigray.artifacts.locate import local_checkpoint
+from bigray.artifacts.storage import file_sizes, is_dir, is_uri, upload
 from bigray.train.engine import fp32_weights
 
 log = logging.getLogger(__name__)
 
 
 def export_gpt(checkpoint: str, out: str) -> dict[str, Any]:
-    """Write a Hugging Face model directory from a bigray GPT checkpoint; returns a summary."""
+    """Write a Hugging Face model directory from a bigray GPT checkpoint; returns a summary.
+
+    Either side may be a storage URI: a remote checkpoint is copied down once (this node's cache),
+    a remote target is written locally and uploaded at the end. A target that already holds files is
+    refused, so nothing there is overwritten.
+    """
+    import tempfile
+
     from transformers import GPT2Config
 
-    ckpt = resolve_checkpoint(checkpoint)
+    if is_dir(out) and file_sizes(out):
+        raise CheckpointError(f"export target {out} is not empty; choose a new directory")
+    ckpt = local_checkpoint(checkpoint, "gpt")
     meta = read_meta(ckpt, "gpt")
-    out_dir = Path(out)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise CheckpointError(f"export target {out_dir} is not empty; choose a new directory")
     state_dict = fp32_weights(ckpt, meta["zero_stage"])
     model_cfg = GPT2Config.from_pretrained(str(ckpt / "model"))
-    save_hf_model(state_dict, model_cfg, ckpt / "model", out_dir / ".partial")
-    for f in (out_dir / ".partial").iterdir():
-        f.rename(out_dir / f.name)
-    (out_dir / ".partial").rmdir()
-    log.info("exported %s (step %s, ZeRO-%s, %d ranks) to %s", ckpt, meta["step"], meta["zero_stage"], meta["world_size"], out_dir)
-    return {"checkpoint": str(ckpt), "step": meta["step"], "zero_stage": meta["zero_stage"], "ranks": meta["world_size"]}
+    with tempfile.TemporaryDirectory(prefix="bigray-export-") as staging:
+        out_dir = Path(staging) if is_uri(out) else Path(out)
+        save_hf_model(state_dict, model_cfg, ckpt / "model", out_dir / ".partial")
+        for f in (out_dir / ".partial").iterdir():
+            f.rename(out_dir / f.name)
+        (out_dir / ".partial").rmdir()
+        if is_uri(out):
+            upload(out_dir, out)
+    log.info("exported %s (step %s, ZeRO-%s, %d ranks) to %s", checkpoint, meta["step"], meta["zero_stage"], meta["world_size"], out)
+    return {"checkpoint": checkpoint, "step": meta["step"], "zero_stage": meta["zero_stage"], "ranks": meta["world_size"]}

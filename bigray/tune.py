@@ -12,17 +12,17 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 from ray.train.v2.api.callback import UserCallback
 
 from bigray.artifacts.checkpoint import CheckpointError, is_complete
 from bigray.artifacts.runs import finish, save_resolved_config
-from bigray.artifacts.storage import absolute, is_uri, run_dir
+from bigray.artifacts.storage import absolute, exists, full_uri, join, name_of, read_text, run_dir, write_text
 from bigray.cluster import ensure_ray
 from bigray.config import ConfigError, TuneJobConfig, from_dict, set_dotted, to_dict
 from bigray.recipes import JOBS
@@ -107,7 +107,7 @@ def trial_driver(config: dict[str, Any]) -> None:
         # from it in a run of its own, named after the checkpoint so a resume finds it again.
         tag = hashlib.sha1(start.path.encode()).hexdigest()[:8]
         run = dataclasses.replace(cfg.run, name=f"{cfg.run.name}-from-{tag}")
-        cfg = dataclasses.replace(cfg, run=run, resume_from=start.path)
+        cfg = dataclasses.replace(cfg, run=run, resume_from=full_uri(cfg.run.storage_path, start.path))
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     trainer = build_trainer(kind, kind.prepare(cfg), callbacks=[ForwardReports(queue)])
     outcome: dict[str, BaseException] = {}
@@ -125,7 +125,7 @@ def trial_driver(config: dict[str, Any]) -> None:
             metrics, path, filesystem = queue.get(timeout=1.0)
         except Empty:
             continue
-        metrics[CHECKPOINT_PATH] = path
+        metrics[CHECKPOINT_PATH] = full_uri(cfg.run.storage_path, path) if path else None  # keeps s3:// (and options)
         ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint(path, filesystem) if path else None)
     queue.shutdown()
     if "error" in outcome:
@@ -196,7 +196,7 @@ def make_tuner(job: TuneJobConfig, base: dict[str, Any], directory: str) -> Any:
     param_space = {
         "kind": t.trainer,
         "trainer": base,
-        "trials_dir": directory + "/trials",
+        "trials_dir": join(directory, "trials"),
         PARAMS: search_space(t.space),
     }
     return tune.Tuner(
@@ -249,7 +249,7 @@ def results_table(grid: Any, job: TuneJobConfig, cfg: Any) -> list[dict[str, Any
         else:
             status = "completed"
         rows.append({
-            "trial_id": metrics.get("trial_id") or Path(result.path).name,
+            "trial_id": metrics.get("trial_id") or name_of(result.path),
             "config": json.dumps((result.config or {}).get(PARAMS, {}), sort_keys=True),
             f"best {t.metric}": best, "iterations": iterations, "status": status, "checkpoint": checkpoint,
             "error": (str(result.error).strip().splitlines() or [""])[-1][:200] if result.error else "",
@@ -278,18 +278,20 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
     started = ensure_ray()
     try:
         if resume_dir:
-            directory = str(Path(resume_dir).resolve())
-            saved = json.loads(Path(directory, "tune_job.json").read_text())
+            directory = absolute(resume_dir)
+            if not exists(join(directory, "tune_job.json")):
+                raise ConfigError("--resume", f"{directory} holds no bigray search (no tune_job.json)")
+            saved = json.loads(read_text(join(directory, "tune_job.json")))
             job = from_dict(TuneJobConfig, saved["job"])
             base = saved["trainer"]
             tuner = tune.Tuner.restore(directory, trainable=tune.with_resources(trial_driver, {"CPU": DRIVER_CPU}), resume_errored=False)
         else:
             directory = run_dir(job.run.storage_path, job.run.name)
-            if Path(directory, "tune_job.json").exists():
+            if exists(join(directory, "tune_job.json")):
                 raise ConfigError("run.name", f"{directory} already holds a search; resume it with --resume {directory} or pick a new run.name")
-            base = prepare_base(job, directory + "/trials")
+            base = prepare_base(job, join(directory, "trials"))
             save_resolved_config(directory, job)
-            Path(directory, "tune_job.json").write_text(json.dumps({"job": to_dict(job), "trainer": base}, indent=2))
+            write_text(join(directory, "tune_job.json"), json.dumps({"job": to_dict(job), "trainer": base}, indent=2))
             tuner = make_tuner(job, base, directory)
         grid = tuner.fit()
     finally:
@@ -300,24 +302,25 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
     kind = JOBS[job.tune.trainer]
     rows = results_table(grid, job, from_dict(kind.config_class, base))
     print_table(rows)
-    with open(Path(directory, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial_id"])
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else ["trial_id"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(join(directory, "results.csv"), table.getvalue())
     key = f"best {job.tune.metric}"
     scored = [r for r in rows if r[key] is not None and r["status"] != "failed"]
     if not scored:
         raise RuntimeError("no trial produced the metric; see results.csv")
-    if not is_uri(directory):  # the one completeness check, before the best checkpoint is handed on
-        handed = [r for r in scored if r["checkpoint"] and is_complete(r["checkpoint"])]
-        for r in scored:
-            if r not in handed:
-                log.warning("trial %s is not handed on: its checkpoint %s is missing or incomplete", r["trial_id"], r["checkpoint"])
-        if not handed:
-            raise CheckpointError("no trial left a complete checkpoint; see results.csv")
-        scored = handed
+    # the one completeness check, before the best checkpoint is handed on
+    handed = [r for r in scored if r["checkpoint"] and is_complete(r["checkpoint"])]
+    for r in scored:
+        if r not in handed:
+            log.warning("trial %s is not handed on: its checkpoint %s is missing or incomplete", r["trial_id"], r["checkpoint"])
+    if not handed:
+        raise CheckpointError("no trial left a complete checkpoint; see results.csv")
+    scored = handed
     best = (min if job.tune.mode == "min" else max)(scored, key=lambda r: r[key])
-    best_config = trial_config(base, json.loads(best["config"]), kind, directory + "/trials", best["trial_id"])
+    best_config = trial_config(base, json.loads(best["config"]), kind, join(directory, "trials"), best["trial_id"])
     return finish(
         directory,
         best["checkpoint"],

@@ -83,7 +83,7 @@ def test_hostile_pickle_is_refused_everywhere_and_never_runs(hostile, run_with_t
         assert "posix.system" in err and err.count("\n") == 1, (name, err)
     assert not marker.exists()
     run, older, _ = run_with_two
-    assert latest_complete(run, "gpt") == older  # an automatic resume skips it
+    assert latest_complete(run, "gpt") == str(older)  # an automatic resume skips it
 
 
 @pytest.mark.parametrize(
@@ -104,7 +104,7 @@ def test_malformed_checkpoints_are_refused_by_name(run_with_two, tmp_path, capsy
     damage(newest)
     with pytest.raises(CheckpointError, match=reason):
         read_meta(newest, "gpt")
-    assert latest_complete(run, "gpt") == older
+    assert latest_complete(run, "gpt") == str(older)
     assert f"skipping checkpoint {newest.name}" in caplog.text
     assert main(["export", str(newest), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -116,9 +116,9 @@ def test_summary_pointing_at_a_deleted_checkpoint_falls_back(run_with_two):
 
     run, older, newest = run_with_two
     (run / "summary.json").write_text(json.dumps({"checkpoint": str(run / "checkpoint_step_0000999")}))
-    assert resolve_checkpoint(str(run / "summary.json")) == newest
+    assert resolve_checkpoint(str(run / "summary.json")) == str(newest)
     shutil.rmtree(newest)
-    assert resolve_checkpoint(str(run)) == older
+    assert resolve_checkpoint(str(run)) == str(older)
     shutil.rmtree(older)
     with pytest.raises(CheckpointError, match="holds no other complete checkpoint"):
         resolve_checkpoint(str(run / "summary.json"))

@@ -73,10 +73,10 @@ def test_interrupted_checkpoint_is_never_loaded(gpt_checkpoint, tmp_path):
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="incomplete"):
         read_meta(newest)
-    assert latest_complete(run) == good
+    assert latest_complete(run) == str(good)
     from bigray.artifacts.locate import resolve_checkpoint
 
-    assert resolve_checkpoint(str(run)) == good  # resuming from the run directory picks the complete one
+    assert resolve_checkpoint(str(run)) == str(good)  # resuming from the run directory picks the complete one
     (newest / "ranks" / "rank_0.json").unlink()  # a rank that never finished writing
     with pytest.raises(CheckpointError, match="rank 0 never finished"):
         read_meta(newest)
@@ -99,7 +99,8 @@ def test_resume_after_a_kill_skips_a_truncated_newest_checkpoint(ray_cluster, sm
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     assert workers, "no live training worker to kill"
     newest = latest_complete(run_dir)
-    assert newest is not None and newest.name == "checkpoint_step_0000020", newest
+    assert newest is not None and Path(newest).name == "checkpoint_step_0000020", newest
+    newest = Path(newest)
     shard = next((newest / "deepspeed" / "state").glob("*optim_states.pt"))
     shard.write_bytes(shard.read_bytes()[:100])  # the newest checkpoint is cut short ...
     os.kill(workers[0].pid, signal.SIGKILL)  # ... and a worker dies before the next one

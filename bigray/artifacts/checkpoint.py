@@ -28,6 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bigray.artifacts.storage import StorageError, file_sizes, is_dir, is_uri, join, name_of, read_text, subdirs
+
 log = logging.getLogger(__name__)
 
 FORMAT = "bigray-checkpoint-v1"
@@ -75,10 +77,10 @@ def write_meta(directory: str | Path, meta: dict[str, Any]) -> None:
     _write_atomically(Path(directory, META), json.dumps({"format": FORMAT, **meta}, indent=2))
 
 
-def _read_json(path: Path, what: str) -> Any:
+def _read_json(path: str, what: str) -> Any:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        return json.loads(read_text(path))
+    except (OSError, ValueError, StorageError) as e:
         raise CheckpointError(f"{what} {path} is unreadable: {e}") from None
 
 
@@ -97,12 +99,21 @@ def unsafe_pickled_types(path: str | Path) -> list[str]:
 
 
 def read_meta(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
-    """Read and verify a checkpoint; raise CheckpointError naming what is wrong (and nothing else)."""
-    directory = Path(directory)
-    if not directory.is_dir():
+    """Read and verify a checkpoint (a local directory or a URI); raise CheckpointError naming what is
+    wrong (and nothing else).
+
+    The pickle scan needs the files themselves: it runs on local directories, which is where every
+    load happens (a URI is checked here from one listing, then copied down and checked again).
+    """
+    directory = str(directory)
+    try:
+        present = file_sizes(directory) if is_dir(directory) else None
+    except StorageError as e:
+        raise CheckpointError(str(e)) from None
+    if present is None:
         raise CheckpointError(f"checkpoint {directory} does not exist")
-    meta_path = directory / META
-    if not meta_path.is_file():
+    meta_path = join(directory, META)
+    if META not in present:
         raise CheckpointError(f"{directory} is not a bigray checkpoint (no {META})")
     meta = _read_json(meta_path, "checkpoint metadata")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -117,23 +128,23 @@ def read_meta(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
         if key not in meta:
             raise CheckpointError(f"{meta_path} lacks '{key}'")
     for rank in ranks:
-        marker = directory / "ranks" / f"rank_{rank}.json"
-        if not marker.is_file():
+        marker = f"ranks/rank_{rank}.json"
+        if marker not in present:
             raise CheckpointError(f"checkpoint {directory} is incomplete: rank {rank} never finished writing")
-        files = _read_json(marker, f"rank {rank}'s marker")
+        files = _read_json(join(directory, marker), f"rank {rank}'s marker")
         files = files.get("files") if isinstance(files, dict) else None
         if not isinstance(files, dict) or not all(isinstance(s, int) for s in files.values()):
-            raise CheckpointError(f"rank {rank}'s marker {marker} does not list its files with their sizes")
+            raise CheckpointError(f"rank {rank}'s marker {join(directory, marker)} does not list its files with their sizes")
         for rel, size in files.items():
-            p = directory / rel
-            if not p.is_file() or p.stat().st_size != size:
+            if present.get(rel) != size:
                 raise CheckpointError(f"checkpoint {directory} is incomplete: {rel} from rank {rank} is missing or truncated")
-    for p in sorted(directory.rglob("*.pt")):
-        unsafe = unsafe_pickled_types(p)
-        if unsafe:
-            raise CheckpointError(
-                f"{p} needs {', '.join(unsafe)} to load, which bigray never unpickles (not an allow-listed type): refusing it"
-            )
+    if not is_uri(directory):
+        for rel in sorted(r for r in present if r.endswith(".pt")):
+            unsafe = unsafe_pickled_types(Path(directory, rel))
+            if unsafe:
+                raise CheckpointError(
+                    f"{Path(directory, rel)} needs {', '.join(unsafe)} to load, which bigray never unpickles (not an allow-listed type): refusing it"
+                )
     return meta
 
 
@@ -146,16 +157,19 @@ def is_complete(directory: str | Path, kind: str | None = None) -> bool:
         return False
 
 
-def latest_complete(run_directory: str | Path, kind: str | None = None) -> Path | None:
-    """The newest complete checkpoint under a run directory (Ray names them checkpoint_*).
+def latest_complete(run_directory: str | Path, kind: str | None = None) -> str | None:
+    """The newest complete checkpoint under a run directory or URI (Ray names them checkpoint_*).
 
     Newer checkpoints that are refused are skipped, each with one warning saying why.
     """
-    candidates = sorted((p for p in Path(run_directory).glob("checkpoint*") if p.is_dir()), key=lambda p: p.name, reverse=True)
-    for c in candidates:
+    try:
+        found = subdirs(str(run_directory))
+    except StorageError as e:
+        raise CheckpointError(str(e)) from None
+    for c in sorted((d for d in found if name_of(d).startswith("checkpoint")), key=name_of, reverse=True):
         try:
             read_meta(c, kind)
             return c
         except CheckpointError as e:
-            log.warning("skipping checkpoint %s: %s", c.name, e)
+            log.warning("skipping checkpoint %s: %s", name_of(c), e)
     return None

@@ -1,76 +1,118 @@
 """Finding the checkpoint a user means: a checkpoint directory, a run directory (its newest complete
-checkpoint), a ``summary.json`` (the checkpoint it records) or a storage URI of any of those.
+checkpoint), a ``summary.json`` (the checkpoint it records), or an exported model directory; each a
+local path or a storage URI.
 
-Whatever is found goes through the one completeness check (checkpoint.read_meta) before use.
+:func:`resolve_checkpoint` only finds (nothing is copied); :func:`local_checkpoint` and
+:func:`served_model` also check it with the one completeness check (checkpoint.read_meta) and copy
+down, once per node, what the caller will load.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-from bigray.artifacts.checkpoint import CheckpointError, latest_complete, read_meta
-from bigray.artifacts.storage import local_dir
+from bigray.artifacts.checkpoint import META, CheckpointError, latest_complete, read_meta
+from bigray.artifacts.storage import absolute, cached_copy, drop_copy, exists, is_dir, join, kind_of, name_of, parent, read_text
 
 log = logging.getLogger(__name__)
 
+MODEL_PARTS = (META, "ranks", "model")
+"""What a served model needs from a checkpoint: its metadata, the markers and ``model/`` (no ZeRO shards)."""
 
-def _from_summary(summary: Path) -> Path:
+
+def is_export(location: str) -> bool:
+    """An exported Hugging Face / model directory (weights + config, no bigray.json)."""
+    return exists(join(location, "config.json")) and not exists(join(location, META))
+
+
+def _from_summary(summary: str) -> str:
     """The checkpoint a summary.json records; if retention deleted it (or it is incomplete), the run's
     newest complete checkpoint instead."""
     try:
-        recorded = json.loads(summary.read_text()).get("checkpoint")
+        recorded = json.loads(read_text(summary)).get("checkpoint")
     except (OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{summary} is not a readable bigray summary: {e}") from None
     if not recorded or not isinstance(recorded, str):
         raise CheckpointError(f"{summary} records no checkpoint")
-    ckpt = Path(recorded)
-    if (ckpt / "config.json").is_file() and not (ckpt / "bigray.json").exists():
-        return ckpt  # an exported model directory
+    if is_export(recorded):
+        return recorded
     try:
-        read_meta(ckpt)
-        return ckpt
+        read_meta(recorded)
+        return recorded
     except CheckpointError as e:
-        fallback = latest_complete(summary.parent)
+        fallback = latest_complete(parent(summary))
         if fallback is None:
-            raise CheckpointError(f"{summary} records {ckpt}, which cannot be used ({e}), and its run holds no other complete checkpoint") from None
-        log.warning("%s records %s, which cannot be used (%s); using %s", summary, ckpt, e, fallback)
+            raise CheckpointError(f"{summary} records {recorded}, which cannot be used ({e}), and its run holds no other complete checkpoint") from None
+        log.warning("%s records %s, which cannot be used (%s); using %s", summary, recorded, e, fallback)
         return fallback
 
 
-def resolve_checkpoint(path: str) -> Path:
-    """The checkpoint (or model) directory that ``path`` names; CheckpointError when there is none."""
-    p = Path(path)
-    if p.is_file() and p.name == "summary.json":
-        return _from_summary(p)
-    if p.is_dir() and not (p / "bigray.json").exists() and not (p / "config.json").exists():
-        if (p / "summary.json").is_file():
-            return _from_summary(p / "summary.json")
-        found = latest_complete(p)
-        if found is None:
-            raise CheckpointError(f"{p} holds no complete bigray checkpoint")
-        return found
-    return p
+def resolve_checkpoint(path: str) -> str:
+    """The checkpoint (or exported model) location that ``path`` names; CheckpointError when there is none."""
+    path = absolute(str(path))
+    found = kind_of(path)
+    if found == "missing":
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if found == "file" and name_of(path) == "summary.json":
+        return _from_summary(path)
+    if found == "dir" and not exists(join(path, META)) and not exists(join(path, "config.json")):
+        if exists(join(path, "summary.json")):
+            return _from_summary(join(path, "summary.json"))
+        newest = latest_complete(path)
+        if newest is None:
+            raise CheckpointError(f"{path} holds no complete bigray checkpoint")
+        return newest
+    return path
 
 
-def gpt_model_dir(path: str) -> Path:
-    """The Hugging Face directory of a GPT checkpoint (checked complete), run directory, summary.json
-    or export (or a URI of one)."""
-    p = local_dir(path)
-    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
-        return p
-    ckpt = resolve_checkpoint(str(p))
-    read_meta(ckpt, "gpt")
-    return ckpt / "model"
+def local_checkpoint(path: str, kind: str | None = None) -> Path:
+    """A complete checkpoint as a local directory: resolved, checked, copied down once per node when
+    it lives in storage, and checked again there (pickles are scanned on the local copy)."""
+    location = resolve_checkpoint(path)
+    if not is_dir(location):
+        raise CheckpointError(f"checkpoint {location} is not a directory")
+    if not is_export(location):
+        read_meta(location, kind)
+    local = cached_copy(location, area="checkpoints")
+    if not is_export(str(local)):
+        read_meta(local, kind)
+    return local
 
 
-def resnet_checkpoint_dir(path: str) -> Path:
-    """The checkpoint directory (checked complete) of a ResNet checkpoint, run directory or
-    summary.json, or a bare model directory (or a URI of one)."""
-    p = local_dir(path)
-    if (p / "model.json").is_file():
-        return p
-    ckpt = resolve_checkpoint(str(p))
-    read_meta(ckpt, "resnet")
-    return ckpt
+@dataclass(frozen=True)
+class ServedModel:
+    """The local copy of what a Serve replica loads, and where it came from (to release it)."""
+
+    directory: Path
+    """The checkpoint (or exported model) directory to load from: ``directory/model`` or the export."""
+    source: str
+    parts: tuple[str, ...]
+
+    @property
+    def model_dir(self) -> Path:
+        """The Hugging Face / model-card directory itself."""
+        return self.directory / "model" if (self.directory / "model").is_dir() else self.directory
+
+    def release(self) -> None:
+        """Delete this node's copy (after a swap or at shutdown; a local checkpoint is left alone)."""
+        drop_copy(self.source, self.parts, area="serve")
+
+
+def servable(path: str, kind: str) -> str:
+    """The location of a model ready to serve: an exported/bare model directory, or a checkpoint
+    that passes the completeness check; CheckpointError otherwise. Nothing is copied."""
+    location = resolve_checkpoint(path)
+    if not (is_export(location) or exists(join(location, "model.json"))):
+        read_meta(location, kind)
+    return location
+
+
+def served_model(path: str, kind: str) -> ServedModel:
+    """Check a checkpoint and copy down only what serving needs (``model/`` and its markers, never
+    the ZeRO shards) into this node's Serve cache, reused while it stays served."""
+    location = servable(path, kind)
+    parts = () if is_export(location) or exists(join(location, "model.json")) else MODEL_PARTS
+    return ServedModel(cached_copy(location, parts, area="serve"), location, parts)

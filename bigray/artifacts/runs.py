@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from bigray.artifacts.storage import delete_file, exists, is_uri, read_text, write_text
+from bigray.artifacts.storage import delete_file, exists, join, read_text, write_text
 from bigray.config import to_dict
 
 METRICS = "metrics.jsonl"
@@ -26,18 +26,16 @@ def save_resolved_config(directory: str, cfg: Any) -> None:
     write_text(directory + "/config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def append_metrics(directory: str, metrics: dict[str, Any]) -> None:
-    """One line of ``metrics.jsonl`` per report (local run directories only, for now)."""
-    if is_uri(directory):
-        return
+def append_metrics(directory: str | Path, metrics: dict[str, Any]) -> None:
+    """One line of ``metrics.jsonl`` per report, in a local directory (RunLog uploads it to storage)."""
     with open(Path(directory) / METRICS, "a") as f:
         f.write(json.dumps(metrics) + "\n")
 
 
 def read_metrics(directory: str) -> list[dict[str, Any]]:
-    """Every report in a run's ``metrics.jsonl`` (empty when there is none)."""
-    path = Path(directory) / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """Every report in a run's ``metrics.jsonl``, local or in storage (empty when there is none)."""
+    path = join(directory, METRICS)
+    return [json.loads(line) for line in read_text(path).splitlines()] if exists(path) else []
 
 
 def record_failure(directory: str, reason: str) -> None:

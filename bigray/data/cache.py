@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from bigray.artifacts.storage import FileLock
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -74,29 +76,6 @@ def verify_manifest(directory: Path) -> dict[str, Any] | None:
         log.warning("manifest %s is unreadable; rebuilding", manifest_path)
         return None
     return manifest
-
-
-class FileLock:
-    """An exclusive lock file, so concurrent workers build a cache entry once."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fd: int | None = None
-
-    def __enter__(self) -> "FileLock":
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        import fcntl
-
-        assert self._fd is not None
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
 
 
 def build_cache_dir(directory: Path, build: Callable[[Path], dict[str, Any]]) -> tuple[dict[str, Any], bool]:

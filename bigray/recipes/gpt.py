@@ -44,7 +44,7 @@ def prepare_pretrain(cfg: GPTPretrainConfig) -> PreparedJob:
 def prepare_finetune(cfg: GPTFinetuneConfig) -> PreparedJob:
     """Open and check the base model, encode the fine-tuning data with its tokenizer, check the job."""
     base = open_pretrained(cfg.init_from)
-    cfg = dataclasses.replace(cfg, init_from=str(base.path), data=finetune_data.with_absolute_paths(cfg.data))
+    cfg = dataclasses.replace(cfg, init_from=base.source, data=finetune_data.with_absolute_paths(cfg.data))
     data = finetune_data.prepare_finetune_data(cfg.data, base.model_dir)
     check_block_fits(cfg.model.block_size, base.config)
     return _checked(cfg, data, base.config)
@@ -56,8 +56,7 @@ def _checked(cfg: GPTJob, data: TextDataset, model_cfg: Any) -> PreparedJob:
     for split in ("train", "val"):
         token_windows(data, split, cfg.model.block_size)
     if cfg.resume_from:
-        resolved = resolve_checkpoint(cfg.resume_from)
-        cfg = dataclasses.replace(cfg, resume_from=absolute(str(resolved)))
+        cfg = dataclasses.replace(cfg, resume_from=resolve_checkpoint(cfg.resume_from))
     with resuming(cfg, KIND) as ckpt:
         if ckpt is not None:
             check_resume_compatible(read_meta(ckpt, KIND), cfg, model_cfg, cfg.scaling.num_workers, data.manifest["tokenizer_sha256"])

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 
 from bigray.artifacts.runs import clear_failure, finish, recorded_failure, save_resolved_config
 from bigray.artifacts.checkpoint import CheckpointError, latest_complete
-from bigray.artifacts.storage import absolute, is_uri, run_dir
+from bigray.artifacts.storage import absolute, full_uri, run_dir
 from bigray.cluster import check_resources, ensure_ray
 from bigray.config import to_dict
 
@@ -59,16 +59,15 @@ class JobKind:
 
 
 @contextlib.contextmanager
-def resuming(cfg: Any, kind_name: str) -> Iterator[Path | None]:
+def resuming(cfg: Any, kind_name: str) -> Iterator[str | None]:
     """The checkpoint a launch of ``cfg`` will continue from, for the driver to check before any worker
     starts: the explicit ``resume_from``, or else the newest complete checkpoint of the same run name
     (re-running a run name resumes it). An incompatible one then fails here, once, with the reason.
     """
     if cfg.resume_from:
-        yield Path(cfg.resume_from)
+        yield cfg.resume_from
         return
-    directory = run_dir(cfg.run.storage_path, cfg.run.name)
-    previous = None if is_uri(directory) else latest_complete(directory, kind_name)
+    previous = latest_complete(run_dir(cfg.run.storage_path, cfg.run.name), kind_name)
     try:
         yield previous
     except CheckpointError as e:
@@ -144,8 +143,8 @@ def run_training(kind: JobKind, prepared: PreparedJob) -> TrainOutcome:
     best = result.get_best_checkpoint(kind.metric, kind.mode) if result.best_checkpoints else None
     return TrainOutcome(
         run_dir=directory,
-        checkpoint=result.checkpoint.path if result.checkpoint else None,
-        best_checkpoint=best.path if best else None,
+        checkpoint=full_uri(cfg.run.storage_path, result.checkpoint.path) if result.checkpoint else None,
+        best_checkpoint=full_uri(cfg.run.storage_path, best.path) if best else None,
         metrics=dict(result.metrics or {}),
     )
 

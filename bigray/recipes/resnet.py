@@ -7,7 +7,6 @@ from typing import Any
 
 from bigray.artifacts.checkpoint import read_meta
 from bigray.artifacts.locate import resolve_checkpoint
-from bigray.artifacts.storage import absolute
 from bigray.config import ResNetJobConfig
 from bigray.data.images import load_images, with_absolute_root
 from bigray.recipes.launch import JobKind, PreparedJob, in_run_dir, launch, resuming
@@ -21,7 +20,7 @@ def prepare_resnet(cfg: ResNetJobConfig) -> PreparedJob:
     load_images(cfg.data)  # fail fast on a bad data root, before any Ray work
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, download=False))
     if cfg.resume_from:
-        cfg = dataclasses.replace(cfg, resume_from=absolute(str(resolve_checkpoint(cfg.resume_from))))
+        cfg = dataclasses.replace(cfg, resume_from=resolve_checkpoint(cfg.resume_from))
     with resuming(cfg, KIND) as ckpt:
         if ckpt is not None:
             check_resume_compatible(read_meta(ckpt, KIND), cfg)

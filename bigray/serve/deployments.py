@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Iterator
 
 from ray import serve
 
-from bigray.artifacts.locate import gpt_model_dir
+from bigray.artifacts.locate import ServedModel, served_model
 from bigray.serve.protocol import Admitted, Delta, ErrorDetail, GenerationParams, ServeError
 from bigray.serve.runners import ClassifierRunner, GPTRunner, Prompt
 from bigray.serve.settings import DeploymentArgs
@@ -46,6 +46,7 @@ class SwappableModel:
         self.runner: Any = None
         self.checkpoint: str | None = None
         self.refused: dict[str, str] | None = None
+        self.served: ServedModel | None = None
         self._batched.set_max_batch_size(self.settings.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         self._model_idle = asyncio.Event()
@@ -67,7 +68,11 @@ class SwappableModel:
         batches, requests = sum(self.batch_sizes.values()), sum(k * n for k, n in self.batch_sizes.items())
         return {"batches": batches, "requests": requests, "largest": max(self.batch_sizes, default=0)}
 
-    def load(self, path: str) -> Any:
+    kind = ""
+    """The checkpoint kind this deployment serves (gpt, resnet)."""
+
+    def load(self, served: ServedModel) -> Any:
+        """A runner for the local copy of a checked model."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
@@ -87,27 +92,41 @@ class SwappableModel:
         path = user_config["checkpoint"]
         if path == self.checkpoint:
             return
+        served = None
         try:
-            runner = self.load(path)
-        except Exception as e:  # CheckpointError, or anything else that stops the new model loading
+            served = served_model(path, self.kind)
+            runner = self.load(served)
+        except Exception as e:  # CheckpointError, StorageError, or anything else that stops the new model loading
+            if served is not None and served.source != getattr(self.served, "source", None):
+                served.release()
             if self.runner is None:
                 raise
             log.error("refused to swap to %s, still serving %s: %s", path, self.checkpoint, e)
             self.refused = {"checkpoint": path, "reason": str(e)[:500]}
             return
+        previous, self.served = self.served, served
         self.runner, self.checkpoint, self.refused = runner, path, None
+        if previous is not None and previous.source != served.source:
+            previous.release()  # the swapped-out model's local copy
+
+    def __del__(self) -> None:
+        """Serve shuts the replica down: its local copy of the model goes too."""
+        if getattr(self, "served", None) is not None:
+            self.served.release()
 
 
 @serve.deployment(name="gpt")
 class GPTDeployment(SwappableModel):
     """Text generation; concurrent prompts are decoded together (shared forward passes + KV cache)."""
 
+    kind = "gpt"
+
     def __init__(self, max_prompt_tokens: int, settings: dict[str, Any]):
         self.max_prompt_tokens = max_prompt_tokens
         super().__init__(settings)
 
-    def load(self, path: str) -> GPTRunner:
-        return GPTRunner(gpt_model_dir(path), self.max_prompt_tokens, self.settings.dtype, self.settings.num_gpus > 0)
+    def load(self, served: ServedModel) -> GPTRunner:
+        return GPTRunner(served.model_dir, self.max_prompt_tokens, self.settings.dtype, self.settings.num_gpus > 0)
 
     def describe(self) -> dict[str, Any]:
         return {"context": self.runner.max_positions}
@@ -140,12 +159,14 @@ class GPTDeployment(SwappableModel):
 class ResNetDeployment(SwappableModel):
     """Image classification with dynamic batching (@serve.batch)."""
 
+    kind = "resnet"
+
     def __init__(self, max_image_pixels: int, settings: dict[str, Any]):
         self.max_image_pixels = max_image_pixels
         super().__init__(settings)
 
-    def load(self, path: str) -> ClassifierRunner:
-        return ClassifierRunner(path, self.max_image_pixels, self.settings.dtype, self.settings.num_gpus > 0)
+    def load(self, served: ServedModel) -> ClassifierRunner:
+        return ClassifierRunner(served.model_dir, self.max_image_pixels, self.settings.dtype, self.settings.num_gpus > 0)
 
     def describe(self) -> dict[str, Any]:
         return self.runner.describe()

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from bigray.artifacts.checkpoint import CheckpointError, is_complete, latest_complete
+from bigray.artifacts.locate import local_checkpoint
 from bigray.artifacts.runs import record_failure
 from bigray.artifacts.storage import is_uri
 from bigray.cluster import torch_device
@@ -120,8 +121,7 @@ class LocalContext(TrainContext):
 
     @contextlib.contextmanager
     def reported_checkpoint(self) -> Iterator[str | None]:
-        latest = latest_complete(self.run_dir) if self.run_dir.is_dir() else None
-        yield str(latest) if latest else None
+        yield latest_complete(self.run_dir) if self.run_dir.is_dir() else None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, name: str | None = None) -> None:
         self.history.append(dict(metrics))
@@ -161,12 +161,14 @@ def checkpoint_to_resume(ctx: TrainContext, resume_from: str, run_dir: str | Non
     run name) wins; else the job's explicit ``resume_from``; else nothing. A checkpoint whose
     write was interrupted is never loaded: the newest complete one in the run directory is used.
     """
-    with ctx.reported_checkpoint() as ckpt:
-        ckpt = ckpt or resume_from or None
-        if ckpt and not is_complete(ckpt, kind) and run_dir and not is_uri(run_dir):
+    with ctx.reported_checkpoint() as reported:
+        ckpt = reported or resume_from or None
+        if ckpt and not is_complete(ckpt, kind) and run_dir:
             fallback = latest_complete(run_dir, kind)
-            log.warning("checkpoint %s is incomplete; resuming from %s instead", ckpt, fallback)
-            ckpt = str(fallback) if fallback else None
+            log.warning("checkpoint %s is incomplete; %s", ckpt, f"resuming from {fallback} instead" if fallback else "starting fresh")
+            ckpt = fallback
+        if ckpt and is_uri(ckpt):  # an explicit resume_from in storage: copied to this node once
+            ckpt = str(local_checkpoint(ckpt, kind))
         yield ckpt
 
 

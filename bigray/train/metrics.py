@@ -4,13 +4,14 @@ run log rank 0 writes (metrics.jsonl and TensorBoard in the run directory)."""
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from typing import Any
 
 import torch
 
-from bigray.artifacts.runs import append_metrics
-from bigray.artifacts.storage import is_uri
+from bigray.artifacts.runs import METRICS, append_metrics
+from bigray.artifacts.storage import exists, is_uri, join, read_text, upload, write_text
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) from the vendors' data sheets.
 GPU_PEAK_BF16 = {
@@ -53,25 +54,34 @@ def peak_flops(device: torch.device, precision: str) -> float:
 class RunLog:
     """Rank 0's record of a run in its run directory: ``metrics.jsonl`` and TensorBoard scalars.
 
-    Other ranks, runs without a directory, and (for now) run directories on storage URIs log nothing.
+    A run directory in storage gets the same files: they are written to a local mirror (seeded with
+    the run's earlier ``metrics.jsonl``, so a resumed run keeps its history) and uploaded after every
+    report. Other ranks and runs without a directory log nothing.
     """
 
     def __init__(self, run_dir: str | None, is_main: bool):
-        self.run_dir = run_dir if is_main and run_dir and not is_uri(run_dir) else None
+        self.run_dir = run_dir if is_main and run_dir else None
         self.writer: Any = None
+        self.local: str | None = None
         if self.run_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(f"{self.run_dir}/tensorboard")
+            self.local = self.run_dir if not is_uri(self.run_dir) else tempfile.mkdtemp(prefix="bigray-runlog-")
+            if is_uri(self.run_dir) and exists(join(self.run_dir, METRICS)):
+                write_text(join(self.local, METRICS), read_text(join(self.run_dir, METRICS)))
+            self.writer = SummaryWriter(f"{self.local}/tensorboard")
 
     def write(self, metrics: dict[str, Any], step: int) -> None:
-        if self.run_dir is None:
+        if self.run_dir is None or self.local is None:
             return
-        append_metrics(self.run_dir, metrics)
+        append_metrics(self.local, metrics)
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and math.isfinite(v):
                 self.writer.add_scalar(k, v, step)
         self.writer.flush()
+        if is_uri(self.run_dir):
+            upload(join(self.local, METRICS), join(self.run_dir, METRICS))
+            upload(join(self.local, "tensorboard"), join(self.run_dir, "tensorboard"))
 
     def close(self) -> None:
         if self.writer is not None:

@@ -18,7 +18,8 @@ import torch
 
 from bigray.artifacts.checkpoint import CheckpointError, read_meta
 from bigray.artifacts.hf_gpt import load_hf_weights, read_gpt2_config
-from bigray.artifacts.locate import resolve_checkpoint
+from bigray.artifacts.locate import local_checkpoint, resolve_checkpoint
+from bigray.artifacts.storage import is_uri
 from bigray.models.gpt import build_gpt
 from bigray.train.engine import fp32_weights, load_full_weights
 
@@ -28,7 +29,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class PretrainedGPT:
     path: Path
-    """The checkpoint or Hugging Face directory the weights come from."""
+    """The local checkpoint or Hugging Face directory the weights come from (this node's copy of ``source``)."""
+    source: str
+    """Where the base model lives: a local path or a storage URI (what workers are handed)."""
     model_dir: Path
     """Directory holding config.json and the tokenizer (``<checkpoint>/model`` for a bigray checkpoint)."""
     meta: dict[str, Any] | None
@@ -37,14 +40,15 @@ class PretrainedGPT:
     """The transformers GPT2Config."""
 
     @classmethod
-    def at(cls, path: str | Path) -> PretrainedGPT:
-        """Reopen a base model that :func:`open_pretrained` already resolved and checked (no re-checking)."""
+    def at(cls, source: str) -> PretrainedGPT:
+        """Reopen a base model that :func:`open_pretrained` already resolved and checked (no re-checking
+        of the metadata; a remote one is copied to this node once and its pickles scanned there)."""
         from transformers import GPT2Config
 
-        p = Path(path)
+        p = local_checkpoint(source, "gpt") if is_uri(source) else Path(source)
         meta = json.loads((p / "bigray.json").read_text()) if (p / "bigray.json").exists() else None
         model_dir = p / "model" if meta is not None else p
-        return cls(path=p, model_dir=model_dir, meta=meta, config=GPT2Config.from_pretrained(str(model_dir)))
+        return cls(path=p, source=source, model_dir=model_dir, meta=meta, config=GPT2Config.from_pretrained(str(model_dir)))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.meta is not None:
@@ -76,9 +80,8 @@ class PretrainedGPT:
 
 def open_pretrained(path: str | Path) -> PretrainedGPT:
     """Resolve and check a base model (on the driver); raise CheckpointError naming what is wrong."""
-    p = resolve_checkpoint(str(path)).expanduser().resolve()
-    if not p.is_dir():
-        raise CheckpointError(f"base model {p} does not exist")
+    source = resolve_checkpoint(str(path))
+    p = local_checkpoint(source, "gpt")
     meta = None
     if (p / "bigray.json").exists():
         meta = read_meta(p, "gpt")
@@ -87,4 +90,4 @@ def open_pretrained(path: str | Path) -> PretrainedGPT:
         model_dir = p
     else:
         raise CheckpointError(f"{p} is neither a bigray GPT checkpoint nor a Hugging Face model directory (no config.json)")
-    return PretrainedGPT(path=p, model_dir=model_dir, meta=meta, config=read_gpt2_config(model_dir))
+    return PretrainedGPT(path=p, source=source, model_dir=model_dir, meta=meta, config=read_gpt2_config(model_dir))
