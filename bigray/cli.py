@@ -50,7 +50,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(DataPrepareConfig, args.config, args.overrides)
     t0 = time.time()
     dataset, text_stats = prepare_text(cfg.text)
-    text_stats["directory"] = str(dataset.directory)
+    text_stats["directory"] = dataset.location
     text_stats["seconds"] = round(time.time() - t0, 1)
     log.info("text: %s", text_stats)
     images: dict[str, Any] = {"skipped": True}

@@ -130,12 +130,16 @@ def write_bytes(path: str, data: bytes) -> None:
 
 def read_text(path: str) -> str:
     """Read a small text file from a local path or a storage URI."""
+    return read_bytes(path).decode()
+
+
+def read_bytes(path: str) -> bytes:
     if not is_uri(path):
-        return Path(path).read_text()
+        return Path(path).read_bytes()
     fs, p = filesystem(path)
     with _errors(path, "read"):
         with fs.open_input_stream(p) as f:
-            return f.read().decode()
+            return f.read()
 
 
 def kind_of(location: str) -> str:
@@ -279,3 +283,14 @@ def drop_copy(location: str, parts: Sequence[str] = (), area: str = "copies") ->
         dest = cache_entry(location, parts, area)
         with FileLock(dest.with_name(dest.name + ".lock")):
             shutil.rmtree(dest, ignore_errors=True)
+
+
+def cached_file(location: str) -> Path:
+    """A local path for one file: a local path as it is, a URI copied to this node once."""
+    if not is_uri(location):
+        return Path(location).expanduser().resolve()
+    dest = cache_entry(location, (), "files") / name_of(location)
+    with FileLock(dest.parent.with_name(dest.parent.name + ".lock")):
+        if not dest.is_file():
+            write_bytes(str(dest), read_bytes(location))
+        return dest

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from bigray.artifacts.storage import FileLock
+from bigray.artifacts.storage import FileLock, cache_root, cached_copy, drop_copy, exists, file_sizes, is_uri, join, name_of, read_text, upload
 
 log = logging.getLogger(__name__)
 
@@ -60,31 +60,97 @@ def file_record(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def verify_manifest(directory: Path) -> dict[str, Any] | None:
-    """Return the manifest if every listed file matches its size and checksum, else None."""
+def manifest_problem(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, None) when every listed file matches its size and checksum, else (None, what is wrong)."""
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
-        return None
+        return None, f"no {MANIFEST}"
     try:
         manifest = json.loads(manifest_path.read_text())
         for name, rec in manifest["files"].items():
             p = directory / name
-            if not p.is_file() or p.stat().st_size != rec["bytes"] or sha256_file(p) != rec["sha256"]:
-                log.warning("cache file %s is missing or corrupt; rebuilding %s", p, directory)
-                return None
-    except (OSError, ValueError, KeyError, TypeError):
-        log.warning("manifest %s is unreadable; rebuilding", manifest_path)
-        return None
+            if not p.is_file():
+                return None, f"{name} is missing"
+            if p.stat().st_size != rec["bytes"] or sha256_file(p) != rec["sha256"]:
+                return None, f"{name} does not match its checksum in {MANIFEST}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"{MANIFEST} is unreadable ({e})"
+    return manifest, None
+
+
+def verify_manifest(directory: Path) -> dict[str, Any] | None:
+    """Return the manifest if every listed file matches its size and checksum, else None."""
+    manifest, problem = manifest_problem(directory)
+    if problem and (directory / MANIFEST).exists():
+        log.warning("cache %s cannot be used (%s); rebuilding", directory, problem)
     return manifest
 
 
-def build_cache_dir(directory: Path, build: Callable[[Path], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+def stored_manifest(location: str) -> dict[str, Any] | None:
+    """The manifest of data prepared into storage, when every file it lists is there with its size
+    (checksums are verified where the files are read); None when nothing complete is there.
+
+    Damaged data in storage is an error, never rebuilt over: nothing already in storage is overwritten.
+    """
+    if not exists(join(location, MANIFEST)):
+        return None
+    try:
+        manifest = json.loads(read_text(join(location, MANIFEST)))
+        sizes = file_sizes(location)
+        for name, rec in manifest["files"].items():
+            if sizes.get(name) != rec["bytes"]:
+                raise DataError(f"the prepared data at {location} is damaged: {name} has {sizes.get(name)} bytes, its manifest says {rec['bytes']}; delete {location} to prepare it again")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"the prepared data at {location} has an unreadable {MANIFEST} ({e}); delete {location} to prepare it again") from None
+    return manifest
+
+
+def publish(local: Path, location: str) -> None:
+    """Upload a finished cache directory to storage, its manifest last (an interrupted upload is never trusted)."""
+    for p in sorted(local.iterdir()):
+        if p.name != MANIFEST:
+            upload(p, join(location, p.name))
+    upload(local / MANIFEST, join(location, MANIFEST))
+
+
+def open_cache_dir(location: str) -> tuple[Path, dict[str, Any]]:
+    """A prepared cache as a verified local directory: a local one in place, one in storage copied
+    to this node once (``BIGRAY_CACHE_DIR``) and checked against its manifest there."""
+    if not is_uri(location):
+        directory = Path(location)
+        manifest, problem = manifest_problem(directory)
+        if manifest is None:
+            raise DataError(
+                f"no complete prepared data at {directory} ({problem}): workers open what the driver prepared and never "
+                "rebuild it (run `bigray data prepare` or the training command again with the same data settings)"
+            )
+        return directory, manifest
+    if stored_manifest(location) is None:
+        raise DataError(f"no complete prepared data at {location}: run `bigray data prepare` (or the training command) with this cache_dir")
+    local = cached_copy(location, area="data")
+    manifest, problem = manifest_problem(local)
+    if manifest is None:
+        drop_copy(location, area="data")
+        raise DataError(f"the prepared data at {location} is damaged: {problem}; delete {location} to prepare it again")
+    return local, manifest
+
+
+def build_cache_dir(location: str | Path, build: Callable[[Path], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
     """Reuse a verified cache directory, or build it once (under a lock) and move it into place.
 
     ``build(tmp)`` writes the payload into ``tmp`` and returns the manifest's fields; the file
     records and ``manifest.json`` are written last, so an interrupted build is never trusted.
+    A storage URI is built in this node's staging area and then published there.
     Returns (manifest, built_now).
     """
+    if is_uri(str(location)):
+        manifest = stored_manifest(str(location))
+        if manifest is not None:
+            return manifest, False
+        manifest, _ = build_cache_dir(cache_root() / "staging" / name_of(str(location)), build)
+        publish(cache_root() / "staging" / name_of(str(location)), str(location))
+        return manifest, True
+    directory = Path(location)
     with FileLock(directory.parent / f".{directory.name}.lock"):
         manifest = verify_manifest(directory)
         if manifest is not None:

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from bigray.config import FinetuneDataConfig
+from bigray.artifacts.storage import StorageError, absolute, cached_file, join
 from bigray.data.cache import DataError, build_cache_dir, sha256_file
-from bigray.data.text import TextDataset, clean_text, encode_documents, load_tokenizer, split_documents, token_dtype
+from bigray.data.text import TextDataset, clean_text, encode_documents, load_tokenizer, open_prepared, split_documents, token_dtype
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,15 @@ def encode_examples(tok: Any, rows: list[tuple[str, str]]) -> tuple[list[int], l
 
 
 def _check_files(files: list[str], key: str) -> list[Path]:
-    paths = [Path(f) for f in files]
-    for p in paths:
-        if not p.is_file():
-            raise DataError(f"data.{key}: {p} does not exist")
+    """Local paths of the data files (a file in storage is copied to this node once; only the driver reads them)."""
+    paths = []
+    for f in files:
+        try:
+            paths.append(cached_file(f))
+        except StorageError as e:
+            raise DataError(f"data.{key}: {e}") from None
+        if not paths[-1].is_file():
+            raise DataError(f"data.{key}: {f} does not exist")
     return paths
 
 
@@ -117,7 +123,7 @@ def prepare_finetune_data(cfg: FinetuneDataConfig, tokenizer_dir: str | Path) ->
         "tokenizer": hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest(),
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    directory = Path(cfg.cache_dir) / "finetune" / f"{cfg.format}-{key}"
+    location = join(cfg.cache_dir, "finetune", f"{cfg.format}-{key}")
 
     def build(tmp: Path) -> dict[str, Any]:
         tok.save_pretrained(str(tmp / "tokenizer"))
@@ -145,18 +151,15 @@ def prepare_finetune_data(cfg: FinetuneDataConfig, tokenizer_dir: str | Path) ->
             "dtype": dtype.name,
         }
 
-    manifest, built = build_cache_dir(directory, build)
+    manifest, built = build_cache_dir(location, build)
     if built:
-        log.info("tokenized fine-tuning data into %s: %s", directory, manifest["tokens"])
-    return TextDataset(directory, manifest)
+        log.info("tokenized fine-tuning data into %s: %s", location, manifest["tokens"])
+    return open_prepared(location)
 
 
 def with_absolute_paths(cfg: FinetuneDataConfig) -> FinetuneDataConfig:
     """Pin paths on the driver: Ray Train workers run in their own cwd."""
     import dataclasses
-
-    def absolute(f: str) -> str:
-        return str(Path(f).expanduser().resolve())
 
     return dataclasses.replace(
         cfg,

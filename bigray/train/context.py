@@ -26,6 +26,7 @@ from bigray.artifacts.locate import local_checkpoint
 from bigray.artifacts.runs import record_failure
 from bigray.artifacts.storage import is_uri
 from bigray.cluster import torch_device
+from bigray.data.cache import DataError
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +173,9 @@ def checkpoint_to_resume(ctx: TrainContext, resume_from: str, run_dir: str | Non
         yield ckpt
 
 
-PERMANENT_FAILURES = (FloatingPointError, CheckpointError)
-"""Failures a retry cannot fix: a divergence, a checkpoint refused as incompatible or unsafe. Every
+PERMANENT_FAILURES = (FloatingPointError, CheckpointError, DataError)
+"""Failures a retry cannot fix: a divergence, a checkpoint refused as incompatible or unsafe, prepared
+data that is missing or fails its checksum. Every
 rank meets them at the same point (the loss is checked after an all-reduce; every rank reads the
 same checkpoint), so every rank can stop together without leaving another in a collective."""
 
