@@ -1,15 +1,65 @@
-"""Shared fixtures: one local Ray instance per test session, and one prepared text cache."""
+"""Shared fixtures: one local Ray instance per test session, one prepared text cache, and a real
+S3-compatible server (moto's standalone server) on 127.0.0.1."""
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The S3 server's address and dummy credentials, set before any Ray starts so that every Ray worker,
+# Tune trial and Serve replica of the session reaches it the way a cloud node reaches S3: through the
+# standard AWS_* variables that pyarrow, Ray and boto3 read.
+S3_PORT = _free_port()
+os.environ.update({
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+})  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 HTTP server (moto[server]) on 127.0.0.1 for the whole session; yields its URL."""
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)], stdout=log, stderr=subprocess.STDOUT)
+    url = os.environ["AWS_ENDPOINT_URL"]
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "the S3 server did not start"
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A fresh bucket for one test: ``s3://<name>``."""
+    import boto3
+
+    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
 
 
 @pytest.fixture(scope="session")

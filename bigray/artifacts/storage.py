@@ -265,9 +265,10 @@ def cached_copy(location: str, parts: Sequence[str] = (), area: str = "copies") 
             for part in parts or [""]:
                 src = f"{root.rstrip('/')}/{part}" if part else root
                 target = tmp / part if part else tmp
-                if fs.get_file_info(src).type == pafs.FileType.NotFound:
+                found = fs.get_file_info(src).type
+                if found == pafs.FileType.NotFound:
                     raise StorageError(f"{join(location, part)} does not exist")
-                target.parent.mkdir(parents=True, exist_ok=True)
+                (target if found == pafs.FileType.Directory else target.parent).mkdir(parents=True, exist_ok=True)
                 pafs.copy_files(src, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         (tmp / COMPLETE).write_text(location + "\n")
         tmp.rename(dest)

@@ -1,0 +1,160 @@
+"""Object storage end to end against a real S3 HTTP API (moto's server on 127.0.0.1, see conftest):
+locations keep their scheme, checkpoints and prepared data are found, checked and copied from the
+bucket, and bad locations or damaged objects are refused by name."""
+
+import json
+import logging
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from bigray.artifacts.checkpoint import CheckpointError
+from bigray.artifacts.storage import StorageError
+
+
+@pytest.fixture
+def node_cache(tmp_path, monkeypatch):
+    """This process's node-local cache (BIGRAY_CACHE_DIR), fresh per test."""
+    cache = tmp_path / "node-cache"
+    monkeypatch.setenv("BIGRAY_CACHE_DIR", str(cache))
+    return cache
+
+
+def downloads(cache: Path) -> list[dict]:
+    log = cache / "downloads.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def put_tree(local: Path, location: str) -> str:
+    from bigray.artifacts.storage import upload
+
+    upload(local, location)
+    return location
+
+
+def test_locations_keep_their_scheme_and_options():
+    from bigray.artifacts.storage import full_uri, join, name_of, parent
+
+    uri = "s3://bkt/runs?endpoint_override=http://127.0.0.1:9000&scheme=http"
+    run = join(uri, "gpt", "checkpoint_000001")
+    assert run == "s3://bkt/runs/gpt/checkpoint_000001?endpoint_override=http://127.0.0.1:9000&scheme=http"
+    assert name_of(run) == "checkpoint_000001" and parent(run) == join(uri, "gpt")
+    # Ray reports checkpoint paths relative to their filesystem: bigray records them with the scheme back on.
+    assert full_uri(uri, "bkt/runs/gpt/checkpoint_000001") == run
+    assert full_uri("file:///tmp/runs", "/tmp/runs/x") == "file:///tmp/runs/x"
+    assert full_uri("/local/runs", "/local/runs/x") == "/local/runs/x"
+
+
+def test_bad_locations_are_named_in_one_clear_error(bucket):
+    from bigray.artifacts.locate import resolve_checkpoint
+    from bigray.artifacts.storage import read_text
+
+    with pytest.raises(StorageError, match=f"{bucket}/nothing/here.txt does not exist"):
+        read_text(f"{bucket}/nothing/here.txt")
+    with pytest.raises(CheckpointError, match=f"checkpoint {bucket}/no-such-run does not exist"):
+        resolve_checkpoint(f"{bucket}/no-such-run")
+    with socket.socket() as s:  # a port nothing listens on: an unreachable endpoint
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    unreachable = f"s3://{bucket[5:]}/x.txt?endpoint_override=http://127.0.0.1:{dead}"
+    with pytest.raises(StorageError, match=r"cannot read s3://.*x\.txt.*check the endpoint"):
+        read_text(unreachable)
+    with pytest.raises(StorageError, match="cannot use storage location nosuch://"):
+        read_text("nosuch://bucket/x")
+
+
+def test_checkpoint_in_a_bucket_is_found_checked_and_copied_once(bucket, gpt_checkpoint, node_cache, caplog):
+    from bigray.artifacts.checkpoint import latest_complete, read_meta
+    from bigray.artifacts.locate import local_checkpoint, resolve_checkpoint
+    from bigray.artifacts.storage import delete_file, join, write_text
+
+    run = f"{bucket}/runs/gpt"
+    older = put_tree(gpt_checkpoint[0], join(run, gpt_checkpoint[0].name))
+    newest = put_tree(gpt_checkpoint[-1], join(run, gpt_checkpoint[-1].name))
+    write_text(join(run, "summary.json"), json.dumps({"checkpoint": newest}))
+    assert resolve_checkpoint(join(run, "summary.json")) == newest
+    assert resolve_checkpoint(run) == newest
+    assert read_meta(newest, "gpt")["step"] == 40
+
+    local = local_checkpoint(run, "gpt")
+    assert (local / "deepspeed").is_dir() and read_meta(local, "gpt")["step"] == 40
+    assert local_checkpoint(newest, "gpt") == local and len(downloads(node_cache)) == 1  # reused, not fetched again
+
+    delete_file(join(newest, "ranks", "rank_0.json"))  # the newest is now incomplete in the bucket
+    with caplog.at_level(logging.WARNING):
+        assert latest_complete(run, "gpt") == older
+        assert resolve_checkpoint(join(run, "summary.json")) == older  # the summary's checkpoint falls back
+    assert "rank 0 never finished writing" in caplog.text
+    with pytest.raises(CheckpointError, match="rank 0 never finished writing"):
+        read_meta(newest, "gpt")
+
+
+def test_serving_copies_only_the_model_and_releases_it(bucket, gpt_checkpoint, node_cache):
+    from bigray.artifacts.locate import served_model
+    from bigray.artifacts.storage import join
+
+    ckpt = put_tree(gpt_checkpoint[-1], join(f"{bucket}/runs/gpt", gpt_checkpoint[-1].name))
+    served = served_model(ckpt, "gpt")
+    assert (served.model_dir / "model.safetensors").is_file() and (served.model_dir / "config.json").is_file()
+    assert not (served.directory / "deepspeed").exists()  # the ZeRO shards stay in the bucket
+    assert served_model(ckpt, "gpt").directory == served.directory and len(downloads(node_cache)) == 1  # a restart reuses it
+    served.release()
+    assert not served.directory.exists()
+    with pytest.raises(CheckpointError, match="is a gpt checkpoint, not a resnet checkpoint"):
+        served_model(ckpt, "resnet")
+
+
+def test_export_reads_from_and_writes_to_a_bucket(bucket, gpt_checkpoint, node_cache, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from bigray.artifacts.storage import cached_copy, file_sizes, join, read_text
+    from bigray.export import export_gpt
+
+    ckpt = put_tree(gpt_checkpoint[-1], join(f"{bucket}/runs/gpt", gpt_checkpoint[-1].name))
+    out = f"{bucket}/exports/gpt-hf"
+    info = export_gpt(ckpt, out)
+    assert info["step"] == 40 and info["checkpoint"] == ckpt
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(file_sizes(out))
+    AutoModelForCausalLM.from_pretrained(str(cached_copy(out)))
+    export_gpt(ckpt, str(tmp_path / "local-hf"))
+    assert (tmp_path / "local-hf" / "model.safetensors").is_file()
+    before = read_text(join(out, "config.json"))
+    with pytest.raises(CheckpointError, match="is not empty"):
+        export_gpt(ckpt, out)  # nothing already in the bucket is overwritten
+    assert read_text(join(out, "config.json")) == before
+
+
+def test_prepared_data_in_a_bucket_is_opened_per_node_and_damage_is_named(bucket, downloads_dir, node_cache):
+    import numpy as np
+
+    from bigray.artifacts.storage import file_sizes, join, read_bytes, write_bytes
+    from bigray.config import TextDataConfig
+    from bigray.data.cache import DataError
+    from bigray.data.text import open_prepared, prepare_text
+
+    node_cache.mkdir(parents=True)
+    (node_cache / "downloads").symlink_to(downloads_dir)
+    cfg = TextDataConfig(cache_dir=f"{bucket}/data", max_chars=150_000, vocab_size=300)
+    dataset, stats = prepare_text(cfg)
+    location = stats["location"]
+    assert location.startswith(f"{bucket}/data/text/") and dataset.location == location
+    assert {"manifest.json", "train.bin", "val.bin", "tokenizer/tokenizer.json"} <= set(file_sizes(location))
+    assert prepare_text(cfg)[1]["cached"] is True  # the bucket's copy is reused, not rebuilt
+
+    shutil.rmtree(node_cache / "copies", ignore_errors=True)
+    shutil.rmtree(node_cache / "data", ignore_errors=True)
+    shutil.rmtree(node_cache / "staging", ignore_errors=True)  # the driver's local data is gone
+    reopened = open_prepared(location)
+    assert np.array_equal(np.asarray(reopened.tokens("val")), np.asarray(dataset.tokens("val")))
+
+    train = bytearray(read_bytes(join(location, "train.bin")))
+    train[100] ^= 0xFF  # one flipped byte, same size: only the checksum can tell
+    write_bytes(join(location, "train.bin"), bytes(train))
+    shutil.rmtree(node_cache / "data")
+    with pytest.raises(DataError, match=r"train\.bin does not match its checksum"):
+        open_prepared(location)
+    write_bytes(join(location, "val.bin"), read_bytes(join(location, "val.bin"))[:-8])  # cut short
+    with pytest.raises(DataError, match=r"is damaged: val\.bin has"):
+        prepare_text(cfg)  # refused, never rebuilt over what is in the bucket
