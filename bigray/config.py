@@ -291,12 +291,25 @@ class TextDataConfig:
     """'bpe': byte-level BPE trained on the corpus; 'gpt2': GPT-2's real 50,257-token BPE."""
     vocab_size: int = 8192
     """Vocabulary size of the trained BPE (ignored for gpt2)."""
+    tokenize_workers: int = 0
+    """0: tokenize in this process (the corpus must fit in memory). N >= 1: a Ray Data pipeline of N
+    tokenizer actors over text_files (plain text, JSONL or parquet with a 'text' field), writing
+    fixed-size shards; memory is bounded by file and shard size, and any N gives the same shards."""
+    shard_tokens: int = 1 << 24
+    """Tokens per shard file written by the Ray Data pipeline."""
+    tokenizer_sample_chars: int = 50_000_000
+    """The Ray Data pipeline trains the BPE on the training text of the first files, up to this many characters."""
 
     def __post_init__(self) -> None:
         require(0.0 < self.val_fraction < 0.5, "val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
         require(self.max_chars >= 0, "max_chars", f"must be >= 0, got {self.max_chars}")
         require(260 <= self.vocab_size <= 262144, "vocab_size", f"must be in 260..262144, got {self.vocab_size}")
         require(self.source != "files" or bool(self.text_files), "text_files", "must list files when source is 'files'")
+        require(self.tokenize_workers >= 0, "tokenize_workers", f"must be >= 0, got {self.tokenize_workers}")
+        require(self.tokenize_workers == 0 or self.source == "files", "tokenize_workers", "the Ray Data pipeline reads text_files: set source to 'files'")
+        require(self.tokenize_workers == 0 or self.max_chars == 0, "max_chars", "cannot be combined with tokenize_workers (it cuts the corpus in file order)")
+        require(self.shard_tokens >= 1024, "shard_tokens", f"must be >= 1024, got {self.shard_tokens}")
+        require(self.tokenizer_sample_chars >= 1000, "tokenizer_sample_chars", f"must be >= 1000, got {self.tokenizer_sample_chars}")
 
 
 @dataclass

