@@ -7,7 +7,8 @@ import pytest
 
 from bigray.config import TextDataConfig
 from bigray.data.cache import DataError, verify_manifest
-from bigray.data.text import TokenWindows, clean_text, load_tokenizer, open_prepared, prepare_text
+from bigray.data.documents import clean_text, load_tokenizer
+from bigray.data.text import TokenWindows, open_prepared, prepare_text
 
 
 def test_prepared_corpus_is_real_and_split(small_text):
@@ -135,3 +136,20 @@ def test_worker_loop_opens_prepared_data_and_never_rebuilds_it(small_text, tmp_p
     with pytest.raises(DataError, match=f"no complete prepared data at {prepared}.*never rebuild"):
         GPTTrainer(cfg, LocalContext(str(tmp_path / "run")), str(prepared))
     assert {p.name: p.stat().st_mtime_ns for p in prepared.iterdir()} == before
+
+
+def test_chunked_encoding_gives_the_ids_of_whole_documents(small_text, downloads_dir, tmp_path):
+    """Both tokenizers bigray uses (its byte-level BPE and GPT-2's) on real text with every kind of line break."""
+    from bigray.data.documents import chunks, encode_documents
+    from bigray.data.text import build_tokenizer, load_documents
+
+    _, ds = small_text
+    (tmp_path / "downloads").symlink_to(downloads_dir)
+    docs = [t for _, t in load_documents(TextDataConfig(cache_dir=str(tmp_path)))[:3]]
+    gpt2 = build_tokenizer(TextDataConfig(cache_dir=str(tmp_path), tokenizer="gpt2"), [], tmp_path / "gpt2")
+    for tok in (load_tokenizer(ds.tokenizer_dir), gpt2):
+        for text in docs + ["KING.\n\n\n  Speak!\n \nQUEEN\n\tNo.\n" * 500]:
+            pieces = chunks(text, size=2000)
+            assert len(pieces) > 3 and "".join(pieces) == text
+            whole = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            assert encode_documents(tok, [text]).tolist() == whole

@@ -12,7 +12,8 @@ from bigray.artifacts.checkpoint import CheckpointError
 from bigray.config import ConfigError, GPTFinetuneConfig, from_dict, load_config, to_dict
 from bigray.data.cache import DataError
 from bigray.data.finetune import prepare_finetune_data
-from bigray.data.text import TokenWindows, load_tokenizer
+from bigray.data.documents import load_tokenizer
+from bigray.data.text import TokenWindows
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -158,3 +158,14 @@ def test_prepared_data_in_a_bucket_is_opened_per_node_and_damage_is_named(bucket
     write_bytes(join(location, "val.bin"), read_bytes(join(location, "val.bin"))[:-8])  # cut short
     with pytest.raises(DataError, match=r"is damaged: val\.bin has"):
         prepare_text(cfg)  # refused, never rebuilt over what is in the bucket
+
+
+def test_commands_refuse_a_missing_or_unreachable_location_with_one_line(bucket, capsys, tmp_path):
+    from bigray.cli import main
+
+    assert main(["serve", "--gpt", f"{bucket}/runs/none"]) == 2  # before any Ray or Serve work
+    assert f"bigray: checkpoint error: checkpoint {bucket}/runs/none does not exist" in capsys.readouterr().err
+    assert main(["export", f"{bucket}/runs/none", str(tmp_path / "out")]) == 2
+    assert f"{bucket}/runs/none does not exist" in capsys.readouterr().err
+    assert main(["export", "nosuch://x/y", str(tmp_path / "out")]) == 2
+    assert "bigray: storage error: cannot use storage location nosuch://x/y" in capsys.readouterr().err

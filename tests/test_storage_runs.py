@@ -113,6 +113,7 @@ def test_finetune_from_a_bucket_and_serve_from_a_bucket(s3_run, tmp_path):
     assert tuned["checkpoint"].startswith(f"{storage}/runs/sft/") and tuned["metrics"]["step"] == 10
 
     serve.start(http_options={"host": "127.0.0.1", "port": 8123})
+    replica_cache = Path(os.environ["BIGRAY_CACHE_DIR"]) / "serve" / "from-s3.gpt.0"  # the replica's own copy (local rank 0)
     serve.run(build_app(AppArgs(gpt_checkpoint=f"{storage}/runs/sft", max_tokens_limit=16)), name="from-s3", route_prefix="/from-s3")
     try:
         deadline = time.time() + 180
@@ -127,8 +128,14 @@ def test_finetune_from_a_bucket_and_serve_from_a_bucket(s3_run, tmp_path):
         assert health.json()["models"]["gpt"]["checkpoint"] == f"{storage}/runs/sft"
         r = requests.post("http://127.0.0.1:8123/from-s3/v1/completions", json={"prompt": "Q: 12 plus 12?\nA:", "max_tokens": 4}, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
+        (copy,) = [p for p in replica_cache.iterdir() if p.is_dir()]
+        assert (copy / "model" / "model.safetensors").is_file() and not (copy / "deepspeed").exists()  # only the model came down
     finally:
         serve.delete("from-s3")
+    deadline = time.time() + 60
+    while any(p.is_dir() for p in replica_cache.iterdir()) and time.time() < deadline:
+        time.sleep(1)
+    assert not any(p.is_dir() for p in replica_cache.iterdir())  # the replica removed its copy at shutdown
 
 
 def test_tune_search_in_a_bucket_then_resume(ray_cluster, s3_server, small_text, tmp_path):

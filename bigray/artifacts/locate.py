@@ -90,6 +90,7 @@ class ServedModel:
     """The checkpoint (or exported model) directory to load from: ``directory/model`` or the export."""
     source: str
     parts: tuple[str, ...]
+    area: str
 
     @property
     def model_dir(self) -> Path:
@@ -98,7 +99,7 @@ class ServedModel:
 
     def release(self) -> None:
         """Delete this node's copy (after a swap or at shutdown; a local checkpoint is left alone)."""
-        drop_copy(self.source, self.parts, area="serve")
+        drop_copy(self.source, self.parts, area=self.area)
 
 
 def servable(path: str, kind: str) -> str:
@@ -110,9 +111,9 @@ def servable(path: str, kind: str) -> str:
     return location
 
 
-def served_model(path: str, kind: str) -> ServedModel:
+def served_model(path: str, kind: str, area: str = "serve") -> ServedModel:
     """Check a checkpoint and copy down only what serving needs (``model/`` and its markers, never
-    the ZeRO shards) into this node's Serve cache, reused while it stays served."""
+    the ZeRO shards) into ``area`` of this node's cache (a replica's own), reused while unchanged."""
     location = servable(path, kind)
     parts = () if is_export(location) or exists(join(location, "model.json")) else MODEL_PARTS
-    return ServedModel(cached_copy(location, parts, area="serve"), location, parts)
+    return ServedModel(cached_copy(location, parts, area=area), location, parts, area)

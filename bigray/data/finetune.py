@@ -20,7 +20,8 @@ import numpy as np
 from bigray.config import FinetuneDataConfig
 from bigray.artifacts.storage import StorageError, absolute, cached_file, join
 from bigray.data.cache import DataError, build_cache_dir, sha256_file
-from bigray.data.text import TextDataset, clean_text, encode_documents, load_tokenizer, open_prepared, split_documents, token_dtype
+from bigray.data.documents import clean_text, encode_documents, load_tokenizer, split_documents, token_dtype
+from bigray.data.text import TextDataset, open_prepared
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,6 @@ byte-identical output).
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import resource
 from pathlib import Path
@@ -20,68 +18,28 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from bigray.artifacts.storage import name_of, read_bytes
 from bigray.data.cache import DataError
+from bigray.data.documents import encode_documents, file_splits, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-
-def file_splits(path: str, val_fraction: float) -> tuple[list[str], list[str]]:
-    """(train texts, val texts) of one input file.
-
-    A text file is one document whose last ``val_fraction`` goes to validation (the rule of
-    ``split_documents``); in JSONL and parquet every row's ``text`` is a document and the last
-    ``val_fraction`` of the rows are held out.
-    """
-    from bigray.data.text import clean_text, split_documents
-
-    data = read_bytes(path)
-    name = name_of(path)
-    if not name.endswith((".jsonl", ".parquet")):
-        return split_documents([(name, clean_text(data.decode("utf-8", errors="replace")))], val_fraction)
-    if name.endswith(".jsonl"):
-        rows = []
-        for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line)["text"])
-                except (ValueError, KeyError, TypeError) as e:
-                    raise DataError(f"{path} line {n}: expected a JSON object with a 'text' string ({e})") from None
-    else:
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(io.BytesIO(data), columns=["text"]).column("text").to_pylist()
-        except Exception as e:  # not parquet, or no text column
-            raise DataError(f"{path}: expected a parquet file with a 'text' column ({e})") from None
-    texts = [clean_text(str(r)) for r in rows if r and str(r).strip()]
-    n_val = max(1, round(len(texts) * val_fraction)) if len(texts) > 1 else 0
-    return texts[: len(texts) - n_val], texts[len(texts) - n_val :]
 
 
 class EncodeFiles:
     """A Ray Data actor: loads the tokenizer once, then encodes one file per call."""
 
     def __init__(self, tokenizer_dir: str, val_fraction: float, dtype: str):
-        import torch
-
-        from bigray.data.text import load_tokenizer
-
-        torch.set_num_threads(1)
         self.tok = load_tokenizer(tokenizer_dir)
         self.val_fraction, self.dtype = val_fraction, np.dtype(dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from bigray.data.text import encode_documents
-
         out: dict[str, list[Any]] = {"index": [], "train": [], "val": [], "train_chars": [], "val_chars": [], "peak_rss_kb": []}
         for index, path in zip(batch["index"], batch["path"]):
             train, val = file_splits(str(path), self.val_fraction)
             out["index"].append(int(index))
             out["train_chars"].append(sum(map(len, train)))
             out["val_chars"].append(sum(map(len, val)))
-            out["train"].append(np.asarray(encode_documents(self.tok, train) if train else [], dtype=self.dtype).tobytes())
-            out["val"].append(np.asarray(encode_documents(self.tok, val) if val else [], dtype=self.dtype).tobytes())
+            out["train"].append(encode_documents(self.tok, train).astype(self.dtype).tobytes())
+            out["val"].append(encode_documents(self.tok, val).astype(self.dtype).tobytes())
             out["peak_rss_kb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         return {k: np.asarray(v, dtype=object if k in ("train", "val") else np.int64) for k, v in out.items()}
 

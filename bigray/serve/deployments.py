@@ -94,7 +94,7 @@ class SwappableModel:
             return
         served = None
         try:
-            served = served_model(path, self.kind)
+            served = served_model(path, self.kind, _cache_area())
             runner = self.load(served)
         except Exception as e:  # CheckpointError, StorageError, or anything else that stops the new model loading
             if served is not None and served.source != getattr(self.served, "source", None):
@@ -113,6 +113,16 @@ class SwappableModel:
         """Serve shuts the replica down: its local copy of the model goes too."""
         if getattr(self, "served", None) is not None:
             self.served.release()
+
+
+def _cache_area() -> str:
+    """This replica's part of the node cache: one per live replica of a deployment on a node (its
+    local rank), so replicas never delete each other's files and a replacement reuses its copy."""
+    try:
+        ctx = serve.get_replica_context()
+        return f"serve/{ctx.app_name}.{ctx.deployment}.{ctx.rank.local_rank}"
+    except Exception:  # not inside a Serve replica (a runner used directly)
+        return "serve/local"
 
 
 @serve.deployment(name="gpt")

@@ -21,7 +21,8 @@ from bigray.artifacts.checkpoint import CheckpointError, read_meta, write_meta, 
 from bigray.artifacts.hf_gpt import save_hf_model
 from bigray.config import ConfigError, GPTFinetuneConfig, GPTPretrainConfig, from_dict, to_dict
 from bigray.data.cache import DataError
-from bigray.data.text import EOS, TextDataset, TokenWindows, load_tokenizer, open_prepared
+from bigray.data.documents import EOS, load_tokenizer
+from bigray.data.text import TextDataset, TokenWindows, open_prepared
 from bigray.models.gpt import build_gpt, flops_per_token, gpt_config
 from bigray.train import engine as zero
 from bigray.train.context import (
