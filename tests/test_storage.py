@@ -169,3 +169,26 @@ def test_commands_refuse_a_missing_or_unreachable_location_with_one_line(bucket,
     assert f"{bucket}/runs/none does not exist" in capsys.readouterr().err
     assert main(["export", "nosuch://x/y", str(tmp_path / "out")]) == 2
     assert "bigray: storage error: cannot use storage location nosuch://x/y" in capsys.readouterr().err
+
+
+def test_imagefolder_root_in_a_bucket_is_copied_once_and_read(bucket, node_cache, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from bigray.config import ImageDataConfig
+    from bigray.data.cache import DataError
+    from bigray.data.images import load_images
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (tmp_path / "images" / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "images" / split / c / f"{i}.png")
+    root = put_tree(tmp_path / "images", f"{bucket}/images")
+    splits, info = load_images(ImageDataConfig(dataset="imagefolder", root=root))
+    assert info.class_names == ["cat", "dog"] and len(splits["train"]) == 6 and splits["train"][0][0].shape == (3, 16, 16)
+    load_images(ImageDataConfig(dataset="imagefolder", root=root))
+    assert [d["location"] for d in downloads(node_cache)] == [root]  # copied to this node once
+    with pytest.raises(DataError, match=f"data.root: {bucket}/nothing does not exist"):
+        load_images(ImageDataConfig(dataset="imagefolder", root=f"{bucket}/nothing"))
