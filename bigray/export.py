@@ -13,7 +13,7 @@ from typing import Any
 
 from bigray.artifacts.checkpoint import CheckpointError, read_meta
 from bigray.artifacts.hf_gpt import save_hf_model
-from bigray.artifacts.locate import local_checkpoint
+from bigray.artifacts.locate import local_checkpoint, resolve_checkpoint
 from bigray.artifacts.storage import file_sizes, is_dir, is_uri, upload
 from bigray.train.engine import fp32_weights
 
@@ -33,7 +33,8 @@ def export_gpt(checkpoint: str, out: str) -> dict[str, Any]:
 
     if is_dir(out) and file_sizes(out):
         raise CheckpointError(f"export target {out} is not empty; choose a new directory")
-    ckpt = local_checkpoint(checkpoint, "gpt")
+    source = resolve_checkpoint(checkpoint)
+    ckpt = local_checkpoint(source, "gpt")
     meta = read_meta(ckpt, "gpt")
     state_dict = fp32_weights(ckpt, meta["zero_stage"])
     model_cfg = GPT2Config.from_pretrained(str(ckpt / "model"))
@@ -45,5 +46,5 @@ def export_gpt(checkpoint: str, out: str) -> dict[str, Any]:
         (out_dir / ".partial").rmdir()
         if is_uri(out):
             upload(out_dir, out)
-    log.info("exported %s (step %s, ZeRO-%s, %d ranks) to %s", checkpoint, meta["step"], meta["zero_stage"], meta["world_size"], out)
-    return {"checkpoint": checkpoint, "step": meta["step"], "zero_stage": meta["zero_stage"], "ranks": meta["world_size"]}
+    log.info("exported %s (step %s, ZeRO-%s, %d ranks) to %s", source, meta["step"], meta["zero_stage"], meta["world_size"], out)
+    return {"checkpoint": source, "step": meta["step"], "zero_stage": meta["zero_stage"], "ranks": meta["world_size"]}
