@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bigray.artifacts.checkpoint import META, CheckpointError, latest_complete, read_meta
-from bigray.artifacts.storage import absolute, cached_copy, drop_copy, exists, is_dir, join, kind_of, name_of, parent, read_text
+from bigray.artifacts.storage import absolute, cached_copy, drop_copy, exists, is_dir, is_uri, join, kind_of, name_of, parent, read_text
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ def local_checkpoint(path: str, kind: str | None = None) -> Path:
     location = resolve_checkpoint(path)
     if not is_dir(location):
         raise CheckpointError(f"checkpoint {location} is not a directory")
-    if not is_export(location):
-        read_meta(location, kind)
+    if is_uri(location) and not is_export(location):
+        read_meta(location, kind)  # from one listing, before anything is downloaded
     local = cached_copy(location, area="checkpoints")
     if not is_export(str(local)):
         read_meta(local, kind)

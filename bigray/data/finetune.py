@@ -21,7 +21,7 @@ from bigray.config import FinetuneDataConfig
 from bigray.artifacts.storage import StorageError, absolute, cached_file, join
 from bigray.data.cache import DataError, build_cache_dir, sha256_file
 from bigray.data.documents import clean_text, encode_documents, load_tokenizer, split_documents, token_dtype
-from bigray.data.text import TextDataset, open_prepared
+from bigray.data.text import TextDataset, prepared
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def prepare_finetune_data(cfg: FinetuneDataConfig, tokenizer_dir: str | Path) ->
     manifest, built = build_cache_dir(location, build)
     if built:
         log.info("tokenized fine-tuning data into %s: %s", location, manifest["tokens"])
-    return open_prepared(location)
+    return prepared(location, manifest)
 
 
 def with_absolute_paths(cfg: FinetuneDataConfig) -> FinetuneDataConfig:

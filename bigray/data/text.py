@@ -188,7 +188,7 @@ def prepare_text(cfg: TextDataConfig) -> tuple[TextDataset, dict[str, Any]]:
         }
 
     manifest, built = build_cache_dir(location, build)
-    dataset = open_prepared(location)
+    dataset = prepared(location, manifest)
     if not built:
         return dataset, {"cached": True, "location": location, **_stats(manifest)}
     log.info("built text cache %s in %.1fs", location, time.time() - t0)
@@ -261,6 +261,12 @@ def _stats(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def prepared(location: str, manifest: dict[str, Any]) -> TextDataset:
+    """The dataset build_cache_dir just verified (or built) at ``location``: a local cache is used as
+    it is (its checksums were just checked), one in storage is copied to this node and checked there."""
+    return open_prepared(location) if is_uri(location) else TextDataset(Path(location), manifest, location)
+
+
 def open_prepared(location: str | Path) -> TextDataset:
     """Open a text cache the driver prepared, verified by checksum, without ever rebuilding it.
 
@@ -322,4 +328,4 @@ class TokenWindows:
         return x, y
 
 
-__all__ = ["ShardedTokens", "TextDataset", "TokenWindows", "load_documents", "open_prepared", "prepare_text"]
+__all__ = ["ShardedTokens", "TextDataset", "TokenWindows", "load_documents", "open_prepared", "prepare_text", "prepared"]
