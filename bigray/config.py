@@ -272,6 +272,36 @@ class ScalingConfig:
         return self.threads_per_worker or max(1, int(self.cpus_per_worker))
 
 
+@dataclass
+class TrackingConfig:
+    """Where a run is tracked besides its run directory; also read from the trackers' own environment variables."""
+
+    backend: Literal["auto", "none", "mlflow", "wandb"] = "auto"
+    """'auto': mlflow when MLFLOW_TRACKING_URI is set, else wandb when WANDB_PROJECT or WANDB_MODE is
+    set, else none. The driver resolves it once, so every worker tracks to the same place."""
+    uri: str = ""
+    """MLflow tracking URI (default: MLFLOW_TRACKING_URI). Credentials never go here: MLflow reads
+    MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD from the environment."""
+    experiment: str = ""
+    """MLflow experiment (default: MLFLOW_EXPERIMENT_NAME, else 'bigray'); the W&B group."""
+    project: str = ""
+    """W&B project (default: WANDB_PROJECT, else 'bigray'). W&B reads WANDB_API_KEY itself."""
+    mode: Literal["", "online", "offline"] = ""
+    """W&B mode (default: WANDB_MODE, else online); offline writes the run under the run directory."""
+    run_name: str = ""
+    """The run's name in the tracker; empty means run.name."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """Extra tags on the run."""
+    parent_run: str = ""
+    """Set by `bigray tune` for its trials: the search's tracking run, whose children they are."""
+
+    def __post_init__(self) -> None:
+        from urllib.parse import urlsplit
+
+        require("@" not in urlsplit(self.uri).netloc, "uri", "holds credentials; put them in MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN instead")
+        self.tags = {str(k): str(v) for k, v in self.tags.items()}
+
+
 # ----------------------------------------------------------------------------- data preparation
 
 
@@ -455,6 +485,8 @@ class GPTPretrainConfig:
     """Workers and resources."""
     run: RunConfig = field(default_factory=lambda: RunConfig(name="gpt"))
     """Run directory, checkpoints and fault tolerance."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking (MLflow or W&B) besides the run directory."""
     resume_from: str = ""
     """A checkpoint directory to continue from (same model and tokenizer)."""
 
@@ -499,6 +531,8 @@ class GPTFinetuneConfig:
     """Workers and resources."""
     run: RunConfig = field(default_factory=lambda: RunConfig(name="gpt-finetune"))
     """Run directory, checkpoints and fault tolerance."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking (MLflow or W&B) besides the run directory."""
     resume_from: str = ""
     """A checkpoint of this fine-tuning run to continue from."""
 
@@ -573,6 +607,8 @@ class ResNetJobConfig:
     """Workers and resources."""
     run: RunConfig = field(default_factory=lambda: RunConfig(name="resnet"))
     """Run directory, checkpoints and fault tolerance."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking (MLflow or W&B) besides the run directory."""
     resume_from: str = ""
     """A checkpoint directory to continue from."""
 
@@ -628,6 +664,8 @@ class TuneJobConfig:
     """The trainer's own config (validated as GPTPretrainConfig or ResNetJobConfig)."""
     run: RunConfig = field(default_factory=lambda: RunConfig(name="tune"))
     """Where the search's run directory goes."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking (MLflow or W&B) besides the run directory."""
 
     def __post_init__(self) -> None:
         trainer_cls = GPTPretrainConfig if self.tune.trainer == "gpt" else ResNetJobConfig

@@ -8,6 +8,7 @@ library call the individual commands make; only the presets are smaller.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -43,14 +44,15 @@ def generate_sample(model_dir: str | Path, prompt: str, max_new_tokens: int = 60
 def run(storage_path: str = "./runs", overrides: list[str] | None = None) -> dict[str, Any]:
     import ray
 
-    from bigray.artifacts.runs import finish
+    from bigray.artifacts.runs import print_summary, summarize
+    from bigray.artifacts.tracking import record_outcome
     from bigray.artifacts.storage import run_dir
     from bigray.cluster import ensure_ray
     from bigray.data.images import image_summary
     from bigray.data.text import open_prepared
     from bigray.export import export_gpt
     from bigray.recipes.gpt import PRETRAIN
-    from bigray.recipes.launch import launch_prepared
+    from bigray.recipes.launch import launch_prepared, prepare
     from bigray.recipes.resnet import RESNET
 
     t_start = time.time()
@@ -60,7 +62,7 @@ def run(storage_path: str = "./runs", overrides: list[str] | None = None) -> dic
     try:
         t0 = time.time()
         gpt_cfg = load_config(GPTPretrainConfig, _preset("gpt_tiny.yaml"), [f"run.storage_path={root}", *(overrides or [])])
-        gpt_job = PRETRAIN.prepare(gpt_cfg)
+        gpt_job = prepare(PRETRAIN, gpt_cfg)
         stats = open_prepared(gpt_job.data_dir).manifest
         log.info("[1/5] data: %d train / %d val tokens, vocab %d", stats["tokens"]["train"], stats["tokens"]["val"], stats["vocab_size"])
         resnet_cfg = load_config(
@@ -70,7 +72,7 @@ def run(storage_path: str = "./runs", overrides: list[str] | None = None) -> dic
              "train.batch_size=32", "train.lr=0.05",
              f"run.storage_path={root}", "run.name=resnet"],
         )  # fmt: skip
-        resnet_job = RESNET.prepare(resnet_cfg)
+        resnet_job = prepare(RESNET, resnet_cfg)
         images = image_summary(resnet_job.config.data)
         stage_times["data"] = time.time() - t0
 
@@ -128,8 +130,12 @@ def run(storage_path: str = "./runs", overrides: list[str] | None = None) -> dic
         "stage_seconds": {k: round(v, 1) for k, v in stage_times.items()},
     }
     print_report(report)
-    return finish(root, gpt_summary["checkpoint"], {"gpt/val_loss": report["gpt"]["val_loss"], "resnet/val_acc": report["resnet"]["test_accuracy"]},
-                  seconds=round(time.time() - t_start, 1), report=report)  # fmt: skip
+    summary = summarize(root, gpt_summary["checkpoint"], {"gpt/val_loss": report["gpt"]["val_loss"], "resnet/val_acc": report["resnet"]["test_accuracy"]},
+                        seconds=round(time.time() - t_start, 1), report=report)  # fmt: skip
+    # The plots and the quickstart's summary join the runs they came from in the tracker.
+    record_outcome(gpt_job.config.tracking, gpt_summary["run_dir"], None, files=plots[:1], texts={"quickstart_summary.json": json.dumps(summary, indent=2)})
+    record_outcome(resnet_job.config.tracking, resnet_summary["run_dir"], None, files=plots[1:])
+    return print_summary(summary)
 
 
 def classify_example(checkpoint: str, cfg: ResNetJobConfig) -> dict[str, Any]:

@@ -21,7 +21,8 @@ from typing import Any
 from ray.train.v2.api.callback import UserCallback
 
 from bigray.artifacts.checkpoint import CheckpointError, is_complete
-from bigray.artifacts.runs import finish, save_resolved_config
+from bigray.artifacts.runs import print_summary, save_resolved_config, summarize
+from bigray.artifacts.tracking import TrackedRun, continue_tracking, flat_params, record_outcome, resolved
 from bigray.artifacts.storage import absolute, exists, full_uri, join, name_of, read_text, run_dir, write_text
 from bigray.cluster import ensure_ray
 from bigray.config import ConfigError, TuneJobConfig, from_dict, set_dotted, to_dict
@@ -107,6 +108,7 @@ def trial_driver(config: dict[str, Any]) -> None:
         # from it in a run of its own, named after the checkpoint so a resume finds it again.
         tag = hashlib.sha1(start.path.encode()).hexdigest()[:8]
         run = dataclasses.replace(cfg.run, name=f"{cfg.run.name}-from-{tag}")
+        continue_tracking(run_dir(cfg.run.storage_path, cfg.run.name), run_dir(run.storage_path, run.name))  # one tracking run per trial
         cfg = dataclasses.replace(cfg, run=run, resume_from=full_uri(cfg.run.storage_path, start.path))
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     trainer = build_trainer(kind, kind.prepare(cfg), callbacks=[ForwardReports(queue)])
@@ -148,15 +150,18 @@ def concurrent_trials(job: TuneJobConfig, trainer_cfg: Any) -> int:
     return max(1, fits)
 
 
-def prepare_base(job: TuneJobConfig, trials_dir: str) -> dict[str, Any]:
+def prepare_base(job: TuneJobConfig, trials_dir: str, parent_run: str) -> dict[str, Any]:
     """The trainer config every trial starts from, prepared and checked once before any trial starts.
 
     Its run section points into the search's own trials directory: the trainer config's run name is
     never launched (each trial gets its own), so an earlier run of that name is nothing to resume.
+    Trials track where the search does, as children of its run ``parent_run``.
     """
     kind = JOBS[job.tune.trainer]
     cfg = job.trainer_config()
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, storage_path=trials_dir, name="base"))
+    t = job.tracking
+    tracking = dataclasses.replace(t, parent_run=parent_run, experiment=t.experiment or (job.run.name if t.backend == "wandb" else ""))
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, storage_path=trials_dir, name="base"), tracking=tracking)
     return to_dict(kind.for_search(kind.prepare(cfg).config))
 
 
@@ -289,7 +294,12 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
             directory = run_dir(job.run.storage_path, job.run.name)
             if exists(join(directory, "tune_job.json")):
                 raise ConfigError("run.name", f"{directory} already holds a search; resume it with --resume {directory} or pick a new run.name")
-            base = prepare_base(job, join(directory, "trials"))
+            job = dataclasses.replace(job, tracking=resolved(job.tracking))
+            search_run = TrackedRun.search(job.tracking, directory, job.run.name, flat_params(job))
+            search_run.close(None)  # the trials are its children; the search's outcome is recorded at the end
+            if not search_run.run_id:  # no tracking, or the tracker is unreachable (warned once): trials do not try it
+                job = dataclasses.replace(job, tracking=dataclasses.replace(job.tracking, backend="none"))
+            base = prepare_base(job, join(directory, "trials"), search_run.run_id)
             save_resolved_config(directory, job)
             write_text(join(directory, "tune_job.json"), json.dumps({"job": to_dict(job), "trainer": base}, indent=2))
             tuner = make_tuner(job, base, directory)
@@ -310,6 +320,7 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
     key = f"best {job.tune.metric}"
     scored = [r for r in rows if r[key] is not None and r["status"] != "failed"]
     if not scored:
+        record_outcome(job.tracking, directory, "FAILED", texts={"results.csv": table.getvalue()})
         raise RuntimeError("no trial produced the metric; see results.csv")
     # the one completeness check, before the best checkpoint is handed on
     handed = [r for r in scored if r["checkpoint"] and is_complete(r["checkpoint"])]
@@ -317,11 +328,12 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
         if r not in handed:
             log.warning("trial %s is not handed on: its checkpoint %s is missing or incomplete", r["trial_id"], r["checkpoint"])
     if not handed:
+        record_outcome(job.tracking, directory, "FAILED", texts={"results.csv": table.getvalue()})
         raise CheckpointError("no trial left a complete checkpoint; see results.csv")
     scored = handed
     best = (min if job.tune.mode == "min" else max)(scored, key=lambda r: r[key])
     best_config = trial_config(base, json.loads(best["config"]), kind, join(directory, "trials"), best["trial_id"])
-    return finish(
+    summary = summarize(
         directory,
         best["checkpoint"],
         {job.tune.metric: best[key]},
@@ -329,3 +341,20 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
         best_config=to_dict(best_config),
         trials={r["status"]: sum(1 for x in rows if x["status"] == r["status"]) for r in rows},
     )
+    track_search(job, directory, rows, best, from_dict(kind.config_class, base).tracking)
+    record_outcome(job.tracking, directory, "FINISHED", {"bigray.best_trial": best["trial_id"], "bigray.best_checkpoint": best["checkpoint"]},
+                   texts={"results.csv": table.getvalue(), "summary.json": json.dumps(summary, indent=2)},
+                   metrics={f"best/{job.tune.metric}": best[key]})  # fmt: skip
+    return print_summary(summary)
+
+
+TRIAL_STATUS = {"completed": "FINISHED", "stopped early": "KILLED", "failed": "FAILED"}
+
+
+def track_search(job: TuneJobConfig, directory: str, rows: list[dict[str, Any]], best: dict[str, Any], trial_tracking: Any) -> None:
+    """Each trial's tracking run gets its final status, its best metric and whether it was the search's best."""
+    key = f"best {job.tune.metric}"
+    for row in rows:
+        record_outcome(trial_tracking, join(directory, "trials", f"trial_{row['trial_id']}"), TRIAL_STATUS[row["status"]],
+                       {"bigray.trial_id": row["trial_id"], "bigray.best_trial": str(row is best).lower()},
+                       metrics={f"best/{job.tune.metric}": row[key]} if row[key] is not None else None)  # fmt: skip

@@ -1,5 +1,5 @@
-"""Shared fixtures: one local Ray instance per test session, one prepared text cache, and a real
-S3-compatible server (moto's standalone server) on 127.0.0.1."""
+"""Shared fixtures: one local Ray instance per test session, one prepared text cache, a real
+S3-compatible server (moto's standalone server) and a real MLflow tracking server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -63,6 +63,54 @@ def bucket(s3_server, request):
     name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+def start_mlflow_server(root: Path) -> tuple[str, subprocess.Popen]:
+    """`mlflow server` with a SQLite backend and a local artifact root under ``root``, once it answers /health."""
+    import requests
+
+    port = _free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen([
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+    ], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                return url, proc
+        except requests.RequestException:
+            pass
+        assert proc.poll() is None and time.time() < deadline, f"the MLflow server did not start: {(root / 'server.log').read_text()[-2000:]}"
+        time.sleep(0.5)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def own_mlflow_server(tmp_path):
+    """An MLflow server of one test's own (a test may stop it); yields (url, process)."""
+    (tmp_path / "mlflow").mkdir()
+    url, proc = start_mlflow_server(tmp_path / "mlflow")
+    yield url, proc
+    stop_server(proc)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server for the whole session; yields its URL."""
+    url, proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
+    yield url
+    stop_server(proc)
 
 
 @pytest.fixture(scope="session")

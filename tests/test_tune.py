@@ -78,9 +78,11 @@ def test_diverging_trial_fails_while_others_complete(ray_cluster, tmp_path):
     assert summary["best_config"]["train"]["lr"] == 0.05
 
 
-def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluster, small_text, tmp_path):
+def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluster, small_text, tmp_path, mlflow_server):
+    """Also tracked in MLflow: one parent run for the search (continued by the resume), one child per trial."""
     job_args = ["--set", "tune.num_samples=1", "--set", "tune.space={train.lr: {grid: [0.003, 0.001, 0.0005]}}",
-                "--set", "tune.scheduler=fifo"]  # fmt: skip
+                "--set", "tune.scheduler=fifo", "--set", "tracking.backend=mlflow", "--set", f"tracking.uri={mlflow_server}",
+                "--set", "tracking.experiment=search-test"]  # fmt: skip
     job = gpt_search(small_text, tmp_path, "resume")
     overrides = [f"{k}={v}" for k, v in [
         ("tune.searcher", "random"), ("tune.max_concurrent_trials", 1),
@@ -112,6 +114,28 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
     assert len(rows) == 3 and all(r["status"] == "completed" for r in rows)
     for name, steps in finished_before.items():
         assert _steps_list(trials / name) == steps  # finished trials were not run again
+    _assert_tracked_search(mlflow_server, "search-test", rows, json.loads((tmp_path / "resume" / "summary.json").read_text()))
+
+
+def _assert_tracked_search(url, experiment, rows, summary):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(url)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if r.data.tags.get("bigray.kind") == "search"]
+    assert len(parents) == 1, [r.info.run_name for r in runs]
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == 4 and len(children) == 3, [(r.info.run_name, r.data.tags.get("mlflow.parentRunId")) for r in runs]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["best/val/loss"] == pytest.approx(summary["metrics"]["val/loss"])
+    assert parent.data.tags["bigray.best_trial"] == summary["best_trial"]
+    assert sorted(float(c.data.params["train.lr"]) for c in children) == [0.0005, 0.001, 0.003]
+    by_trial = {r["trial_id"]: r for r in rows}
+    for child in children:
+        row = by_trial[child.data.tags["bigray.trial_id"]]
+        assert child.info.status == "FINISHED" and float(child.data.params["train.lr"]) == json.loads(row["config"])["train.lr"]
+        assert child.data.metrics["best/val/loss"] == pytest.approx(float(row["best val/loss"]))
+        assert child.data.tags["bigray.best_trial"] == str(row["trial_id"] == summary["best_trial"]).lower()
 
 
 def _steps_list(trial_dir):

@@ -74,9 +74,19 @@ def jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def finish(directory: str, checkpoint: str | None, metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """Save summary.json in the run directory and print it as the last, one-line JSON output."""
+def summarize(directory: str, checkpoint: str | None, metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """Save summary.json in the run directory (without printing it) and return it."""
     summary = jsonable({"run_dir": directory, "checkpoint": checkpoint, "metrics": metrics, **extra})
     write_text(directory + "/summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """Print a summary as the last, one-line JSON output."""
     print(json.dumps(summary), flush=True)
     return summary
+
+
+def finish(directory: str, checkpoint: str | None, metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """Save summary.json in the run directory and print it as the last, one-line JSON output."""
+    return print_summary(summarize(directory, checkpoint, metrics, **extra))

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
-from bigray.artifacts.runs import clear_failure, finish, recorded_failure, save_resolved_config
+from bigray.artifacts.runs import clear_failure, print_summary, recorded_failure, save_resolved_config, summarize
 from bigray.artifacts.checkpoint import CheckpointError, latest_complete
 from bigray.artifacts.storage import absolute, full_uri, run_dir
+from bigray.artifacts.tracking import record_outcome, resolved
 from bigray.cluster import check_resources, ensure_ray
 from bigray.config import to_dict
 
@@ -156,12 +158,26 @@ def raise_recorded_failure(cfg: Any) -> None:
         raise TrainingFailed(f"training run {cfg.run.name} failed (not retried): {reason}")
 
 
+def prepare(kind: JobKind, cfg: Any) -> PreparedJob:
+    """The driver's preparation of a job: tracking resolved from the driver's environment (so every
+    worker tracks to the same place), then the kind's own checks and data."""
+    return kind.prepare(dataclasses.replace(cfg, tracking=resolved(cfg.tracking)))
+
+
 def launch(kind: JobKind, cfg: Any) -> dict[str, Any]:
     """A training command end to end: prepare on the driver, train on Ray, write and print the summary."""
-    return launch_prepared(kind, kind.prepare(cfg))
+    return launch_prepared(kind, prepare(kind, cfg))
 
 
 def launch_prepared(kind: JobKind, prepared: PreparedJob) -> dict[str, Any]:
-    """Train a job already prepared, then write and print its summary."""
-    outcome = run_training(kind, prepared)
-    return finish(outcome.run_dir, outcome.checkpoint, outcome.metrics, best_checkpoint=outcome.best_checkpoint)
+    """Train a job already prepared, then write, track and print its summary."""
+    cfg = prepared.config
+    try:
+        outcome = run_training(kind, prepared)
+    except TrainingFailed:
+        record_outcome(cfg.tracking, run_dir(cfg.run.storage_path, cfg.run.name), "FAILED")
+        raise
+    summary = summarize(outcome.run_dir, outcome.checkpoint, outcome.metrics, best_checkpoint=outcome.best_checkpoint)
+    tags = {"bigray.checkpoint": outcome.checkpoint, "bigray.best_checkpoint": outcome.best_checkpoint}
+    record_outcome(cfg.tracking, outcome.run_dir, "FINISHED", tags, texts={"summary.json": json.dumps(summary, indent=2)})
+    return print_summary(summary)

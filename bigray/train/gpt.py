@@ -120,7 +120,8 @@ class GPTTrainer:
         self.flops_per_token = flops_per_token(self.model_cfg, bs)
         self.peak = peak_flops(self.device, cfg.deepspeed.precision)
         self.tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * bs  # per rank
-        self.run_log = RunLog(run_dir, ctx.is_main)
+        ds = cfg.deepspeed
+        self.run_log = RunLog.for_job(cfg, ctx, run_dir, self.device, zero_stage=ds.zero_stage, precision=ds.precision, offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params)
 
     # ------------------------------------------------------------------ data and loss
 

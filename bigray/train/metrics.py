@@ -1,5 +1,5 @@
 """What a loop records: peak FLOP/s for MFU (a table for known GPUs, measured for CPUs), and the
-run log rank 0 writes (metrics.jsonl and TensorBoard in the run directory)."""
+run log rank 0 writes (metrics.jsonl and TensorBoard in the run directory, and the tracking run)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import torch
 
 from bigray.artifacts.runs import METRICS, append_metrics
 from bigray.artifacts.storage import exists, is_uri, join, read_text, upload, write_text
+from bigray.artifacts.tracking import TrackedRun, flat_params, versions
+from bigray.config import TrackingConfig
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) from the vendors' data sheets.
 GPU_PEAK_BF16 = {
@@ -52,17 +54,20 @@ def peak_flops(device: torch.device, precision: str) -> float:
 
 
 class RunLog:
-    """Rank 0's record of a run in its run directory: ``metrics.jsonl`` and TensorBoard scalars.
+    """Rank 0's record of a run in its run directory: ``metrics.jsonl``, TensorBoard scalars, and the
+    tracking run (MLflow or W&B) that ``tracking`` names.
 
     A run directory in storage gets the same files: they are written to a local mirror (seeded with
     the run's earlier ``metrics.jsonl``, so a resumed run keeps its history) and uploaded after every
     report. Other ranks and runs without a directory log nothing.
     """
 
-    def __init__(self, run_dir: str | None, is_main: bool):
+    def __init__(self, run_dir: str | None, is_main: bool, tracking: TrackingConfig | None = None, *,
+                 run_name: str = "", params: dict[str, str] | None = None, tags: dict[str, Any] | None = None):  # fmt: skip
         self.run_dir = run_dir if is_main and run_dir else None
         self.writer: Any = None
         self.local: str | None = None
+        self.tracked: TrackedRun | None = None
         if self.run_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -70,6 +75,17 @@ class RunLog:
             if is_uri(self.run_dir) and exists(join(self.run_dir, METRICS)):
                 write_text(join(self.local, METRICS), read_text(join(self.run_dir, METRICS)))
             self.writer = SummaryWriter(f"{self.local}/tensorboard")
+            if tracking is not None:
+                tags = {k: str(v) for k, v in (tags or {}).items()}
+                self.tracked = TrackedRun.start(tracking, self.run_dir, run_name, params or {}, tags, files_dir=self.local)
+
+    @classmethod
+    def for_job(cls, cfg: Any, ctx: Any, run_dir: str | None, device: torch.device, **facts: Any) -> RunLog:
+        """The run log of a job on rank 0, tracked where ``cfg.tracking`` says, with the facts that
+        matter when comparing runs (world size, device, versions and the loop's own ``facts``)."""
+        tags = {"world_size": ctx.world_size, "device": device.type, **facts, **versions()} if ctx.is_main else {}
+        params = flat_params(cfg) if ctx.is_main else {}
+        return cls(run_dir, ctx.is_main, cfg.tracking, run_name=cfg.run.name, params=params, tags=tags)
 
     def write(self, metrics: dict[str, Any], step: int) -> None:
         if self.run_dir is None or self.local is None:
@@ -79,10 +95,15 @@ class RunLog:
             if isinstance(v, (int, float)) and math.isfinite(v):
                 self.writer.add_scalar(k, v, step)
         self.writer.flush()
+        if self.tracked is not None:
+            self.tracked.log_metrics(metrics, step)
         if is_uri(self.run_dir):
             upload(join(self.local, METRICS), join(self.run_dir, METRICS))
             upload(join(self.local, "tensorboard"), join(self.run_dir, "tensorboard"))
 
     def close(self) -> None:
+        """The run trained to its end: close TensorBoard and mark the tracking run finished."""
         if self.writer is not None:
             self.writer.close()
+        if self.tracked is not None:
+            self.tracked.close("FINISHED")

@@ -105,7 +105,7 @@ class ResNetTrainer:
         self.total_steps = self.steps_per_epoch * t.epochs
         bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
-        self.run_log = RunLog(run_dir, ctx.is_main)
+        self.run_log = RunLog.for_job(cfg, ctx, run_dir, self.device, precision="bf16" if bf16 else "fp32")
 
     def _to_input(self, images: torch.Tensor) -> torch.Tensor:
         x = normalize(images.to(self.device, non_blocking=True), self.info.mean, self.info.std)
