@@ -59,3 +59,26 @@ def torch_device(use_gpu: bool, index: int | None = None) -> "torch.device":
         return torch.device("cuda")
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
+
+
+def training_precision(requested: str, device: "torch.device", fp16: bool = True) -> str:
+    """The precision a worker trains in: 'auto' is bf16 on a GPU with bf16 tensor cores (compute
+    capability 8.0+), else fp16 on a GPU (fp32 when the loop has no ``fp16`` path), fp32 on a CPU."""
+    import torch
+
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "fp32"
+    if torch.cuda.get_device_capability(device)[0] >= 8:
+        return "bf16"
+    return "fp16" if fp16 else "fp32"
+
+
+def enable_tf32(device: "torch.device") -> None:
+    """fp32 matmuls and convolutions on a GPU run on TF32 tensor cores (what fp32 MFU is measured against)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

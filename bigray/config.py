@@ -446,8 +446,10 @@ class GPTTrainConfig:
 class DeepSpeedConfig:
     zero_stage: int = 2
     """ZeRO stage: 0 (DDP-like), 1 (optimizer states), 2 (+gradients), 3 (+parameters)."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Training precision; bf16 on GPUs (and on CPUs with bf16 units)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Training precision. 'auto': bf16 on GPUs that have bf16 tensor cores, fp16 on older GPUs, fp32
+    on CPUs. fp32 on a GPU computes matmuls in TF32. bf16 with ZeRO 1-3 accumulates and reduces
+    gradients in fp32."""
     offload_optimizer: bool = False
     """Keep optimizer states on the CPU (ZeRO 1-3)."""
     offload_params: bool = False
@@ -576,7 +578,8 @@ class ResNetTrainConfig:
     augment: bool = True
     """Random crop with padding, and horizontal flip where the dataset allows it."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """Autocast dtype: auto = bf16 on GPUs, fp32 on CPUs (bf16 also helps CPUs with bf16 units)."""
+    """Autocast dtype: auto = bf16 on GPUs with bf16 tensor cores, else fp32 (TF32 on GPUs); bf16 also
+    helps CPUs with bf16 units."""
     num_data_workers: int = 0
     """DataLoader worker processes per training worker."""
     seed: int = 0

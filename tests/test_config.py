@@ -132,6 +132,7 @@ def test_nvme_offload_builds_a_zero_infinity_config():
 
     cfg = load_config(GPTPretrainConfig, CONFIGS / "gpt_tiny.yaml", [
         "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_device=nvme", "deepspeed.nvme_path=/scratch",
+        "deepspeed.precision=fp32",
     ])  # fmt: skip
     ds = deepspeed_config(cfg.deepspeed, cfg.train, world_size=2, use_gpu=False)
     assert ds["zero_optimization"]["offload_optimizer"] == {"device": "nvme", "pin_memory": False, "nvme_path": "/scratch"}

@@ -24,11 +24,14 @@ log = logging.getLogger(__name__)
 
 
 def deepspeed_config(settings: DeepSpeedConfig, train: GPTTrainConfig, world_size: int, use_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed JSON config for this run.
+    """The DeepSpeed JSON config for this run (``settings.precision`` already resolved, never 'auto').
 
-    On CPUs the optimizer is torch's AdamW (``torch_adam``), which avoids a JIT build of DeepSpeed's
-    CPU Adam; on GPUs DeepSpeed's fused Adam (or its CPU Adam when offloading) is used.
+    The optimizer is torch's AdamW (``torch_adam``; fused on GPUs), so nothing is compiled on first
+    use; only optimizer offload needs DeepSpeed's CPU Adam op (a C++ build, or prebuilt in the image).
+    bf16 under ZeRO 1-3 keeps gradients in fp32 while they accumulate and are reduced.
     """
+    if settings.precision == "auto":
+        raise ValueError("deepspeed_config needs a resolved precision (cluster.training_precision)")
     zero: dict[str, Any] = {"stage": settings.zero_stage}
     if settings.zero_stage >= 1:
         zero.update(overlap_comm=use_gpu, contiguous_gradients=True, reduce_bucket_size=5e7)
@@ -56,8 +59,11 @@ def deepspeed_config(settings: DeepSpeedConfig, train: GPTTrainConfig, world_siz
         "eps": 1e-8,
         "weight_decay": train.weight_decay,
     }
-    if not use_gpu and not settings.offload_optimizer:
+    if not settings.offload_optimizer:
         optimizer_params["torch_adam"] = True
+        if use_gpu:
+            optimizer_params["fused"] = True  # torch's fused CUDA AdamW kernel (no foreach, no JIT op)
+    fp32_grads = settings.precision == "bf16" and settings.zero_stage >= 1
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
@@ -67,6 +73,7 @@ def deepspeed_config(settings: DeepSpeedConfig, train: GPTTrainConfig, world_siz
         "bf16": {"enabled": settings.precision == "bf16"},
         "fp16": {"enabled": settings.precision == "fp16", "initial_scale_power": 16},
         "optimizer": {"type": "AdamW", "params": optimizer_params},
+        **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"} if fp32_grads else {}),
         **({"aio": {"block_size": 1 << 20, "queue_depth": 8, "thread_count": 1, "single_submit": False, "overlap_events": True}}
            if settings.offload_device == "nvme" else {}),
         "steps_per_print": 1 << 30,

@@ -7,6 +7,7 @@ every rank's ZeRO shard, so a resumed run continues exactly where the saved one 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from bigray.artifacts.checkpoint import CheckpointError, read_meta, write_meta, write_rank_marker
 from bigray.artifacts.hf_gpt import save_hf_model
+from bigray.cluster import enable_tf32, training_precision
 from bigray.config import ConfigError, GPTFinetuneConfig, GPTPretrainConfig, from_dict, to_dict
 from bigray.data.cache import DataError
 from bigray.data.documents import EOS, load_tokenizer
@@ -106,8 +108,10 @@ class GPTTrainer:
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
         torch.set_num_threads(cfg.scaling.threads)
         self.device = ctx.device(cfg.scaling.use_gpu)
+        enable_tf32(self.device)
         self.data = open_prepared(data_dir)
-        self.ds_config = zero.deepspeed_config(cfg.deepspeed, cfg.train, ctx.world_size, cfg.scaling.use_gpu)
+        ds = dataclasses.replace(cfg.deepspeed, precision=training_precision(cfg.deepspeed.precision, self.device))
+        self.ds_config = zero.deepspeed_config(ds, cfg.train, ctx.world_size, cfg.scaling.use_gpu)
         with zero.partitioned_construction(self.ds_config):
             self.model_cfg, model = initial_model(cfg, self.data)
         if cfg.deepspeed.activation_checkpointing:
@@ -118,10 +122,10 @@ class GPTTrainer:
         self.val_windows = token_windows(self.data, "val", bs)
         self.step = 0
         self.flops_per_token = flops_per_token(self.model_cfg, bs)
-        self.peak = peak_flops(self.device, cfg.deepspeed.precision)
+        self.peak = peak_flops(self.device, ds.precision)
         self.tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * bs  # per rank
-        ds = cfg.deepspeed
-        self.run_log = RunLog.for_job(cfg, ctx, run_dir, self.device, zero_stage=ds.zero_stage, precision=ds.precision, offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params)
+        self.run_log = RunLog.for_job(cfg, ctx, run_dir, self.device, zero_stage=ds.zero_stage, precision=ds.precision,
+                                      offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params)  # fmt: skip
 
     # ------------------------------------------------------------------ data and loss
 

@@ -15,18 +15,33 @@ from bigray.artifacts.storage import exists, is_uri, join, read_text, upload, wr
 from bigray.artifacts.tracking import TrackedRun, flat_params, versions
 from bigray.config import TrackingConfig
 
-# Dense bf16/fp16 tensor-core peaks (FLOP/s) from the vendors' data sheets.
-GPU_PEAK_BF16 = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 70e12,
-    "A10": 125e12,
-    "L4": 121e12,
-    "V100": 125e12,
-    "T4": 65e12,
+# Dense (no sparsity) peak TFLOP/s per GPU from NVIDIA's data sheets: (bf16, fp16, tf32, fp32).
+# 0 means the GPU has no tensor cores for that type. Matched against torch's device name in this
+# order, so a variant ("H100 PCIe") is found before its family ("H100", the SXM part).
+GPU_PEAK_TFLOPS: dict[str, tuple[float, float, float, float]] = {
+    "B200": (2250, 2250, 1100, 75),
+    "H200 NVL": (835, 835, 418, 60),
+    "H200": (989, 989, 495, 67),
+    "H100 NVL": (835, 835, 418, 60),
+    "H100 PCIe": (756, 756, 378, 51),
+    "H100": (989, 989, 495, 67),
+    "A100": (312, 312, 156, 19.5),
+    "L40S": (362, 362, 183, 91.6),
+    "L4": (121, 121, 60, 30.3),
+    "A10G": (70, 70, 35, 31.2),
+    "A10": (125, 125, 62.5, 31.2),
+    "V100": (0, 125, 0, 15.7),
+    "T4": (0, 65, 0, 8.1),
 }
+
+
+def gpu_peak(name: str, precision: str) -> float:
+    """Peak FLOP/s of the GPU called ``name`` for a precision (fp32 runs on TF32 where the GPU has it); 0 if unknown."""
+    for key, (bf16, fp16, tf32, fp32) in GPU_PEAK_TFLOPS.items():
+        if key in name:
+            peak = {"bf16": bf16, "fp16": fp16}.get(precision, tf32 or fp32)
+            return peak * 1e12
+    return 0.0
 
 
 def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.3) -> float:
@@ -45,11 +60,7 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, secon
 def peak_flops(device: torch.device, precision: str) -> float:
     """Peak FLOP/s of one worker's device for the training precision (0 if unknown)."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAK_BF16.items():
-            if key in name:
-                return peak if precision in ("bf16", "fp16") else peak / 2  # tf32 runs at half rate
-        return 0.0
+        return gpu_peak(torch.cuda.get_device_name(device), precision)
     return measure_matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
 
 

@@ -13,11 +13,17 @@ import torch
 from bigray.config import GPTTrainConfig, ResNetTrainConfig
 
 
+def full_ndim(p: torch.Tensor) -> int:
+    """A parameter's number of dimensions as built: under ZeRO-3 a partitioned parameter is an empty
+    1-D placeholder and its real shape is ``ds_shape``."""
+    return len(getattr(p, "ds_shape", p.shape))
+
+
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Optimizer parameter groups: weight decay on matrices and embeddings, none on biases and norms."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    decay = [p for p in params if full_ndim(p) >= 2]
+    no_decay = [p for p in params if full_ndim(p) < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Subset
 
 from bigray.artifacts.checkpoint import CheckpointError, read_meta, write_meta, write_rank_marker
 from bigray.artifacts.resnet_card import save_classifier
+from bigray.cluster import enable_tf32, training_precision
 from bigray.config import ConfigError, ResNetJobConfig, from_dict, to_dict
 from bigray.data.images import DatasetInfo, load_images
 from bigray.models.resnet import build_resnet, normalize
@@ -103,7 +104,8 @@ class ResNetTrainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"train.batch_size {t.batch_size} is larger than this worker's share of the training set")
         self.total_steps = self.steps_per_epoch * t.epochs
-        bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
+        enable_tf32(self.device)
+        bf16 = training_precision(t.precision, self.device, fp16=False) == "bf16"  # 'auto': bf16 only where the GPU has it
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         self.run_log = RunLog.for_job(cfg, ctx, run_dir, self.device, precision="bf16" if bf16 else "fp32")
 
