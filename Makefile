@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bigray-installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup system-packages quickstart test test-fast bench clean
+.PHONY: setup system-packages quickstart test test-fast bench gpu-wheels clean
 
 setup: $(STAMP) system-packages
 
@@ -37,6 +37,11 @@ test-fast: setup
 
 bench: setup
 	$(VENV)/bin/bigray bench gpt_ray_overhead zero_memory gpt_cpu resnet_ray_overhead resnet_accuracy
+
+# The wheels bench/gpu_check.sh installs on a GPU box that has only torch (carried as .whl/).
+gpu-wheels: setup
+	$(PY) -m pip download -q --no-deps -d .whl -c constraints.txt transformers tokenizers safetensors huggingface-hub \
+		regex tqdm filelock packaging pyyaml requests charset-normalizer idna urllib3 certifi fsspec hf-xet typing-extensions
 
 clean:
 	rm -rf runs .pytest_cache

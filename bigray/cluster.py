@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import TYPE_CHECKING
+import sys
+import time
+from typing import TYPE_CHECKING, Mapping
 
 from bigray.config import ConfigError, ScalingConfig
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 
 def ensure_ray() -> bool:
@@ -30,17 +35,90 @@ def ensure_ray() -> bool:
     return True
 
 
-def check_resources(scaling: ScalingConfig) -> None:
-    """Fail before training when the cluster can never fit the workers (GPUs in particular)."""
+def worker_bundle(scaling: ScalingConfig) -> dict[str, float]:
+    """The resources one training worker asks Ray for (what Ray Train's ScalingConfig will request)."""
+    bundle = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        bundle["GPU"] = 1.0
+    if scaling.accelerator_type:
+        bundle[f"accelerator_type:{scaling.accelerator_type}"] = 0.001  # as Ray Train requests it
+    return bundle
+
+
+def _fits(resources: Mapping[str, float], bundle: Mapping[str, float]) -> int:
+    """How many copies of ``bundle`` one node with ``resources`` holds."""
+    return int(min(resources.get(k, 0.0) / v for k, v in bundle.items()) + 1e-9)
+
+
+def workers_fitting_now(bundle: Mapping[str, float]) -> int:
+    """Workers of this shape the cluster's live nodes hold (busy or not)."""
     import ray
 
-    resources = ray.cluster_resources()
-    if scaling.use_gpu and resources.get("GPU", 0) < 1 and not os.environ.get("BIGRAY_WAIT_FOR_AUTOSCALER"):
-        raise ConfigError(
-            "scaling.use_gpu",
-            "is true but the Ray cluster has no GPUs (set scaling.use_gpu=false to train on CPUs, or "
-            "BIGRAY_WAIT_FOR_AUTOSCALER=1 if the autoscaler will add GPU nodes)",
-        )
+    return sum(_fits(n["Resources"], bundle) for n in ray.nodes() if n.get("Alive"))
+
+
+def workers_fitting_at_most(bundle: Mapping[str, float]) -> int | None:
+    """Workers of this shape the cluster can scale to, from the node types its autoscaler publishes
+    to the GCS (what Ray Data reads too); None when no autoscaler published any (a fixed cluster)."""
+    import ray._private.state
+
+    config = ray._private.state.state.get_cluster_config()
+    if config is None or not config.node_group_configs:
+        return None
+    total = 0
+    for group in config.node_group_configs:
+        fits = _fits(dict(group.resources), bundle)
+        if fits and group.max_count == -1:
+            return sys.maxsize
+        total += fits * max(group.max_count, 0)
+    return total
+
+
+def _shape(bundle: Mapping[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in bundle.items()) + "}"
+
+
+def wait_for_workers(scaling: ScalingConfig, poll_s: float = 2.0, report_every_s: float = 15.0) -> None:
+    """Return once the cluster holds ``scaling.num_workers`` workers, waiting for an autoscaler to add
+    nodes (up to ``scaling.resource_wait_s``, with a progress line); fail at once when nothing can
+    ever hold them: the autoscaler's node types are too small, or there is no autoscaler at all
+    (unless BIGRAY_WAIT_FOR_AUTOSCALER=1 says nodes will be added by other means)."""
+    from ray.autoscaler.sdk import request_resources
+
+    bundle, need = worker_bundle(scaling), scaling.num_workers
+    have = workers_fitting_now(bundle)
+    if have >= need:
+        return
+    what = f"{need} workers of {_shape(bundle)}"
+    most = workers_fitting_at_most(bundle)
+    if most is not None and most < need:
+        raise ConfigError("scaling", f"the cluster can never hold {what}: its node types scale to at most {most} "
+                                     "(lower scaling.num_workers or the per-worker resources, or add a node type)")  # fmt: skip
+    if most is None and not os.environ.get("BIGRAY_WAIT_FOR_AUTOSCALER"):
+        raise ConfigError("scaling", f"the cluster holds {have} of {what} and has no autoscaler to add nodes "
+                                     "(lower scaling.num_workers, set scaling.use_gpu=false to train on CPUs, or set "
+                                     "BIGRAY_WAIT_FOR_AUTOSCALER=1 if nodes will be added)")  # fmt: skip
+    if scaling.resource_wait_s <= 0:
+        raise ConfigError("scaling.resource_wait_s", f"is 0 and the cluster holds {have} of {what} now")
+    request_resources(bundles=[dict(bundle) for _ in range(need)])  # asks the autoscaler for the nodes now
+    start = last_report = time.monotonic()
+    log.info("waiting up to %.0f s for the cluster to hold %s (%d fit now)", scaling.resource_wait_s, what, have)
+    try:
+        while True:
+            time.sleep(poll_s)
+            have = workers_fitting_now(bundle)
+            waited = time.monotonic() - start
+            if have >= need:
+                log.info("the cluster holds %s after %.0f s", what, waited)
+                return
+            if waited >= scaling.resource_wait_s:
+                raise ConfigError("scaling.resource_wait_s", f"waited {waited:.0f} s and the cluster holds {have} of {what}; "
+                                                             "raise it or check the autoscaler (`ray status`)")  # fmt: skip
+            if time.monotonic() - last_report >= report_every_s:
+                last_report = time.monotonic()
+                log.info("still waiting for %s: %d fit now (%.0f of %.0f s)", what, have, waited, scaling.resource_wait_s)
+    finally:
+        request_resources(bundles=[])  # Ray Train's own placement group holds the nodes from here
 
 
 def torch_device(use_gpu: bool, index: int | None = None) -> "torch.device":

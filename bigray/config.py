@@ -261,9 +261,16 @@ class ScalingConfig:
     """CPUs reserved per worker."""
     threads_per_worker: int = 0
     """torch intra-op threads per worker; 0 means cpus_per_worker rounded down (at least 1)."""
+    accelerator_type: str = ""
+    """The GPU every worker must run on, as Ray names it (H100, A100, A10G, L4, L40S, ...: the node's
+    ``accelerator_type:<name>`` resource); empty: any GPU. Needs use_gpu."""
+    resource_wait_s: float = 900.0
+    """How long a job waits for the autoscaler to add the nodes its workers need before failing."""
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        require(not self.accelerator_type or self.use_gpu, "accelerator_type", "pins a GPU type: set use_gpu true too")
+        require(self.resource_wait_s >= 0, "resource_wait_s", f"must be >= 0, got {self.resource_wait_s}")
         require(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         require(self.threads_per_worker >= 0, "threads_per_worker", f"must be >= 0, got {self.threads_per_worker}")
 

@@ -24,7 +24,7 @@ from bigray.artifacts.checkpoint import CheckpointError, is_complete
 from bigray.artifacts.runs import print_summary, save_resolved_config, summarize
 from bigray.artifacts.tracking import TrackedRun, continue_tracking, flat_params, record_outcome, resolved
 from bigray.artifacts.storage import absolute, exists, full_uri, join, name_of, read_text, run_dir, write_text
-from bigray.cluster import ensure_ray
+from bigray.cluster import ensure_ray, worker_bundle, workers_fitting_at_most
 from bigray.config import ConfigError, TuneJobConfig, from_dict, set_dotted, to_dict
 from bigray.recipes import JOBS
 from bigray.recipes.launch import JobKind, build_trainer, raise_recorded_failure
@@ -136,13 +136,18 @@ def trial_driver(config: dict[str, Any]) -> None:
 
 
 def concurrent_trials(job: TuneJobConfig, trainer_cfg: Any) -> int:
-    """How many trials fit on the cluster at once, from its CPUs/GPUs and each trial's workers."""
+    """How many trials fit at once: from what the cluster can scale to when an autoscaler publishes
+    its node types (so a search on an autoscaling cluster does not run one trial at a time), else
+    from what it holds now."""
     import ray
 
     if job.tune.max_concurrent_trials:
         return job.tune.max_concurrent_trials
-    resources = ray.cluster_resources()
     s = trainer_cfg.scaling
+    most = workers_fitting_at_most(worker_bundle(s))
+    if most is not None:
+        return max(1, min(most, 1000) // s.num_workers)
+    resources = ray.cluster_resources()
     # Each trial also holds its driver's DRIVER_CPU: 2 trials of one 1-CPU worker need 2.02 CPUs.
     fits = int(resources.get("CPU", 1) // (s.num_workers * s.cpus_per_worker + DRIVER_CPU))
     if s.use_gpu:

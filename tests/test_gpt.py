@@ -147,7 +147,7 @@ def test_bad_inputs_fail_before_training(ray_cluster, small_text, tmp_path, zero
 
     with pytest.raises(ConfigError, match="256 positions"):
         pretrain(tiny_config(small_text, tmp_path, "b1", "model.block_size=512"))
-    with pytest.raises(ConfigError, match="no GPUs"):
+    with pytest.raises(ConfigError, match="has no autoscaler.*scaling.use_gpu=false"):
         pretrain(tiny_config(small_text, tmp_path, "b2", "scaling.use_gpu=true"))
     with pytest.raises(CheckpointError, match="does not exist"):
         pretrain(tiny_config(small_text, tmp_path, "b3", f"resume_from={tmp_path}/nope"))

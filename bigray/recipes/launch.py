@@ -19,7 +19,7 @@ from bigray.artifacts.runs import clear_failure, print_summary, recorded_failure
 from bigray.artifacts.checkpoint import CheckpointError, latest_complete
 from bigray.artifacts.storage import absolute, full_uri, run_dir
 from bigray.artifacts.tracking import record_outcome, resolved
-from bigray.cluster import check_resources, ensure_ray
+from bigray.cluster import ensure_ray, wait_for_workers
 from bigray.config import to_dict
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ def build_trainer(kind: JobKind, prepared: PreparedJob, callbacks: Sequence[Any]
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
             resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+            accelerator_type=scaling.accelerator_type or None,
         ),
         run_config=ray.train.RunConfig(
             name=run.name,
@@ -131,7 +132,7 @@ def run_training(kind: JobKind, prepared: PreparedJob) -> TrainOutcome:
 
     cfg = prepared.config
     started = ensure_ray()
-    check_resources(cfg.scaling)
+    wait_for_workers(cfg.scaling)
     directory = run_dir(cfg.run.storage_path, cfg.run.name)
     trainer = build_trainer(kind, prepared)
     try:
