@@ -162,3 +162,19 @@ def test_bad_data_root_fails_before_ray(tmp_path, capsys):
     assert "1 class folder" in capsys.readouterr().err
     assert main(["train-resnet", "--set", "train.batch_size=0"]) == 2
     assert "train.batch_size" in capsys.readouterr().err
+
+
+def test_augment_crops_and_flips_each_image_by_its_own_draw():
+    from bigray.train.resnet import augment
+
+    images = torch.arange(3 * 2 * 5 * 5, dtype=torch.uint8).view(3, 2, 5, 5)
+    info = DatasetInfo("x", ["a", "b"], channels=2, image_size=5, mean=[0.0, 0.0], std=[1.0, 1.0], hflip=True)
+    out = augment(images, info, torch.Generator().manual_seed(7))
+    draws = torch.Generator().manual_seed(7)  # the same draws, in the order augment makes them
+    dy, dx = torch.randint(0, 9, (3,), generator=draws), torch.randint(0, 9, (3,), generator=draws)
+    flip = torch.rand(3, generator=draws) < 0.5
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    for i in range(3):
+        expected = padded[i, :, dy[i] : dy[i] + 5, dx[i] : dx[i] + 5]
+        assert torch.equal(out[i], expected.flip(-1) if flip[i] else expected), i
+    assert out.shape == images.shape and out.dtype == torch.uint8

@@ -55,16 +55,19 @@ def check_resume_compatible(meta: dict[str, Any], cfg: ResNetJobConfig) -> None:
 
 
 def augment(images: torch.Tensor, info: DatasetInfo, generator: torch.Generator) -> torch.Tensor:
-    """Random crop with 4-pixel padding and (where sensible) horizontal flip, on a uint8 NCHW batch."""
-    n, _, h, w = images.shape
+    """Random crop with 4-pixel padding and (where sensible) horizontal flip, on a uint8 NCHW batch,
+    on whatever device the batch is (a GPU batch never goes back to the CPU). The random draws come
+    from the CPU ``generator``, so a batch is augmented the same way on every device."""
+    n, c, h, w = images.shape
+    dev = images.device
+    dy = torch.randint(0, 9, (n,), generator=generator).to(dev)
+    dx = torch.randint(0, 9, (n,), generator=generator).to(dev)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(dev) if info.hflip else None
     padded = F.pad(images, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (n,), generator=generator)
-    dx = torch.randint(0, 9, (n,), generator=generator)
-    rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).view(n, 1, h, 1).expand(n, images.shape[1], h, w)
-    cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).view(n, 1, 1, w).expand(n, images.shape[1], h, w)
-    out = padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(images.shape[1]).view(1, -1, 1, 1), rows, cols]
-    if info.hflip:
-        flip = torch.rand(n, generator=generator) < 0.5
+    rows = (dy.view(n, 1) + torch.arange(h, device=dev).view(1, h)).view(n, 1, h, 1).expand(n, c, h, w)
+    cols = (dx.view(n, 1) + torch.arange(w, device=dev).view(1, w)).view(n, 1, 1, w).expand(n, c, h, w)
+    out = padded[torch.arange(n, device=dev).view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, -1, 1, 1), rows, cols]
+    if flip is not None:
         out[flip] = out[flip].flip(-1)
     return out
 
@@ -95,7 +98,9 @@ class ResNetTrainer:
         if self.optimizer_state is not None:
             self.optimizer.load_state_dict(self.optimizer_state)
         generator = torch.Generator().manual_seed(t.seed)
-        train_loader = DataLoader(splits["train"], batch_size=t.batch_size, shuffle=True, drop_last=True, num_workers=t.num_data_workers, generator=generator)
+        pin = self.device.type == "cuda"  # pinned host memory: the copy to the GPU overlaps compute
+        train_loader = DataLoader(splits["train"], batch_size=t.batch_size, shuffle=True, drop_last=True,
+                                  num_workers=t.num_data_workers, generator=generator, pin_memory=pin)  # fmt: skip
         self.train_loader = ctx.prepare_loader(train_loader)
         test = splits["test"]
         shard = Subset(test, range(ctx.rank, len(test), ctx.world_size))
@@ -119,8 +124,7 @@ class ResNetTrainer:
         self.ctx.set_epoch(self.train_loader, self.epoch)
         aug_gen = torch.Generator().manual_seed(t.seed * 100_003 + self.epoch * 1009 + self.ctx.rank)
         loss_sum, n, t0 = 0.0, 0, time.perf_counter()
-        for images, labels in self.train_loader:
-            images = images.cpu()
+        for images, labels in self.train_loader:  # on the GPU already when training on one (Ray moves each batch)
             if t.augment:
                 images = augment(images, self.info, aug_gen)
             x, y = self._to_input(images), labels.to(self.device)
