@@ -56,9 +56,11 @@ def test_cluster_yaml_runs_the_image_and_opens_nothing_to_the_internet():
         groups = nc.get("SecurityGroupIds") or [g for i in nc.get("NetworkInterfaces", []) for g in i["Groups"]]
         assert groups == ["sg-YOUR-SECURITY-GROUP"], name  # the user's own group on every node
     spot = [n for n, t in types.items() if t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
-    for name in spot:  # an on-demand twin of the same shape and accelerator for every spot type
+    assert spot
+    for name in spot:  # an on-demand twin of the same shape and accelerator, tried after the spot type
         twin = types[name.replace("-spot", "-ondemand")]
         assert twin["resources"] == types[name]["resources"] and twin["node_config"]["InstanceType"] == types[name]["node_config"]["InstanceType"]
+        assert types[name]["priority"] > twin["priority"]
     p5 = [t["node_config"] for t in types.values() if t["node_config"]["InstanceType"].startswith("p5.")]
     assert p5 and all(nc["Placement"]["GroupName"] and nc["NetworkInterfaces"][0]["InterfaceType"] == "efa" for nc in p5)
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])  # reached over the SSH tunnel
