@@ -284,8 +284,9 @@ class TrackingConfig:
     """Where a run is tracked besides its run directory; also read from the trackers' own environment variables."""
 
     backend: Literal["auto", "none", "mlflow", "wandb"] = "auto"
-    """'auto': mlflow when MLFLOW_TRACKING_URI is set, else wandb when WANDB_PROJECT or WANDB_MODE is
-    set, else none. The driver resolves it once, so every worker tracks to the same place."""
+    """'auto': mlflow when MLFLOW_TRACKING_URI is set, else wandb when WANDB_PROJECT or WANDB_MODE
+    (online/offline) is set and WANDB_MODE is not 'disabled', else none. The driver resolves it
+    once, so every worker tracks to the same place."""
     uri: str = ""
     """MLflow tracking URI (default: MLFLOW_TRACKING_URI). Credentials never go here: MLflow reads
     MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD from the environment."""

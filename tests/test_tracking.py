@@ -22,7 +22,7 @@ def test_tracking_resolves_from_the_standard_environment_variables():
     assert (t.backend, t.uri, t.experiment) == ("mlflow", "http://mlflow:5000", "lm")
     t = resolved(TrackingConfig(), {"WANDB_PROJECT": "gpt", "WANDB_MODE": "offline"})
     assert (t.backend, t.project, t.mode) == ("wandb", "gpt", "offline")
-    assert resolved(TrackingConfig(), {"WANDB_MODE": "disabled"}).backend == "none"
+    assert resolved(TrackingConfig(), {"WANDB_MODE": "disabled", "WANDB_PROJECT": "gpt"}).backend == "none"
     assert resolved(TrackingConfig(backend="none"), {"MLFLOW_TRACKING_URI": "http://x"}).backend == "none"
     assert resolved(TrackingConfig(uri="http://mine"), {"MLFLOW_TRACKING_URI": "http://env"}).uri == "http://mine"
     with pytest.raises(ConfigError, match="tracking.uri"):

@@ -46,7 +46,7 @@ def resolved(t: TrackingConfig, environ: Mapping[str, str] = os.environ) -> Trac
     if backend == "auto":
         if t.uri or environ.get("MLFLOW_TRACKING_URI"):
             backend = "mlflow"
-        elif environ.get("WANDB_PROJECT") or environ.get("WANDB_MODE") in ("online", "offline"):
+        elif environ.get("WANDB_MODE") != "disabled" and (environ.get("WANDB_PROJECT") or environ.get("WANDB_MODE") in ("online", "offline")):
             backend = "wandb"
         else:
             backend = "none"
@@ -131,8 +131,9 @@ class TrackedRun:
 
     def __init__(self, t: TrackingConfig, run_dir: str, files_dir: str | None = None):
         self.t, self.run_dir = t, run_dir
-        self.files_dir = files_dir or (run_dir if not is_uri(run_dir) else tempfile.mkdtemp(prefix="bigray-tracking-"))
-        """Where the tracker's local files go (W&B's ``wandb/``): the run directory, or a local mirror uploaded to it."""
+        self.files_dir = files_dir or ("" if is_uri(run_dir) else run_dir)
+        """Where the tracker's local files go (W&B's ``wandb/``): the run directory, or a local mirror
+        uploaded to it (made when W&B opens, for a run directory in storage)."""
         self.session: Any = None
         self.run_id = ""
         """The tracking run's id once opened (kept after :meth:`close`)."""
@@ -141,7 +142,6 @@ class TrackedRun:
     @property
     def active(self) -> bool:
         return self.session is not None
-
 
     # ------------------------------------------------------------------ opening
 
@@ -185,6 +185,7 @@ class TrackedRun:
         if self.t.backend == "mlflow":
             self.session = _MLflowSession(self.t, run_name, run_id, tags)
         else:
+            self.files_dir = self.files_dir or tempfile.mkdtemp(prefix="bigray-wandb-")
             self.session = _WandbSession(self.t, run_name, run_id, tags, self.files_dir)
         self.run_id = self.session.run_id
 
@@ -224,7 +225,7 @@ class TrackedRun:
         """End this handle: ``status`` FINISHED/FAILED ends the run; None leaves it open for another process."""
         self.call("close the run", lambda s: s.end(status))
         self.session = None
-        if is_uri(self.run_dir) and os.path.isdir(os.path.join(self.files_dir, "wandb")):
+        if self.files_dir and is_uri(self.run_dir) and os.path.isdir(os.path.join(self.files_dir, "wandb")):
             upload(os.path.join(self.files_dir, "wandb"), join(self.run_dir, "wandb"))
         if self.lost and self.t.backend != "none":
             state = read_state(self.run_dir)
