@@ -88,7 +88,7 @@ def test_resume_after_a_kill_skips_a_truncated_newest_checkpoint(ray_cluster, sm
 
     from bigray.recipes.gpt import pretrain
 
-    cfg = _gpt_config(small_text, tmp_path, "train.max_steps=60", "run.keep_checkpoints=10", "run.name=truncated")
+    cfg = _gpt_config(small_text, tmp_path, "train.max_steps=30", "run.keep_checkpoints=10", "run.name=truncated")
     result = {}
     runner = threading.Thread(target=lambda: result.update(pretrain(cfg)))
     runner.start()
@@ -106,10 +106,10 @@ def test_resume_after_a_kill_skips_a_truncated_newest_checkpoint(ray_cluster, sm
     os.kill(workers[0].pid, signal.SIGKILL)  # ... and a worker dies before the next one
     runner.join(timeout=600)
     assert result, "the run did not finish after the worker was killed"
-    assert read_meta(result["checkpoint"], "gpt")["step"] == 60
+    assert read_meta(result["checkpoint"], "gpt")["step"] == 30
     steps = [r["step"] for r in _rows(run_dir)]
     assert steps.count(11) == 2, steps  # replayed from the step-10 checkpoint, the complete one before it
-    assert steps[-1] == 60 and sorted(set(steps)) == list(range(1, 61))
+    assert steps[-1] == 30 and sorted(set(steps)) == list(range(1, 31))
 
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(), reason="needs dataset-fashion-mnist")

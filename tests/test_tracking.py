@@ -1,5 +1,9 @@
 """Experiment tracking against real trackers: an `mlflow server` process (SQLite, local artifacts) and
-W&B in offline mode. Runs are read back through MLflow's client and W&B's own run files."""
+W&B in offline mode. Runs are read back through MLflow's client and W&B's own run files.
+
+Also tracked: the 2-worker run in a bucket whose worker is killed (tests/test_storage_runs.py: one
+MLflow run across the restart) and the interrupted, resumed Tune search (tests/test_tune.py: one
+parent run, one child per trial)."""
 
 import json
 import logging
@@ -44,46 +48,6 @@ def _gpt(small_text, storage, name, *overrides):
 
 def _jsonl(run_dir):
     return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
-
-
-def _history(client, run_id, key):
-    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))]
-
-
-@pytest.mark.slow
-def test_mlflow_records_a_two_worker_run_and_its_resume_in_one_run(ray_cluster, mlflow_server, small_text, tmp_path):
-    from mlflow import MlflowClient
-
-    from bigray.recipes.gpt import pretrain
-
-    track = ["tracking.backend=mlflow", f"tracking.uri={mlflow_server}", "tracking.experiment=tracking-test", "tracking.tags={team: lm}"]
-    cfg = _gpt(small_text, tmp_path, "tracked", "train.max_steps=10", "scaling.num_workers=2", "deepspeed.zero_stage=2", *track)
-    first = pretrain(cfg)
-    run_id = json.loads((tmp_path / "tracked" / TRACKING).read_text())["run_id"]
-    again = pretrain(_gpt(small_text, tmp_path, "tracked", "train.max_steps=15", "scaling.num_workers=2", "deepspeed.zero_stage=2", *track))
-    assert json.loads((tmp_path / "tracked" / TRACKING).read_text())["run_id"] == run_id  # the re-run continued it
-
-    client = MlflowClient(mlflow_server)
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
-    assert client.get_experiment(run.info.experiment_id).name == "tracking-test"
-    params = run.data.params
-    assert params["train.lr"] == str(cfg.train.lr) and params["scaling.num_workers"] == "2" and params["deepspeed.zero_stage"] == "2"
-    assert params["train.max_steps"] == "10"  # params are the first attempt's: MLflow never changes a param
-    tags = run.data.tags
-    assert tags["world_size"] == "2" and tags["zero_stage"] == "2" and tags["precision"] == "fp32" and tags["device"] == "cpu"
-    assert tags["team"] == "lm" and tags["ray_version"] and tags["bigray_version"]
-    assert tags["bigray.run_dir"] == first["run_dir"] and tags["bigray.checkpoint"] == again["checkpoint"]
-    # every report of both attempts, at its step, with the values metrics.jsonl holds
-    rows = _jsonl(first["run_dir"])
-    assert [r["step"] for r in rows] == list(range(1, 16))
-    for key in ("train/loss", "train/lr", "val/loss"):
-        expected = [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in rows if key in r]
-        assert _history(client, run_id, key) == expected, key
-    artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert "summary.json" in artifacts
-    summary = json.loads(Path(client.download_artifacts(run_id, "summary.json", str(tmp_path))).read_text())
-    assert summary["checkpoint"] == again["checkpoint"]
 
 
 def _watch_then_stop(url, proc, experiment, seen):

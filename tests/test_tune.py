@@ -26,8 +26,8 @@ def gpt_search(small_text, tmp_path, name, *overrides):
         [
             "tune.searcher=random", "tune.max_concurrent_trials=1",
             f"trainer.data.cache_dir={text_cfg.cache_dir}", f"trainer.data.max_chars={text_cfg.max_chars}",
-            f"trainer.data.vocab_size={text_cfg.vocab_size}", "trainer.train.max_steps=40",
-            "trainer.train.eval_interval=10", "trainer.run.checkpoint_interval=10",
+            f"trainer.data.vocab_size={text_cfg.vocab_size}", "trainer.train.max_steps=20",
+            "trainer.train.eval_interval=5", "trainer.run.checkpoint_interval=5",
             f"run.storage_path={tmp_path}", f"run.name={name}", *overrides,
         ],
     )  # fmt: skip
@@ -87,8 +87,8 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
     overrides = [f"{k}={v}" for k, v in [
         ("tune.searcher", "random"), ("tune.max_concurrent_trials", 1),
         ("trainer.data.cache_dir", job.trainer["data"]["cache_dir"]), ("trainer.data.max_chars", job.trainer["data"]["max_chars"]),
-        ("trainer.data.vocab_size", job.trainer["data"]["vocab_size"]), ("trainer.train.max_steps", 40),
-        ("trainer.train.eval_interval", 10), ("trainer.run.checkpoint_interval", 10),
+        ("trainer.data.vocab_size", job.trainer["data"]["vocab_size"]), ("trainer.train.max_steps", 20),
+        ("trainer.train.eval_interval", 5), ("trainer.run.checkpoint_interval", 5),
         ("run.storage_path", tmp_path), ("run.name", "resume"),
     ]]  # fmt: skip
     cmd = [sys.executable, "-m", "bigray.cli", "tune", "--config", str(REPO / "jobs" / "configs" / "tune_gpt.yaml")]
@@ -105,7 +105,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
     assert len(list(trials.glob("trial_*"))) >= 2, "the search never got to its second trial"
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
-    finished_before = {d.name: _steps_list(d) for d in trials.glob("trial_*") if _steps(d) >= 40}
+    finished_before = {d.name: _steps_list(d) for d in trials.glob("trial_*") if _steps(d) >= 20}
     assert finished_before
     out = subprocess.run([sys.executable, "-m", "bigray.cli", "tune", "--resume", str(tmp_path / "resume")],
                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -160,6 +160,6 @@ def test_pbt_copies_good_checkpoints_into_bad_trials(ray_cluster, small_text, tm
     trials = Path(summary["run_dir"]) / "trials"
     restored = [d for d in trials.glob("trial_*-from-*") if _steps_list(d)]
     assert restored, sorted(p.name for p in trials.iterdir())
-    assert all(_steps_list(d)[0] > 10 for d in restored)
+    assert all(_steps_list(d)[0] > 5 for d in restored)
     best_row = min(rows, key=lambda r: float(r["best val/loss"]))
     assert summary["metrics"]["val/loss"] == pytest.approx(float(best_row["best val/loss"]))
