@@ -8,8 +8,9 @@ Layers, bottom first; a module imports only from its own layer or below (checked
 - ``config``: the config engine and every job's typed sections.
 - ``models``: plain single-device torch models (nothing of Ray or DeepSpeed).
 - ``artifacts``: the formats every side reads, local path or URI: checkpoint directories and their
-  completeness, run directories and summaries, locating a checkpoint, the GPT Hugging Face format,
-  the ResNet model card. ``cluster``: connecting to Ray, resource checks, the torch device.
+  completeness, run directories and summaries, experiment tracking (MLflow / W&B), locating a
+  checkpoint, the GPT Hugging Face format, the ResNet model card. ``cluster``: connecting to Ray,
+  waiting for the workers' resources, the torch device and its precision.
 - ``serve``: settings, protocol, runners, deployments, ingress, app builder; it reads artifacts and
   never imports data, train or recipes.
 - ``data``: corpus, tokenizer, token shards, fine-tuning data, image datasets (built on the driver).

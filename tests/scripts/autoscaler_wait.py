@@ -75,18 +75,16 @@ def main() -> None:
         "run.checkpoint_interval=2", "scaling.num_workers=2", "scaling.cpus_per_worker=1", "scaling.resource_wait_s=300",
         f"run.storage_path={out}", "run.name=grown",
     ])  # fmt: skip
-    added: dict = {}
-
-    def add_node_later() -> None:
-        time.sleep(8)
-        added["at"] = time.monotonic()
-        cluster.add_node(num_cpus=2)
-
-    started = time.monotonic()
-    threading.Thread(target=add_node_later, daemon=True).start()
     summary: dict = {}
-    result["grown"] = timed(lambda: summary.update(pretrain(cfg)))
-    result["grown"].update(step=summary.get("metrics", {}).get("step"), node_added_after=round(added.get("at", 0) - started, 1))
+    job_result: dict = {}
+    started = time.monotonic()
+    job = threading.Thread(target=lambda: job_result.update(timed(lambda: summary.update(pretrain(cfg)))))
+    job.start()  # the job waits for a second node ...
+    time.sleep(8)
+    added_after = round(time.monotonic() - started, 1)
+    cluster.add_node(num_cpus=2)  # ... which comes (add_node must run in the main thread)
+    job.join(timeout=400)
+    result["grown"] = {**job_result, "step": summary.get("metrics", {}).get("step"), "node_added_after": added_after}
     result["log"] = lines
     print(json.dumps({"cases": result}), flush=True)
     ray.shutdown()
