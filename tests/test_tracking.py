@@ -139,6 +139,9 @@ def test_wandb_offline_run_lives_in_the_run_directory_and_resumes(small_text, tm
     assert json.loads((run_dir / TRACKING).read_text())["run_id"] == run_id
     runs = sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(runs) == 2, sorted(str(p) for p in run_dir.rglob("*.wandb"))  # one offline run id, two attempts (wandb sync joins them)
+    deadline = time.time() + 60  # W&B's service may still be writing the last run's records after finish() returns
+    while time.time() < deadline and not all(any(r.WhichOneof("record_type") == "exit" for r in wandb_records(run)) for run in runs):
+        time.sleep(0.5)
     history = [row for run in runs for row in wandb_history(run)]
     rows = _jsonl(run_dir)
     assert [h["_step"] for h in history] == [r["step"] for r in rows] == list(range(1, 16))
