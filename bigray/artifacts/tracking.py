@@ -170,8 +170,10 @@ class TrackedRun:
         """The tracking run rank 0 left in ``run_dir``, for the driver's last words (nothing if none,
         or if rank 0 already lost the tracker and warned)."""
         run = cls(t, run_dir)
+        if t.backend in ("none", "auto"):
+            return run
         state = read_state(run_dir)
-        if t.backend in ("none", "auto") or not state.get("run_id") or state.get("lost") or state.get("backend") != t.backend:
+        if not state.get("run_id") or state.get("lost") or state.get("backend") != t.backend:
             return run
         run._guard("reopen the run", lambda: run._open(None, state["run_id"], {}))
         return run
@@ -227,7 +229,7 @@ class TrackedRun:
         self.session = None
         if self.files_dir and is_uri(self.run_dir) and os.path.isdir(os.path.join(self.files_dir, "wandb")):
             upload(os.path.join(self.files_dir, "wandb"), join(self.run_dir, "wandb"))
-        if self.lost and self.t.backend != "none":
+        if self.lost:  # only a session that was tried can be lost
             state = read_state(self.run_dir)
             if state:
                 write_text(join(self.run_dir, TRACKING), json.dumps({**state, "lost": self.lost}) + "\n")
@@ -238,9 +240,7 @@ def record_outcome(t: TrackingConfig, run_dir: str, status: str | None, tags: Ma
                    metrics: Mapping[str, Any] | None = None) -> None:  # fmt: skip
     """The driver's last words on a run: tags (checkpoint URIs), ``metrics`` (a search's best value),
     files (plots) and ``texts`` (name -> content, e.g. summary.json) attached, then ``status``
-    (FINISHED, FAILED or KILLED; None leaves it as it is)."""
-    if t.backend in ("none", "auto"):
-        return
+    (FINISHED, FAILED or KILLED; None leaves it as it is). Nothing happens without a tracking run."""
     run = TrackedRun.reopen(t, run_dir)
     if not run.active:
         return
