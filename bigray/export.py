@@ -11,9 +11,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from bigray.artifacts.checkpoint import CheckpointError, read_meta
+from bigray.artifacts.checkpoint import CheckpointError
 from bigray.artifacts.hf_gpt import save_hf_model
-from bigray.artifacts.locate import local_checkpoint, resolve_checkpoint
+from bigray.artifacts.locate import checked_local_checkpoint, resolve_checkpoint
 from bigray.artifacts.storage import file_sizes, is_dir, is_uri, upload
 from bigray.train.engine import fp32_weights
 
@@ -34,8 +34,9 @@ def export_gpt(checkpoint: str, out: str) -> dict[str, Any]:
     if is_dir(out) and file_sizes(out):
         raise CheckpointError(f"export target {out} is not empty; choose a new directory")
     source = resolve_checkpoint(checkpoint)
-    ckpt = local_checkpoint(source, "gpt")
-    meta = read_meta(ckpt, "gpt")
+    ckpt, meta = checked_local_checkpoint(source, "gpt")
+    if meta is None:
+        raise CheckpointError(f"{source} is already an exported model directory, not a bigray checkpoint")
     state_dict = fp32_weights(ckpt, meta["zero_stage"])
     model_cfg = GPT2Config.from_pretrained(str(ckpt / "model"))
     with tempfile.TemporaryDirectory(prefix="bigray-export-") as staging:

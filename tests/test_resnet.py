@@ -60,14 +60,25 @@ def test_ddp_reaches_accuracy_well_above_chance(ddp_run):
 
 @needs_fmnist
 @pytest.mark.slow
-def test_resume_continues_at_saved_epoch_with_optimizer_state(ddp_run, ray_cluster, tmp_path):
+def test_resume_continues_at_saved_epoch_with_optimizer_state(ddp_run, ray_cluster, s3_server):
+    """Resumed from a checkpoint in a bucket into a run directory in the bucket (the real S3 API)."""
+    import boto3
+
+    from bigray.artifacts.runs import read_metrics
+    from bigray.artifacts.storage import upload
     from bigray.recipes.resnet import train_resnet
 
     cfg, summary = ddp_run
     epoch1 = Path(summary["run_dir"]) / "checkpoint_epoch_0001"
     assert torch.load(epoch1 / "train_state.pt", weights_only=True)["optimizer"]["state"]  # momentum buffers saved
-    resumed_cfg = dataclasses.replace(cfg, resume_from=str(epoch1), run=dataclasses.replace(cfg.run, name="resumed", storage_path=str(tmp_path)))
-    resumed = metrics_by_epoch(train_resnet(resumed_cfg)["run_dir"])
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="resnet-e2e")
+    upload(epoch1, "s3://resnet-e2e/saved/checkpoint_epoch_0001")
+    resumed_cfg = dataclasses.replace(cfg, resume_from="s3://resnet-e2e/saved/checkpoint_epoch_0001",
+                                      run=dataclasses.replace(cfg.run, name="resumed", storage_path="s3://resnet-e2e/runs"))  # fmt: skip
+    out = train_resnet(resumed_cfg)
+    assert out["run_dir"] == "s3://resnet-e2e/runs/resumed" and out["checkpoint"].startswith("s3://resnet-e2e/runs/resumed/")
+    assert read_meta(out["checkpoint"], "resnet")["epoch"] == 2
+    resumed = {m["epoch"]: m for m in read_metrics(out["run_dir"])}
     full = metrics_by_epoch(summary["run_dir"])
     assert list(resumed) == [2]  # continued at the saved epoch
     assert resumed[2]["step"] == full[2]["step"]

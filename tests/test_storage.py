@@ -171,6 +171,26 @@ def test_commands_refuse_a_missing_or_unreachable_location_with_one_line(bucket,
     assert "bigray: storage error: cannot use storage location nosuch://x/y" in capsys.readouterr().err
 
 
+def test_missing_aws_credentials_are_named_before_any_request(bucket, monkeypatch, capsys, tmp_path):
+    from bigray.artifacts import storage
+    from bigray.cli import main
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    storage._aws_credentials_found.cache_clear()
+    try:
+        assert main(["export", f"{bucket}/runs/gpt", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert f"no AWS credentials found for {bucket}/runs/gpt: set AWS_ACCESS_KEY_ID" in err, err
+        assert not (tmp_path / "out").exists()
+        with pytest.raises(StorageError, match="no AWS credentials found for s3://"):
+            storage.read_text(f"{bucket}/x.txt")
+    finally:
+        storage._aws_credentials_found.cache_clear()
+
+
 def test_imagefolder_root_in_a_bucket_is_copied_once_and_read(bucket, node_cache, tmp_path):
     import numpy as np
     from PIL import Image

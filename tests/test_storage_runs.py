@@ -1,6 +1,6 @@
 """Runs whose storage is a bucket (a real S3 API, moto's server): GPT pretraining on 2 Ray Train
 workers (ZeRO-2) survives a killed worker, resumes from s3://, fine-tunes from s3://, serves from
-s3://; a Tune search keeps its table and checkpoints in the bucket and resumes from it. The bucket run
+s3:// (the Tune search in a bucket, interrupted and resumed, is in test_tune.py). The bucket run
 is tracked in a real MLflow server: the restarted workers continue the same MLflow run."""
 
 import json
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from bigray.config import GPTFinetuneConfig, GPTPretrainConfig, TuneJobConfig, load_config
+from bigray.config import GPTFinetuneConfig, GPTPretrainConfig, load_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -182,29 +182,3 @@ def test_finetune_from_a_bucket_and_serve_from_a_bucket(s3_run, tmp_path):
     while any(p.is_dir() for p in replica_cache.iterdir()) and time.time() < deadline:
         time.sleep(1)
     assert not any(p.is_dir() for p in replica_cache.iterdir())  # the replica removed its copy at shutdown
-
-
-def test_tune_search_in_a_bucket_then_resume(ray_cluster, s3_server, small_text, tmp_path):
-    import boto3
-
-    from bigray.artifacts.checkpoint import read_meta
-    from bigray.artifacts.storage import file_sizes, read_text
-    from bigray.tune import run_search
-
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="tune-e2e")
-    text_cfg, _ = small_text
-    job = load_config(TuneJobConfig, REPO / "jobs" / "configs" / "tune_gpt.yaml", [
-        "tune.searcher=random", "tune.max_concurrent_trials=2", "tune.num_samples=1", "tune.scheduler=fifo",
-        "tune.space={train.lr: {grid: [0.003, 0.00005]}}",
-        f"trainer.data.cache_dir={text_cfg.cache_dir}", f"trainer.data.max_chars={text_cfg.max_chars}",
-        f"trainer.data.vocab_size={text_cfg.vocab_size}", "trainer.train.max_steps=10", "trainer.train.eval_interval=5",
-        "trainer.run.checkpoint_interval=5", "run.storage_path=s3://tune-e2e/searches", "run.name=lr",
-    ])  # fmt: skip
-    summary = run_search(job)
-    search = "s3://tune-e2e/searches/lr"
-    assert summary["run_dir"] == search and summary["checkpoint"].startswith("s3://tune-e2e/"), summary
-    assert read_meta(summary["checkpoint"], "gpt")["step"] == 10
-    table = read_text(f"{search}/results.csv").splitlines()
-    assert len(table) == 3 and "tune_job.json" in file_sizes(search)
-    again = run_search(TuneJobConfig(), resume_dir=search)  # a finished search resumes to the same answer
-    assert again["best_trial"] == summary["best_trial"] and again["checkpoint"] == summary["checkpoint"]

@@ -1,6 +1,7 @@
 """Ray Tune searches over the real trainers on the shared local Ray cluster (tiny models)."""
 
 import csv
+import io
 import json
 import os
 import signal
@@ -78,46 +79,71 @@ def test_diverging_trial_fails_while_others_complete(ray_cluster, tmp_path):
     assert summary["best_config"]["train"]["lr"] == 0.05
 
 
-def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluster, small_text, tmp_path, mlflow_server):
-    """Also tracked in MLflow: one parent run for the search (continued by the resume), one child per trial."""
-    job_args = ["--set", "tune.num_samples=1", "--set", "tune.space={train.lr: {grid: [0.003, 0.001, 0.0005]}}",
-                "--set", "tune.scheduler=fifo", "--set", "tracking.backend=mlflow", "--set", f"tracking.uri={mlflow_server}",
-                "--set", "tracking.experiment=search-test"]  # fmt: skip
-    job = gpt_search(small_text, tmp_path, "resume")
+def test_interrupted_search_in_a_bucket_resumes_without_rerunning_finished_trials(ray_cluster, s3_server, small_text, mlflow_server, tmp_path):
+    """A 4-trial search whose storage is a bucket (the real S3 API), interrupted (SIGINT, as Ctrl-C)
+    after its first trial finished, resumed with ``bigray tune --resume s3://...``. Also tracked in
+    MLflow: one parent run for the search (continued by the resume), one child per trial."""
+    import boto3
+
+    from bigray.artifacts.checkpoint import read_meta
+    from bigray.artifacts.storage import file_sizes, read_text, subdirs
+    from bigray.tune import run_search
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="tune-e2e")
+    search = "s3://tune-e2e/searches/resume"
+    text_cfg, _ = small_text
     overrides = [f"{k}={v}" for k, v in [
-        ("tune.searcher", "random"), ("tune.max_concurrent_trials", 1),
-        ("trainer.data.cache_dir", job.trainer["data"]["cache_dir"]), ("trainer.data.max_chars", job.trainer["data"]["max_chars"]),
-        ("trainer.data.vocab_size", job.trainer["data"]["vocab_size"]), ("trainer.train.max_steps", 20),
+        ("tune.searcher", "random"), ("tune.max_concurrent_trials", 2), ("tune.num_samples", 1), ("tune.scheduler", "fifo"),
+        ("tune.space", "{train.lr: {grid: [0.003, 0.001, 0.0005, 0.00005]}}"),
+        ("trainer.data.cache_dir", text_cfg.cache_dir), ("trainer.data.max_chars", text_cfg.max_chars),
+        ("trainer.data.vocab_size", text_cfg.vocab_size), ("trainer.train.max_steps", 20),
         ("trainer.train.eval_interval", 5), ("trainer.run.checkpoint_interval", 5),
-        ("run.storage_path", tmp_path), ("run.name", "resume"),
+        ("run.storage_path", "s3://tune-e2e/searches"), ("run.name", "resume"),
+        ("tracking.backend", "mlflow"), ("tracking.uri", mlflow_server), ("tracking.experiment", "search-test"),
     ]]  # fmt: skip
     cmd = [sys.executable, "-m", "bigray.cli", "tune", "--config", str(REPO / "jobs" / "configs" / "tune_gpt.yaml")]
     for o in overrides:
         cmd += ["--set", o]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    proc = subprocess.Popen(cmd + job_args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    trials = tmp_path / "resume" / "trials"
+
+    def trial_steps() -> dict[str, list[int]]:
+        return {t.rsplit("/", 1)[-1]: _bucket_steps(t) for t in subdirs(f"{search}/trials")}
+
+    log = tmp_path / "search.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
-    while time.time() < deadline:  # interrupt once the second trial started (one at a time: the first finished)
-        if len(list(trials.glob("trial_*"))) >= 2:
-            break
-        time.sleep(0.5)
-    assert len(list(trials.glob("trial_*"))) >= 2, "the search never got to its second trial"
+    while time.time() < deadline and proc.poll() is None and not any(s and max(s) >= 20 for s in trial_steps().values()):
+        time.sleep(1)  # interrupt once the first trial finished (two run at a time)
+    finished_before = {name: steps for name, steps in trial_steps().items() if steps and max(steps) >= 20}
+    assert finished_before, f"no trial finished before the interruption: {trial_steps()}\n{log.read_text()[-3000:]}"
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
-    finished_before = {d.name: _steps_list(d) for d in trials.glob("trial_*") if _steps(d) >= 20}
-    assert finished_before
-    out = subprocess.run([sys.executable, "-m", "bigray.cli", "tune", "--resume", str(tmp_path / "resume")],
+    assert len(finished_before) < 4, "the search finished before it was interrupted"
+    out = subprocess.run([sys.executable, "-m", "bigray.cli", "tune", "--resume", search],
                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = read_table(tmp_path / "resume")
-    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows)
+    rows = list(csv.DictReader(io.StringIO(read_text(f"{search}/results.csv"))))
+    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows), rows
+    after = trial_steps()
     for name, steps in finished_before.items():
-        assert _steps_list(trials / name) == steps  # finished trials were not run again
-    _assert_tracked_search(mlflow_server, "search-test", rows, json.loads((tmp_path / "resume" / "summary.json").read_text()))
+        assert after[name] == steps  # finished trials were not run again
+    summary = json.loads(read_text(f"{search}/summary.json"))
+    assert summary["run_dir"] == search and summary["checkpoint"].startswith(f"{search}/trials/"), summary  # full URIs
+    assert read_meta(summary["checkpoint"], "gpt")["step"] == 20 and "tune_job.json" in file_sizes(search)
+    _assert_tracked_search(mlflow_server, "search-test", rows, summary, [0.00005, 0.0005, 0.001, 0.003])
+    again = run_search(TuneJobConfig(), resume_dir=search)  # a finished search resumes to the same answer
+    assert again["best_trial"] == summary["best_trial"] and again["checkpoint"] == summary["checkpoint"]
 
 
-def _assert_tracked_search(url, experiment, rows, summary):
+def _bucket_steps(trial_dir: str) -> list[int]:
+    from bigray.artifacts.storage import exists, read_text
+
+    path = f"{trial_dir}/metrics.jsonl"
+    return [json.loads(line)["step"] for line in read_text(path).splitlines()] if exists(path) else []
+
+
+def _assert_tracked_search(url, experiment, rows, summary, lrs):
     from mlflow import MlflowClient
 
     client = MlflowClient(url)
@@ -126,10 +152,10 @@ def _assert_tracked_search(url, experiment, rows, summary):
     assert len(parents) == 1, [r.info.run_name for r in runs]
     parent = parents[0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(runs) == 4 and len(children) == 3, [(r.info.run_name, r.data.tags.get("mlflow.parentRunId")) for r in runs]
+    assert len(runs) == len(lrs) + 1 and len(children) == len(lrs), [(r.info.run_name, r.data.tags.get("mlflow.parentRunId")) for r in runs]
     assert parent.info.status == "FINISHED" and parent.data.metrics["best/val/loss"] == pytest.approx(summary["metrics"]["val/loss"])
     assert parent.data.tags["bigray.best_trial"] == summary["best_trial"]
-    assert sorted(float(c.data.params["train.lr"]) for c in children) == [0.0005, 0.001, 0.003]
+    assert sorted(float(c.data.params["train.lr"]) for c in children) == lrs
     by_trial = {r["trial_id"]: r for r in rows}
     for child in children:
         row = by_trial[child.data.tags["bigray.trial_id"]]

@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from bigray.artifacts.storage import StorageError, file_sizes, is_dir, is_uri, join, name_of, read_text, subdirs
+from bigray.artifacts.storage import StorageError, atomic_write_bytes, file_sizes, is_dir, is_uri, join, name_of, read_text, subdirs
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +46,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, unsafe, or was written by a different kind of job."""
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Temp file + rename: a reader sees the whole file or none of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_rank_marker(directory: str | Path, rank: int) -> None:
     """Record every file this rank wrote under ``directory`` (call last, after the payload)."""
     directory = Path(directory)
@@ -69,12 +54,12 @@ def write_rank_marker(directory: str | Path, rank: int) -> None:
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.parent.name != "ranks"
     }
-    _write_atomically(directory / "ranks" / f"rank_{rank}.json", json.dumps({"rank": rank, "files": files}, indent=1))
+    atomic_write_bytes(directory / "ranks" / f"rank_{rank}.json", json.dumps({"rank": rank, "files": files}, indent=1).encode())
 
 
 def write_meta(directory: str | Path, meta: dict[str, Any]) -> None:
     """Write ``bigray.json`` (rank 0, after its payload)."""
-    _write_atomically(Path(directory, META), json.dumps({"format": FORMAT, **meta}, indent=2))
+    atomic_write_bytes(Path(directory, META), json.dumps({"format": FORMAT, **meta}, indent=2).encode())
 
 
 def _read_json(path: str, what: str) -> Any:

@@ -13,6 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bigray.artifacts.checkpoint import META, CheckpointError, latest_complete, read_meta
 from bigray.artifacts.storage import absolute, cached_copy, drop_copy, exists, is_dir, is_uri, join, kind_of, name_of, parent, read_text
@@ -71,15 +72,19 @@ def resolve_checkpoint(path: str) -> str:
 def local_checkpoint(path: str, kind: str | None = None) -> Path:
     """A complete checkpoint as a local directory: resolved, checked, copied down once per node when
     it lives in storage, and checked again there (pickles are scanned on the local copy)."""
+    return checked_local_checkpoint(path, kind)[0]
+
+
+def checked_local_checkpoint(path: str, kind: str | None = None) -> tuple[Path, dict[str, Any] | None]:
+    """:func:`local_checkpoint` and the checkpoint's verified ``bigray.json`` (None for an exported
+    model directory), so callers need not read and check it a second time."""
     location = resolve_checkpoint(path)
     if not is_dir(location):
         raise CheckpointError(f"checkpoint {location} is not a directory")
     if is_uri(location) and not is_export(location):
         read_meta(location, kind)  # from one listing, before anything is downloaded
     local = cached_copy(location, area="checkpoints")
-    if not is_export(str(local)):
-        read_meta(local, kind)
-    return local
+    return local, None if is_export(str(local)) else read_meta(local, kind)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ into the local cache (``BIGRAY_CACHE_DIR``, default ``~/.cache/bigray``) by :fun
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -87,10 +88,26 @@ def filesystem(location: str) -> tuple[Any, str]:
 
     if not is_uri(location):
         return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+    base, query = _split(location)
+    if base.startswith("s3://") and "anonymous=true" not in query and "access_key=" not in query and not _aws_credentials_found():
+        raise StorageError(
+            f"no AWS credentials found for {location}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(or AWS_PROFILE, or give the node an instance role), or add ?anonymous=true for a public bucket"
+        )
     try:
         return pafs.FileSystem.from_uri(location)
     except Exception as e:  # unknown scheme, bad options, a filesystem pyarrow was built without
         raise StorageError(f"cannot use storage location {location}: {e}") from None
+
+
+@functools.cache
+def _aws_credentials_found() -> bool:
+    """Whether AWS's default credential chain (environment, config files, web identity, instance
+    role) has credentials, asked once per process through botocore, which reads the same chain as
+    pyarrow's S3 client. Without this, a missing key shows up as a slow retrying HTTP error."""
+    import botocore.session
+
+    return botocore.session.get_session().get_credentials() is not None
 
 
 @contextlib.contextmanager
@@ -112,14 +129,25 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode())
 
 
-def write_bytes(path: str, data: bytes) -> None:
-    if not is_uri(path):
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a local file via a temp file + rename, so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, p)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    if not is_uri(path):
+        atomic_write_bytes(path, data)
         return
     fs, p = filesystem(path)
     with _errors(path, "write"):

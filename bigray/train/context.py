@@ -88,12 +88,16 @@ class RayContext(TrainContext):
             yield d
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, name: str | None = None) -> None:
+        """Report, uploading the checkpoint in Ray Train's background thread (ASYNC), so training goes
+        on while it reaches storage; Ray deletes the local copy once uploaded, registers the
+        checkpoint only when every rank's part is there, and waits for the uploads at the end. Every
+        report is ASYNC so that one without a checkpoint does not wait for an upload in flight."""
         import ray.train
+        from ray.train import CheckpointUploadMode
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint_dir else None)
-        if checkpoint_dir:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint_dir else None,
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC)  # fmt: skip
 
     def prepare_model(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         import ray.train.torch

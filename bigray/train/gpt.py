@@ -240,8 +240,8 @@ class GPTTrainer:
         log.info("rank %d resumed from %s at step %d", self.ctx.rank, directory, self.step)
         return meta
 
-    def _log(self, metrics: dict[str, Any]) -> None:
-        self.run_log.write(metrics, self.step)
+    def _log(self, metrics: dict[str, Any], checkpoint: bool) -> None:
+        self.run_log.write(metrics, self.step, checkpoint=checkpoint)
         if not self.ctx.is_main:
             return
         val = f" val {metrics['val/loss']:.4f} ppl {metrics['val/perplexity']:.1f}" if "val/loss" in metrics else ""
@@ -273,7 +273,7 @@ class GPTTrainer:
             if self.step % t.eval_interval == 0 or checkpoint_now:
                 metrics.update(self.evaluate())
             if checkpoint_now or self.step % t.log_interval == 0 or "val/loss" in metrics:
-                self._log(metrics)
+                self._log(metrics, checkpoint_now)
                 ckpt_dir = self.save(metrics) if checkpoint_now else None
                 self.ctx.report(metrics, ckpt_dir, f"checkpoint_step_{self.step:07d}" if ckpt_dir else None)
         self.run_log.close()

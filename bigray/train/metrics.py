@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import math
 import tempfile
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from bigray.artifacts.runs import METRICS, append_metrics
-from bigray.artifacts.storage import exists, is_uri, join, read_text, upload, write_text
+from bigray.artifacts.storage import exists, is_uri, join, read_text, upload, write_bytes, write_text
 from bigray.artifacts.tracking import TrackedRun, flat_params, versions
 from bigray.config import TrackingConfig
 
@@ -69,9 +71,14 @@ class RunLog:
     tracking run (MLflow or W&B) that ``tracking`` names.
 
     A run directory in storage gets the same files: they are written to a local mirror (seeded with
-    the run's earlier ``metrics.jsonl``, so a resumed run keeps its history) and uploaded after every
-    report. Other ranks and runs without a directory log nothing.
+    the run's earlier ``metrics.jsonl``, so a resumed run keeps its history) and uploaded: the small
+    ``metrics.jsonl`` after every report (what a run did before a crash stays on record) by a
+    background thread, so training never waits for it; the TensorBoard files, which grow and cost a
+    listing, with every checkpoint, at least every ``UPLOAD_EVERY_S`` seconds and at the end. Other
+    ranks and runs without a directory log nothing.
     """
+
+    UPLOAD_EVERY_S = 60.0
 
     def __init__(self, run_dir: str | None, is_main: bool, tracking: TrackingConfig | None = None, *,
                  run_name: str = "", params: dict[str, str] | None = None, tags: dict[str, Any] | None = None):  # fmt: skip
@@ -79,6 +86,8 @@ class RunLog:
         self.writer: Any = None
         self.local: str | None = None
         self.tracked: TrackedRun | None = None
+        self.uploaded_at = time.monotonic()
+        self.metrics_upload = _LatestUpload(join(run_dir, METRICS)) if self.run_dir and is_uri(self.run_dir) else None
         if self.run_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -98,7 +107,8 @@ class RunLog:
         params = flat_params(cfg) if ctx.is_main else {}
         return cls(run_dir, ctx.is_main, cfg.tracking, run_name=cfg.run.name, params=params, tags=tags)
 
-    def write(self, metrics: dict[str, Any], step: int) -> None:
+    def write(self, metrics: dict[str, Any], step: int, *, checkpoint: bool = False) -> None:
+        """Record one report's metrics; ``checkpoint``: this report also saves a checkpoint."""
         if self.run_dir is None or self.local is None:
             return
         append_metrics(self.local, metrics)
@@ -108,13 +118,68 @@ class RunLog:
         self.writer.flush()
         if self.tracked is not None:
             self.tracked.log_metrics(metrics, step)
-        if is_uri(self.run_dir):
-            upload(join(self.local, METRICS), join(self.run_dir, METRICS))
+        if self.metrics_upload is not None:
+            self.metrics_upload.put(Path(self.local, METRICS).read_bytes())
+            if checkpoint or time.monotonic() - self.uploaded_at >= self.UPLOAD_EVERY_S:
+                self._upload_tensorboard()
+
+    def _upload_tensorboard(self) -> None:
+        if self.run_dir is not None and self.local is not None and is_uri(self.run_dir):
             upload(join(self.local, "tensorboard"), join(self.run_dir, "tensorboard"))
+        self.uploaded_at = time.monotonic()
 
     def close(self) -> None:
-        """The run trained to its end: close TensorBoard and mark the tracking run finished."""
+        """The run trained to its end: close and upload TensorBoard, mark the tracking run finished."""
         if self.writer is not None:
             self.writer.close()
+            self._upload_tensorboard()
+        if self.metrics_upload is not None:
+            self.metrics_upload.finish()
         if self.tracked is not None:
             self.tracked.close("FINISHED")
+
+
+class _LatestUpload:
+    """Uploads the newest bytes given for one object from a background thread: a put while an upload
+    runs replaces what is waiting (only the latest version matters), and a failed upload is raised
+    in the training thread at the next put or at :meth:`finish`."""
+
+    def __init__(self, location: str):
+        self.location = location
+        self._lock = threading.Lock()
+        self._waiting: bytes | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def put(self, data: bytes) -> None:
+        self._raise_failure()
+        with self._lock:
+            self._waiting = data
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._drain, name="bigray-metrics-upload", daemon=True)
+                self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                data, self._waiting = self._waiting, None
+                if data is None:
+                    self._thread = None
+                    return
+            try:
+                write_bytes(self.location, data)
+            except BaseException as e:  # kept for the training thread, which fails the run with it
+                self._error = e
+
+    def finish(self) -> None:
+        """Wait until the latest version is uploaded."""
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from bigray.artifacts.checkpoint import CheckpointError, read_meta
+from bigray.artifacts.checkpoint import CheckpointError
 from bigray.artifacts.hf_gpt import load_hf_weights, read_gpt2_config
-from bigray.artifacts.locate import local_checkpoint, resolve_checkpoint
+from bigray.artifacts.locate import checked_local_checkpoint, local_checkpoint, resolve_checkpoint
 from bigray.artifacts.storage import is_uri
 from bigray.models.gpt import build_gpt
 from bigray.train.engine import fp32_weights, load_full_weights
@@ -81,13 +81,6 @@ class PretrainedGPT:
 def open_pretrained(path: str | Path) -> PretrainedGPT:
     """Resolve and check a base model (on the driver); raise CheckpointError naming what is wrong."""
     source = resolve_checkpoint(str(path))
-    p = local_checkpoint(source, "gpt")
-    meta = None
-    if (p / "bigray.json").exists():
-        meta = read_meta(p, "gpt")
-        model_dir = p / "model"
-    elif (p / "config.json").exists():
-        model_dir = p
-    else:
-        raise CheckpointError(f"{p} is neither a bigray GPT checkpoint nor a Hugging Face model directory (no config.json)")
+    p, meta = checked_local_checkpoint(source, "gpt")  # a bigray checkpoint, or an exported HF directory (meta None)
+    model_dir = p / "model" if meta is not None else p
     return PretrainedGPT(path=p, source=source, model_dir=model_dir, meta=meta, config=read_gpt2_config(model_dir))

@@ -211,7 +211,7 @@ class ResNetTrainer:
                     self.epoch, self.cfg.train.epochs, metrics["train/loss"], metrics["val/loss"],
                     100 * metrics["val/acc"], metrics["train/images_per_s"], metrics["train/epoch_time_s"],
                 )  # fmt: skip
-            self.run_log.write(metrics, self.step)
+            self.run_log.write(metrics, self.step, checkpoint=True)
             ckpt = self.save(metrics)
             self.ctx.report(metrics, ckpt, f"checkpoint_epoch_{self.epoch:04d}")
         self.run_log.close()
