@@ -115,6 +115,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = load_settings(ServeArgs, args.config, args.overrides + _serve_overrides(args))
     if not settings.gpt_checkpoint and not settings.resnet_checkpoint:
         raise ConfigError("gpt_checkpoint", "give --gpt CKPT, --resnet CKPT or both")
+    if reason := settings.key_missing_for_host():
+        raise ConfigError("host", reason)
     # Refuse a broken checkpoint (local or in storage) here, with one clear error, before any replica tries it.
     for path, kind in ((settings.gpt_checkpoint, "gpt"), (settings.resnet_checkpoint, "resnet")):
         if path:

@@ -108,6 +108,21 @@ def test_serve_shortcuts_set_both_deployments():
     assert load_settings(ServeArgs).app_args().gpt.dtype == "float32"  # no shortcut: each deployment's own
 
 
+def test_serving_beyond_loopback_without_a_key_is_refused(capsys, monkeypatch, tmp_path):
+    from bigray.cli import main
+
+    monkeypatch.delenv("BIGRAY_API_KEY", raising=False)
+    assert main(["serve", "--gpt", str(tmp_path / "ckpt"), "--host", "0.0.0.0"]) == 2  # before any checkpoint or Ray work
+    err = capsys.readouterr().err
+    assert "config error at 'host': serving on 0.0.0.0 (beyond this machine) needs an API key" in err, err
+    monkeypatch.setenv("BIGRAY_API_KEY", "k")  # with a key (or allow_unauthenticated) the next check is the checkpoint's
+    assert main(["serve", "--gpt", str(tmp_path / "ckpt"), "--host", "0.0.0.0"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    monkeypatch.delenv("BIGRAY_API_KEY")
+    assert main(["serve", "--gpt", str(tmp_path / "ckpt"), "--host", "0.0.0.0", "--set", "allow_unauthenticated=true"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(GPTPretrainConfig, tmp_path / "missing.yaml")

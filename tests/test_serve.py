@@ -46,7 +46,8 @@ def app(ray_cluster, gpt_checkpoint, resnet_checkpoint):
 
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     args = AppArgs(gpt_checkpoint=str(gpt_checkpoint[-1]), resnet_checkpoint=str(resnet_checkpoint), max_tokens_limit=64,
-                   max_prompt_tokens=48, max_image_bytes=200_000, max_image_pixels=1_000_000)  # fmt: skip
+                   max_prompt_tokens=48, max_prompt_chars=2000, max_prompts=8, max_body_bytes=200_000,
+                   max_image_bytes=200_000, max_image_pixels=1_000_000)  # fmt: skip
     serve.run(build_app(args), name="bigray", route_prefix="/")
     _wait_ready()
     yield args
@@ -87,11 +88,19 @@ def requests_in_flight(threads: int):
             t.join()
 
 
-def test_healthz_and_models(app):
-    health = requests.get(f"{URL}/healthz").json()
-    assert health["status"] == "ok" and set(health["models"]) == {"gpt", "resnet"}
+def status():
+    return requests.get(f"{URL}/v1/status", timeout=10).json()
+
+
+def test_healthz_models_and_status(app, gpt_checkpoint):
+    health = requests.get(f"{URL}/healthz")
+    assert health.json() == {"status": "ok", "models": {"gpt": "ready", "resnet": "ready"}}
+    assert "checkpoint" not in health.text  # open to all: no locations, no error text
     ids = [m["id"] for m in requests.get(f"{URL}/v1/models").json()["data"]]
     assert ids == ["bigray-gpt", "bigray-resnet"]
+    assert status()["models"]["gpt"]["checkpoint"] == str(gpt_checkpoint[-1])
+    for path in ("/docs", "/redoc", "/openapi.json"):  # the schema is not published
+        assert requests.get(f"{URL}{path}").status_code == 404, path
 
 
 def test_completion_shape_seed_and_limits(app):
@@ -178,31 +187,116 @@ def test_bfloat16_weights_give_the_float32_predictions(resnet_checkpoint):
     assert (p32.argmax(-1) == p16.argmax(-1)).float().mean() >= 0.97
 
 
+def _chunked(total: int, piece: int = 16_384):
+    """A body sent with Transfer-Encoding: chunked (no Content-Length to check up front)."""
+    for start in range(0, total, piece):
+        yield b"x" * min(piece, total - start)
+
+
+def _bomb_png() -> bytes:
+    """A 28x28 PNG with a zTXt chunk that inflates to 20 MB (PIL: "Decompressed data too large")."""
+    import struct
+    import zlib
+
+    png = png_bytes(np.zeros((28, 28), dtype=np.uint8))
+    data = b"k\x00\x00" + zlib.compress(b"a" * (20 << 20))
+    chunk = struct.pack(">I", len(data)) + b"zTXt" + data + struct.pack(">I", zlib.crc32(b"zTXt" + data))
+    return png[:33] + chunk + png[33:]  # after the IHDR chunk
+
+
+def _multipart(body: bytes) -> dict:
+    return {"data": body, "headers": {"content-type": "multipart/form-data; boundary=XyZ"}}
+
+
+JSON = {"content-type": "application/json"}
 BAD_REQUESTS = [
     ("completions", {"json": {"prompt": ""}}, 400, "prompt"),
+    ("completions", {"json": {"prompt": []}}, 400, "prompt"),
     ("completions", {"json": {"prompt": 5}}, 400, "prompt"),
     ("completions", {"json": {"prompt": "hi", "max_tokens": "many"}}, 400, "max_tokens"),
     ("completions", {"json": {"prompt": "hi", "max_tokens": 10_000}}, 400, "at most 64"),
+    ("completions", {"json": {"prompt": "hi", "max_tokens": -5}}, 400, "max_tokens"),
+    ("completions", {"json": {"prompt": "hi", "max_tokens": 1e30}}, 400, "max_tokens"),
     ("completions", {"json": {"prompt": "hi", "temperature": -1}}, 400, "temperature"),
+    ("completions", {"data": '{"prompt": "hi", "temperature": NaN}', "headers": JSON}, 400, "temperature"),
+    ("completions", {"data": '{"prompt": "hi", "top_p": Infinity}', "headers": JSON}, 400, "top_p"),
+    ("completions", {"json": {"prompt": "hi", "top_p": 0}}, 400, "top_p"),
+    ("completions", {"json": {"prompt": "hi", "seed": 2**63}}, 400, "seed"),
+    ("completions", {"json": {"prompt": "hi", "seed": -1}}, 400, "seed"),
     ("completions", {"json": {"prompt": "word " * 200}}, 400, "at most 48"),
+    ("completions", {"json": {"prompt": "x" * 3000}}, 400, "at most 2000"),
+    ("completions", {"json": {"prompt": ["hi"] * 9}}, 400, "at most 8 per request"),
+    ("completions", {"json": {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}}, 400, "stop"),
+    ("completions", {"json": {"prompt": "hi", "stop": "s" * 65}}, 400, "stop"),
+    ("completions", {"data": '{"prompt": "\\ud800"}', "headers": JSON}, 400, "Unicode"),
+    ("completions", {"data": b'{"prompt": "\xff\xfe"}', "headers": JSON}, 400, "not valid JSON"),
+    ("completions", {"data": "[" * 50_000, "headers": JSON}, 400, "not valid JSON"),
     ("completions", {"json": {"prompt": "hi", "model": "gpt-4"}}, 404, "not served"),
-    ("completions", {"data": "{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ("completions", {"data": "{not json", "headers": JSON}, 400, "not valid JSON"),
     ("completions", {"json": ["a list"]}, 400, "JSON object"),
     ("completions", {"data": "prompt=hi", "headers": {"content-type": "text/plain"}}, 415, "content type"),
+    ("completions", {"data": _chunked(300_000), "headers": JSON}, 413, "at most 200000"),
     ("classify", {"data": b"GIF89a....", "headers": {"content-type": "image/gif"}}, 415, "content type"),
     ("classify", {"data": b"\x89PNG\r\n\x1a\n garbage", "headers": {"content-type": "image/png"}}, 400, "not a decodable image"),
     ("classify", {"data": b"", "headers": {"content-type": "image/png"}}, 400, "no image"),
     ("classify", {"data": b"x" * 300_000, "headers": {"content-type": "image/png"}}, 413, "bytes"),
+    ("classify", {"data": _chunked(300_000), "headers": {"content-type": "image/png"}}, 413, "at most 200000"),
     ("classify", {"files": {"other": ("a.png", b"x", "image/png")}}, 400, "'file'"),
+    ("classify", _multipart(b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\nabc'), 400, "multipart"),
+    ("classify", {"data": b"--XyZ--", "headers": {"content-type": "multipart/form-data"}}, 400, "multipart"),
+    ("classify", {"data": _bomb_png(), "headers": {"content-type": "image/png"}}, 400, "Decompressed data too large"),
 ]
 
 
-@pytest.mark.parametrize("route, kwargs, status, words", BAD_REQUESTS, ids=[f"{b[0]}-{b[2]}-{b[3]}" for b in BAD_REQUESTS])
+@pytest.mark.parametrize("route, kwargs, status, words", BAD_REQUESTS, ids=[f"{i}-{b[0]}-{b[2]}" for i, b in enumerate(BAD_REQUESTS)])
 def test_bad_requests_get_4xx_with_a_message(app, route, kwargs, status, words):
     r = requests.post(f"{URL}/v1/{route}", timeout=30, **kwargs)
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert words in err["message"] and err["type"]
+    assert words in err["message"] and err["type"] and err["code"] == status, err
+
+
+def test_extreme_but_valid_sampling_values_are_answered(app):
+    """A tiny positive temperature is (nearly) greedy decoding, and the largest seed is a seed: neither fails."""
+    greedy = complete(prompt="KING:", max_tokens=6, temperature=0).json()["choices"][0]["text"]
+    tiny = complete(prompt="KING:", max_tokens=6, temperature=1e-30, seed=2**63 - 1)
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["text"] == greedy
+    listed = complete(prompt=["KING:", "QUEEN:"], max_tokens=2, seed=2**63 - 1)  # the second prompt's seed wraps to 0
+    assert listed.status_code == 200, listed.text
+
+
+def test_a_poisoned_row_fails_alone_and_its_batch_goes_on(gpt_checkpoint):
+    """One of 8 co-batched prompts fails while sampling (a NaN temperature, past the edge's checks):
+    it alone gets an error; the other 7 decode exactly what they decode next to a healthy row."""
+    from bigray.serve.protocol import GenerationParams
+    from bigray.serve.runners import GPTRunner
+
+    runner = GPTRunner(gpt_checkpoint[-1] / "model", max_prompt_tokens=48)
+
+    def job(i, temperature=0.8):
+        return GenerationParams(prompt=f"ROMEO {i}:", max_tokens=8, temperature=temperature, top_p=0.9, stop=[], seed=i)
+
+    def run(jobs):
+        texts, errors, finished = [""] * len(jobs), {}, set()
+        for step in runner.generate([runner.encode(j) for j in jobs]):
+            for i, d in enumerate(step):
+                if d is not None:
+                    texts[i] += d.text
+                    if d.error:
+                        errors[i] = d.error
+                    if d.finish_reason:
+                        finished.add(i)
+        return texts, errors, finished
+
+    healthy = [job(i) for i in range(8)]
+    poisoned = healthy[:3] + [job(3, temperature=float("nan"))] + healthy[4:]
+    texts, errors, finished = run(poisoned)
+    assert list(errors) == [3] and "generation failed" in errors[3], errors
+    expected, no_errors, _ = run(healthy)
+    assert not no_errors and finished == set(range(8))
+    for i in set(range(8)) - {3}:
+        assert texts[i] == expected[i] and texts[i], i
 
 
 def test_huge_image_and_replicas_keep_serving(app):
@@ -227,22 +321,24 @@ def test_64_concurrent_requests_all_succeed(app):
         codes = list(pool.map(one, range(64)))
     assert codes == [200] * 64
     # requests that arrived while a model was busy shared its next forward passes
-    models = requests.get(f"{URL}/healthz", timeout=10).json()["models"]
+    models = status()["models"]
     assert models["resnet"]["largest"] > 1 and models["gpt"]["largest"] > 1, models
 
 
-def test_auth_when_api_key_set(app, monkeypatch, gpt_checkpoint, resnet_checkpoint):
+def test_auth_key_is_read_in_the_replica_and_enforced(app, tmp_path):
+    """The key comes from a file the replica reads (a mounted Secret; its trailing newline stripped)."""
     from ray import serve
 
     from bigray.serve.app import build_app
 
-    monkeypatch.setenv("BIGRAY_API_KEY", "s3cret")
-    secured = app.model_copy()
-    serve.run(build_app(secured), name="secured", route_prefix="/secure")
+    key_file = tmp_path / "api-key"
+    key_file.write_text("s3cret\n")
+    serve.run(build_app(app.model_copy(update={"api_key_file": str(key_file)})), name="secured", route_prefix="/secure")
     try:
         base = f"{URL}/secure"
         assert requests.get(f"{base}/healthz").status_code in (200, 503)  # no key needed
         assert requests.get(f"{base}/v1/models").status_code == 401
+        assert requests.get(f"{base}/v1/status").status_code == 401
         r = requests.post(f"{base}/v1/completions", json={"prompt": "hi"}, headers={"authorization": "Bearer wrong"})
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         ok = requests.get(f"{base}/v1/models", headers={"authorization": "Bearer s3cret"})
@@ -250,6 +346,45 @@ def test_auth_when_api_key_set(app, monkeypatch, gpt_checkpoint, resnet_checkpoi
         assert requests.get(f"{URL}/v1/models").status_code == 200  # the app without a key stays open
     finally:
         serve.delete("secured")
+
+
+def test_a_key_the_replica_cannot_see_fails_the_deploy_closed(app, monkeypatch):
+    """BIGRAY_API_KEY set where the app is built (this process) but not in the replicas' environment:
+    the ingress refuses to start instead of serving without a key."""
+    from ray import serve
+
+    from bigray.serve.app import build_app
+
+    monkeypatch.setenv("BIGRAY_API_KEY", "only-here")
+    with pytest.raises(RuntimeError, match="Deploying application open failed"):
+        serve.run(build_app(app.model_copy(update={"resnet_checkpoint": None})), name="open", route_prefix="/open")
+    failed = serve.status().applications["open"].deployments["ingress"]
+    assert "does not see it" in failed.message and "only-here" not in failed.message, failed.message
+    serve.delete("open")
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_recovers(app):
+    """One replica taking one request at a time with 2 queued: the rest of a burst is refused at once."""
+    from ray import serve
+
+    from bigray.serve.app import build_app
+
+    narrow = {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 1, "max_batch_size": 1, "max_queued_requests": 2, "retry_after_s": 2}
+    serve.run(build_app(app.model_copy(update={"resnet_checkpoint": None, "gpt": app.gpt.model_copy(update=narrow)})),
+              name="narrow", route_prefix="/narrow")  # fmt: skip
+    try:
+        def one(i):
+            return requests.post(f"{URL}/narrow/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 56, "seed": i}, timeout=120)
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(one, range(12)))
+        codes = sorted(r.status_code for r in answers)
+        assert set(codes) == {200, 429} and codes.count(200) >= 2, [(r.status_code, r.text[:200]) for r in answers]
+        for refused in (r for r in answers if r.status_code == 429):  # Serve's own answer (backpressure_config)
+            assert refused.headers["retry-after"] == "2" and "backpressure" in refused.text, refused.text
+        assert one(99).status_code == 200  # the queue drained: served again
+    finally:
+        serve.delete("narrow")
 
 
 def test_checkpoint_swap_drops_no_request(app, gpt_checkpoint):
@@ -263,12 +398,12 @@ def test_checkpoint_swap_drops_no_request(app, gpt_checkpoint):
         serve.run(build_app(new), name="bigray", route_prefix="/")
         deadline = time.time() + 60
         while time.time() < deadline:
-            if gpt_checkpoint[0].name in json.dumps(requests.get(f"{URL}/healthz").json()):
+            if gpt_checkpoint[0].name in json.dumps(status()):
                 break
             time.sleep(0.5)
         time.sleep(2)
     assert codes and all(c == 200 for c in codes), codes
-    assert gpt_checkpoint[0].name in json.dumps(requests.get(f"{URL}/healthz").json())
+    assert gpt_checkpoint[0].name in json.dumps(status())
 
 
 def test_incomplete_checkpoint_is_refused_at_deploy_with_the_reason(app, gpt_checkpoint, tmp_path):

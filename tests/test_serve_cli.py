@@ -124,7 +124,7 @@ def test_serve_deploy_then_redeploy_a_new_checkpoint_drops_no_request(ray_cluste
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
-                r = requests.get(f"{base}/healthz", timeout=30)
+                r = requests.get(f"{base}/v1/status", timeout=30)
                 if r.status_code == 200 and checkpoint.name in r.json()["models"]["gpt"]["checkpoint"]:
                     return
             except requests.RequestException:
@@ -160,7 +160,7 @@ def test_serve_deploy_then_redeploy_a_new_checkpoint_drops_no_request(ray_cluste
         deploy(broken)  # a swap to an incomplete checkpoint: refused, the step-20 model keeps serving
         refused, deadline = None, time.time() + 120
         while refused is None and time.time() < deadline:
-            refused = requests.get(f"{base}/healthz", timeout=30).json().get("models", {}).get("gpt", {}).get("refused")
+            refused = requests.get(f"{base}/v1/status", timeout=30).json().get("models", {}).get("gpt", {}).get("refused")
             time.sleep(1)
         time.sleep(2)
         stop.set()

@@ -171,7 +171,8 @@ def test_finetune_from_a_bucket_and_serve_from_a_bucket(s3_run, tmp_path):
             except requests.RequestException:
                 pass
             time.sleep(1)
-        assert health.json()["models"]["gpt"]["checkpoint"] == f"{storage}/runs/sft"
+        status = requests.get("http://127.0.0.1:8123/from-s3/v1/status", timeout=10).json()
+        assert status["models"]["gpt"]["checkpoint"] == f"{storage}/runs/sft"
         r = requests.post("http://127.0.0.1:8123/from-s3/v1/completions", json={"prompt": "Q: 12 plus 12?\nA:", "max_tokens": 4}, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
         (copy,) = [p for p in replica_cache.iterdir() if p.is_dir()]

@@ -34,4 +34,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
         resnet = ResNetDeployment.options(**r.options(), user_config={"checkpoint": args.resnet_checkpoint}).bind(args.max_image_pixels, r.model_dump())
     # The ingress gets no checkpoint paths: a model swap then leaves it untouched.
     ingress_args = args.model_dump(exclude={"gpt_checkpoint", "resnet_checkpoint"})
-    return Ingress.bind(gpt, resnet, ingress_args, os.environ.get(args.api_key_env))
+    # The key itself is read by the ingress replica (where it is enforced), never passed in the
+    # app's config; a key set here but unseen there makes the replica refuse to start.
+    key_expected = bool(os.environ.get(args.api_key_env, "").strip())
+    return Ingress.bind(gpt, resnet, ingress_args, key_expected)

@@ -52,6 +52,7 @@ class SwappableModel:
         self._model_idle = asyncio.Event()
         self._model_idle.set()
         self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self.poisoned: str | None = None
 
     @contextlib.contextmanager
     def _model_busy(self, batch_size: int) -> Iterator[None]:
@@ -64,9 +65,20 @@ class SwappableModel:
             self._model_idle.set()
 
     def batch_stats(self) -> dict[str, Any]:
-        """How well batching works here (shown by /healthz): batches run, requests in them, the largest."""
+        """How well batching works here (shown by /v1/status): batches run, requests in them, the largest."""
         batches, requests = sum(self.batch_sizes.values()), sum(k * n for k, n in self.batch_sizes.items())
         return {"batches": batches, "requests": requests, "largest": max(self.batch_sizes, default=0)}
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: a replica whose device failed is restarted, not kept."""
+        if self.poisoned:
+            raise RuntimeError(f"this replica's device failed: {self.poisoned}")
+
+    def _note_failure(self, e: BaseException) -> None:
+        """A failure outside any one request: on a GPU it may leave the device unusable (a device-side
+        assert poisons the CUDA context), so the replica reports unhealthy and Serve replaces it."""
+        if self.settings.num_gpus > 0 and "CUDA" in str(e):
+            self.poisoned = str(e)[:300]
 
     kind = ""
     """The checkpoint kind this deployment serves (gpt, resnet)."""
@@ -80,10 +92,13 @@ class SwappableModel:
         return {}
 
     def ready(self) -> dict[str, Any]:
-        """/healthz's view of this replica (raises until a model is loaded)."""
+        """/v1/status's view of this replica (raises until a model is loaded)."""
         if self.runner is None:
             raise RuntimeError("no model loaded yet")
-        return {"checkpoint": self.checkpoint, "refused": self.refused, **self.describe(), **self.batch_stats()}
+        return {"checkpoint": self.checkpoint, "refused": self.refused, **self.describe(), **self.stats()}
+
+    def stats(self) -> dict[str, Any]:
+        raise NotImplementedError
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load the checkpoint. A replica with nothing loaded yet fails with the reason (shown by
@@ -142,27 +157,64 @@ class GPTDeployment(SwappableModel):
         return {"context": self.runner.max_positions}
 
     async def generate(self, job: GenerationParams) -> AsyncIterator[Admitted | ErrorDetail | Delta]:
-        """First :class:`Admitted` (the prompt was tokenized, once, and fits) or the client error; then the Deltas."""
+        """First :class:`Admitted` (the prompt was tokenized, once, and fits) or the client error; then the Deltas.
+
+        The prompt is decoded by the model that checked it, even if a swap happens meanwhile (a
+        shorter context could otherwise overflow); a client that goes away cancels its row.
+        """
+        runner = self.runner
         try:
-            prompt = self.runner.encode(job)
+            prompt = runner.encode(job)
         except ServeError as e:
             yield e.detail()
             return
         yield Admitted(prompt_tokens=len(prompt.ids))
         await self._model_idle.wait()
-        async for delta in self._batched(prompt):
-            yield delta
+        try:
+            async for delta in self._batched((runner, prompt)):
+                yield delta
+        finally:  # finished, or cancelled because the client disconnected
+            prompt.cancelled.set()
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.batch_stats(), "decoding": self.decoding}
+
+    decoding = 0
+    """Rows the current batch is still decoding (a finished or cancelled row no longer counts)."""
 
     @serve.batch()  # sizes come from the settings, set in SwappableModel.__init__
-    async def _batched(self, batch: list[Prompt]) -> AsyncIterator[list[Any]]:
-        steps = self.runner.generate(batch)
+    async def _batched(self, batch: list[tuple[GPTRunner, Prompt]]) -> AsyncIterator[list[Any]]:
+        # Around a swap one batch may hold prompts checked by the old and by the new model: each
+        # group decodes on its own model, step by step together.
+        groups: dict[int, tuple[GPTRunner, list[int]]] = {}
+        for i, (runner, _) in enumerate(batch):
+            groups.setdefault(id(runner), (runner, []))[1].append(i)
+        decoders = [(runner.generate([batch[i][1] for i in idx]), idx) for runner, idx in groups.values()]
         with self._model_busy(len(batch)):
-            while True:
-                # each decode step runs off the event loop, so the replica keeps accepting requests
-                step = await asyncio.to_thread(next, steps, None)
-                if step is None:
-                    return
-                yield [StopIteration if d is None else d for d in step]
+            try:
+                out: list[Any] = [None] * len(batch)
+                while decoders:
+                    # each decode step runs off the event loop, so the replica keeps accepting requests
+                    steps = await asyncio.to_thread(lambda: [next(d, None) for d, _ in decoders])
+                    live = []
+                    for (decoder, idx), step in zip(decoders, steps):
+                        if step is None:
+                            for i in idx:
+                                out[i] = None
+                            continue
+                        live.append((decoder, idx))
+                        for i, d in zip(idx, step):
+                            out[i] = d
+                    decoders = live
+                    self.decoding = sum(d is not None for d in out)
+                    if not decoders:
+                        return
+                    yield [StopIteration if d is None else d for d in out]
+            except Exception as e:
+                self._note_failure(e)
+                raise
+            finally:
+                self.decoding = 0
 
 
 @serve.deployment(name="resnet")
@@ -182,22 +234,38 @@ class ResNetDeployment(SwappableModel):
         return self.runner.describe()
 
     async def classify(self, image: bytes, top_k: int) -> dict[str, Any] | ErrorDetail:
-        """Top-k labels, or the client error."""
+        """Top-k labels, or the client error. Decoding runs off the event loop (a large image takes
+        a while), and the image is classified by the model whose size it was prepared for."""
+        runner = self.runner
         try:
-            x = self.runner.preprocess(image)
+            x = await asyncio.to_thread(runner.preprocess, image)
         except ServeError as e:
             return e.detail()
         await self._model_idle.wait()
-        probs = await self._batched(x)
+        probs = await self._batched((runner, x))
         k = min(top_k, len(probs))
         scores, idx = probs.topk(k)
-        names = self.runner.class_names
+        names = runner.class_names
         return {"predictions": [{"label": names[i], "index": int(i), "score": float(s)} for s, i in zip(scores.tolist(), idx.tolist())]}
 
+    def stats(self) -> dict[str, Any]:
+        return self.batch_stats()
+
     @serve.batch()  # sizes come from the settings, set in SwappableModel.__init__
-    async def _batched(self, images: list[Any]) -> list[Any]:
+    async def _batched(self, images: list[tuple[ClassifierRunner, Any]]) -> list[Any]:
         import torch
 
+        out: list[Any] = [None] * len(images)
+        groups: dict[int, tuple[ClassifierRunner, list[int]]] = {}
+        for i, (runner, _) in enumerate(images):
+            groups.setdefault(id(runner), (runner, []))[1].append(i)
         with self._model_busy(len(images)):
-            probs = await asyncio.to_thread(self.runner.classify, torch.stack(images))
-        return list(probs)
+            try:
+                for runner, idx in groups.values():
+                    probs = await asyncio.to_thread(runner.classify, torch.stack([images[i][1] for i in idx]))
+                    for i, p in zip(idx, probs):
+                        out[i] = p
+            except Exception as e:
+                self._note_failure(e)
+                raise
+        return out

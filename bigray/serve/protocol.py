@@ -15,18 +15,29 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+SEED_LIMIT = 2**63
+"""Seeds are 0 <= seed < 2**63 (torch.Generator's range); a prompt list's seeds wrap around it."""
+
+MAX_STOP_CHARS = 64
+
+
 class CompletionRequest(BaseModel):
-    """POST /v1/completions (the subset of OpenAI's fields that applies to a base model)."""
+    """POST /v1/completions (the subset of OpenAI's fields that applies to a base model).
+
+    Every value is checked here, before any work: numbers are finite and in range, strings are
+    valid UTF-8, stop strings are few and short. Limits that depend on the server (prompt count and
+    length, max_tokens) are checked by the ingress against its settings.
+    """
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     prompt: str | list[str]
     max_tokens: int = Field(default=16, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     stream: bool = False
 
     @field_validator("prompt")
@@ -35,14 +46,16 @@ class CompletionRequest(BaseModel):
         prompts = [v] if isinstance(v, str) else v
         if not prompts or any(not p.strip() for p in prompts):
             raise ValueError("prompt must be a non-empty string or a non-empty list of non-empty strings")
+        _utf8("prompt", prompts)
         return v
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
         stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
+        if len(stops) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop takes up to 4 non-empty strings of at most {MAX_STOP_CHARS} characters")
+        _utf8("stop", stops)
         return v
 
     def prompts(self) -> list[str]:
@@ -55,9 +68,18 @@ class CompletionRequest(BaseModel):
         """One job per prompt (each prompt's seed offset by its index, so a list is reproducible)."""
         return [
             GenerationParams(prompt=p, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                             stop=self.stops(), seed=None if self.seed is None else self.seed + i)
+                             stop=self.stops(), seed=None if self.seed is None else (self.seed + i) % SEED_LIMIT)
             for i, p in enumerate(self.prompts())
         ]  # fmt: skip
+
+
+def _utf8(field: str, texts: list[str]) -> None:
+    """JSON may carry lone surrogates (``"\\ud800"``), which no tokenizer can encode."""
+    for t in texts:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{field} is not valid Unicode text (it holds a lone surrogate)") from None
 
 
 @dataclass(frozen=True)
@@ -81,11 +103,13 @@ class Admitted:
 
 @dataclass
 class Delta:
-    """What one decode step produced for one prompt."""
+    """What one decode step produced for one prompt; ``error``: this prompt's generation failed
+    (only its own request fails: the rest of its batch goes on)."""
 
     text: str
     finish_reason: str | None = None
     completion_tokens: int = 0
+    error: str | None = None
 
 
 class CompletionChoice(BaseModel):

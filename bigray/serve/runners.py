@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
@@ -41,10 +42,12 @@ def torch_dtype(name: DType) -> torch.dtype:
 
 @dataclass(frozen=True)
 class Prompt:
-    """A job with its prompt tokenized (once) and checked against the limits."""
+    """A job with its prompt tokenized (once) and checked against the limits; ``cancelled`` is set
+    when its client goes away, and the decode loop drops the row at its next step."""
 
     job: GenerationParams
     ids: list[int]
+    cancelled: threading.Event = field(default_factory=threading.Event, compare=False)
 
 
 @dataclass
@@ -82,7 +85,8 @@ class GPTRunner:
     def _sample(self, logits: torch.Tensor, row: _Row) -> int:
         if row.job.temperature == 0:
             return int(logits.argmax())
-        probs = torch.softmax(logits / row.job.temperature, dim=-1)
+        # shifted so the largest is 0 first: a tiny temperature then gives -inf, never inf - inf = NaN
+        probs = torch.softmax((logits - logits.max()) / row.job.temperature, dim=-1)
         if row.job.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             keep = sorted_probs.cumsum(-1) - sorted_probs < row.job.top_p
@@ -118,7 +122,7 @@ class GPTRunner:
     @torch.no_grad()
     def generate(self, batch: list[Prompt]) -> Iterator[list[Delta | None]]:
         """Decode all prompts together; each step yields one Delta per prompt (None once it is finished)."""
-        rows = [_Row(p.job, torch.Generator().manual_seed(p.job.seed if p.job.seed is not None else int(torch.randint(0, 2**31, ())))) for p in batch]
+        rows = [_Row(p.job, _generator(p.job.seed)) for p in batch]
         prompts = [p.ids for p in batch]
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[self.eos] * (width - len(p)) + p for p in prompts], device=self.device)
@@ -131,13 +135,19 @@ class GPTRunner:
             logits = out.logits[:, -1, :].float().cpu()  # sampled on the CPU with each request's generator
             step: list[Delta | None] = []
             next_tokens = []
-            for i, row in enumerate(rows):
-                if row.done:
+            for i, (row, prompt) in enumerate(zip(rows, batch)):
+                if row.done or prompt.cancelled.is_set():
+                    row.done = True
                     step.append(None)
                     next_tokens.append(self.eos)
                     continue
-                token = self._sample(logits[i], row)
-                step.append(self._advance(row, token))
+                try:
+                    token = self._sample(logits[i], row)
+                    step.append(self._advance(row, token))
+                except Exception as e:  # this row alone fails (bad numbers, a tokenizer error); the batch goes on
+                    log.exception("generation failed for one prompt of a batch of %d", len(rows))
+                    row.done, token = True, self.eos
+                    step.append(Delta("", "error", len(row.tokens), error=f"generation failed: {type(e).__name__}"))
                 next_tokens.append(token)
             yield step
             if all(r.done for r in rows):
@@ -145,6 +155,11 @@ class GPTRunner:
             input_ids = torch.tensor(next_tokens, device=self.device).view(-1, 1)
             attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
             positions = positions[:, -1:] + 1
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    """A request's own random stream: its seed, or a fresh random one."""
+    return torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ())))
 
 
 # ----------------------------------------------------------------------------- ResNet
@@ -171,8 +186,11 @@ class ClassifierRunner:
 
         try:
             im = Image.open(io.BytesIO(data))
-        except (UnidentifiedImageError, OSError):
-            raise ServeError(400, "the body is not a decodable image (send a JPEG or PNG)") from None
+        except Image.DecompressionBombError as e:
+            raise ServeError(413, f"image refused: {e}", "payload_too_large") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # ValueError: PIL's "Decompressed data too large" (text/ICC chunks)
+            reason = f": {e}" if isinstance(e, ValueError) else ""
+            raise ServeError(400, f"the body is not a decodable image (send a JPEG or PNG){reason}") from None
         if im.format not in ("JPEG", "PNG"):
             raise ServeError(415, f"unsupported image format {im.format}; send a JPEG or PNG", "unsupported_media_type")
         w, h = im.size
@@ -180,6 +198,8 @@ class ClassifierRunner:
             raise ServeError(413, f"image is {w}x{h} = {w * h} pixels; this server accepts at most {self.max_image_pixels}", "payload_too_large")
         try:
             im.load()
+        except Image.DecompressionBombError as e:
+            raise ServeError(413, f"image refused: {e}", "payload_too_large") from None
         except Exception:
             raise ServeError(400, "the image data is truncated or corrupt") from None
         channels, size = self.info["channels"], self.info["image_size"]

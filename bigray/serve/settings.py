@@ -7,6 +7,7 @@ Every number a deployment runs with comes from here: replicas, ``max_ongoing_req
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,6 +22,12 @@ class DeploymentArgs(BaseModel):
     max_replicas: int = Field(default=2, ge=1)
     target_ongoing_requests: float = Field(default=8, gt=0)
     max_ongoing_requests: int = Field(default=32, ge=1)
+    max_queued_requests: int = Field(default=64, ge=-1)
+    """Requests waiting for a replica (per caller) beyond which new ones are answered 429 with
+    Retry-After instead of waiting without bound; -1: no limit. Queued requests still count as
+    load for Serve's autoscaler."""
+    retry_after_s: float = Field(default=1.0, gt=0)
+    """The Retry-After a refused request is told."""
     max_batch_size: int = Field(default=16, ge=1)
     """Largest @serve.batch (prompts decoded together, or images classified together)."""
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
@@ -43,6 +50,9 @@ class DeploymentArgs(BaseModel):
                 "target_ongoing_requests": self.target_ongoing_requests,
             },
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_queued_requests": self.max_queued_requests,
+            # what a refused request is told: 429 Too Many Requests with Retry-After
+            "backpressure_config": {"status_code": 429, "retry_after_s": self.retry_after_s},
         }
 
 
@@ -59,12 +69,21 @@ class AppArgs(BaseModel):
     resnet_name: str = "bigray-resnet"
     max_prompt_tokens: int = Field(default=512, ge=1)
     max_tokens_limit: int = Field(default=256, ge=1)
+    max_prompts: int = Field(default=16, ge=1)
+    """Most prompts in one completion request (each becomes its own generation job)."""
+    max_prompt_chars: int = Field(default=32_768, ge=1)
+    """Longest prompt in characters, checked before tokenizing (max_prompt_tokens is checked after)."""
+    max_body_bytes: int = Field(default=1_000_000, ge=1)
+    """Largest JSON body, counted as it is read (a chunked upload cannot pass it)."""
     max_image_bytes: int = Field(default=4_000_000, ge=1)
     max_image_pixels: int = Field(default=16_000_000, ge=1)
     gpt: DeploymentArgs = DeploymentArgs(max_batch_size=8)
     resnet: DeploymentArgs = DeploymentArgs()
     api_key_env: str = "BIGRAY_API_KEY"
-    """Environment variable holding the API key (unset: no key needed)."""
+    """Environment variable holding the API key, read in the ingress replica (unset: no key needed)."""
+    api_key_file: str | None = None
+    """A file holding the API key (e.g. a mounted Kubernetes Secret), read in the ingress replica;
+    surrounding whitespace is stripped. Takes precedence over ``api_key_env``."""
 
 
 class ServeArgs(AppArgs):
@@ -72,7 +91,10 @@ class ServeArgs(AppArgs):
     shortcuts that set both deployments at once (``--set dtype=bfloat16``, ``--set num_gpus=1``)."""
 
     host: str = "127.0.0.1"
-    """HTTP host (0.0.0.0 to listen on every interface, as a cluster's head needs)."""
+    """HTTP host (0.0.0.0 to listen on every interface, as a cluster's head needs: then an API key
+    is required, unless ``allow_unauthenticated``)."""
+    allow_unauthenticated: bool = False
+    """Serve beyond loopback without an API key (a private network you trust)."""
     port: int = Field(default=8000, ge=1, le=65535)
     access_log: bool = True
     """Log every request (Serve's access log); off saves about 10% CPU per request on a small box."""
@@ -88,3 +110,12 @@ class ServeArgs(AppArgs):
         for model in ("gpt", "resnet"):
             fields[model].update(shortcuts)
         return AppArgs(**fields)
+
+    def key_missing_for_host(self) -> str | None:
+        """Why this server would be open to the network without a key (None: it is not)."""
+        if self.host in ("127.0.0.1", "localhost", "::1") or self.allow_unauthenticated:
+            return None
+        if self.api_key_file or os.environ.get(self.api_key_env, "").strip():
+            return None
+        return (f"serving on {self.host} (beyond this machine) needs an API key: set {self.api_key_env} or api_key_file, "
+                "or --set allow_unauthenticated=true on a network you trust")  # fmt: skip
