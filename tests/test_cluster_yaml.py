@@ -142,8 +142,10 @@ def test_kuberay_manifests_run_the_image_with_a_reachable_authenticated_dashboar
     app = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]
     assert app["import_path"] == "bigray.serve.app:build_app"
     args = AppArgs(**app["args"])  # the typed app args accept what the manifest passes
-    key_env = next(e for e in head["env"] if e["name"] == args.api_key_env)
-    assert "secretKeyRef" in key_env["valueFrom"] and "value" not in key_env  # the API key comes from a Secret
+    # the API key comes from a Secret, in every pod: the ingress replica that enforces it may run on any of them
+    for container in [head] + [c for g in workers for c in g["template"]["spec"]["containers"]]:
+        key_env = next(e for e in container.get("env", []) if e["name"] == args.api_key_env)
+        assert "secretKeyRef" in key_env["valueFrom"] and "value" not in key_env, container["name"]
     assert args.gpt.num_gpus > 0
     local = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())["applications"][0]
     assert local["import_path"] == app["import_path"]

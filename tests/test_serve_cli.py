@@ -173,3 +173,32 @@ def test_serve_deploy_then_redeploy_a_new_checkpoint_drops_no_request(ray_cluste
     finally:  # through the REST API too: `serve run` above shut down the Serve this process knew
         stop.set()
         subprocess.run(["serve", "shutdown", "-y", "--address", dashboard], env=_env(ray_cluster), timeout=120, check=True)
+
+
+def test_an_export_is_what_ray_serve_llm_and_vllm_load(gpt_checkpoint, tmp_path):
+    """serve/llm-config.yaml passes Ray Serve LLM's own config model (LLMConfig; vLLM itself is not
+    installed here), and bigray's export is a directory vLLM's GPT-2 loader reads."""
+    import json
+
+    from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
+
+    from bigray.artifacts.hf_gpt import vllm_problems
+    from bigray.config import GPTPretrainConfig, load_config
+    from bigray.export import export_gpt
+
+    out = tmp_path / "hf"
+    export_gpt(str(gpt_checkpoint[-1]), str(out))
+    assert vllm_problems(out) == []
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "scale_attn_by_inverse_layer_idx": True, "n_embd": config["n_embd"] * 2}))
+    problems = vllm_problems(out)
+    assert any("scale_attn_by_inverse_layer_idx" in p for p in problems)
+    assert any(p.startswith("weight h.0.attn.c_attn.weight: shape") for p in problems), problems
+
+    app = yaml.safe_load((REPO / "serve" / "llm-config.yaml").read_text())["applications"][0]
+    assert app["import_path"] == "ray.serve.llm:build_openai_app"
+    preset = load_config(GPTPretrainConfig, REPO / "jobs" / "configs" / "gpt_124m.yaml")
+    for raw in app["args"]["llm_configs"]:
+        llm = LLMConfig(**raw)  # unknown or mistyped keys raise
+        assert llm.model_loading_config.model_source.bucket_uri.startswith("s3://")
+        assert llm.engine_kwargs["max_model_len"] <= preset.model.block_size  # the model's n_positions
