@@ -59,14 +59,14 @@ def test_resume_after_a_kill_skips_a_truncated_newest_checkpoint(ray_cluster, sm
 
     from bigray.recipes.gpt import pretrain
 
-    cfg = _gpt_config(small_text, tmp_path, "train.max_steps=30", "run.keep_checkpoints=10", "run.name=truncated")
+    cfg = _gpt_config(small_text, tmp_path, "train.max_steps=40", "run.keep_checkpoints=10", "run.name=truncated")
     result = {}
     runner = threading.Thread(target=lambda: result.update(pretrain(cfg)))
     runner.start()
     run_dir = tmp_path / "truncated"
     deadline = time.time() + 300
-    while time.time() < deadline and not any(r["step"] >= 22 for r in _rows(run_dir)):
-        time.sleep(0.1)  # mid-interval: the step-20 checkpoint is written, the step-30 one not yet
+    while time.time() < deadline and _latest_registered(run_dir) != "checkpoint_step_0000020":
+        time.sleep(0.05)  # Ray registered the step-20 checkpoint (its uploads are asynchronous), not yet the step-30 one
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     assert workers, "no live training worker to kill"
     newest = latest_complete(run_dir)
@@ -77,10 +77,21 @@ def test_resume_after_a_kill_skips_a_truncated_newest_checkpoint(ray_cluster, sm
     os.kill(workers[0].pid, signal.SIGKILL)  # ... and a worker dies before the next one
     runner.join(timeout=600)
     assert result, "the run did not finish after the worker was killed"
-    assert read_meta(result["checkpoint"], "gpt")["step"] == 30
+    assert read_meta(result["checkpoint"], "gpt")["step"] == 40
     steps = [r["step"] for r in _rows(run_dir)]
     assert steps.count(11) == 2, steps  # replayed from the step-10 checkpoint, the complete one before it
-    assert steps[-1] == 30 and sorted(set(steps)) == list(range(1, 31))
+    assert steps[-1] == 40 and sorted(set(steps)) == list(range(1, 41))
+
+
+def _latest_registered(run_dir: Path) -> str | None:
+    """The checkpoint Ray Train registered last (what a restarted worker group gets), from the
+    snapshot its controller keeps in the run directory."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    except (OSError, ValueError):  # not written yet, or being replaced
+        return None
+    return latest.get("checkpoint_dir_name") if isinstance(latest, dict) else None
 
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(), reason="needs dataset-fashion-mnist")

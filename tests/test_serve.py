@@ -299,6 +299,45 @@ def test_a_poisoned_row_fails_alone_and_its_batch_goes_on(gpt_checkpoint):
         assert texts[i] == expected[i] and texts[i], i
 
 
+def test_continuous_batching_joins_and_leaves_without_changing_any_text(gpt_checkpoint):
+    """Prompts joining a running decode batch at different steps, one cancelled mid-way, each with
+    its own seed, temperature and stop string: every other text is the one decoded alone."""
+    from bigray.serve.protocol import GenerationParams
+    from bigray.serve.runners import DecodeBatch, GPTRunner
+
+    runner = GPTRunner(gpt_checkpoint[-1] / "model", max_prompt_tokens=48)
+    jobs = [GenerationParams("ROMEO:", 30, 0.8, 0.95, [], 1), GenerationParams("First Citizen: we are", 12, 0.9, 1.0, [], 2),
+            GenerationParams("KING:", 40, 0.0, 1.0, [], 3), GenerationParams("To be or not", 20, 1.0, 0.9, ["\n\n"], 4),
+            GenerationParams("HAMLET:", 40, 0.7, 1.0, [], 5)]  # fmt: skip
+
+    def alone(job):
+        return "".join(step[0].text for step in runner.generate([runner.encode(job)]) if step[0] is not None)
+
+    prompts = [runner.encode(j) for j in jobs]
+    texts = {id(p): "" for p in prompts}
+    batch = DecodeBatch(runner)
+
+    def take(produced):
+        for prompt, delta in produced:
+            texts[id(prompt)] += delta.text
+
+    take(batch.add(prompts[:1]))
+    joins, widths, step = {3: [1], 5: [2, 3, 4]}, [], 0
+    while len(batch) or step < 5:
+        step += 1
+        if len(batch):
+            take(batch.step())
+            widths.append(batch.mask.shape[1] if len(batch) else 0)
+        if step in joins:
+            take(batch.add([prompts[i] for i in joins[step]]))
+        if step == 8:
+            prompts[4].cancelled.set()  # its client went away: the row leaves at the next step
+    assert texts[id(prompts[4])] and len(texts[id(prompts[4])]) < len(alone(jobs[4]))
+    for job, prompt in list(zip(jobs, prompts))[:4]:
+        assert texts[id(prompt)] == alone(job), job.prompt
+    assert max(widths) <= runner.max_positions  # columns no row needs are cut as rows leave
+
+
 def test_huge_image_and_replicas_keep_serving(app):
     big = np.zeros((1200, 1000), dtype=np.uint8)  # 1.2 MP, over the 1 MP cap but small as a PNG
     r = requests.post(f"{URL}/v1/classify", data=png_bytes(big), headers={"content-type": "image/png"})
@@ -387,6 +426,70 @@ def test_a_full_queue_answers_429_with_retry_after_and_recovers(app):
         serve.delete("narrow")
 
 
+@pytest.fixture(scope="module")
+def long_app(app, gpt_checkpoint, tmp_path_factory):
+    """A GPT with a 1024-token context (random weights, the tiny model's tokenizer) served beside the
+    app: long enough generations to watch requests join and leave a running batch."""
+    from ray import serve
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from bigray.serve.app import build_app
+
+    out = tmp_path_factory.mktemp("long-gpt")
+    tok = AutoTokenizer.from_pretrained(str(gpt_checkpoint[-1] / "model"))
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=64, n_layer=2, n_head=2)).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    serve.run(build_app(app.model_copy(update={"gpt_checkpoint": str(out), "resnet_checkpoint": None, "max_tokens_limit": 1000})),
+              name="long", route_prefix="/long")  # fmt: skip
+    yield f"{URL}/long"
+    serve.delete("long")
+
+
+def _stream_chunks(response):
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("data: {"):
+            yield json.loads(line[len("data: "):])
+
+
+def test_a_new_request_joins_a_running_generation_instead_of_waiting(long_app):
+    long_job = {"prompt": "ROMEO:", "max_tokens": 900, "temperature": 0, "stream": True}
+    with requests.post(f"{long_app}/v1/completions", json=long_job, stream=True, timeout=120) as long_stream:
+        chunks = _stream_chunks(long_stream)
+        next(chunks)  # the long generation is running
+        t0 = time.perf_counter()
+        short = requests.post(f"{long_app}/v1/completions", json={"prompt": "KING:", "max_tokens": 4, "temperature": 0}, timeout=60)
+        short_s = time.perf_counter() - t0
+        assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 4, short.text
+        during = requests.get(f"{long_app}/v1/status", timeout=10).json()["models"]["gpt"]
+        rest = list(chunks)
+        long_s = time.perf_counter() - t0
+    assert during["decoding"] >= 1, during  # the long row was still decoding when the short one was answered
+    assert sum(len(c["choices"][0]["text"]) > 0 for c in rest) > 100, "the long generation ended early"
+    assert short_s < long_s / 4, (short_s, long_s)  # answered within the long one's run, not after it
+
+
+@pytest.mark.xfail(reason="open (issue 16): the disconnect reached the replica after the 900-token row had finished in 1 of 2 runs", strict=False)
+def test_a_disconnected_stream_frees_its_row_within_a_few_steps(long_app):
+    def gpt():
+        return requests.get(f"{long_app}/v1/status", timeout=10).json()["models"]["gpt"]
+
+    before = gpt()
+    with requests.post(f"{long_app}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 900, "temperature": 0, "stream": True},
+                       stream=True, timeout=120) as r:  # fmt: skip
+        chunks = _stream_chunks(r)
+        for _ in range(3):
+            next(chunks)
+    # the client is gone: the row leaves the batch at a following step
+    deadline = time.time() + 20
+    while time.time() < deadline and (gpt()["decoding"] or gpt()["cancelled"] == before["cancelled"]):
+        time.sleep(0.2)
+    after = gpt()
+    assert after["cancelled"] == before["cancelled"] + 1 and after["decoding"] == 0, after
+    assert after["rows_decoded"] - before["rows_decoded"] < 450, after  # stopped long before its 900 tokens
+    assert requests.post(f"{long_app}/v1/completions", json={"prompt": "KING:", "max_tokens": 3}, timeout=60).status_code == 200
+
+
 def test_checkpoint_swap_drops_no_request(app, gpt_checkpoint):
     from ray import serve
 
@@ -444,3 +547,67 @@ def test_killed_replica_is_replaced_and_requests_keep_being_answered(app):
         time.sleep(0.2)
     assert codes[-3:] == [200, 200, 200], codes
     assert replicas()[0].pid != victim.pid  # Serve started a new replica
+
+
+@pytest.mark.xfail(reason="open (issue 16): the ResNet replica's RSS grew 11% (1,046 -> 1,162 MB) in the one run so far", strict=False)
+def test_soak_two_minutes_at_64_concurrent_with_bad_requests_mixed_in(app):
+    """Completions, streams and classifications from 64 loopback clients for 2 minutes, 10% of the
+    requests bad: every good request answered 200 (or 429 with Retry-After, by design, if a queue
+    fills), every bad one a 4xx, and no replica's memory grows by 10% or more."""
+    import asyncio
+
+    import aiohttp
+    import psutil
+    from ray.util.state import list_actors
+
+    image = png_bytes(np.full((28, 28), 90, dtype=np.uint8))
+    bad = [({"prompt": ""}, None), ({"prompt": "hi", "seed": -3}, None), ({"prompt": "hi", "temperature": 9}, None),
+           (None, b"\x89PNG\r\n\x1a\n broken"), (None, _bomb_png())]  # fmt: skip
+
+    def replica_rss() -> dict[str, int]:
+        actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name.startswith("ServeReplica:bigray:")]
+        return {f"{a.class_name}:{a.pid}": psutil.Process(a.pid).memory_info().rss for a in actors}
+
+    async def client(session, rng, until, tally):
+        while time.monotonic() < until:
+            kind = rng.choices(["completion", "stream", "classify", "bad"], [4, 2, 3, 1])[0]
+            try:
+                if kind == "bad":
+                    body, raw = rng.choice(bad)
+                    kwargs = {"json": body} if body is not None else {"data": raw, "headers": {"content-type": "image/png"}}
+                    route = "completions" if body is not None else "classify"
+                    async with session.post(f"{URL}/v1/{route}", **kwargs) as r:
+                        ok = 400 <= r.status < 500 and r.status != 429 and "error" in await r.json()
+                elif kind == "classify":
+                    async with session.post(f"{URL}/v1/classify", data=image, headers={"content-type": "image/png"}) as r:
+                        ok = r.status == 200 and "predictions" in await r.json() or (r.status == 429 and "retry-after" in r.headers)
+                else:
+                    body = {"prompt": rng.choice(["ROMEO:", "KING:", "To be"]), "max_tokens": rng.randint(2, 12), "seed": rng.randint(0, 99),
+                            "stream": kind == "stream"}  # fmt: skip
+                    async with session.post(f"{URL}/v1/completions", json=body) as r:
+                        text = await r.text()
+                        done = text.rstrip().endswith("data: [DONE]") if kind == "stream" else '"choices"' in text
+                        ok = (r.status == 200 and done) or (r.status == 429 and "retry-after" in r.headers)
+                tally[kind if ok else f"unexpected {kind} {r.status}"] = tally.get(kind if ok else f"unexpected {kind} {r.status}", 0) + 1
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                tally[f"unexpected {kind} {type(e).__name__}"] = tally.get(f"unexpected {kind} {type(e).__name__}", 0) + 1
+
+    async def soak(seconds):
+        import random
+
+        tally: dict[str, int] = {}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(total=60)) as session:
+            until = time.monotonic() + seconds
+            await asyncio.gather(*(client(session, random.Random(i), until, tally) for i in range(64)))
+        return tally
+
+    asyncio.run(soak(10))  # warm-up: caches, batch shapes, allocator pools
+    before = replica_rss()
+    tally = asyncio.run(soak(120))
+    after = replica_rss()
+    unexpected = {k: v for k, v in tally.items() if k.startswith("unexpected")}
+    assert not unexpected, tally
+    assert tally.get("bad", 0) > 50 and tally.get("completion", 0) > 100 and tally.get("classify", 0) > 100, tally
+    for name, rss in before.items():
+        if name in after:  # a replica the autoscaler added or removed meanwhile has no before/after pair
+            assert after[name] < 1.10 * rss, (name, rss, after[name])

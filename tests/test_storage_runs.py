@@ -118,11 +118,17 @@ def test_the_bucket_run_is_one_mlflow_run_across_the_restart(s3_run, mlflow_serv
         expected: dict = {}
         for r in rows:
             if key in r:
-                expected.setdefault(r["step"], []).append(pytest.approx(r[key], rel=1e-6))
+                expected.setdefault(r["step"], []).append(r[key])
         logged: dict = {}
         for m in client.get_metric_history(run.info.run_id, key):
             logged.setdefault(m.step, []).append(m.value)
-        assert logged == expected, key  # steps 11 and 12 twice: before the kill and after the restart
+        # Every report of both attempts, at its step (the replayed ones twice, with the same values).
+        # metrics.jsonl may lack the killed attempt's last rows (uploaded in the background), MLflow not.
+        assert set(logged) == set(expected), key
+        for step, values in expected.items():
+            assert len(logged[step]) >= len(values) and all(v == pytest.approx(values[0], rel=1e-6) for v in logged[step] + values), (key, step)
+        if key == "train/loss":
+            assert logged[11] == [pytest.approx(values[0]) for values in (expected[11], expected[11])]  # step 11 by both attempts
     assert "summary.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
     saved = json.loads(Path(client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path))).read_text())
     assert saved["checkpoint"] == summary["checkpoint"]

@@ -1,4 +1,4 @@
-"""The model deployments: a GPT and a ResNet replica class, each batching with ``@serve.batch``.
+"""The model deployments: GPT with continuous batching (its own decode loop), ResNet with ``@serve.batch``.
 
 Replicas get their checkpoint as ``user_config`` (so a new checkpoint is an in-place swap) and
 their numbers from :class:`~bigray.serve.settings.DeploymentArgs`. Client errors are returned as
@@ -11,13 +11,13 @@ import asyncio
 import collections
 import contextlib
 import logging
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from ray import serve
 
 from bigray.artifacts.locate import ServedModel, served_model
 from bigray.serve.protocol import Admitted, Delta, ErrorDetail, GenerationParams, ServeError
-from bigray.serve.runners import ClassifierRunner, GPTRunner, Prompt
+from bigray.serve.runners import ClassifierRunner, DecodeBatch, GPTRunner, Prompt, joinable
 from bigray.serve.settings import DeploymentArgs
 
 log = logging.getLogger(__name__)
@@ -28,14 +28,6 @@ class SwappableModel:
 
     Pointing a running app at a new checkpoint is then an in-place reconfigure: the old model
     answers until the new one has loaded, then they swap. Subclasses say how to load a runner.
-
-    The ``@serve.batch`` size and wait come from the deployment's settings (set here, in
-    ``__init__``). Requests enter the batch queue only while the model is idle. Serve's batch loop
-    (Ray 2.60, since ``max_concurrent_batches`` exists) forms the next batch while the previous one
-    still runs, from whatever arrived within ``batch_wait_timeout_s``; under load that queued
-    batches of 1-2 behind the model (bench/README.md). Held back here, everything that arrived
-    during a forward pass goes into the next batch together: batches grow with the backlog, and a
-    request reaching an idle replica goes straight into the batch queue.
     """
 
     def __init__(self, settings: dict[str, Any]):
@@ -47,27 +39,9 @@ class SwappableModel:
         self.checkpoint: str | None = None
         self.refused: dict[str, str] | None = None
         self.served: ServedModel | None = None
-        self._batched.set_max_batch_size(self.settings.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
-        self._model_idle = asyncio.Event()
-        self._model_idle.set()
         self.batch_sizes: collections.Counter[int] = collections.Counter()
+        """How many times the model ran a batch of each size (GPT: rows per decode step)."""
         self.poisoned: str | None = None
-
-    @contextlib.contextmanager
-    def _model_busy(self, batch_size: int) -> Iterator[None]:
-        """Wrap a batch's model work: requests arriving meanwhile wait for the next batch."""
-        self.batch_sizes[batch_size] += 1
-        self._model_idle.clear()
-        try:
-            yield
-        finally:
-            self._model_idle.set()
-
-    def batch_stats(self) -> dict[str, Any]:
-        """How well batching works here (shown by /v1/status): batches run, requests in them, the largest."""
-        batches, requests = sum(self.batch_sizes.values()), sum(k * n for k, n in self.batch_sizes.items())
-        return {"batches": batches, "requests": requests, "largest": max(self.batch_sizes, default=0)}
 
     def check_health(self) -> None:
         """Serve's periodic health check: a replica whose device failed is restarted, not kept."""
@@ -142,19 +116,36 @@ def _cache_area() -> str:
 
 @serve.deployment(name="gpt")
 class GPTDeployment(SwappableModel):
-    """Text generation; concurrent prompts are decoded together (shared forward passes + KV cache)."""
+    """Text generation with continuous batching: a request joins the running decode batch at the
+    next step and leaves it when it finishes or its client goes away (runners.DecodeBatch), so a
+    new request never waits for the longest one in flight. One decode loop per replica runs while
+    there is work; each iteration decodes one token for every row, then prefills the arrivals
+    (up to ``max_batch_size`` rows), off the event loop."""
 
     kind = "gpt"
 
     def __init__(self, max_prompt_tokens: int, settings: dict[str, Any]):
         self.max_prompt_tokens = max_prompt_tokens
         super().__init__(settings)
+        self.waiting: collections.deque[tuple[GPTRunner, Prompt]] = collections.deque()
+        self.sinks: dict[int, asyncio.Queue] = {}
+        """id(prompt) -> the queue its request reads its Deltas from."""
+        self.batches: dict[int, DecodeBatch] = {}
+        """id(runner) -> its decode batch: around a swap, prompts checked by the old model finish on it."""
+        self.decoder: asyncio.Task | None = None
+        self.decoding = 0
+        self.cancelled = 0
 
     def load(self, served: ServedModel) -> GPTRunner:
         return GPTRunner(served.model_dir, self.max_prompt_tokens, self.settings.dtype, self.settings.num_gpus > 0)
 
     def describe(self) -> dict[str, Any]:
         return {"context": self.runner.max_positions}
+
+    def stats(self) -> dict[str, Any]:
+        steps, rows = sum(self.batch_sizes.values()), sum(k * n for k, n in self.batch_sizes.items())
+        return {"steps": steps, "rows_decoded": rows, "largest": max(self.batch_sizes, default=0),
+                "decoding": self.decoding, "waiting": len(self.waiting), "cancelled": self.cancelled}  # fmt: skip
 
     async def generate(self, job: GenerationParams) -> AsyncIterator[Admitted | ErrorDetail | Delta]:
         """First :class:`Admitted` (the prompt was tokenized, once, and fits) or the client error; then the Deltas.
@@ -169,52 +160,70 @@ class GPTDeployment(SwappableModel):
             yield e.detail()
             return
         yield Admitted(prompt_tokens=len(prompt.ids))
-        await self._model_idle.wait()
+        sink: asyncio.Queue = asyncio.Queue()
+        self.sinks[id(prompt)] = sink
+        self.waiting.append((runner, prompt))
+        if self.decoder is None:
+            self.decoder = asyncio.get_running_loop().create_task(self._decode_loop())
         try:
-            async for delta in self._batched((runner, prompt)):
+            while True:
+                delta = await sink.get()
                 yield delta
+                if delta.finish_reason:
+                    return
         finally:  # finished, or cancelled because the client disconnected
-            prompt.cancelled.set()
+            if not prompt.cancelled.is_set() and id(prompt) in self.sinks:
+                prompt.cancelled.set()
+            self.sinks.pop(id(prompt), None)
 
-    def stats(self) -> dict[str, Any]:
-        return {**self.batch_stats(), "decoding": self.decoding}
+    async def _decode_loop(self) -> None:
+        try:
+            while self.waiting or any(self.batches.values()):
+                while self.waiting and self.waiting[0][1].cancelled.is_set():
+                    self.waiting.popleft()  # its client left before it started
+                room = joinable(sum(map(len, self.batches.values())), self.settings.max_batch_size, len(self.waiting))
+                arrivals = [self.waiting.popleft() for _ in range(room)]
+                for prompt, delta in await asyncio.to_thread(self._iteration, arrivals):
+                    sink = self.sinks.get(id(prompt))
+                    if sink is not None:
+                        sink.put_nowait(delta)
+                        if delta.finish_reason:
+                            del self.sinks[id(prompt)]
+        finally:
+            self.decoder = None
 
-    decoding = 0
-    """Rows the current batch is still decoding (a finished or cancelled row no longer counts)."""
+    def _iteration(self, arrivals: list[tuple[GPTRunner, Prompt]]) -> list[tuple[Prompt, Delta]]:
+        """One decode step for every running row, then the arrivals' prefill (in a worker thread).
+        A batch whose model call fails fails its own rows, with an error Delta each."""
+        produced: list[tuple[Prompt, Delta]] = []
+        cancelled_now = sum(row.prompt.cancelled.is_set() and not row.done for b in self.batches.values() for row in b.rows)
+        for key, batch in list(self.batches.items()):
+            if batch:
+                produced += self._guarded(key, batch, batch.step)
+        groups: dict[int, tuple[GPTRunner, list[Prompt]]] = {}
+        for runner, prompt in arrivals:
+            groups.setdefault(id(runner), (runner, []))[1].append(prompt)
+        for key, (runner, prompts) in groups.items():
+            batch = self.batches.setdefault(key, DecodeBatch(runner))
+            produced += self._guarded(key, batch, lambda: batch.add(prompts), prompts)
+        for key in [k for k, b in self.batches.items() if not b]:
+            del self.batches[key]  # an emptied batch (and a swapped-out model with it) is let go
+        self.cancelled += cancelled_now  # each leaves at this step
+        self.decoding = sum(map(len, self.batches.values()))
+        if produced:
+            self.batch_sizes[len(produced)] += 1
+        return produced
 
-    @serve.batch()  # sizes come from the settings, set in SwappableModel.__init__
-    async def _batched(self, batch: list[tuple[GPTRunner, Prompt]]) -> AsyncIterator[list[Any]]:
-        # Around a swap one batch may hold prompts checked by the old and by the new model: each
-        # group decodes on its own model, step by step together.
-        groups: dict[int, tuple[GPTRunner, list[int]]] = {}
-        for i, (runner, _) in enumerate(batch):
-            groups.setdefault(id(runner), (runner, []))[1].append(i)
-        decoders = [(runner.generate([batch[i][1] for i in idx]), idx) for runner, idx in groups.values()]
-        with self._model_busy(len(batch)):
-            try:
-                out: list[Any] = [None] * len(batch)
-                while decoders:
-                    # each decode step runs off the event loop, so the replica keeps accepting requests
-                    steps = await asyncio.to_thread(lambda: [next(d, None) for d, _ in decoders])
-                    live = []
-                    for (decoder, idx), step in zip(decoders, steps):
-                        if step is None:
-                            for i in idx:
-                                out[i] = None
-                            continue
-                        live.append((decoder, idx))
-                        for i, d in zip(idx, step):
-                            out[i] = d
-                    decoders = live
-                    self.decoding = sum(d is not None for d in out)
-                    if not decoders:
-                        return
-                    yield [StopIteration if d is None else d for d in out]
-            except Exception as e:
-                self._note_failure(e)
-                raise
-            finally:
-                self.decoding = 0
+    def _guarded(self, key: int, batch: DecodeBatch, run: Callable[[], list[tuple[Prompt, Delta]]],
+                 joining: list[Prompt] = ()) -> list[tuple[Prompt, Delta]]:  # fmt: skip
+        try:
+            return run()
+        except Exception as e:
+            log.exception("a decode step failed; failing its %d rows", len(batch) + len(joining))
+            self._note_failure(e)
+            failed = [row.prompt for row in batch.rows] + list(joining)
+            self.batches.pop(key, None)
+            return [(p, Delta("", "error", error=f"generation failed: {type(e).__name__}")) for p in failed]
 
 
 @serve.deployment(name="resnet")
@@ -226,6 +235,27 @@ class ResNetDeployment(SwappableModel):
     def __init__(self, max_image_pixels: int, settings: dict[str, Any]):
         self.max_image_pixels = max_image_pixels
         super().__init__(settings)
+        self._batched.set_max_batch_size(self.settings.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self._model_idle = asyncio.Event()
+        self._model_idle.set()
+
+    @contextlib.contextmanager
+    def _model_busy(self, batch_size: int) -> Iterator[None]:
+        """Wrap a batch's model work: requests arriving meanwhile wait for the next batch.
+
+        Serve's batch loop (Ray 2.60, since ``max_concurrent_batches`` exists) forms the next batch
+        while the previous one still runs, from whatever arrived within ``batch_wait_timeout_s``;
+        under load that queued batches of 1-2 behind the model (bench/README.md). Held back here,
+        everything that arrived during a forward pass goes into the next batch together: batches
+        grow with the backlog, and a request reaching an idle replica goes straight in.
+        """
+        self.batch_sizes[batch_size] += 1
+        self._model_idle.clear()
+        try:
+            yield
+        finally:
+            self._model_idle.set()
 
     def load(self, served: ServedModel) -> ClassifierRunner:
         return ClassifierRunner(served.model_dir, self.max_image_pixels, self.settings.dtype, self.settings.num_gpus > 0)
@@ -249,7 +279,8 @@ class ResNetDeployment(SwappableModel):
         return {"predictions": [{"label": names[i], "index": int(i), "score": float(s)} for s, i in zip(scores.tolist(), idx.tolist())]}
 
     def stats(self) -> dict[str, Any]:
-        return self.batch_stats()
+        batches, requests = sum(self.batch_sizes.values()), sum(k * n for k, n in self.batch_sizes.items())
+        return {"batches": batches, "requests": requests, "largest": max(self.batch_sizes, default=0)}
 
     @serve.batch()  # sizes come from the settings, set in SwappableModel.__init__
     async def _batched(self, images: list[tuple[ClassifierRunner, Any]]) -> list[Any]:

@@ -13,7 +13,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 
@@ -52,11 +52,15 @@ class Prompt:
 
 @dataclass
 class _Row:
-    job: GenerationParams
+    prompt: Prompt
     generator: torch.Generator
     tokens: list[int] = field(default_factory=list)
     emitted: int = 0
     done: bool = False
+
+    @property
+    def job(self) -> GenerationParams:
+        return self.prompt.job
 
 
 class GPTRunner:
@@ -119,42 +123,153 @@ class GPTRunner:
         row.emitted = max(row.emitted, safe)
         return delta
 
-    @torch.no_grad()
-    def generate(self, batch: list[Prompt]) -> Iterator[list[Delta | None]]:
-        """Decode all prompts together; each step yields one Delta per prompt (None once it is finished)."""
-        rows = [_Row(p.job, _generator(p.job.seed)) for p in batch]
-        prompts = [p.ids for p in batch]
-        width = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[self.eos] * (width - len(p)) + p for p in prompts], device=self.device)
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        cache = None
-        while True:
-            out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-            cache = out.cache
-            logits = out.logits[:, -1, :].float().cpu()  # sampled on the CPU with each request's generator
-            step: list[Delta | None] = []
-            next_tokens = []
-            for i, (row, prompt) in enumerate(zip(rows, batch)):
-                if row.done or prompt.cancelled.is_set():
-                    row.done = True
-                    step.append(None)
-                    next_tokens.append(self.eos)
-                    continue
+    def sample_rows(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, list[tuple[Prompt, Delta]]]:
+        """Each row's next token (on the CPU, with the row's own generator) and what it emits. A row
+        whose client went away is marked done and emits nothing; a row whose sampling fails is done
+        with an error Delta, and only it: the others go on."""
+        logits = logits.float().cpu()
+        tokens, out = [], []
+        for i, row in enumerate(rows):
+            token = self.eos
+            if row.done:  # finished earlier, its slot not yet reclaimed (DecodeBatch compacts lazily)
+                pass
+            elif row.prompt.cancelled.is_set():
+                row.done = True
+            else:
                 try:
                     token = self._sample(logits[i], row)
-                    step.append(self._advance(row, token))
-                except Exception as e:  # this row alone fails (bad numbers, a tokenizer error); the batch goes on
+                    out.append((row.prompt, self._advance(row, token)))
+                except Exception as e:  # bad numbers, a tokenizer error
                     log.exception("generation failed for one prompt of a batch of %d", len(rows))
                     row.done, token = True, self.eos
-                    step.append(Delta("", "error", len(row.tokens), error=f"generation failed: {type(e).__name__}"))
-                next_tokens.append(token)
+                    out.append((row.prompt, Delta("", "error", len(row.tokens), error=f"generation failed: {type(e).__name__}")))
+            tokens.append(token)
+        return torch.tensor(tokens, device=self.device), out
+
+    def generate(self, batch: list[Prompt]) -> Iterator[list[Delta | None]]:
+        """Request-level batching: decode these prompts together, to the end of the longest; each step
+        yields one Delta per prompt (None once it is finished). The Serve deployment uses
+        :class:`DecodeBatch` directly, admitting new prompts at every step."""
+        decode = DecodeBatch(self)
+        index = {id(p): i for i, p in enumerate(batch)}
+        produced = decode.add(batch)
+        while True:
+            step: list[Delta | None] = [None] * len(batch)
+            for prompt, delta in produced:
+                step[index[id(prompt)]] = delta
             yield step
-            if all(r.done for r in rows):
+            if not decode:
                 return
-            input_ids = torch.tensor(next_tokens, device=self.device).view(-1, 1)
-            attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
-            positions = positions[:, -1:] + 1
+            produced = decode.step()
+
+
+class DecodeBatch:
+    """Continuous (iteration-level) batching on one model, as vLLM and TGI do it.
+
+    Prompts join at any step: they are prefilled together (left-padded to their longest) and their
+    KV cache is left-padded to the batch's length and appended, so no prompt already in the batch
+    is recomputed. Every :meth:`step` decodes one token for every row; a row that finishes (end of
+    text, stop string, max_tokens, error) or whose client went away leaves at once, with its cache
+    rows, and cache columns that no remaining row attends to are cut. Padding never takes a
+    position: each row has its own position ids, so its text is what it would be decoded alone
+    (up to float rounding in batched matmuls).
+    """
+
+    def __init__(self, runner: GPTRunner):
+        self.runner = runner
+        self.rows: list[_Row] = []
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None
+        """[rows, cache length]: 1 where a row has a token, 0 for its left padding."""
+        self.positions: torch.Tensor | None = None
+        """[rows]: the position id of each row's next token."""
+        self.last: torch.Tensor | None = None
+        """[rows]: each row's last sampled token, the next step's input."""
+
+    def __len__(self) -> int:
+        """Rows still decoding."""
+        return sum(not row.done for row in self.rows)
+
+    @torch.no_grad()
+    def add(self, prompts: list[Prompt]) -> list[tuple[Prompt, Delta]]:
+        """Prefill ``prompts`` and join them to the batch; returns their first tokens' Deltas."""
+        r = self.runner
+        rows = [_Row(p, _generator(p.job.seed)) for p in prompts]
+        width = max(len(p.ids) for p in prompts)
+        ids = torch.tensor([[r.eos] * (width - len(p.ids)) + p.ids for p in prompts], device=r.device)
+        mask = torch.tensor([[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in prompts], device=r.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = r.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        tokens, produced = r.sample_rows(out.logits[:, -1, :], rows)
+        self._compact(finished=1)  # one copy of the cache for the rows that left, then one to join
+        self._join(rows, out.cache, mask, positions[:, -1] + 1, tokens)
+        self._compact(finished=1)
+        return produced
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[Prompt, Delta]]:
+        """One token for every row; returns the Deltas of the rows that produced one."""
+        r = self.runner
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        out = r.model(input_ids=self.last.view(-1, 1), attention_mask=self.mask, position_ids=self.positions.view(-1, 1),
+                      cache=self.cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        self.cache, self.positions = out.cache, self.positions + 1
+        self.last, produced = r.sample_rows(out.logits[:, -1, :], self.rows)
+        self._compact(finished=max(1, len(self.rows) // 4))
+        return produced
+
+    def _join(self, rows: list[_Row], cache: Any, mask: torch.Tensor, positions: torch.Tensor, last: torch.Tensor) -> None:
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.positions, self.last = rows, cache, mask, positions, last
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
+        self.positions = torch.cat([self.positions, positions])
+        self.last = torch.cat([self.last, last])
+        self.rows += rows
+
+    def _compact(self, finished: int) -> None:
+        """Drop the finished rows (and their cache rows) once there are ``finished`` of them: each
+        drop copies the whole cache, so rows that finish one by one are dropped a few at a time
+        (until then they are decoded and ignored)."""
+        keep = [i for i, row in enumerate(self.rows) if not row.done]
+        if not keep:
+            self.rows, self.cache, self.mask, self.positions, self.last = [], None, None, None, None
+            return
+        if len(self.rows) - len(keep) >= finished:
+            index = torch.tensor(keep, device=self.mask.device)
+            self.cache.batch_select_indices(index)
+            self.mask, self.positions, self.last = self.mask[index], self.positions[index], self.last[index]
+            self.rows = [self.rows[i] for i in keep]
+        unused = int((self.mask.sum(0) > 0).int().argmax())  # leading columns no row attends to
+        if unused:
+            self.mask = self.mask[:, unused:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
+
+
+def joinable(decoding: int, capacity: int, waiting: int) -> int:
+    """How many waiting prompts join a decode batch now. Each join is a prefill pass and a copy of
+    the batch's cache, so a nearly full batch takes arrivals in groups (once an eighth of its
+    capacity is free) rather than one by one; a batch with room takes them at once."""
+    free = capacity - decoding
+    if decoding and free < max(1, capacity // 8):
+        return 0
+    return min(waiting, free)
+
+
+def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros before the time dimension of a mask [rows, T] or a KV tensor [rows, heads, T, dim], up to ``width``."""
+    dim = 1 if x.dim() == 2 else -2
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
 def _generator(seed: int | None) -> torch.Generator:

@@ -29,9 +29,9 @@ class DeploymentArgs(BaseModel):
     retry_after_s: float = Field(default=1.0, gt=0)
     """The Retry-After a refused request is told."""
     max_batch_size: int = Field(default=16, ge=1)
-    """Largest @serve.batch (prompts decoded together, or images classified together)."""
+    """GPT: most prompts decoding together (continuous batching); ResNet: largest @serve.batch."""
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
-    """How long a batch waits to fill."""
+    """ResNet: how long a batch waits to fill (GPT never waits: arrivals join at the next step)."""
     num_cpus: float = Field(default=1, gt=0)
     num_gpus: float = Field(default=0, ge=0)
     """> 0: the model runs on the replica's GPU."""

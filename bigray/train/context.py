@@ -88,10 +88,12 @@ class RayContext(TrainContext):
             yield d
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, name: str | None = None) -> None:
-        """Report, uploading the checkpoint in Ray Train's background thread (ASYNC), so training goes
-        on while it reaches storage; Ray deletes the local copy once uploaded, registers the
-        checkpoint only when every rank's part is there, and waits for the uploads at the end. Every
-        report is ASYNC so that one without a checkpoint does not wait for an upload in flight."""
+        """Report without waiting: every report is ASYNC, so a checkpoint reaches storage from Ray
+        Train's background thread while training goes on, and no report waits for the controller to
+        take the one before (a synchronous report does: training would run at the controller's poll
+        rate). Ray deletes the local copy once uploaded, registers a checkpoint only when every
+        rank's part is there (its checkpoint_manager_snapshot.json says which), and waits for the
+        uploads before the run ends; a worker lost meanwhile resumes from the last registered one."""
         import ray.train
         from ray.train import CheckpointUploadMode
 
