@@ -43,6 +43,10 @@ class SwappableModel:
         """How many times the model ran a batch of each size (GPT: rows per decode step)."""
         self.poisoned: str | None = None
 
+    def batch_counts(self) -> tuple[int, int, int]:
+        """(batches run, items in them, the largest batch) from ``batch_sizes``."""
+        return sum(self.batch_sizes.values()), sum(k * n for k, n in self.batch_sizes.items()), max(self.batch_sizes, default=0)
+
     def check_health(self) -> None:
         """Serve's periodic health check: a replica whose device failed is restarted, not kept."""
         if self.poisoned:
@@ -143,8 +147,8 @@ class GPTDeployment(SwappableModel):
         return {"context": self.runner.max_positions}
 
     def stats(self) -> dict[str, Any]:
-        steps, rows = sum(self.batch_sizes.values()), sum(k * n for k, n in self.batch_sizes.items())
-        return {"steps": steps, "rows_decoded": rows, "largest": max(self.batch_sizes, default=0),
+        steps, rows, largest = self.batch_counts()
+        return {"steps": steps, "rows_decoded": rows, "largest": largest,
                 "decoding": self.decoding, "waiting": len(self.waiting), "cancelled": self.cancelled}  # fmt: skip
 
     async def generate(self, job: GenerationParams) -> AsyncIterator[Admitted | ErrorDetail | Delta]:
@@ -279,8 +283,8 @@ class ResNetDeployment(SwappableModel):
         return {"predictions": [{"label": names[i], "index": int(i), "score": float(s)} for s, i in zip(scores.tolist(), idx.tolist())]}
 
     def stats(self) -> dict[str, Any]:
-        batches, requests = sum(self.batch_sizes.values()), sum(k * n for k, n in self.batch_sizes.items())
-        return {"batches": batches, "requests": requests, "largest": max(self.batch_sizes, default=0)}
+        batches, requests, largest = self.batch_counts()
+        return {"batches": batches, "requests": requests, "largest": largest}
 
     @serve.batch()  # sizes come from the settings, set in SwappableModel.__init__
     async def _batched(self, images: list[tuple[ClassifierRunner, Any]]) -> list[Any]:
