@@ -399,10 +399,26 @@ class GPTContextConfig:
         require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
 
 
+MODEL_PRESETS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("tiny", "124m", "350m", "774m", "1.3b", "2.7b"),
+    "llama": ("tiny", "1b", "8b"),
+}
+"""The pretraining presets of each model family (their shapes are in bigray/models/gpt.py)."""
+
+
 @dataclass
 class GPTModelConfig(GPTContextConfig):
-    preset: Literal["tiny", "124m", "350m", "774m", "1.3b", "2.7b"] = "tiny"
-    """GPT-2/GPT-3 shapes; 'tiny' is for tests and CI."""
+    family: Literal["gpt2", "llama"] = "gpt2"
+    """Architecture: 'gpt2' (learned positions, LayerNorm, GELU MLP) or 'llama' (RoPE, RMSNorm, SwiGLU,
+    grouped-query attention; what Llama, Qwen and Mistral share)."""
+    preset: Literal["tiny", "124m", "350m", "774m", "1.3b", "2.7b", "1b", "8b"] = "tiny"
+    """The family's shape: gpt2 tiny, 124m, 350m, 774m, 1.3b, 2.7b; llama tiny, 1b (Llama 3.2 1B),
+    8b (Llama 3.1 8B). 'tiny' is for tests and CI."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        allowed = MODEL_PRESETS[self.family]
+        require(self.preset in allowed, "preset", f"{self.preset!r} is not a {self.family} preset; allowed: {', '.join(allowed)}")
 
 
 @dataclass
@@ -506,8 +522,13 @@ class GPTPretrainConfig:
 
 @dataclass
 class FinetuneDataConfig:
-    format: Literal["text", "jsonl"] = "jsonl"
-    """'text': plain text files (continued pretraining); 'jsonl': {"prompt", "completion"} rows (SFT)."""
+    format: Literal["text", "jsonl", "chat"] = "jsonl"
+    """'text': plain text files (continued pretraining); 'jsonl': {"prompt", "completion"} rows (SFT);
+    'chat': {"messages": [{"role", "content"}, ...]} rows (OpenAI's shape), rendered with the chat
+    template; only the assistant turns are learned."""
+    chat_template: str = ""
+    """For 'chat': a Jinja chat template, or a path to a file holding one, for base models whose
+    tokenizer has none (it overrides the tokenizer's own, and is saved with the trained model)."""
     train_files: list[str] = field(default_factory=list)
     """Training files in that format."""
     val_files: list[str] = field(default_factory=list)

@@ -29,7 +29,7 @@ def export_gpt(checkpoint: str, out: str) -> dict[str, Any]:
     """
     import tempfile
 
-    from transformers import GPT2Config
+    from transformers import AutoConfig
 
     if is_dir(out) and file_sizes(out):
         raise CheckpointError(f"export target {out} is not empty; choose a new directory")
@@ -38,10 +38,10 @@ def export_gpt(checkpoint: str, out: str) -> dict[str, Any]:
     if meta is None:
         raise CheckpointError(f"{source} is already an exported model directory, not a bigray checkpoint")
     state_dict = fp32_weights(ckpt, meta["zero_stage"])
-    model_cfg = GPT2Config.from_pretrained(str(ckpt / "model"))
+    model_cfg = AutoConfig.from_pretrained(str(ckpt / "model"))
     with tempfile.TemporaryDirectory(prefix="bigray-export-") as staging:
         out_dir = Path(staging) if is_uri(out) else Path(out)
-        save_hf_model(state_dict, model_cfg, ckpt / "model", out_dir / ".partial")
+        save_hf_model(state_dict, model_cfg, ckpt / "model", out_dir / ".partial", generation_dir=ckpt / "model")
         for f in (out_dir / ".partial").iterdir():
             f.rename(out_dir / f.name)
         (out_dir / ".partial").rmdir()

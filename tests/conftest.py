@@ -176,3 +176,67 @@ def resnet_checkpoint(tmp_path_factory):
     ])  # fmt: skip
     _, ctx = train_local(cfg, str(out))
     return ctx.checkpoints[-1]
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""Qwen's ChatML template, in its simplest form."""
+
+
+@pytest.fixture(scope="session")
+def family_models(small_text, tmp_path_factory) -> dict[str, Path]:
+    """Tiny random decoders of each family, saved as Hugging Face directories (safetensors) with the
+    corpus's BPE plus ChatML's turn tokens and template: what a user downloads from the Hub, built
+    offline with transformers' own config classes. Generation ends at <|im_end|> or end-of-text."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    from bigray.data.documents import load_tokenizer
+
+    _, dataset = small_text
+    tok = load_tokenizer(dataset.tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    vocab = len(tok) + 6  # models often round their vocabulary up past the tokenizer's
+    eos = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    small = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, bos_token_id=eos[0], eos_token_id=eos[0])  # fmt: skip
+    configs = {
+        "gpt2": GPT2Config(vocab_size=vocab, n_positions=256, n_embd=64, n_layer=2, n_head=4, bos_token_id=eos[0], eos_token_id=eos[0]),
+        "llama": LlamaConfig(**small),
+        "qwen2": Qwen2Config(**small, tie_word_embeddings=True),
+        "mistral": MistralConfig(**small, sliding_window=None),
+    }
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for family, config in configs.items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        model.generation_config = GenerationConfig(bos_token_id=eos[0], eos_token_id=eos)
+        model.save_pretrained(str(root / family))
+        tok.save_pretrained(str(root / family))
+        out[family] = root / family
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_file(tmp_path_factory) -> Path:
+    """Chat rows (OpenAI's messages shape) a random model cannot know: additions written out, with a
+    system turn on some and a second user/assistant exchange on others."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    with open(path, "w") as f:
+        for i in range(240):
+            a, b, c = (int(v) for v in rng.integers(10, 50, size=3))
+            messages = [{"role": "system", "content": "You add numbers."}] if i % 3 == 0 else []
+            messages += [{"role": "user", "content": f"{a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}."}]
+            if i % 2:
+                messages += [{"role": "user", "content": f"and plus {c}?"}, {"role": "assistant", "content": f"{a + b + c}."}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path

@@ -1,5 +1,6 @@
-"""The GPT model format every side reads: a Hugging Face directory (config.json, model.safetensors,
-tokenizer) that ``AutoModelForCausalLM`` / ``AutoTokenizer`` load directly.
+"""The model format every side reads: a Hugging Face directory (config.json, model.safetensors,
+tokenizer) that ``AutoModelForCausalLM`` / ``AutoTokenizer`` load directly, for GPT-2 and any other
+decoder-only architecture transformers ships (Llama, Qwen2/Qwen3, Mistral, ...).
 
 bigray writes one into every GPT checkpoint (``model/``) and ``bigray export`` writes one; fine-tuning
 reads one as a base model. Only safetensors weights are read: nothing is unpickled.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -16,33 +18,69 @@ import torch
 from bigray.artifacts.checkpoint import CheckpointError
 
 
-def save_hf_model(state_dict: dict[str, torch.Tensor], model_cfg: Any, tokenizer_dir: str | Path, out: Path) -> None:
-    """A Hugging Face model directory: config.json, model.safetensors (tied head dropped), tokenizer."""
+def causal_lm_class(model_cfg: Any) -> str:
+    """The transformers class that loads this config as a causal LM (GPT2LMHeadModel, LlamaForCausalLM, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_cfg.model_type]
+
+
+def save_hf_model(
+    state_dict: dict[str, torch.Tensor], model_cfg: Any, tokenizer_dir: str | Path, out: Path, generation_dir: Path | None = None
+) -> None:
+    """A Hugging Face model directory: config.json, model.safetensors (a tied head dropped), tokenizer,
+    and the generation_config.json of ``generation_dir`` (a base model's: its end-of-turn tokens)."""
+    import shutil
+
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    model_cfg.architectures = ["GPT2LMHeadModel"]
+    if generation_dir is not None and (generation_dir / "generation_config.json").is_file():
+        shutil.copyfile(generation_dir / "generation_config.json", out / "generation_config.json")
+    model_cfg.architectures = [causal_lm_class(model_cfg)]
     model_cfg.save_pretrained(str(out))
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if k != "lm_head.weight"}
+    tied = getattr(model_cfg, "tie_word_embeddings", False)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if not (tied and k == "lm_head.weight")}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(out))
 
 
-def read_gpt2_config(model_dir: Path) -> Any:
-    """The GPT2Config of a model directory, checked against its tokenizer; CheckpointError naming the problem."""
-    from transformers import AutoTokenizer, GPT2Config
+def read_decoder_config(model_dir: Path) -> Any:
+    """The transformers config of a decoder-only causal LM directory, checked against its tokenizer
+    and its weights' format; CheckpointError naming the problem (the file or the architecture)."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
 
     try:
         raw = json.loads((model_dir / "config.json").read_text())
-    except ValueError as e:
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{model_dir}/config.json is unreadable: {e}") from None
-    if raw.get("model_type") != "gpt2":
-        archs = ", ".join(raw.get("architectures") or []) or "unknown architecture"
+    model_type, archs = raw.get("model_type"), ", ".join(raw.get("architectures") or []) or "unknown architecture"
+    kind = None
+    if raw.get("is_encoder_decoder") or model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        kind = "an encoder-decoder model"
+    elif model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        kind = "an encoder-only (masked LM) model"
+    elif model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        kind = "not a causal LM that transformers knows"
+    if kind:
         raise CheckpointError(
-            f"{model_dir} holds a '{raw.get('model_type')}' model ({archs}); bigray fine-tunes GPT-2-architecture models"
+            f"{model_dir}/config.json: a {model_type!r} model ({archs}) is {kind}; bigray fine-tunes "
+            "decoder-only causal LMs (GPT-2, Llama, Qwen2/Qwen3, Mistral, ...)"
         )
-    config = GPT2Config.from_dict(raw)
+    if not sorted(model_dir.glob("*.safetensors")):
+        pickled = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+        found = f" (found {', '.join(pickled)}: pickled weights are never loaded; convert them to safetensors)" if pickled else ""
+        raise CheckpointError(f"{model_dir} has no *.safetensors weights{found}")
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))  # no trust_remote_code: a directory's own code never runs
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{model_dir}/config.json does not load as a {model_type!r} config: {e}") from None
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as e:
@@ -55,18 +93,38 @@ def read_gpt2_config(model_dir: Path) -> Any:
     return config
 
 
-def load_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights of a model directory's ``*.safetensors`` files, named as GPT2LMHeadModel names them."""
-    from safetensors.torch import load_file
+class SafetensorsWeights(Mapping[str, torch.Tensor]):
+    """The weights of a model directory's ``*.safetensors`` files, read one tensor at a time (as fp32)
+    when asked for: ZeRO-3 loading copies parameter by parameter on one rank, so no rank ever holds
+    the whole model. Names are as the file has them (``model.layers.0...``, or GPT-2's bare ``h.0...``)."""
 
-    weights = sorted(model_dir.glob("*.safetensors"))
-    if not weights:
-        raise CheckpointError(f"{model_dir} has no *.safetensors weights (pickled .bin weights are not loaded)")
-    state: dict[str, torch.Tensor] = {}
-    for w in weights:
-        state.update(load_file(str(w)))
-    # Hugging Face's own GPT-2 files name the base model's weights without the "transformer." prefix.
-    return {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v.float() for k, v in state.items()}
+    def __init__(self, model_dir: Path):
+        from safetensors import safe_open
+
+        self.files = sorted(model_dir.glob("*.safetensors"))
+        if not self.files:
+            raise CheckpointError(f"{model_dir} has no *.safetensors weights (pickled .bin weights are not loaded)")
+        self._where: dict[str, Path] = {}
+        for f in self.files:
+            with safe_open(str(f), "pt") as weights:
+                self._where.update({k: f for k in weights.keys()})
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[name]), "pt") as weights:
+            return weights.get_tensor(name).float()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def load_hf_weights(model_dir: Path) -> SafetensorsWeights:
+    """The safetensors weights of a model directory, read lazily (nothing is unpickled)."""
+    return SafetensorsWeights(model_dir)
 
 
 def vllm_problems(model_dir: str | Path) -> list[str]:

@@ -1,10 +1,12 @@
-"""Fine-tuning data: text files or prompt/completion JSONL, tokenized with the base model's tokenizer.
+"""Fine-tuning data: text files, prompt/completion JSONL or chat JSONL, tokenized with the base
+model's tokenizer.
 
 The result is the same kind of cache as pretraining's (``train.bin``/``val.bin`` token streams and
 the tokenizer, under ``<cache_dir>/finetune/<key>/``), so the same window reader and training loop
 use it. JSONL examples are packed one after another, each ending in the end-of-text token, with a
 parallel ``<split>.mask`` that is 0 on prompt tokens: only completion tokens (and the end-of-text
-that closes them) are learned.
+that closes them) are learned. Chat rows are rendered with the chat template and only the assistant
+turns (with the end-of-turn tokens the template puts after them) are learned.
 """
 
 from __future__ import annotations
@@ -51,6 +53,88 @@ def read_jsonl(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def read_chat_jsonl(path: Path) -> list[list[dict[str, str]]]:
+    """Conversations of ``{"messages": [{"role", "content"}, ...]}`` rows; anything wrong names its line."""
+    conversations = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path.name} line {number}"
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{where}: not valid JSON ({e})") from None
+            messages = row.get("messages") if isinstance(row, dict) else None
+            if not isinstance(messages, list) or not messages:
+                raise DataError(f"{where}: expected a JSON object with a non-empty 'messages' list")
+            for i, m in enumerate(messages):
+                if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                    raise DataError(f"{where}: message {i} must be an object with a string 'content'")
+                if m.get("role") not in CHAT_ROLES:
+                    raise DataError(f"{where}: message {i} has role {m.get('role')!r}; allowed: {', '.join(CHAT_ROLES)}")
+            if not any(m["role"] == "assistant" for m in messages):
+                raise DataError(f"{where}: no assistant turn, so nothing to learn from")
+            conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    return conversations
+
+
+def chat_template(tok: Any, configured: str) -> str:
+    """The template chat rows are rendered with: the configured one (inline, or a file), else the tokenizer's."""
+    if configured:
+        path = Path(configured)
+        return path.read_text(encoding="utf-8") if "{" not in configured and path.is_file() else configured
+    if not getattr(tok, "chat_template", None):
+        raise DataError("the base model's tokenizer has no chat template: give one in data.chat_template")
+    return tok.chat_template
+
+
+def render_chat(tok: Any, messages: list[dict[str, str]], template: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns.
+
+    A turn's span is what the template adds between "the conversation so far, with the assistant's
+    generation prompt" and "the conversation through this turn": the reply and its end-of-turn
+    tokens, exactly what the model must produce after the generation prompt at serving time.
+    """
+
+    def render(upto: int, generation_prompt: bool) -> str:
+        return tok.apply_chat_template(messages[:upto], chat_template=template, tokenize=False, add_generation_prompt=generation_prompt)
+
+    full, spans = render(len(messages), False), []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, through = render(i, True), render(i + 1, False)
+        if not (through.startswith(before) and full.startswith(through)):
+            raise ValueError(f"the chat template does not render this conversation turn by turn (at message {i}), so its replies cannot be located")
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def encode_chats(tok: Any, conversations: list[list[dict[str, str]]], template: str) -> tuple[list[int], list[int]]:
+    """Packed token ids and the loss mask (1 on the tokens that start inside an assistant turn's
+    span; the whole rendered text is tokenized at once, so ids are what serving sees). A
+    conversation the template does not close with the end-of-text token gets one, learned when the
+    conversation ends on an assistant turn."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for number, messages in enumerate(conversations, start=1):
+        try:
+            text, spans = render_chat(tok, messages, template)
+        except Exception as e:  # jinja errors, raise_exception() in templates
+            raise DataError(f"conversation {number}: the chat template failed: {e}") from None
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids += enc["input_ids"]
+        mask += [int(any(a <= start < b for a, b in spans)) for start, _ in enc["offset_mapping"]]
+        if not text.rstrip().endswith(tok.eos_token):
+            ids.append(tok.eos_token_id)
+            mask.append(int(messages[-1]["role"] == "assistant"))
+    return ids, mask
+
+
 def encode_examples(tok: Any, rows: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
     """Packed token ids and the loss mask (0 on prompt tokens, 1 on completion + end-of-text)."""
     ids: list[int] = []
@@ -76,12 +160,13 @@ def _check_files(files: list[str], key: str) -> list[Path]:
     return paths
 
 
-def _split_jsonl(cfg: FinetuneDataConfig, train_paths: list[Path], val_paths: list[Path]) -> dict[str, list[tuple[str, str]]]:
-    train = [row for p in train_paths for row in read_jsonl(p)]
+def _split_rows(cfg: FinetuneDataConfig, train_paths: list[Path], val_paths: list[Path]) -> dict[str, list[Any]]:
+    read_jsonl_rows = read_chat_jsonl if cfg.format == "chat" else read_jsonl
+    train = [row for p in train_paths for row in read_jsonl_rows(p)]
     if not train:
         raise DataError(f"the fine-tuning dataset is empty: no examples in {', '.join(map(str, train_paths))}")
     if val_paths:
-        val = [row for p in val_paths for row in read_jsonl(p)]
+        val = [row for p in val_paths for row in read_jsonl_rows(p)]
     else:
         if len(train) < 2:
             raise DataError("need at least 2 examples to hold some out for validation (or give data.val_files)")
@@ -116,7 +201,11 @@ def prepare_finetune_data(cfg: FinetuneDataConfig, tokenizer_dir: str | Path) ->
     tok = load_tokenizer(tokenizer_dir)
     if tok.eos_token_id is None:
         raise DataError(f"the tokenizer in {tokenizer_dir} has no end-of-text (eos) token")
+    template = ""
+    if cfg.format == "chat":
+        template = tok.chat_template = chat_template(tok, cfg.chat_template)  # saved with the data, so with the model
     settings = {
+        "chat_template": template,
         "format": cfg.format,
         "val_fraction": cfg.val_fraction,
         "train": [sha256_file(p) for p in train_paths],
@@ -130,9 +219,9 @@ def prepare_finetune_data(cfg: FinetuneDataConfig, tokenizer_dir: str | Path) ->
         tok.save_pretrained(str(tmp / "tokenizer"))
         dtype = token_dtype(len(tok))
         counts, examples = {}, {}
-        if cfg.format == "jsonl":
-            for split, rows in _split_jsonl(cfg, train_paths, val_paths).items():
-                ids, mask = encode_examples(tok, rows)
+        if cfg.format in ("jsonl", "chat"):
+            for split, rows in _split_rows(cfg, train_paths, val_paths).items():
+                ids, mask = encode_chats(tok, rows, template) if cfg.format == "chat" else encode_examples(tok, rows)
                 np.asarray(mask, dtype=np.uint8).tofile(tmp / f"{split}.mask")
                 np.asarray(ids, dtype=dtype).tofile(tmp / f"{split}.bin")
                 counts[split], examples[split] = len(ids), len(rows)
@@ -146,7 +235,7 @@ def prepare_finetune_data(cfg: FinetuneDataConfig, tokenizer_dir: str | Path) ->
             "format": cfg.format,
             "examples": examples,
             "tokens": counts,
-            "masked": cfg.format == "jsonl",
+            "masked": cfg.format in ("jsonl", "chat"),
             "tokenizer_sha256": sha256_file(tmp / "tokenizer" / "tokenizer.json"),
             "vocab_size": len(tok),
             "dtype": dtype.name,

@@ -12,17 +12,24 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from bigray.serve.protocol import (
     Admitted,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatReply,
     ClassificationResponse,
     ClassLabel,
     CompletionChoice,
@@ -31,6 +38,7 @@ from bigray.serve.protocol import (
     Delta,
     ErrorDetail,
     ErrorResponse,
+    GenerationParams,
     ModelCard,
     ModelList,
     ServeError,
@@ -39,8 +47,15 @@ from bigray.serve.protocol import (
 from bigray.serve.settings import AppArgs
 
 # No /docs, /redoc or /openapi.json: a production endpoint does not publish its schema to anyone who asks.
-api = FastAPI(title="bigray", description="GPT completions and ResNet classification on Ray Serve", docs_url=None, redoc_url=None, openapi_url=None)
+api = FastAPI(title="bigray", description="GPT completions and chat, and ResNet classification, on Ray Serve", docs_url=None, redoc_url=None, openapi_url=None)
 log = logging.getLogger(__name__)
+
+GenerationRequest = TypeVar("GenerationRequest", CompletionRequest, ChatCompletionRequest)
+
+
+def _usage(prompt_tokens: int, results: list[tuple[str, str | None, int]]) -> Usage:
+    completion_tokens = sum(n for _, _, n in results)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
 
 
 def error_response(status: int, message: str, type_: str) -> JSONResponse:
@@ -200,42 +215,74 @@ class Ingress:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
-        self._authorize(request)
-        if self.gpt is None:
-            raise ServeError(404, "no GPT model is served here", "not_found_error")
-        body = await _json_body(request, self.args.max_body_bytes)
-        try:
-            req = CompletionRequest.model_validate(body)
-        except ValidationError as e:
-            raise ServeError(400, _describe(e.errors())) from None
-        if req.model not in (None, self.args.gpt_name):
-            raise ServeError(404, f"model {req.model!r} is not served; GET /v1/models lists the models", "not_found_error")
-        if req.max_tokens > self.args.max_tokens_limit:
-            raise ServeError(400, f"max_tokens is {req.max_tokens}; this server allows at most {self.args.max_tokens_limit}")
+        req = await self._generation_request(request, CompletionRequest)
         prompts = req.prompts()
         if len(prompts) > self.args.max_prompts:
             raise ServeError(400, f"prompt is a list of {len(prompts)}; this server takes at most {self.args.max_prompts} per request")
         longest = max(map(len, prompts))
         if longest > self.args.max_prompt_chars:  # before tokenizing: the token cap is checked after
             raise ServeError(400, f"a prompt has {longest} characters; this server accepts at most {self.args.max_prompt_chars}")
+        streams, prompt_tokens = await self._admit(req.generation_params())
+        if req.stream:
+            base = CompletionResponse(model=self.args.gpt_name, choices=[])
+
+            def chunk(index: int, delta: Delta) -> BaseModel:
+                return base.model_copy(update={"choices": [CompletionChoice(index=index, text=delta.text, finish_reason=delta.finish_reason)]})
+
+            return StreamingResponse(self._stream(streams, chunk), media_type="text/event-stream")
+        results = await asyncio.gather(*(self._collect(s) for s in streams))
+        choices = [CompletionChoice(index=i, text=text, finish_reason=reason) for i, (text, reason, _) in enumerate(results)]
+        return CompletionResponse(model=self.args.gpt_name, choices=choices, usage=_usage(prompt_tokens, results))
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        """The messages are rendered with the model's chat template by the GPT deployment (a model
+        without one answers 400); sampling, stop strings, streaming and limits as for completions."""
+        req = await self._generation_request(request, ChatCompletionRequest)
+        if req.characters() > self.args.max_prompt_chars:
+            raise ServeError(400, f"the messages have {req.characters()} characters; this server accepts at most {self.args.max_prompt_chars}")
+        streams, prompt_tokens = await self._admit([req.generation_params()])
+        if req.stream:
+            base = ChatCompletionChunk(model=self.args.gpt_name, choices=[])
+
+            def chunk(index: int, delta: Delta) -> BaseModel:
+                choice = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=delta.text), finish_reason=delta.finish_reason)
+                return base.model_copy(update={"choices": [choice]})
+
+            return StreamingResponse(self._stream(streams, chunk), media_type="text/event-stream")
+        results = await asyncio.gather(*(self._collect(s) for s in streams))
+        choices = [ChatChoice(index=i, message=ChatReply(content=text), finish_reason=reason) for i, (text, reason, _) in enumerate(results)]
+        return ChatCompletionResponse(model=self.args.gpt_name, choices=choices, usage=_usage(prompt_tokens, results))
+
+    async def _generation_request(self, request: Request, schema: type[GenerationRequest]) -> GenerationRequest:
+        """The authorized, validated body of a generation route, for the served GPT and within max_tokens."""
+        self._authorize(request)
+        if self.gpt is None:
+            raise ServeError(404, "no GPT model is served here", "not_found_error")
+        body = await _json_body(request, self.args.max_body_bytes)
+        try:
+            req = schema.model_validate(body)
+        except ValidationError as e:
+            raise ServeError(400, _describe(e.errors())) from None
+        if req.model not in (None, self.args.gpt_name):
+            raise ServeError(404, f"model {req.model!r} is not served; GET /v1/models lists the models", "not_found_error")
+        if req.requested_tokens() > self.args.max_tokens_limit:
+            raise ServeError(400, f"max_tokens is {req.requested_tokens()}; this server allows at most {self.args.max_tokens_limit}")
+        return req
+
+    async def _admit(self, jobs: list[GenerationParams]) -> tuple[list[Any], int]:
+        """One stream per job from the GPT deployment, once every job's prompt was tokenized and fits
+        (any refusal refuses the request); and the prompts' token count."""
         # A full model queue (its max_queued_requests) raises Serve's BackPressureError here, which
         # Serve answers 429 with Retry-After (settings.DeploymentArgs.options: backpressure_config).
-        streams = [self.gpt.options(stream=True).generate.remote(job) for job in req.generation_params()]
+        streams = [self.gpt.options(stream=True).generate.remote(job) for job in jobs]
         try:
-            # Each stream first says whether its prompt fits; any refusal refuses the request.
             admitted = [_raise_if_error(await s.__anext__()) for s in streams]
         except BaseException:
             for s in streams:
                 s.cancel()
             raise
-        prompt_tokens = sum(a.prompt_tokens for a in admitted if isinstance(a, Admitted))
-        if req.stream:
-            return StreamingResponse(self._stream(streams), media_type="text/event-stream")
-        results = await asyncio.gather(*(self._collect(s) for s in streams))
-        choices = [CompletionChoice(index=i, text=text, finish_reason=reason) for i, (text, reason, _) in enumerate(results)]
-        completion_tokens = sum(n for _, _, n in results)
-        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
-        return CompletionResponse(model=self.args.gpt_name, choices=choices, usage=usage)
+        return streams, sum(a.prompt_tokens for a in admitted if isinstance(a, Admitted))
 
     async def _collect(self, stream: Any) -> tuple[str, str | None, int]:
         text, reason, n = [], None, 0
@@ -246,8 +293,8 @@ class Ingress:
             reason, n = delta.finish_reason or reason, delta.completion_tokens
         return "".join(text), reason, n
 
-    async def _stream(self, streams: list[Any]) -> AsyncIterator[str]:
-        base = CompletionResponse(model=self.args.gpt_name, choices=[])
+    async def _stream(self, streams: list[Any], chunk: Callable[[int, Delta], BaseModel]) -> AsyncIterator[str]:
+        """Server-sent events of every stream's Deltas as they come (``chunk`` shapes one), then [DONE]."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, stream: Any) -> None:
@@ -276,8 +323,7 @@ class Ingress:
                     return
                 if not delta.text and not delta.finish_reason:
                     continue
-                chunk = base.model_copy(update={"choices": [CompletionChoice(index=index, text=delta.text, finish_reason=delta.finish_reason)]})
-                yield f"data: {chunk.model_dump_json()}\n\n"
+                yield f"data: {chunk(index, delta).model_dump_json()}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # also when the client disconnected: cancelling the streams frees their batch rows
             for t in tasks:

@@ -1,4 +1,4 @@
-"""Request/response schemas: the OpenAI completions shape, classification, errors, and what crosses
+"""Request/response schemas: the OpenAI completions and chat completions shapes, classification, errors, and what crosses
 the handle between the ingress and the GPT deployment (GenerationParams in; Admitted, then Deltas out).
 
 A request body is validated and converted once, at the ingress, into typed objects that travel as
@@ -52,14 +52,13 @@ class CompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(f"stop takes up to 4 non-empty strings of at most {MAX_STOP_CHARS} characters")
-        _utf8("stop", stops)
-        return v
+        return _check_stops(v)
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def requested_tokens(self) -> int:
+        return self.max_tokens
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -71,6 +70,70 @@ class CompletionRequest(BaseModel):
                              stop=self.stops(), seed=None if self.seed is None else (self.seed + i) % SEED_LIMIT)
             for i, p in enumerate(self.prompts())
         ]  # fmt: skip
+
+
+MAX_MESSAGES = 256
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class ChatCompletionRequest(BaseModel):
+    """POST /v1/chat/completions: OpenAI's chat shape, rendered with the model's chat template.
+
+    The sampling fields and their checks are those of :class:`CompletionRequest`; one choice per
+    request (``n`` 1), ``max_completion_tokens`` is the newer name of ``max_tokens``.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        return _check_stops(v)
+
+    @field_validator("messages")
+    @classmethod
+    def _text(cls, v: list[ChatMessage]) -> list[ChatMessage]:
+        _utf8("messages", [m.content for m in v])
+        return v
+
+    def characters(self) -> int:
+        return sum(len(m.content) for m in self.messages)
+
+    def requested_tokens(self) -> int:
+        """max_completion_tokens, else max_tokens, else 16 (as for completions)."""
+        return self.max_completion_tokens or self.max_tokens or 16
+
+    def generation_params(self) -> GenerationParams:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return GenerationParams(
+            prompt="", max_tokens=self.requested_tokens(), temperature=self.temperature,
+            top_p=self.top_p, stop=stops, seed=self.seed, messages=tuple((m.role, m.content) for m in self.messages),
+        )  # fmt: skip
+
+
+def _check_stops(v: str | list[str] | None) -> str | list[str] | None:
+    stops = [v] if isinstance(v, str) else (v or [])
+    if len(stops) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+        raise ValueError(f"stop takes up to 4 non-empty strings of at most {MAX_STOP_CHARS} characters")
+    _utf8("stop", stops)
+    return v
 
 
 def _utf8(field: str, texts: list[str]) -> None:
@@ -92,6 +155,9 @@ class GenerationParams:
     top_p: float
     stop: list[str]
     seed: int | None
+    messages: tuple[tuple[str, str], ...] | None = None
+    """A chat job's (role, content) turns: the GPT deployment renders them with the model's chat
+    template into the prompt (``prompt`` is then empty)."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +181,30 @@ class Delta:
 class CompletionChoice(BaseModel):
     index: int
     text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class ChatReply(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatReply
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
     finish_reason: Literal["stop", "length"] | None
     logprobs: None = None
 
@@ -184,3 +274,20 @@ class ServeError(Exception):
     @classmethod
     def from_detail(cls, detail: ErrorDetail) -> ServeError:
         return cls(detail.code or 500, detail.message, detail.type)
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChunkChoice]

@@ -73,18 +73,32 @@ class GPTRunner:
         model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), use_safetensors=True, dtype=torch_dtype(dtype))
         self.model = model.to(self.device).eval()
         self.eos = self.tokenizer.eos_token_id
-        self.max_positions = int(self.model.config.n_positions)
+        ends = self.model.generation_config.eos_token_id if self.model.generation_config is not None else None
+        self.stop_ids = {self.eos, *([ends] if isinstance(ends, int) else ends or [])}
+        """End-of-text and the generation config's end tokens (a chat model's end-of-turn, e.g. <|im_end|>)."""
+        self.max_positions = int(self.model.config.max_position_embeddings)
         self.max_prompt_tokens = max_prompt_tokens
 
     def encode(self, job: GenerationParams) -> Prompt:
-        """Tokenize a job's prompt, or raise a 400 naming the limit it breaks."""
-        ids = self.tokenizer(job.prompt, add_special_tokens=False).input_ids
+        """Tokenize a job's prompt (a chat job's rendered messages), or raise a 400 naming the limit it breaks."""
+        text = job.prompt if job.messages is None else self.render_chat([{"role": r, "content": c} for r, c in job.messages])
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
         n = len(ids)
         if n > self.max_prompt_tokens:
             raise ServeError(400, f"prompt has {n} tokens; this server accepts at most {self.max_prompt_tokens}")
         if n + job.max_tokens > self.max_positions:
             raise ServeError(400, f"prompt ({n} tokens) + max_tokens ({job.max_tokens}) exceeds the model's context of {self.max_positions} tokens")
         return Prompt(job, ids)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The prompt of a chat request: the messages rendered with the model's chat template, ending
+        in the assistant's generation prompt; a 400 when the model has no template."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ServeError(400, "this model has no chat template, so it cannot answer /v1/chat/completions; use /v1/completions")
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # a template's raise_exception(), e.g. roles out of order
+            raise ServeError(400, f"the model's chat template refused these messages: {e}") from None
 
     def _sample(self, logits: torch.Tensor, row: _Row) -> int:
         if row.job.temperature == 0:
@@ -101,7 +115,7 @@ class GPTRunner:
     def _advance(self, row: _Row, token: int) -> Delta:
         """Append a token; return the text safe to emit (held back while it may start a stop string)."""
         stops = row.job.stop
-        if token == self.eos:
+        if token in self.stop_ids:
             row.done = True
             text = self.tokenizer.decode(row.tokens)
             return Delta(text[row.emitted :], "stop", len(row.tokens))

@@ -13,6 +13,7 @@ import importlib
 import logging
 import pickle
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Iterator
 
 import torch
@@ -122,12 +123,14 @@ def partitioned_construction(config: dict[str, Any]) -> Iterator[None]:
         unset_hf_deepspeed_config()
 
 
-def load_full_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_full_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Copy full weights into ``model``; ZeRO-3 partitions are gathered one parameter at a time and
-    rank 0's copy is scattered back, so no rank holds the whole model at once."""
+    rank 0's copy (read from ``state`` only then, when it is lazy) is scattered back, so no rank holds
+    the whole model at once."""
     params = dict(model.named_parameters())
     if not any(hasattr(p, "ds_id") for p in params.values()):
-        model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()}, strict=False)
+        own = model.state_dict()
+        model.load_state_dict({k: state[k] for k in state if k in own}, strict=False)
         return
     import deepspeed
     import torch.distributed as dist

@@ -25,7 +25,7 @@ from bigray.config import ConfigError, GPTFinetuneConfig, GPTPretrainConfig, fro
 from bigray.data.cache import DataError
 from bigray.data.documents import EOS, load_tokenizer
 from bigray.data.text import TextDataset, TokenWindows, open_prepared
-from bigray.models.gpt import build_gpt, flops_per_token, gpt_config
+from bigray.models.gpt import build_gpt, context_length, decoder_config, flops_per_token, shape
 from bigray.train import engine as zero
 from bigray.train.context import (
     LocalContext,
@@ -48,20 +48,16 @@ GPTJob = GPTPretrainConfig | GPTFinetuneConfig
 
 
 def pretrain_model_config(cfg: GPTPretrainConfig, data: TextDataset) -> Any:
-    """The GPT2Config of a pretraining job; raises ConfigError if the block does not fit the positions."""
+    """The model config of a pretraining job; raises ConfigError if the block does not fit the positions."""
     tok = load_tokenizer(data.tokenizer_dir)
-    model_cfg = gpt_config(cfg.model.preset, data.vocab_size, cfg.model.dropout, tok.convert_tokens_to_ids(EOS))
+    model_cfg = decoder_config(cfg.model.family, cfg.model.preset, data.vocab_size, cfg.model.dropout, tok.convert_tokens_to_ids(EOS))
     check_block_fits(cfg.model.block_size, model_cfg)
     return model_cfg
 
 
-def model_shape(model_cfg: Any) -> list[int]:
-    return [model_cfg.n_layer, model_cfg.n_head, model_cfg.n_embd, model_cfg.vocab_size]
-
-
 def check_block_fits(block_size: int, model_cfg: Any) -> None:
-    if block_size > model_cfg.n_positions:
-        raise ConfigError("model.block_size", f"{block_size} is larger than the model's {model_cfg.n_positions} positions")
+    if block_size > context_length(model_cfg):
+        raise ConfigError("model.block_size", f"{block_size} is larger than the model's {context_length(model_cfg)} positions")
 
 
 def check_resume_compatible(
@@ -71,10 +67,10 @@ def check_resume_compatible(
     saved = meta["config"]
     problems = []
     saved_shape = meta.get("model_shape")  # absent in checkpoints written before fine-tuning existed
-    if (saved_shape is not None and saved_shape != model_shape(model_cfg)) or saved["model"]["block_size"] != cfg.model.block_size:
+    if (saved_shape is not None and saved_shape != shape(model_cfg)) or saved["model"]["block_size"] != cfg.model.block_size:
         problems.append(
             f"model (layers, heads, width, vocab) {meta.get('model_shape')}/block {saved['model']['block_size']} "
-            f"vs {model_shape(model_cfg)}/block {cfg.model.block_size}"
+            f"vs {shape(model_cfg)}/block {cfg.model.block_size}"
         )
     if meta.get("tokenizer_sha256") != tokenizer_sha:
         problems.append("it was trained with a different tokenizer")
@@ -91,14 +87,15 @@ def token_windows(data: TextDataset, split: str, block_size: int) -> TokenWindow
         raise DataError(f"{split} data: {e} (use more data or a smaller model.block_size)") from None
 
 
-def initial_model(cfg: GPTJob, data: TextDataset) -> tuple[Any, torch.nn.Module]:
-    """Model config and starting weights: seeded random init (pretraining) or the base model (fine-tuning)."""
+def initial_model(cfg: GPTJob, data: TextDataset) -> tuple[Any, torch.nn.Module, Path | None]:
+    """Model config, starting weights and the base model's directory: seeded random init
+    (pretraining, no base) or the base model (fine-tuning)."""
     if isinstance(cfg, GPTFinetuneConfig):
         base = PretrainedGPT.at(cfg.init_from)
         check_block_fits(cfg.model.block_size, base.config)
-        return base.config, base.build(cfg.model.dropout)
+        return base.config, base.build(cfg.model.dropout), base.model_dir
     model_cfg = pretrain_model_config(cfg, data)
-    return model_cfg, build_gpt(model_cfg, seed=cfg.train.seed)
+    return model_cfg, build_gpt(model_cfg, seed=cfg.train.seed), None
 
 
 class GPTTrainer:
@@ -113,7 +110,7 @@ class GPTTrainer:
         ds = dataclasses.replace(cfg.deepspeed, precision=training_precision(cfg.deepspeed.precision, self.device))
         self.ds_config = zero.deepspeed_config(ds, cfg.train, ctx.world_size, cfg.scaling.use_gpu)
         with zero.partitioned_construction(self.ds_config):
-            self.model_cfg, model = initial_model(cfg, self.data)
+            self.model_cfg, model, self.base_dir = initial_model(cfg, self.data)
         if cfg.deepspeed.activation_checkpointing:
             model.gradient_checkpointing_enable()
         self.engine = zero.initialize(model, decay_groups(model, cfg.train.weight_decay), self.ds_config)
@@ -207,7 +204,7 @@ class GPTTrainer:
         save_file(rng, f"{d}/rng/rank_{self.ctx.rank}.safetensors")
         state_dict = zero.full_state_dict(self.engine, self.ctx.is_main)
         if state_dict is not None:
-            save_hf_model(state_dict, self.model_cfg, self.data.tokenizer_dir, Path(d, "model"))
+            save_hf_model(state_dict, self.model_cfg, self.data.tokenizer_dir, Path(d, "model"), generation_dir=self.base_dir)
             write_meta(
                 d,
                 {
@@ -216,7 +213,7 @@ class GPTTrainer:
                     "world_size": self.ctx.world_size,
                     "writer_ranks": list(range(self.ctx.world_size)),
                     "zero_stage": self.cfg.deepspeed.zero_stage,
-                    "model_shape": model_shape(self.model_cfg),
+                    "model_shape": shape(self.model_cfg),
                     "tokenizer_sha256": self.data.manifest["tokenizer_sha256"],
                     "config": to_dict(self.cfg),
                     "metrics": metrics,

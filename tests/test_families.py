@@ -1,0 +1,176 @@
+"""Open model families and chat data: GPT-2, Llama, Qwen2 and Mistral Hugging Face directories as
+fine-tuning bases, chat rows rendered with the chat template (assistant turns learned), Llama-style
+pretraining presets, and what is refused before any worker starts."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bigray.artifacts.checkpoint import CheckpointError
+from bigray.config import ConfigError, GPTFinetuneConfig, GPTPretrainConfig, from_dict, load_config
+from bigray.data.cache import DataError
+from bigray.data.documents import load_tokenizer
+from bigray.data.finetune import prepare_finetune_data
+from bigray.train.pretrained import open_pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def chat_config(tmp_path, base, files, *overrides) -> GPTFinetuneConfig:
+    return load_config(GPTFinetuneConfig, REPO / "jobs" / "configs" / "gpt_finetune.yaml", [
+        f"init_from={base}", "data.format=chat", f"data.train_files={json.dumps([str(f) for f in files])}",
+        f"data.cache_dir={tmp_path}/data", "model.block_size=64", "train.micro_batch_size=8", "train.eval_batches=4",
+        f"run.storage_path={tmp_path}/runs", *overrides,
+    ])  # fmt: skip
+
+
+def test_chat_sft_learns_exactly_the_assistant_turns(tmp_path, family_models, chat_file):
+    base = family_models["llama"]
+    data = prepare_finetune_data(chat_config(tmp_path, base, [chat_file]).data, base)
+    tok = load_tokenizer(data.tokenizer_dir)
+    tokens, mask = np.asarray(data.tokens("train")), np.asarray(data.loss_mask("train"))
+    rows = [json.loads(line)["messages"] for line in chat_file.read_text().splitlines()][: data.manifest["examples"]["train"]]
+    # Counted: every reply with the end-of-turn the template closes it with, and the end-of-text
+    # that closes each conversation; nothing of the system or user turns, nor the role headers.
+    learned = "".join("".join(f"{m['content']}<|im_end|>\n" for m in msgs if m["role"] == "assistant") + tok.eos_token for msgs in rows)
+    assert tok.decode(tokens[mask == 1].tolist()) == learned
+    not_learned = tok.decode(tokens[mask == 0].tolist())
+    for msgs in rows[:20]:
+        for m in msgs:
+            assert (m["content"] in not_learned) == (m["role"] != "assistant") or m["content"] in learned
+    assert "<|im_start|>assistant\n" in not_learned
+    # The tokens are those of the whole rendered conversation (what serving tokenizes), not of pieces.
+    first = tok.apply_chat_template(rows[0], tokenize=False)
+    assert tokens[: len(tok(first, add_special_tokens=False).input_ids)].tolist() == tok(first, add_special_tokens=False).input_ids
+    # The template travels with the data's tokenizer, hence with every checkpoint and export.
+    assert tok.chat_template == load_tokenizer(base).chat_template
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "a"}]}], "line 1: message 0 has role 'wizard'"),
+        ([{"messages": [{"role": "user", "content": "a"}]}, {"messages": [{"role": "user", "content": "b"}]}], "line 1: no assistant turn"),
+        ([{"messages": []}], "line 1: expected a JSON object with a non-empty 'messages' list"),
+        ([{"messages": [{"role": "user", "content": 3}]}], "line 1: message 0 must be an object with a string 'content'"),
+    ],
+)
+def test_bad_chat_rows_are_named_with_their_line(tmp_path, family_models, rows, message):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=message):
+        prepare_finetune_data(chat_config(tmp_path, family_models["qwen2"], [path]).data, family_models["qwen2"])
+
+
+def test_a_base_model_without_a_chat_template_needs_one_in_the_config(tmp_path, gpt_checkpoint, chat_file):
+    base = gpt_checkpoint[-1] / "model"  # bigray's own pretrained GPT: a tokenizer without a template
+    with pytest.raises(DataError, match="has no chat template: give one in data.chat_template"):
+        prepare_finetune_data(chat_config(tmp_path, base, [chat_file]).data, base)
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    data = prepare_finetune_data(chat_config(tmp_path, base, [chat_file], f"data.chat_template={template}").data, base)
+    tok = load_tokenizer(data.tokenizer_dir)
+    tokens, mask = np.asarray(data.tokens("train")), np.asarray(data.loss_mask("train"))
+    assert tok.decode(tokens[mask == 1].tolist()).startswith(json.loads(chat_file.read_text().splitlines()[0])["messages"][-1]["content"] + "\n")
+    assert tok.chat_template == template.read_text()
+
+
+def test_encoder_models_pickled_weights_and_remote_code_are_refused_by_name(tmp_path, family_models):
+    import shutil
+
+    from transformers import BertConfig, T5Config
+
+    for name, config, words in (("bert", BertConfig(vocab_size=600, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+                                 "'bert' model .* is an encoder-only"),
+                                ("t5", T5Config(vocab_size=600, d_model=32, num_layers=1, num_heads=2, d_ff=64), "'t5' model .* is an encoder-decoder")):  # fmt: skip
+        config.save_pretrained(tmp_path / name)
+        with pytest.raises(CheckpointError, match=f"{name}/config.json: a {words}"):
+            open_pretrained(tmp_path / name)
+    pickled = tmp_path / "pickled"
+    shutil.copytree(family_models["llama"], pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save({"w": torch.zeros(1)}, pickled / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"no \*.safetensors weights \(found pytorch_model.bin: pickled weights are never loaded"):
+        open_pretrained(pickled)
+    custom = tmp_path / "custom"
+    shutil.copytree(family_models["llama"], custom)
+    cfg = json.loads((custom / "config.json").read_text())
+    (custom / "config.json").write_text(json.dumps({**cfg, "model_type": "my_llama", "auto_map": {"AutoConfig": "x.MyConfig"}}))
+    with pytest.raises(CheckpointError, match="'my_llama' model .* is not a causal LM that transformers knows"):
+        open_pretrained(custom)
+
+
+def test_llama_presets_build_with_rope_rmsnorm_swiglu_and_grouped_query_attention():
+    from bigray.models.gpt import LLAMA_SHAPES, build_gpt, decoder_config, flops_per_token
+
+    config = decoder_config("llama", "tiny", vocab_size=512)
+    model = build_gpt(config, seed=0)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.out_features == attn.q_proj.out_features // 2  # 2 kv heads for 4 query heads
+    assert type(model.model.norm).__name__ == "LlamaRMSNorm" and hasattr(model.model.layers[0].mlp, "gate_proj")
+    # FLOPs: 6 x the matmul parameters (every weight but the embedding lookup; the head is tied to it) + attention.
+    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n) + 512 * 128
+    assert flops_per_token(config, 64) == 6 * matmul_params + 12 * 2 * 128 * 64
+    eight = decoder_config("llama", "8b", vocab_size=128_256)
+    assert (eight.num_key_value_heads, eight.intermediate_size, eight.tie_word_embeddings) == (8, 14336, False)
+    assert 7.4e9 < flops_per_token(eight, 0) / 6 < 7.6e9  # Llama 3.1 8B: 8.03B parameters less its 0.53B embedding table
+    assert set(LLAMA_SHAPES) == {"tiny", "1b", "8b"}
+    with pytest.raises(ConfigError, match="model.preset.*'124m' is not a llama preset; allowed: tiny, 1b, 8b"):
+        from_dict(GPTPretrainConfig, {"model": {"family": "llama", "preset": "124m"}})
+
+
+def test_llama_pretraining_lowers_the_loss(small_text, tmp_path):
+    """The loop at world size 1 (the Ray layer is the same for every family: the fine-tunes below run it)."""
+    from bigray.recipes.gpt import train_local
+
+    text_cfg, _ = small_text
+    cfg = load_config(GPTPretrainConfig, REPO / "jobs" / "configs" / "gpt_tiny.yaml", [
+        "model.family=llama", f"data.cache_dir={text_cfg.cache_dir}", f"data.max_chars={text_cfg.max_chars}",
+        f"data.vocab_size={text_cfg.vocab_size}", "model.block_size=64", "train.micro_batch_size=8", "train.max_steps=20",
+        "train.warmup_steps=5", "train.eval_interval=20", "train.eval_batches=2", "train.log_interval=5", "run.checkpoint_interval=20",
+        f"run.storage_path={tmp_path}", "run.name=llama", "scaling.num_workers=1", "scaling.cpus_per_worker=2",
+    ])  # fmt: skip
+    _, ctx = train_local(cfg, str(tmp_path / "llama"))
+    rows = [json.loads(line) for line in (tmp_path / "llama" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 20 and rows[-1]["train/loss"] < rows[0]["train/loss"] - 0.3, rows
+    assert rows[-1]["val/loss"] < np.log(text_cfg.vocab_size) - 0.8, rows  # well below a uniform guess (6.24)
+    assert 0 < rows[-1]["train/mfu"] < 1
+    config = json.loads((Path(ctx.checkpoints[-1]) / "model" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_key_value_heads"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral"])
+def test_family_finetunes_on_ray_with_zero3_and_exports_the_same_model(ray_cluster, tmp_path, family_models, chat_file, family):
+    """2 workers, ZeRO-3 (partitioned loading of the base weights), chat SFT: the loss goes down, the
+    export is the same architecture and gives the trained weights' logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bigray.export import export_gpt
+    from bigray.recipes.gpt import finetune
+    from bigray.train.engine import fp32_weights
+
+    base = family_models[family]
+    cfg = chat_config(tmp_path, base, [chat_file], "train.max_steps=8", "train.lr=3e-3", "train.warmup_steps=2", "train.eval_interval=8",
+                      "run.checkpoint_interval=8", "deepspeed.zero_stage=3", f"deepspeed.activation_checkpointing={family == 'llama'}",
+                      f"run.name={family}")  # fmt: skip
+    summary = finetune(cfg)
+    m = summary["metrics"]
+    assert m["step"] == 8 and m["val/loss"] < m["init/val_loss"] - 0.5, m
+    out = tmp_path / "exported"
+    export_gpt(summary["checkpoint"], str(out))
+    exported = AutoModelForCausalLM.from_pretrained(str(out), use_safetensors=True).eval()
+    assert type(exported).__name__ == AutoConfig.from_pretrained(str(base)).architectures[0]
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == json.loads((base / "generation_config.json").read_text())["eos_token_id"]
+    trained = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base))).eval()
+    loaded = trained.load_state_dict(fp32_weights(summary["checkpoint"], 3), strict=False)
+    assert set(loaded.missing_keys) <= {"lm_head.weight"} and not loaded.unexpected_keys, loaded
+    trained.tie_weights()
+    x = torch.randint(0, len(load_tokenizer(base)), (2, 32))
+    with torch.no_grad():
+        assert torch.allclose(exported(x).logits, trained(x).logits, atol=1e-4)
+        assert not torch.allclose(exported(x).logits, AutoModelForCausalLM.from_pretrained(str(base))(x).logits, atol=1e-2)
