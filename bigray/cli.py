@@ -91,7 +91,7 @@ def cmd_train_resnet(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from bigray.export import export_gpt
 
-    info = export_gpt(args.checkpoint, args.out)
+    info = export_gpt(args.checkpoint, args.out, adapter=args.adapter)
     print(json.dumps({"exported": args.out, **info}), flush=True)
     return info
 
@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="consolidate a GPT checkpoint into a Hugging Face model directory")
     export.add_argument("checkpoint", help="checkpoint directory, run directory or summary.json")
     export.add_argument("out", help="new output directory")
+    export.add_argument("--adapter", action="store_true", help="a LoRA checkpoint: write its adapter (peft format) instead of the merged model")
     export.set_defaults(func=cmd_export)
 
     return parser

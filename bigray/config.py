@@ -543,13 +543,38 @@ class FinetuneDataConfig:
 
 
 @dataclass
+class FinetuneMethodConfig:
+    method: Literal["full", "lora"] = "full"
+    """'full': train every weight; 'lora': freeze the base and train low-rank adapters (peft's LoRA);
+    checkpoints then hold only the adapter and its optimizer state."""
+    lora_rank: int = 8
+    """LoRA rank r of each adapter."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator: adapters are scaled by alpha / r."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    lora_target_modules: list[str] = field(default_factory=list)
+    """Module names (or name suffixes, as peft matches them: q_proj, c_attn, ...) that get adapters;
+    empty: every linear layer but the LM head (peft's 'all-linear', the QLoRA paper's choice), for
+    any family."""
+
+    def __post_init__(self) -> None:
+        require(self.lora_rank >= 1, "lora_rank", f"must be >= 1, got {self.lora_rank}")
+        require(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        require(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
 class GPTFinetuneConfig:
     """`bigray finetune-gpt`: continue a pretrained GPT on new text or prompt/completion pairs."""
 
     init_from: str = ""
-    """The base model: a bigray GPT checkpoint, run directory or summary.json, or a Hugging Face GPT-2 directory."""
+    """The base model: a bigray GPT checkpoint, run directory or summary.json, or a Hugging Face
+    directory of a decoder-only causal LM (GPT-2, Llama, Qwen2/Qwen3, Mistral, ...; safetensors)."""
     model: GPTContextConfig = field(default_factory=GPTContextConfig)
     """Context length and dropout (the shape comes from the base model)."""
+    finetune: FinetuneMethodConfig = field(default_factory=FinetuneMethodConfig)
+    """Full fine-tuning or LoRA adapters."""
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     """Fine-tuning data, tokenized with the base model's tokenizer."""
     train: GPTTrainConfig = field(

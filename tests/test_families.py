@@ -174,3 +174,88 @@ def test_family_finetunes_on_ray_with_zero3_and_exports_the_same_model(ray_clust
     with torch.no_grad():
         assert torch.allclose(exported(x).logits, trained(x).logits, atol=1e-4)
         assert not torch.allclose(exported(x).logits, AutoModelForCausalLM.from_pretrained(str(base))(x).logits, atol=1e-2)
+
+
+def _base_weights(base: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(base / "model.safetensors"))
+
+
+def test_lora_trains_only_the_adapter_resumes_and_exports_merged_or_adapter(tmp_path, family_models, chat_file):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from bigray.export import export_gpt
+    from bigray.recipes.gpt import prepare_finetune
+    from bigray.train.context import LocalContext
+    from bigray.train.gpt import GPTTrainer
+
+    base = family_models["llama"]
+    lora = ["finetune.method=lora", "finetune.lora_rank=2", "train.lr=1e-2", "train.eval_interval=6", "run.checkpoint_interval=6",
+            "scaling.num_workers=1", "scaling.cpus_per_worker=2"]  # fmt: skip
+    job = prepare_finetune(chat_config(tmp_path, base, [chat_file], "train.max_steps=6", *lora))
+    trainer = GPTTrainer(job.config, LocalContext(str(tmp_path / "run")), job.data_dir)
+    metrics = trainer.run()
+    assert metrics["val/loss"] < metrics["init/val_loss"] - 0.2, metrics
+    # Only adapter parameters changed: every base weight is byte-identical to the base model's file.
+    original, adapters = _base_weights(base), 0
+    for name, p in trainer.engine.module.named_parameters():
+        if p.requires_grad:
+            adapters += p.numel()
+            assert "lora_" in name
+        else:
+            assert torch.equal(p.detach(), original[name.removeprefix("base_model.model.").replace(".base_layer", "")]), name
+    assert 0 < adapters < 0.05 * sum(t.numel() for t in original.values())
+    # The checkpoint holds the adapter, not the base: a small fraction of the model's bytes.
+    ckpt = trainer.ctx.checkpoints[-1]
+    assert not (ckpt / "model" / "model.safetensors").exists() and (ckpt / "model" / "adapter_config.json").is_file()
+    ds_bytes = sum(f.stat().st_size for f in (ckpt / "deepspeed").rglob("*") if f.is_file())
+    assert ds_bytes < 0.25 * (base / "model.safetensors").stat().st_size, ds_bytes
+    # Resume continues at the saved step with the adapter it saved.
+    resumed = GPTTrainer(prepare_finetune(chat_config(tmp_path, base, [chat_file], "train.max_steps=8", f"resume_from={ckpt}", "run.name=more", *lora)).config,
+                         LocalContext(str(tmp_path / "more")), job.data_dir)  # fmt: skip
+    resumed.load(str(ckpt))
+    assert resumed.step == 6
+    saved = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters() if p.requires_grad}
+    assert all(torch.equal(p.detach(), saved[n]) for n, p in resumed.engine.module.named_parameters() if p.requires_grad)
+    # Merged export = base + adapter (peft's own unmerged forward), a plain Llama; the adapter export is peft's format.
+    export_gpt(str(ckpt), str(tmp_path / "merged"))
+    info = export_gpt(str(ckpt), str(tmp_path / "adapter"), adapter=True)
+    assert info["kind"] == "adapter" and json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 2
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), use_safetensors=True).eval()
+    assert type(plain).__name__ == "LlamaForCausalLM"
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(tmp_path / "adapter")).eval()
+    x = torch.randint(0, 500, (2, 24))
+    with torch.no_grad():
+        assert torch.allclose(plain(x).logits, with_adapter(x).logits, atol=1e-5)
+        assert not torch.allclose(plain(x).logits, AutoModelForCausalLM.from_pretrained(str(base))(x).logits, atol=1e-3)
+    # A full fine-tune cannot continue a LoRA checkpoint (nor the reverse), and says why.
+    with pytest.raises(CheckpointError, match="trained with {'method': 'lora'.*this run with {'method': 'full'}"):
+        prepare_finetune(chat_config(tmp_path, base, [chat_file], f"resume_from={ckpt}", "scaling.num_workers=1"))
+
+
+def test_lora_target_modules_that_do_not_exist_are_refused_before_training(tmp_path, family_models, chat_file):
+    from bigray.recipes.gpt import prepare_finetune
+
+    for family, target, words in (("llama", "c_attn", "the llama model has no module 'c_attn'; its linear layers: down_proj, gate_proj, k_proj"),
+                                  ("gpt2", "ln_1", "'ln_1' is a LayerNorm, not a linear layer")):  # fmt: skip
+        cfg = chat_config(tmp_path, family_models[family], [chat_file], "finetune.method=lora", f"finetune.lora_target_modules=[{target}]")
+        with pytest.raises(ConfigError, match=f"finetune.lora_target_modules.*{words}"):
+            prepare_finetune(cfg)
+
+
+@pytest.mark.slow
+def test_lora_on_ray_with_zero3(ray_cluster, tmp_path, family_models, chat_file):
+    """2 workers, ZeRO-3: the adapters (not partitioned at construction) train beside the partitioned
+    frozen base; the checkpoint's adapter names its targets and its base. (Resume: the local test above.)"""
+    from bigray.recipes.gpt import finetune
+
+    base = family_models["qwen2"]
+    summary = finetune(chat_config(tmp_path, base, [chat_file], "finetune.method=lora", "finetune.lora_target_modules=[q_proj, v_proj]",
+                                   "train.lr=1e-2", "train.max_steps=4", "train.eval_interval=4", "run.checkpoint_interval=4",
+                                   "deepspeed.zero_stage=3", "run.name=lora"))  # fmt: skip
+    assert summary["metrics"]["val/loss"] < summary["metrics"]["init/val_loss"], summary["metrics"]
+    adapter = json.loads((Path(summary["checkpoint"]) / "model" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"] and Path(adapter["base_model_name_or_path"]) == base
+    assert not (Path(summary["checkpoint"]) / "model" / "model.safetensors").exists()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bigray.artifacts.adapter import ADAPTER_CONFIG
 from bigray.artifacts.checkpoint import META, CheckpointError, latest_complete, read_meta
 from bigray.artifacts.storage import absolute, cached_copy, drop_copy, exists, is_dir, is_uri, join, kind_of, name_of, parent, read_text
 
@@ -25,8 +26,8 @@ MODEL_PARTS = (META, "ranks", "model")
 
 
 def is_export(location: str) -> bool:
-    """An exported Hugging Face / model directory (weights + config, no bigray.json)."""
-    return exists(join(location, "config.json")) and not exists(join(location, META))
+    """An exported Hugging Face / model directory (weights + config, or a LoRA adapter; no bigray.json)."""
+    return (exists(join(location, "config.json")) or exists(join(location, ADAPTER_CONFIG))) and not exists(join(location, META))
 
 
 def _from_summary(summary: str) -> str:
@@ -59,7 +60,7 @@ def resolve_checkpoint(path: str) -> str:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if found == "file" and name_of(path) == "summary.json":
         return _from_summary(path)
-    if found == "dir" and not exists(join(path, META)) and not exists(join(path, "config.json")):
+    if found == "dir" and not exists(join(path, META)) and not is_export(path):
         if exists(join(path, "summary.json")):
             return _from_summary(join(path, "summary.json"))
         newest = latest_complete(path)

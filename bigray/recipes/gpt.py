@@ -31,6 +31,7 @@ from bigray.train.gpt import (
     run_local,
     token_windows,
 )
+from bigray.train.lora import check_targets
 from bigray.train.pretrained import open_pretrained
 
 
@@ -47,6 +48,8 @@ def prepare_finetune(cfg: GPTFinetuneConfig) -> PreparedJob:
     cfg = dataclasses.replace(cfg, init_from=base.source, data=finetune_data.with_absolute_paths(cfg.data))
     data = finetune_data.prepare_finetune_data(cfg.data, base.model_dir)
     check_block_fits(cfg.model.block_size, base.config)
+    if cfg.finetune.method == "lora":
+        check_targets(cfg.finetune, base.config)
     return _checked(cfg, data, base.config)
 
 

@@ -17,7 +17,10 @@ from typing import Any, Iterator, Literal
 
 import torch
 
+from bigray.artifacts.adapter import base_of, is_adapter, merged
+from bigray.artifacts.locate import checked_local_checkpoint
 from bigray.artifacts.resnet_card import load_classifier
+from bigray.artifacts.storage import is_uri
 from bigray.cluster import torch_device
 from bigray.models.resnet import normalize
 from bigray.serve.protocol import Delta, GenerationParams, ServeError
@@ -70,7 +73,11 @@ class GPTRunner:
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.device = torch_device(use_gpu)
-        model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), use_safetensors=True, dtype=torch_dtype(dtype))
+        if is_adapter(self.model_dir):  # a LoRA adapter: its base with the adapter merged in (no per-token adapter cost)
+            base = AutoModelForCausalLM.from_pretrained(_base_model_dir(base_of(self.model_dir)), use_safetensors=True, dtype=torch.float32)
+            model = merged(base, self.model_dir).to(torch_dtype(dtype))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), use_safetensors=True, dtype=torch_dtype(dtype))
         self.model = model.to(self.device).eval()
         self.eos = self.tokenizer.eos_token_id
         ends = self.model.generation_config.eos_token_id if self.model.generation_config is not None else None
@@ -117,10 +124,10 @@ class GPTRunner:
         stops = row.job.stop
         if token in self.stop_ids:
             row.done = True
-            text = self.tokenizer.decode(row.tokens)
+            text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
             return Delta(text[row.emitted :], "stop", len(row.tokens))
         row.tokens.append(token)
-        text = self.tokenizer.decode(row.tokens)
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
         for s in stops:
             at = text.find(s)
             if at != -1:
@@ -284,6 +291,16 @@ def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
     shape = list(x.shape)
     shape[dim] = missing
     return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _base_model_dir(source: str) -> str:
+    """The Hugging Face directory of an adapter's base: a bigray checkpoint's model/, an exported or
+    downloaded directory (local or in storage, copied to this node), or else a Hub id for
+    transformers to fetch where a network is reachable."""
+    if is_uri(source) or Path(source).exists():
+        path, meta = checked_local_checkpoint(source)
+        return str(path / "model" if meta is not None else path)
+    return source
 
 
 def _generator(seed: int | None) -> torch.Generator:

@@ -144,34 +144,42 @@ def load_full_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor])
                     p.data.copy_(state[name])
 
 
-def full_state_dict(engine: Any, is_main: bool) -> dict[str, torch.Tensor] | None:
-    """The whole model's weights on the main rank (None elsewhere).
+def full_state_dict(engine: Any, is_main: bool, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on the main rank (None elsewhere); ``trainable_only``: just the
+    parameters that train (a LoRA run's adapters), no buffers.
 
     Under ZeRO-3 every rank must call this: each parameter is gathered on its own (a collective),
     copied to the CPU on the main rank and released, so no rank holds the full model twice.
     """
     module = engine.module
     if engine.zero_optimization_stage() != 3:
-        return module.state_dict() if is_main else None
+        if not is_main:
+            return None
+        if trainable_only:
+            return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+        return module.state_dict()
     import deepspeed
 
-    aliases = dict(module.named_parameters(remove_duplicate=False))
+    aliases = {name: p for name, p in module.named_parameters(remove_duplicate=False) if p.requires_grad or not trainable_only}
     gathered: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for _, p in module.named_parameters():
+            if trainable_only and not p.requires_grad:
+                continue
             with deepspeed.zero.GatheredParameters([p]):
                 if is_main:
                     gathered[id(p)] = p.detach().cpu().clone()
     if not is_main:
         return None
-    state = {k: v for k, v in module.state_dict().items() if k not in aliases}  # buffers
+    state = {} if trainable_only else {k: v for k, v in module.state_dict().items() if k not in aliases}  # buffers
     state.update({name: gathered[id(p)] for name, p in aliases.items()})
     return state
 
 
-def save_state(engine: Any, checkpoint_dir: str | Path, step: int) -> None:
-    """This rank's ZeRO shard (optimizer and, by stage, gradients/parameters) under ``<dir>/deepspeed``."""
-    engine.save_checkpoint(f"{checkpoint_dir}/deepspeed", tag="state", client_state={"step": step})
+def save_state(engine: Any, checkpoint_dir: str | Path, step: int, frozen: bool = True) -> None:
+    """This rank's ZeRO shard (optimizer and, by stage, gradients/parameters) under ``<dir>/deepspeed``;
+    ``frozen`` False leaves out the parameters that do not train (a LoRA run's base: rebuilt from it)."""
+    engine.save_checkpoint(f"{checkpoint_dir}/deepspeed", tag="state", client_state={"step": step}, exclude_frozen_parameters=not frozen)
 
 
 @contextlib.contextmanager
@@ -204,12 +212,14 @@ def weights_only_loads() -> Iterator[None]:
         torch.load = original
 
 
-def load_state(engine: Any, checkpoint_dir: str | Path) -> None:
-    """Restore this rank's ZeRO shard written by :func:`save_state` (weights-only unpickling)."""
+def load_state(engine: Any, checkpoint_dir: str | Path, frozen: bool = True) -> None:
+    """Restore this rank's ZeRO shard written by :func:`save_state` (weights-only unpickling);
+    ``frozen`` False: the shard has no frozen parameters, which keep the values they were built with."""
     with weights_only_loads():
         path, _ = engine.load_checkpoint(
-            f"{checkpoint_dir}/deepspeed", tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+            f"{checkpoint_dir}/deepspeed", tag="state", load_optimizer_states=True, load_lr_scheduler_states=False,
+            load_module_strict=frozen,
+        )  # fmt: skip
     if path is None:
         raise CheckpointError(f"DeepSpeed found no state in {checkpoint_dir}/deepspeed")
 

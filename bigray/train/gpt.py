@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bigray.artifacts.checkpoint import CheckpointError, read_meta, write_meta, write_rank_marker
+from bigray.artifacts.adapter import save_adapter
 from bigray.artifacts.hf_gpt import save_hf_model
 from bigray.cluster import enable_tf32, training_precision
 from bigray.config import ConfigError, GPTFinetuneConfig, GPTPretrainConfig, from_dict, to_dict
@@ -27,6 +28,7 @@ from bigray.data.documents import EOS, load_tokenizer
 from bigray.data.text import TextDataset, TokenWindows, open_prepared
 from bigray.models.gpt import build_gpt, context_length, decoder_config, flops_per_token, shape
 from bigray.train import engine as zero
+from bigray.train.lora import apply_lora
 from bigray.train.context import (
     LocalContext,
     RayContext,
@@ -60,6 +62,15 @@ def check_block_fits(block_size: int, model_cfg: Any) -> None:
         raise ConfigError("model.block_size", f"{block_size} is larger than the model's {context_length(model_cfg)} positions")
 
 
+def tuning(job: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint's trainable state depends on besides the model: full training, or LoRA
+    with its rank and target modules (a job's config as a dict; pretraining has no finetune section)."""
+    section = job.get("finetune") or {"method": "full"}
+    if section["method"] != "lora":
+        return {"method": section["method"]}
+    return {k: section[k] for k in ("method", "lora_rank", "lora_target_modules")}
+
+
 def check_resume_compatible(
     meta: dict[str, Any], cfg: GPTJob, model_cfg: Any, world_size: int, tokenizer_sha: str
 ) -> None:
@@ -74,6 +85,8 @@ def check_resume_compatible(
         )
     if meta.get("tokenizer_sha256") != tokenizer_sha:
         problems.append("it was trained with a different tokenizer")
+    if tuning(saved) != tuning(to_dict(cfg)):
+        problems.append(f"it was trained with {tuning(saved)}, this run with {tuning(to_dict(cfg))}")
     problems += zero.resume_problems(saved["deepspeed"]["zero_stage"], meta["world_size"], cfg.deepspeed.zero_stage, world_size)
     if problems:
         raise CheckpointError("cannot resume from this checkpoint: " + "; ".join(problems))
@@ -113,6 +126,9 @@ class GPTTrainer:
             self.model_cfg, model, self.base_dir = initial_model(cfg, self.data)
         if cfg.deepspeed.activation_checkpointing:
             model.gradient_checkpointing_enable()
+        self.lora = isinstance(cfg, GPTFinetuneConfig) and cfg.finetune.method == "lora"
+        if self.lora:
+            model = apply_lora(model, cfg.finetune, cfg.init_from)
         self.engine = zero.initialize(model, decay_groups(model, cfg.train.weight_decay), self.ds_config)
         bs = cfg.model.block_size
         self.train_windows = token_windows(self.data, "train", bs)
@@ -196,15 +212,18 @@ class GPTTrainer:
         from safetensors.torch import save_file
 
         d = new_checkpoint_dir()
-        zero.save_state(self.engine, d, self.step)
+        zero.save_state(self.engine, d, self.step, frozen=not self.lora)
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         Path(d, "rng").mkdir()
         save_file(rng, f"{d}/rng/rank_{self.ctx.rank}.safetensors")
-        state_dict = zero.full_state_dict(self.engine, self.ctx.is_main)
+        state_dict = zero.full_state_dict(self.engine, self.ctx.is_main, trainable_only=self.lora)
         if state_dict is not None:
-            save_hf_model(state_dict, self.model_cfg, self.data.tokenizer_dir, Path(d, "model"), generation_dir=self.base_dir)
+            if self.lora:  # the adapter only: the frozen base is where init_from says
+                save_adapter(self.engine.module, state_dict, self.data.tokenizer_dir, Path(d, "model"), generation_dir=self.base_dir)
+            else:
+                save_hf_model(state_dict, self.model_cfg, self.data.tokenizer_dir, Path(d, "model"), generation_dir=self.base_dir)
             write_meta(
                 d,
                 {
@@ -228,7 +247,7 @@ class GPTTrainer:
 
         meta = read_meta(directory, KIND)
         check_resume_compatible(meta, self.cfg, self.model_cfg, self.ctx.world_size, self.data.manifest["tokenizer_sha256"])
-        zero.load_state(self.engine, directory)
+        zero.load_state(self.engine, directory, frozen=not self.lora)
         rng = load_file(f"{directory}/rng/rank_{self.ctx.rank}.safetensors")
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and self.device.type == "cuda":

@@ -1,0 +1,47 @@
+"""The LoRA adapter directory, in peft's own format (adapter_config.json + adapter_model.safetensors,
+with the tokenizer), that LoRA checkpoints hold and ``bigray export --adapter``, peft and Serve read.
+Its adapter_config names the base model (``base_model_name_or_path``)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def save_adapter(model: torch.nn.Module, trainable: dict[str, torch.Tensor], tokenizer_dir: str | Path, out: Path,
+                 generation_dir: Path | None = None) -> None:  # fmt: skip
+    """An adapter directory in peft's format from the gathered trainable weights, with the tokenizer
+    (and the base's generation config) so that it serves on its own base."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    adapter = get_peft_model_state_dict(model, state_dict=trainable)
+    save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    model.peft_config["default"].save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(out))
+    if generation_dir is not None and (generation_dir / "generation_config.json").is_file():
+        shutil.copyfile(generation_dir / "generation_config.json", out / "generation_config.json")
+
+
+def is_adapter(model_dir: str | Path) -> bool:
+    return (Path(model_dir) / ADAPTER_CONFIG).is_file()
+
+
+def base_of(adapter_dir: str | Path) -> str:
+    """Where the adapter's base model lives, as its adapter config records it."""
+    import json
+
+    return json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+
+
+def merged(base: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
+    """The base with the adapter's weights folded in (W + B A * alpha / r): a plain model of the base's class."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
