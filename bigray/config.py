@@ -529,6 +529,10 @@ class FinetuneDataConfig:
     chat_template: str = ""
     """For 'chat': a Jinja chat template, or a path to a file holding one, for base models whose
     tokenizer has none (it overrides the tokenizer's own, and is saved with the trained model)."""
+    isolate_examples: bool = True
+    """For 'jsonl' and 'chat': packed examples do not see each other: attention is block-diagonal
+    (causal within an example) and position ids restart at every example. False: a window attends
+    across example boundaries, as pretraining does."""
     train_files: list[str] = field(default_factory=list)
     """Training files in that format."""
     val_files: list[str] = field(default_factory=list)

@@ -49,6 +49,35 @@ def test_chat_sft_learns_exactly_the_assistant_turns(tmp_path, family_models, ch
     assert tok.chat_template == load_tokenizer(base).chat_template
 
 
+def test_packed_examples_do_not_attend_to_each_other(tmp_path, family_models, chat_file):
+    from bigray.recipes.gpt import prepare_finetune
+    from bigray.train.context import LocalContext
+    from bigray.train.gpt import GPTTrainer, isolated_examples
+
+    base = family_models["llama"]
+    job = prepare_finetune(chat_config(tmp_path, base, [chat_file], "scaling.num_workers=1"))
+    trainer = GPTTrainer(job.config, LocalContext(str(tmp_path / "run")), job.data_dir)
+    end = load_tokenizer(base).eos_token_id
+    assert trainer.example_end == end
+    x, _ = trainer._batch(trainer.train_windows, 0, shuffle=False)
+    model = trainer.engine.module.eval()
+    mask, positions = isolated_examples(x, end)
+    # The first whole example inside a window: the model sees it exactly as if it were alone.
+    i = next(i for i in range(len(x)) if (x[i] == end).sum() >= 2)
+    row = x[i].tolist()
+    start = row.index(end) + 1
+    stop = row.index(end, start) + 1
+    with torch.no_grad():
+        packed = model(input_ids=x[i : i + 1], attention_mask=mask[i : i + 1], position_ids=positions[i : i + 1]).logits[0, start:stop]
+        alone = model(input_ids=x[i : i + 1, start:stop]).logits[0]
+        crossing = model(input_ids=x[i : i + 1]).logits[0, start:stop]
+    assert positions[i, start] == 0 and positions[i, stop - 1] == stop - 1 - start
+    assert torch.allclose(packed, alone, atol=1e-5)
+    assert not torch.allclose(crossing, alone, atol=1e-3)
+    crossing_job = prepare_finetune(chat_config(tmp_path, base, [chat_file], "scaling.num_workers=1", "data.isolate_examples=false"))
+    assert GPTTrainer(crossing_job.config, LocalContext(str(tmp_path / "run2")), crossing_job.data_dir).example_end is None
+
+
 @pytest.mark.parametrize(
     "rows, message",
     [

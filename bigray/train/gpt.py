@@ -111,6 +111,20 @@ def initial_model(cfg: GPTJob, data: TextDataset) -> tuple[Any, torch.nn.Module,
     return model_cfg, build_gpt(model_cfg, seed=cfg.train.seed), None
 
 
+def isolated_examples(x: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mask [B, 1, T, T] and position ids [B, T] that keep packed examples apart: a token
+    attends only to earlier tokens of its own example (each example ends in ``end``) and positions
+    restart at each example's first token (a window's first, partial example starts at 0)."""
+    ends = (x == end).long()
+    example = ends.cumsum(-1) - ends  # the end token belongs to the example it closes
+    index = torch.arange(x.shape[1], device=x.device).expand_as(x)
+    first = torch.ones_like(x, dtype=torch.bool)
+    first[:, 1:] = example[:, 1:] != example[:, :-1]
+    positions = index - torch.cummax(torch.where(first, index, 0), dim=-1).values
+    causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
+    return (causal & (example[:, :, None] == example[:, None, :]))[:, None], positions
+
+
 class GPTTrainer:
     """State of one rank's training: engine, data readers, step counter and throughput meters."""
 
@@ -133,6 +147,9 @@ class GPTTrainer:
         bs = cfg.model.block_size
         self.train_windows = token_windows(self.data, "train", bs)
         self.val_windows = token_windows(self.data, "val", bs)
+        isolate = isinstance(cfg, GPTFinetuneConfig) and cfg.data.format != "text" and cfg.data.isolate_examples
+        self.example_end = load_tokenizer(self.data.tokenizer_dir).eos_token_id if isolate else None
+        """The token that ends every packed example, when examples must not attend to each other."""
         self.step = 0
         self.flops_per_token = flops_per_token(self.model_cfg, bs)
         self.peak = peak_flops(self.device, ds.precision)
@@ -151,7 +168,11 @@ class GPTTrainer:
         return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = self.engine(input_ids=x).logits
+        if self.example_end is None:
+            logits = self.engine(input_ids=x).logits
+        else:
+            mask, positions = isolated_examples(x, self.example_end)
+            logits = self.engine(input_ids=x, attention_mask=mask, position_ids=positions).logits
         # Mean over the targets that count (a window of prompt tokens only contributes zero, not NaN).
         total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100, reduction="sum")
         return total / (y != -100).sum().clamp(min=1)
