@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import resource
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -65,13 +64,16 @@ def base_model(out: Path, tokenizer_dir: str) -> Path:
     return out
 
 
-def chat_rows(path: Path, n: int = 2000) -> Path:
+def chat_rows(path: Path, n: int = 2000, max_exchanges: int = 8) -> Path:
+    """Conversations of 1 to ``max_exchanges`` exchanges (so of very different lengths, as real chat data is)."""
     rng = np.random.default_rng(0)
     with open(path, "w") as f:
         for _ in range(n):
-            a, b = (int(v) for v in rng.integers(10, 1000, size=2))
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                                             {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}) + "\n")  # fmt: skip
+            messages = []
+            for _ in range(int(rng.integers(1, max_exchanges + 1))):
+                a, b = (int(v) for v in rng.integers(10, 1000, size=2))
+                messages += [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
+            f.write(json.dumps({"messages": messages}) + "\n")
     return path
 
 

@@ -245,6 +245,16 @@ BAD_REQUESTS = [
     ("classify", _multipart(b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\nabc'), 400, "multipart"),
     ("classify", {"data": b"--XyZ--", "headers": {"content-type": "multipart/form-data"}}, 400, "multipart"),
     ("classify", {"data": _bomb_png(), "headers": {"content-type": "image/png"}}, 400, "Decompressed data too large"),
+    ("chat/completions", {"json": {"messages": []}}, 400, "messages"),
+    ("chat/completions", {"json": {"messages": "hi"}}, 400, "messages"),
+    ("chat/completions", {"json": {"messages": [{"role": "wizard", "content": "hi"}]}}, 400, "role"),
+    ("chat/completions", {"json": {"messages": [{"role": "user"}]}}, 400, "content"),
+    ("chat/completions", {"json": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}}, 400, "text only"),
+    ("chat/completions", {"json": {"messages": [{"role": "user", "content": "hi"}] * 300}}, 400, "messages"),
+    ("chat/completions", {"json": {"messages": [{"role": "user", "content": "x" * 3000}]}}, 400, "at most 2000"),
+    ("chat/completions", {"json": {"messages": [{"role": "user", "content": "hi"}], "n": 2}}, 400, "n"),
+    ("chat/completions", {"json": {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10_000}}, 400, "at most 64"),
+    ("chat/completions", {"json": {"messages": [{"role": "user", "content": "hi"}]}}, 400, "no chat template"),  # bigray's own GPT
 ]
 
 

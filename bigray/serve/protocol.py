@@ -80,6 +80,16 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str
+    """Text, or OpenAI's list of content parts of which only ``{"type": "text", "text": ...}`` is taken."""
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, v: object) -> object:
+        if isinstance(v, list):
+            if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in v):
+                raise ValueError("content parts must all be {\"type\": \"text\", \"text\": ...}: this model reads text only")
+            return "".join(part["text"] for part in v)
+        return v
 
 
 class ChatCompletionRequest(BaseModel):
