@@ -35,8 +35,7 @@ def loop(config):
     ctx = RayContext()
     trainer = GPTTrainer(cfg, ctx, config["data_dir"])
     times = [trainer.train_step()["train/step_time_s"] for _ in range(STEPS + WARMUP)][WARMUP:]
-    x, y = trainer._batch(trainer.train_windows, 1, shuffle=True)
-    trainer.engine.backward(trainer._loss(x, y))
+    trainer.engine.backward(trainer._loss(*trainer._batch(trainer.train_windows, 1, shuffle=True)))
     params = list(trainer.engine.module.parameters())
     row = {
         "rank": ctx.rank, **state_bytes(trainer.engine), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

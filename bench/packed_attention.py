@@ -41,11 +41,13 @@ def measure(model, data) -> dict:
     """The three ways over the same examples of one dataset; prints and returns tokens/s and ratios."""
     end = load_tokenizer(data.tokenizer_dir).eos_token_id
     tokens = torch.from_numpy(np.asarray(data.tokens("train")).astype(np.int64))
+    starts = torch.from_numpy(np.asarray(data.example_starts("train")).astype(bool))
     n_batches = 12
-    packed = [tokens[i * ROWS * BLOCK : (i + 1) * ROWS * BLOCK].view(ROWS, BLOCK) for i in range(n_batches)]
+    packed = [(tokens[i * ROWS * BLOCK : (i + 1) * ROWS * BLOCK].view(ROWS, BLOCK), starts[i * ROWS * BLOCK : (i + 1) * ROWS * BLOCK].view(ROWS, BLOCK))
+              for i in range(n_batches)]  # fmt: skip
     # The same tokens as whole examples, one per row, padded to the longest in each batch.
-    ends = (tokens == end).nonzero().flatten().tolist()
-    examples = [tokens[a + 1 : b + 1] for a, b in zip([-1] + ends, ends)]
+    firsts = starts.nonzero().flatten().tolist() + [len(tokens)]
+    examples = [tokens[a:b] for a, b in zip(firsts, firsts[1:])]
     per_row, i = [], 0
     for _ in range(n_batches):
         group, count = [], 0
@@ -57,9 +59,9 @@ def measure(model, data) -> dict:
         mask = torch.stack([torch.arange(width) < len(e) for e in group]).long()
         per_row.append(({"input_ids": ids, "attention_mask": mask}, count))
     rows = {
-        "packed, attention crosses examples (baseline)": tokens_per_s(model, [({"input_ids": x}, x.numel()) for x in packed]),
+        "packed, attention crosses examples (baseline)": tokens_per_s(model, [({"input_ids": x}, x.numel()) for x, _ in packed]),
         "packed, block-diagonal mask + restarted positions": tokens_per_s(
-            model, [(dict(zip(("attention_mask", "position_ids"), isolated_examples(x, end)), input_ids=x), x.numel()) for x in packed]),
+            model, [(dict(zip(("attention_mask", "position_ids"), isolated_examples(first)), input_ids=x), x.numel()) for x, first in packed]),
         "one example per row, padded": tokens_per_s(model, per_row),
     }  # fmt: skip
     baseline = rows["packed, attention crosses examples (baseline)"]

@@ -72,8 +72,7 @@ def loop(config):
     trainer = GPTTrainer(cfg, ctx, config["data_dir"])
     trainer.train_step()  # optimizer states exist from the first step on
     # Measure at the peak of a step: gradients computed, optimizer not yet stepped.
-    x, y = trainer._batch(trainer.train_windows, 1, shuffle=True)
-    trainer.engine.backward(trainer._loss(x, y))
+    trainer.engine.backward(trainer._loss(*trainer._batch(trainer.train_windows, 1, shuffle=True)))
     row = {"rank": ctx.rank, **state_bytes(trainer.engine), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     trainer.engine.step()
     name = f"{cfg.deepspeed.precision}_stage{cfg.deepspeed.zero_stage}_rank{ctx.rank}.json"

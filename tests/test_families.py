@@ -57,16 +57,15 @@ def test_packed_examples_do_not_attend_to_each_other(tmp_path, family_models, ch
     base = family_models["llama"]
     job = prepare_finetune(chat_config(tmp_path, base, [chat_file], "scaling.num_workers=1"))
     trainer = GPTTrainer(job.config, LocalContext(str(tmp_path / "run")), job.data_dir)
-    end = load_tokenizer(base).eos_token_id
-    assert trainer.example_end == end
-    x, _ = trainer._batch(trainer.train_windows, 0, shuffle=False)
+    # Boundaries are conversations (recorded with the data), not turns: every turn ends in <|im_end|>.
+    data = trainer.data
+    assert int(np.asarray(data.example_starts("train")).sum()) == data.manifest["examples"]["train"]
+    x, _, starts = trainer._batch(trainer.train_windows, 0, shuffle=False)
     model = trainer.engine.module.eval()
-    mask, positions = isolated_examples(x, end)
+    mask, positions = isolated_examples(starts)
     # The first whole example inside a window: the model sees it exactly as if it were alone.
-    i = next(i for i in range(len(x)) if (x[i] == end).sum() >= 2)
-    row = x[i].tolist()
-    start = row.index(end) + 1
-    stop = row.index(end, start) + 1
+    i = next(i for i in range(len(x)) if starts[i, 1:].sum() >= 2)
+    start, stop = (int(v) + 1 for v in starts[i, 1:].nonzero().flatten()[:2])
     with torch.no_grad():
         packed = model(input_ids=x[i : i + 1], attention_mask=mask[i : i + 1], position_ids=positions[i : i + 1]).logits[0, start:stop]
         alone = model(input_ids=x[i : i + 1, start:stop]).logits[0]
@@ -75,7 +74,7 @@ def test_packed_examples_do_not_attend_to_each_other(tmp_path, family_models, ch
     assert torch.allclose(packed, alone, atol=1e-5)
     assert not torch.allclose(crossing, alone, atol=1e-3)
     crossing_job = prepare_finetune(chat_config(tmp_path, base, [chat_file], "scaling.num_workers=1", "data.isolate_examples=false"))
-    assert GPTTrainer(crossing_job.config, LocalContext(str(tmp_path / "run2")), crossing_job.data_dir).example_end is None
+    assert not GPTTrainer(crossing_job.config, LocalContext(str(tmp_path / "run2")), crossing_job.data_dir).isolate
 
 
 @pytest.mark.parametrize(
@@ -259,6 +258,10 @@ def test_lora_trains_only_the_adapter_resumes_and_exports_merged_or_adapter(tmp_
     with torch.no_grad():
         assert torch.allclose(plain(x).logits, with_adapter(x).logits, atol=1e-5)
         assert not torch.allclose(plain(x).logits, AutoModelForCausalLM.from_pretrained(str(base))(x).logits, atol=1e-3)
+    # A LoRA checkpoint (or its adapter) is no base for another fine-tune: its merged export is.
+    for adapter_only in (ckpt, tmp_path / "adapter"):
+        with pytest.raises(CheckpointError, match="holds a LoRA adapter, not a whole model: fine-tune from its merged export"):
+            prepare_finetune(chat_config(tmp_path, adapter_only, [chat_file]))
     # A full fine-tune cannot continue a LoRA checkpoint (nor the reverse), and says why.
     with pytest.raises(CheckpointError, match="trained with {'method': 'lora'.*this run with {'method': 'full'}"):
         prepare_finetune(chat_config(tmp_path, base, [chat_file], f"resume_from={ckpt}", "scaling.num_workers=1"))

@@ -5,7 +5,8 @@ The result is the same kind of cache as pretraining's (``train.bin``/``val.bin``
 the tokenizer, under ``<cache_dir>/finetune/<key>/``), so the same window reader and training loop
 use it. JSONL examples are packed one after another, each ending in the end-of-text token, with a
 parallel ``<split>.mask`` that is 0 on prompt tokens: only completion tokens (and the end-of-text
-that closes them) are learned. Chat rows are rendered with the chat template and only the assistant
+that closes them) are learned; ``<split>.starts`` is 1 on each example's first token, so that
+training can keep packed examples from attending to each other. Chat rows are rendered with the chat template and only the assistant
 turns (with the end-of-turn tokens the template puts after them) are learned.
 """
 
@@ -15,7 +16,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -28,28 +29,33 @@ from bigray.data.text import TextDataset, prepared
 log = logging.getLogger(__name__)
 
 
-def read_jsonl(path: Path) -> list[tuple[str, str]]:
-    """(prompt, completion) rows; blank lines are skipped, anything else wrong names its line."""
-    rows = []
+def _json_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    """Each non-blank line's JSON value with where it is ("file line N"); a line that is not JSON is an error naming it."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             where = f"{path.name} line {number}"
             try:
-                row = json.loads(line)
+                yield where, json.loads(line)
             except ValueError as e:
                 raise DataError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object with 'prompt' and 'completion', got {type(row).__name__}")
-            for key in ("prompt", "completion"):
-                if key not in row:
-                    raise DataError(f"{where}: missing field '{key}'")
-                if not isinstance(row[key], str):
-                    raise DataError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__}")
-            if not row["completion"]:
-                raise DataError(f"{where}: 'completion' is empty")
-            rows.append((row["prompt"], row["completion"]))
+
+
+def read_jsonl(path: Path) -> list[tuple[str, str]]:
+    """(prompt, completion) rows; blank lines are skipped, anything else wrong names its line."""
+    rows = []
+    for where, row in _json_lines(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object with 'prompt' and 'completion', got {type(row).__name__}")
+        for key in ("prompt", "completion"):
+            if key not in row:
+                raise DataError(f"{where}: missing field '{key}'")
+            if not isinstance(row[key], str):
+                raise DataError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__}")
+        if not row["completion"]:
+            raise DataError(f"{where}: 'completion' is empty")
+        rows.append((row["prompt"], row["completion"]))
     return rows
 
 
@@ -59,26 +65,18 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 def read_chat_jsonl(path: Path) -> list[list[dict[str, str]]]:
     """Conversations of ``{"messages": [{"role", "content"}, ...]}`` rows; anything wrong names its line."""
     conversations = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path.name} line {number}"
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{where}: not valid JSON ({e})") from None
-            messages = row.get("messages") if isinstance(row, dict) else None
-            if not isinstance(messages, list) or not messages:
-                raise DataError(f"{where}: expected a JSON object with a non-empty 'messages' list")
-            for i, m in enumerate(messages):
-                if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                    raise DataError(f"{where}: message {i} must be an object with a string 'content'")
-                if m.get("role") not in CHAT_ROLES:
-                    raise DataError(f"{where}: message {i} has role {m.get('role')!r}; allowed: {', '.join(CHAT_ROLES)}")
-            if not any(m["role"] == "assistant" for m in messages):
-                raise DataError(f"{where}: no assistant turn, so nothing to learn from")
-            conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    for where, row in _json_lines(path):
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: expected a JSON object with a non-empty 'messages' list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: message {i} must be an object with a string 'content'")
+            if m.get("role") not in CHAT_ROLES:
+                raise DataError(f"{where}: message {i} has role {m.get('role')!r}; allowed: {', '.join(CHAT_ROLES)}")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: no assistant turn, so nothing to learn from")
+        conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
     return conversations
 
 
@@ -114,14 +112,16 @@ def render_chat(tok: Any, messages: list[dict[str, str]], template: str) -> tupl
     return full, spans
 
 
-def encode_chats(tok: Any, conversations: list[list[dict[str, str]]], template: str) -> tuple[list[int], list[int]]:
-    """Packed token ids and the loss mask (1 on the tokens that start inside an assistant turn's
-    span; the whole rendered text is tokenized at once, so ids are what serving sees). A
-    conversation the template does not close with the end-of-text token gets one, learned when the
-    conversation ends on an assistant turn."""
+def encode_chats(tok: Any, conversations: list[list[dict[str, str]]], template: str) -> tuple[list[int], list[int], list[int]]:
+    """Packed token ids, the loss mask (1 on the tokens that start inside an assistant turn's span;
+    the whole rendered text is tokenized at once, so ids are what serving sees) and each
+    conversation's first index. A conversation the template does not close with the end-of-text
+    token gets one, learned when the conversation ends on an assistant turn."""
     ids: list[int] = []
     mask: list[int] = []
+    starts: list[int] = []
     for number, messages in enumerate(conversations, start=1):
+        starts.append(len(ids))
         try:
             text, spans = render_chat(tok, messages, template)
         except Exception as e:  # jinja errors, raise_exception() in templates
@@ -132,19 +132,22 @@ def encode_chats(tok: Any, conversations: list[list[dict[str, str]]], template: 
         if not text.rstrip().endswith(tok.eos_token):
             ids.append(tok.eos_token_id)
             mask.append(int(messages[-1]["role"] == "assistant"))
-    return ids, mask
+    return ids, mask, starts
 
 
-def encode_examples(tok: Any, rows: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
-    """Packed token ids and the loss mask (0 on prompt tokens, 1 on completion + end-of-text)."""
+def encode_examples(tok: Any, rows: list[tuple[str, str]]) -> tuple[list[int], list[int], list[int]]:
+    """Packed token ids, the loss mask (0 on prompt tokens, 1 on completion + end-of-text) and each
+    example's first index."""
     ids: list[int] = []
     mask: list[int] = []
+    starts: list[int] = []
     prompts = tok([p for p, _ in rows], add_special_tokens=False)["input_ids"]
     completions = tok([c for _, c in rows], add_special_tokens=False)["input_ids"]
     for p, c in zip(prompts, completions):
+        starts.append(len(ids))
         ids += p + c + [tok.eos_token_id]
         mask += [0] * len(p) + [1] * (len(c) + 1)
-    return ids, mask
+    return ids, mask, starts
 
 
 def _check_files(files: list[str], key: str) -> list[Path]:
@@ -205,6 +208,7 @@ def prepare_finetune_data(cfg: FinetuneDataConfig, tokenizer_dir: str | Path) ->
     if cfg.format == "chat":
         template = tok.chat_template = chat_template(tok, cfg.chat_template)  # saved with the data, so with the model
     settings = {
+        "layout": 2,  # 2: examples' first tokens recorded (<split>.starts)
         "chat_template": template,
         "format": cfg.format,
         "val_fraction": cfg.val_fraction,
@@ -221,8 +225,11 @@ def prepare_finetune_data(cfg: FinetuneDataConfig, tokenizer_dir: str | Path) ->
         counts, examples = {}, {}
         if cfg.format in ("jsonl", "chat"):
             for split, rows in _split_rows(cfg, train_paths, val_paths).items():
-                ids, mask = encode_chats(tok, rows, template) if cfg.format == "chat" else encode_examples(tok, rows)
+                ids, mask, starts = encode_chats(tok, rows, template) if cfg.format == "chat" else encode_examples(tok, rows)
                 np.asarray(mask, dtype=np.uint8).tofile(tmp / f"{split}.mask")
+                first = np.zeros(len(ids), dtype=np.uint8)
+                first[starts] = 1
+                first.tofile(tmp / f"{split}.starts")
                 np.asarray(ids, dtype=dtype).tofile(tmp / f"{split}.bin")
                 counts[split], examples[split] = len(ids), len(rows)
         else:
@@ -236,6 +243,7 @@ def prepare_finetune_data(cfg: FinetuneDataConfig, tokenizer_dir: str | Path) ->
             "examples": examples,
             "tokens": counts,
             "masked": cfg.format in ("jsonl", "chat"),
+            "example_starts": cfg.format in ("jsonl", "chat"),
             "tokenizer_sha256": sha256_file(tmp / "tokenizer" / "tokenizer.json"),
             "vocab_size": len(tok),
             "dtype": dtype.name,

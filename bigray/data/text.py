@@ -155,6 +155,12 @@ class TextDataset:
             return None
         return np.memmap(self.directory / f"{split}.mask", dtype=np.uint8, mode="r")
 
+    def example_starts(self, split: str) -> np.ndarray | None:
+        """Per-token 0/1 array (1 = the first token of a packed example), or None for running text."""
+        if not self.manifest.get("example_starts"):
+            return None
+        return np.memmap(self.directory / f"{split}.starts", dtype=np.uint8, mode="r")
+
 
 def prepare_text(cfg: TextDataConfig) -> tuple[TextDataset, dict[str, Any]]:
     """Build (or verify and reuse) the text cache; returns the dataset and what was done."""
@@ -291,9 +297,10 @@ class TokenWindows:
     ignore index of the loss.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int, loss_mask: np.ndarray | None = None):
+    def __init__(self, tokens: np.ndarray, block_size: int, loss_mask: np.ndarray | None = None, example_starts: np.ndarray | None = None):
         self.tokens = tokens
         self.loss_mask = loss_mask
+        self.example_starts = example_starts
         self.block_size = block_size
         self.num_windows = (len(tokens)) // (block_size + 1)
         if self.num_windows < 1:
@@ -326,6 +333,11 @@ class TokenWindows:
             keep = np.stack([np.asarray(self.loss_mask[i * w + 1 : (i + 1) * w]) for i in ids])
             y[keep == 0] = -100
         return x, y
+
+    def starts(self, ids: np.ndarray) -> np.ndarray:
+        """Bool array (len(ids), block_size): True where an input token is the first of a packed example."""
+        w = self.block_size + 1
+        return np.stack([np.asarray(self.example_starts[i * w : i * w + self.block_size]) for i in ids]).astype(bool)
 
 
 __all__ = ["ShardedTokens", "TextDataset", "TokenWindows", "load_documents", "open_prepared", "prepare_text", "prepared"]

@@ -21,8 +21,8 @@ SEED_LIMIT = 2**63
 MAX_STOP_CHARS = 64
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions (the subset of OpenAI's fields that applies to a base model).
+class SamplingRequest(BaseModel):
+    """The fields every generation route shares (OpenAI's), with their checks.
 
     Every value is checked here, before any work: numbers are finite and in range, strings are
     valid UTF-8, stop strings are few and short. Limits that depend on the server (prompt count and
@@ -32,13 +32,34 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    prompt: str | list[str]
-    max_tokens: int = Field(default=16, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     stream: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop takes up to 4 non-empty strings of at most {MAX_STOP_CHARS} characters")
+        _utf8("stop", stops)
+        return v
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def job(self, prompt: str, max_tokens: int, seed: int | None, messages: tuple[tuple[str, str], ...] | None = None) -> GenerationParams:
+        return GenerationParams(prompt=prompt, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                                stop=self.stops(), seed=seed, messages=messages)  # fmt: skip
+
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions (the subset of OpenAI's fields that applies to a base model)."""
+
+    prompt: str | list[str]
+    max_tokens: int = Field(default=16, ge=1)
 
     @field_validator("prompt")
     @classmethod
@@ -49,27 +70,15 @@ class CompletionRequest(BaseModel):
         _utf8("prompt", prompts)
         return v
 
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        return _check_stops(v)
-
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
     def requested_tokens(self) -> int:
         return self.max_tokens
 
-    def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-
     def generation_params(self) -> list[GenerationParams]:
         """One job per prompt (each prompt's seed offset by its index, so a list is reproducible)."""
-        return [
-            GenerationParams(prompt=p, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                             stop=self.stops(), seed=None if self.seed is None else (self.seed + i) % SEED_LIMIT)
-            for i, p in enumerate(self.prompts())
-        ]  # fmt: skip
+        return [self.job(p, self.max_tokens, None if self.seed is None else (self.seed + i) % SEED_LIMIT) for i, p in enumerate(self.prompts())]
 
 
 MAX_MESSAGES = 256
@@ -92,30 +101,14 @@ class ChatMessage(BaseModel):
         return v
 
 
-class ChatCompletionRequest(BaseModel):
-    """POST /v1/chat/completions: OpenAI's chat shape, rendered with the model's chat template.
+class ChatCompletionRequest(SamplingRequest):
+    """POST /v1/chat/completions: OpenAI's chat shape, rendered with the model's chat template; one
+    choice per request (``n`` 1); ``max_completion_tokens`` is the newer name of ``max_tokens``."""
 
-    The sampling fields and their checks are those of :class:`CompletionRequest`; one choice per
-    request (``n`` 1), ``max_completion_tokens`` is the newer name of ``max_tokens``.
-    """
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
-    stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        return _check_stops(v)
 
     @field_validator("messages")
     @classmethod
@@ -131,19 +124,7 @@ class ChatCompletionRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens or 16
 
     def generation_params(self) -> GenerationParams:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return GenerationParams(
-            prompt="", max_tokens=self.requested_tokens(), temperature=self.temperature,
-            top_p=self.top_p, stop=stops, seed=self.seed, messages=tuple((m.role, m.content) for m in self.messages),
-        )  # fmt: skip
-
-
-def _check_stops(v: str | list[str] | None) -> str | list[str] | None:
-    stops = [v] if isinstance(v, str) else (v or [])
-    if len(stops) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
-        raise ValueError(f"stop takes up to 4 non-empty strings of at most {MAX_STOP_CHARS} characters")
-    _utf8("stop", stops)
-    return v
+        return self.job("", self.requested_tokens(), self.seed, messages=tuple((m.role, m.content) for m in self.messages))
 
 
 def _utf8(field: str, texts: list[str]) -> None:

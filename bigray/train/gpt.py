@@ -95,7 +95,7 @@ def check_resume_compatible(
 def token_windows(data: TextDataset, split: str, block_size: int) -> TokenWindows:
     """The window reader of one split; a split shorter than one window is an error naming it."""
     try:
-        return TokenWindows(data.tokens(split), block_size, data.loss_mask(split))
+        return TokenWindows(data.tokens(split), block_size, data.loss_mask(split), data.example_starts(split))
     except DataError as e:
         raise DataError(f"{split} data: {e} (use more data or a smaller model.block_size)") from None
 
@@ -111,17 +111,17 @@ def initial_model(cfg: GPTJob, data: TextDataset) -> tuple[Any, torch.nn.Module,
     return model_cfg, build_gpt(model_cfg, seed=cfg.train.seed), None
 
 
-def isolated_examples(x: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention mask [B, 1, T, T] and position ids [B, T] that keep packed examples apart: a token
-    attends only to earlier tokens of its own example (each example ends in ``end``) and positions
-    restart at each example's first token (a window's first, partial example starts at 0)."""
-    ends = (x == end).long()
-    example = ends.cumsum(-1) - ends  # the end token belongs to the example it closes
-    index = torch.arange(x.shape[1], device=x.device).expand_as(x)
-    first = torch.ones_like(x, dtype=torch.bool)
-    first[:, 1:] = example[:, 1:] != example[:, :-1]
+def isolated_examples(starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mask [B, 1, T, T] and position ids [B, T] that keep packed examples apart, from where
+    each example starts (bool [B, T]): a token attends only to earlier tokens of its own example and
+    positions restart at each example's first token (a window's first, partial example starts at 0).
+    Boundaries come from the data, not from a token: chat templates end every turn with an end token."""
+    example = starts.long().cumsum(-1)
+    index = torch.arange(starts.shape[1], device=starts.device).expand_as(starts)
+    first = starts.clone()
+    first[:, 0] = True
     positions = index - torch.cummax(torch.where(first, index, 0), dim=-1).values
-    causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
+    causal = torch.ones(starts.shape[1], starts.shape[1], dtype=torch.bool, device=starts.device).tril()
     return (causal & (example[:, :, None] == example[:, None, :]))[:, None], positions
 
 
@@ -147,9 +147,8 @@ class GPTTrainer:
         bs = cfg.model.block_size
         self.train_windows = token_windows(self.data, "train", bs)
         self.val_windows = token_windows(self.data, "val", bs)
-        isolate = isinstance(cfg, GPTFinetuneConfig) and cfg.data.format != "text" and cfg.data.isolate_examples
-        self.example_end = load_tokenizer(self.data.tokenizer_dir).eos_token_id if isolate else None
-        """The token that ends every packed example, when examples must not attend to each other."""
+        self.isolate = isinstance(cfg, GPTFinetuneConfig) and self.train_windows.example_starts is not None and cfg.data.isolate_examples
+        """Packed examples must not attend to each other (fine-tuning on jsonl or chat rows)."""
         self.step = 0
         self.flops_per_token = flops_per_token(self.model_cfg, bs)
         self.peak = peak_flops(self.device, ds.precision)
@@ -159,19 +158,21 @@ class GPTTrainer:
 
     # ------------------------------------------------------------------ data and loss
 
-    def _batch(self, windows: TokenWindows, index: int, shuffle: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, windows: TokenWindows, index: int, shuffle: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Inputs, targets and (when examples are kept apart) where each example starts."""
         mb = self.cfg.train.micro_batch_size
         ids = windows.window_ids(
             seed=self.cfg.train.seed, index=index, rank=self.ctx.rank, world_size=self.ctx.world_size, batch=mb, shuffle=shuffle
         )
         x, y = windows.batch(ids)
-        return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+        starts = torch.from_numpy(windows.starts(ids)).to(self.device) if self.isolate else None
+        return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device), starts
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.example_end is None:
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
+        if starts is None:
             logits = self.engine(input_ids=x).logits
         else:
-            mask, positions = isolated_examples(x, self.example_end)
+            mask, positions = isolated_examples(starts)
             logits = self.engine(input_ids=x, attention_mask=mask, position_ids=positions).logits
         # Mean over the targets that count (a window of prompt tokens only contributes zero, not NaN).
         total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100, reduction="sum")
@@ -193,8 +194,7 @@ class GPTTrainer:
         t0 = time.perf_counter()
         total = 0.0
         for micro in range(cfg.grad_accum_steps):
-            x, y = self._batch(self.train_windows, self.step * cfg.grad_accum_steps + micro, shuffle=True)
-            loss = self._loss(x, y)
+            loss = self._loss(*self._batch(self.train_windows, self.step * cfg.grad_accum_steps + micro, shuffle=True))
             self.engine.backward(loss)
             self.engine.step()
             total += loss.item()

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from bigray.artifacts.adapter import is_adapter
 from bigray.artifacts.checkpoint import CheckpointError
 from bigray.artifacts.hf_gpt import load_hf_weights, read_decoder_config
 from bigray.artifacts.locate import checked_local_checkpoint, local_checkpoint, resolve_checkpoint
@@ -110,4 +111,6 @@ def open_pretrained(path: str | Path) -> PretrainedGPT:
     source = resolve_checkpoint(str(path))
     p, meta = checked_local_checkpoint(source, "gpt")  # a bigray checkpoint, or an exported HF directory (meta None)
     model_dir = p / "model" if meta is not None else p
+    if is_adapter(model_dir):
+        raise CheckpointError(f"{source} holds a LoRA adapter, not a whole model: fine-tune from its merged export (bigray export {source} OUT)")
     return PretrainedGPT(path=p, source=source, model_dir=model_dir, meta=meta, config=read_decoder_config(model_dir))
