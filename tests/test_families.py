@@ -131,6 +131,15 @@ def test_encoder_models_pickled_weights_and_remote_code_are_refused_by_name(tmp_
         open_pretrained(custom)
 
 
+def test_a_hub_model_id_is_fetched_and_without_a_network_says_what_to_do(monkeypatch):
+    from bigray.artifacts.hf_gpt import is_hub_id
+
+    assert is_hub_id("Qwen/Qwen2.5-0.5B-Instruct") and not is_hub_id("s3://bucket/model") and not is_hub_id("/models/x")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what a machine without the Hub sees, at once
+    with pytest.raises(CheckpointError, match="Qwen/Qwen2.5-0.5B-Instruct is not a local path or a storage URI, and fetching it from the Hugging Face Hub failed"):
+        open_pretrained("Qwen/Qwen2.5-0.5B-Instruct")
+
+
 def test_llama_presets_build_with_rope_rmsnorm_swiglu_and_grouped_query_attention():
     from bigray.models.gpt import LLAMA_SHAPES, build_gpt, decoder_config, flops_per_token
 

@@ -9,6 +9,7 @@ reads one as a base model. Only safetensors weights are read: nothing is unpickl
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -91,6 +92,31 @@ def read_decoder_config(model_dir: Path) -> Any:
             f"{config.vocab_size}; the tokenizer does not belong to this model"
         )
     return config
+
+
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tiktoken"]
+"""What is fetched of a Hub model: configs, safetensors weights and the tokenizer (never pickles or code)."""
+
+
+def is_hub_id(source: str) -> bool:
+    """``org/name`` that is not a local path or a URI: a Hugging Face Hub model id."""
+    return "://" not in source and not Path(source).exists() and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", source) is not None
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """This node's copy of a Hub model (under the node cache; huggingface_hub reuses it), for users
+    with a network; where there is none, a CheckpointError that says what to do instead."""
+    from huggingface_hub import snapshot_download
+
+    from bigray.artifacts.storage import cache_root
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, cache_dir=str(cache_root() / "hub")))
+    except Exception as e:  # no network, no such repo, a gated model without a token
+        raise CheckpointError(
+            f"{repo_id} is not a local path or a storage URI, and fetching it from the Hugging Face Hub failed "
+            f"({type(e).__name__}: {e}); download it where a network is reachable and pass its directory"
+        ) from None
 
 
 class SafetensorsWeights(Mapping[str, torch.Tensor]):

@@ -22,7 +22,7 @@ import torch
 
 from bigray.artifacts.adapter import is_adapter
 from bigray.artifacts.checkpoint import CheckpointError
-from bigray.artifacts.hf_gpt import load_hf_weights, read_decoder_config
+from bigray.artifacts.hf_gpt import hub_snapshot, is_hub_id, load_hf_weights, read_decoder_config
 from bigray.artifacts.locate import checked_local_checkpoint, local_checkpoint, resolve_checkpoint
 from bigray.artifacts.storage import is_uri
 from bigray.models.gpt import build_gpt, with_dropout
@@ -50,7 +50,7 @@ class PretrainedGPT:
         of the metadata; a remote one is copied to this node once and its pickles scanned there)."""
         from transformers import AutoConfig
 
-        p = local_checkpoint(source, "gpt") if is_uri(source) else Path(source)
+        p = hub_snapshot(source) if is_hub_id(source) else local_checkpoint(source, "gpt") if is_uri(source) else Path(source)
         meta = json.loads((p / "bigray.json").read_text()) if (p / "bigray.json").exists() else None
         model_dir = p / "model" if meta is not None else p
         return cls(path=p, source=source, model_dir=model_dir, meta=meta, config=AutoConfig.from_pretrained(str(model_dir)))
@@ -107,9 +107,13 @@ def _model_names(weights: Mapping[str, torch.Tensor], model: torch.nn.Module) ->
 
 
 def open_pretrained(path: str | Path) -> PretrainedGPT:
-    """Resolve and check a base model (on the driver); raise CheckpointError naming what is wrong."""
-    source = resolve_checkpoint(str(path))
-    p, meta = checked_local_checkpoint(source, "gpt")  # a bigray checkpoint, or an exported HF directory (meta None)
+    """Resolve and check a base model (on the driver); raise CheckpointError naming what is wrong.
+    A Hub id (``org/name``) is fetched to this node's cache (workers fetch their own copy)."""
+    if is_hub_id(str(path)):
+        p, meta, source = hub_snapshot(str(path)), None, str(path)
+    else:
+        source = resolve_checkpoint(str(path))
+        p, meta = checked_local_checkpoint(source, "gpt")  # a bigray checkpoint, or an exported HF directory (meta None)
     model_dir = p / "model" if meta is not None else p
     if is_adapter(model_dir):
         raise CheckpointError(f"{source} holds a LoRA adapter, not a whole model: fine-tune from its merged export (bigray export {source} OUT)")
