@@ -181,7 +181,7 @@ def test_llama_pretraining_lowers_the_loss(small_text, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])  # GPT-2: the local test below (and tests/test_finetune.py on Ray)
 def test_family_finetunes_on_ray_with_zero3_and_exports_the_same_model(ray_cluster, tmp_path, family_models, chat_file, family):
     """2 workers, ZeRO-3 (partitioned loading of the base weights), chat SFT: the loss goes down, the
     export is the same architecture and gives the trained weights' logits."""
@@ -300,3 +300,26 @@ def test_lora_on_ray_with_zero3(ray_cluster, tmp_path, family_models, chat_file)
     adapter = json.loads((Path(summary["checkpoint"]) / "model" / "adapter_config.json").read_text())
     assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"] and Path(adapter["base_model_name_or_path"]) == base
     assert not (Path(summary["checkpoint"]) / "model" / "model.safetensors").exists()
+
+
+def test_gpt2_hub_directory_finetunes_with_zero3_and_exports_the_same_model(tmp_path, family_models, chat_file):
+    """GPT-2 (a Hub-style directory: Conv1D weights, tied head) through the same loop at world size 1, ZeRO-3."""
+    from transformers import AutoModelForCausalLM
+
+    from bigray.export import export_gpt
+    from bigray.recipes.gpt import train_local
+    from bigray.train.engine import fp32_weights
+
+    base = family_models["gpt2"]
+    cfg = chat_config(tmp_path, base, [chat_file], "train.max_steps=8", "train.lr=3e-3", "train.warmup_steps=2", "train.eval_interval=8",
+                      "run.checkpoint_interval=8", "deepspeed.zero_stage=3", "scaling.num_workers=1", "scaling.cpus_per_worker=2")  # fmt: skip
+    metrics, ctx = train_local(cfg, str(tmp_path / "run"))
+    assert metrics["val/loss"] < metrics["init/val_loss"] - 0.5, metrics
+    export_gpt(str(ctx.checkpoints[-1]), str(tmp_path / "exported"))
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported"), use_safetensors=True).eval()
+    assert type(exported).__name__ == "GPT2LMHeadModel"
+    trained = AutoModelForCausalLM.from_pretrained(str(base)).eval()
+    trained.load_state_dict(fp32_weights(ctx.checkpoints[-1], 3), strict=False)
+    x = torch.randint(0, 500, (2, 32))
+    with torch.no_grad():
+        assert torch.allclose(exported(x).logits, trained(x).logits, atol=1e-4)

@@ -83,7 +83,7 @@ def test_zero2_trains_and_checkpoints_every_rank(zero2_run, small_text):
 def test_other_zero_stages_train(ray_cluster, small_text, tmp_path, stage):
     from bigray.recipes.gpt import pretrain
 
-    cfg = tiny_config(small_text, tmp_path, f"zero{stage}", f"deepspeed.zero_stage={stage}")
+    cfg = tiny_config(small_text, tmp_path, f"zero{stage}", f"deepspeed.zero_stage={stage}", "run.checkpoint_interval=30")
     summary = pretrain(cfg)
     _assert_trained(summary, small_text[1].vocab_size)
     shards = _shard_files(summary["checkpoint"])
