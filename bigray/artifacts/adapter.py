@@ -4,10 +4,11 @@ Its adapter_config names the base model (``base_model_name_or_path``)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
+
+from bigray.artifacts.hf_gpt import save_tokenizer_and_generation
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -18,15 +19,12 @@ def save_adapter(model: torch.nn.Module, trainable: dict[str, torch.Tensor], tok
     (and the base's generation config) so that it serves on its own base."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
-    from transformers import AutoTokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     adapter = get_peft_model_state_dict(model, state_dict=trainable)
     save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     model.peft_config["default"].save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(out))
-    if generation_dir is not None and (generation_dir / "generation_config.json").is_file():
-        shutil.copyfile(generation_dir / "generation_config.json", out / "generation_config.json")
+    save_tokenizer_and_generation(tokenizer_dir, out, generation_dir)
 
 
 def is_adapter(model_dir: str | Path) -> bool:

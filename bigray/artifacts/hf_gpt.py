@@ -31,20 +31,27 @@ def save_hf_model(
 ) -> None:
     """A Hugging Face model directory: config.json, model.safetensors (a tied head dropped), tokenizer,
     and the generation_config.json of ``generation_dir`` (a base model's: its end-of-turn tokens)."""
-    import shutil
-
     from safetensors.torch import save_file
-    from transformers import AutoTokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    if generation_dir is not None and (generation_dir / "generation_config.json").is_file():
-        shutil.copyfile(generation_dir / "generation_config.json", out / "generation_config.json")
+    save_tokenizer_and_generation(tokenizer_dir, out, generation_dir)
     model_cfg.architectures = [causal_lm_class(model_cfg)]
     model_cfg.save_pretrained(str(out))
     tied = getattr(model_cfg, "tie_word_embeddings", False)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if not (tied and k == "lm_head.weight")}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def save_tokenizer_and_generation(tokenizer_dir: str | Path, out: Path, generation_dir: Path | None) -> None:
+    """What a model or adapter directory needs besides weights to be served on its own: the tokenizer
+    (with its chat template) and a base model's generation_config.json (its end-of-turn tokens)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(out))
+    if generation_dir is not None and (generation_dir / "generation_config.json").is_file():
+        shutil.copyfile(generation_dir / "generation_config.json", out / "generation_config.json")
 
 
 def read_decoder_config(model_dir: Path) -> Any:
