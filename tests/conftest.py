@@ -15,6 +15,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+# One PATH for the whole session, this environment's bin first: jobs submitted to the session's Ray
+# run `python` from PATH, and DeepSpeed's C++ op is built with the first `ninja` on PATH; a session
+# that switched PATH halfway (the system's ninja, then this environment's) rebuilt it (~30 s) each
+# time a local run followed a Ray run or the other way round.
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 
 
 def _free_port() -> int:
@@ -118,8 +123,6 @@ def ray_cluster():
     """Start one local Ray (with the dashboard: Train V2 and Tune use the State API)."""
     import ray
 
-    # Jobs submitted to this cluster run `python` from PATH: make it this environment's python.
-    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=True, log_to_driver=True)
     yield ray

@@ -70,7 +70,6 @@ def _watch_then_stop(url, proc, experiment, seen):
     proc.wait(timeout=30)
 
 
-@pytest.mark.slow
 def test_tracking_server_stopped_mid_run_never_fails_training(own_mlflow_server, small_text, tmp_path, caplog):
     from bigray.recipes.gpt import train_local
 
@@ -127,7 +126,6 @@ def wandb_history(run_file):
     return rows
 
 
-@pytest.mark.slow
 def test_wandb_offline_run_lives_in_the_run_directory_and_resumes(small_text, tmp_path):
     from bigray.recipes.gpt import train_local
 

@@ -44,10 +44,10 @@ def test_asha_search_stops_bad_trials_and_reports_the_best(ray_cluster, small_te
 
     # Best learning rate first: run one at a time, ASHA must stop the worse ones at a rung.
     job = gpt_search(small_text, tmp_path, "asha", "tune.num_samples=1",
-                     "tune.space={train.lr: {grid: [0.006, 0.002, 0.0003, 0.00005]}}")  # fmt: skip
+                     "tune.space={train.lr: {grid: [0.006, 0.0003, 0.00005]}}")  # fmt: skip
     summary = run_search(job)
     rows = read_table(summary["run_dir"])
-    assert len(rows) == 4
+    assert len(rows) == 3
     assert {r["status"] for r in rows} <= {"completed", "stopped early"}
     assert any(r["status"] == "stopped early" for r in rows)
     best_row = min(rows, key=lambda r: float(r["best val/loss"]))
@@ -80,7 +80,7 @@ def test_diverging_trial_fails_while_others_complete(ray_cluster, tmp_path):
 
 
 def test_interrupted_search_in_a_bucket_resumes_without_rerunning_finished_trials(ray_cluster, s3_server, small_text, mlflow_server, tmp_path):
-    """A 4-trial search whose storage is a bucket (the real S3 API), interrupted (SIGINT, as Ctrl-C)
+    """A 3-trial search whose storage is a bucket (the real S3 API), interrupted (SIGINT, as Ctrl-C)
     after its first trial finished, resumed with ``bigray tune --resume s3://...``. Also tracked in
     MLflow: one parent run for the search (continued by the resume), one child per trial."""
     import boto3
@@ -94,7 +94,7 @@ def test_interrupted_search_in_a_bucket_resumes_without_rerunning_finished_trial
     text_cfg, _ = small_text
     overrides = [f"{k}={v}" for k, v in [
         ("tune.searcher", "random"), ("tune.max_concurrent_trials", 2), ("tune.num_samples", 1), ("tune.scheduler", "fifo"),
-        ("tune.space", "{train.lr: {grid: [0.003, 0.001, 0.0005, 0.00005]}}"),
+        ("tune.space", "{train.lr: {grid: [0.003, 0.001, 0.00005]}}"),
         ("trainer.data.cache_dir", text_cfg.cache_dir), ("trainer.data.max_chars", text_cfg.max_chars),
         ("trainer.data.vocab_size", text_cfg.vocab_size), ("trainer.train.max_steps", 20),
         ("trainer.train.eval_interval", 5), ("trainer.run.checkpoint_interval", 5),
@@ -119,19 +119,19 @@ def test_interrupted_search_in_a_bucket_resumes_without_rerunning_finished_trial
     assert finished_before, f"no trial finished before the interruption: {trial_steps()}\n{log.read_text()[-3000:]}"
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
-    assert len(finished_before) < 4, "the search finished before it was interrupted"
+    assert len(finished_before) < 3, "the search finished before it was interrupted"
     out = subprocess.run([sys.executable, "-m", "bigray.cli", "tune", "--resume", search],
                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     rows = list(csv.DictReader(io.StringIO(read_text(f"{search}/results.csv"))))
-    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows), rows
+    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows), rows
     after = trial_steps()
     for name, steps in finished_before.items():
         assert after[name] == steps  # finished trials were not run again
     summary = json.loads(read_text(f"{search}/summary.json"))
     assert summary["run_dir"] == search and summary["checkpoint"].startswith(f"{search}/trials/"), summary  # full URIs
     assert read_meta(summary["checkpoint"], "gpt")["step"] == 20 and "tune_job.json" in file_sizes(search)
-    _assert_tracked_search(mlflow_server, "search-test", rows, summary, [0.00005, 0.0005, 0.001, 0.003])
+    _assert_tracked_search(mlflow_server, "search-test", rows, summary, [0.00005, 0.001, 0.003])
     again = run_search(TuneJobConfig(), resume_dir=search)  # a finished search resumes to the same answer
     assert again["best_trial"] == summary["best_trial"] and again["checkpoint"] == summary["checkpoint"]
 
@@ -177,11 +177,12 @@ def _steps(trial_dir):
 def test_pbt_copies_good_checkpoints_into_bad_trials(ray_cluster, small_text, tmp_path):
     from bigray.tune import run_search
 
-    job = gpt_search(small_text, tmp_path, "pbt", "tune.scheduler=pbt", "tune.num_samples=4", "tune.max_concurrent_trials=2",
+    # Two trials at once: whichever is behind at a perturbation takes the other's checkpoint.
+    job = gpt_search(small_text, tmp_path, "pbt", "tune.scheduler=pbt", "tune.num_samples=2", "tune.max_concurrent_trials=2",
                      "tune.seed=3", "tune.space={train.lr: {loguniform: [0.00001, 0.006]}}")  # fmt: skip
     summary = run_search(job)
     rows = read_table(summary["run_dir"])
-    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows), rows
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
     # An exploited trial continues in a run of its own from the donor's checkpoint, not from step 0.
     trials = Path(summary["run_dir"]) / "trials"
     restored = [d for d in trials.glob("trial_*-from-*") if _steps_list(d)]

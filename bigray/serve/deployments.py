@@ -200,7 +200,7 @@ class GPTDeployment(SwappableModel):
         """One decode step for every running row, then the arrivals' prefill (in a worker thread).
         A batch whose model call fails fails its own rows, with an error Delta each."""
         produced: list[tuple[Prompt, Delta]] = []
-        cancelled_now = sum(row.prompt.cancelled.is_set() and not row.done for b in self.batches.values() for row in b.rows)
+        cancelled_before = {key: batch.cancelled for key, batch in self.batches.items()}
         for key, batch in list(self.batches.items()):
             if batch:
                 produced += self._guarded(key, batch, batch.step)
@@ -210,9 +210,9 @@ class GPTDeployment(SwappableModel):
         for key, (runner, prompts) in groups.items():
             batch = self.batches.setdefault(key, DecodeBatch(runner))
             produced += self._guarded(key, batch, lambda: batch.add(prompts), prompts)
+        self.cancelled += sum(b.cancelled - cancelled_before.get(key, 0) for key, b in self.batches.items())
         for key in [k for k, b in self.batches.items() if not b]:
             del self.batches[key]  # an emptied batch (and a swapped-out model with it) is let go
-        self.cancelled += cancelled_now  # each leaves at this step
         self.decoding = sum(map(len, self.batches.values()))
         if produced:
             self.batch_sizes[len(produced)] += 1

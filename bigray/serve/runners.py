@@ -145,17 +145,15 @@ class GPTRunner:
         return delta
 
     def sample_rows(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, list[tuple[Prompt, Delta]]]:
-        """Each row's next token (on the CPU, with the row's own generator) and what it emits. A row
-        whose client went away is marked done and emits nothing; a row whose sampling fails is done
-        with an error Delta, and only it: the others go on."""
+        """Each row's next token (on the CPU, with the row's own generator) and what it emits; a row
+        already done (finished, or its client went away) emits nothing. A row whose sampling fails
+        is done with an error Delta, and only it: the others go on."""
         logits = logits.float().cpu()
         tokens, out = [], []
         for i, row in enumerate(rows):
             token = self.eos
-            if row.done:  # finished earlier, its slot not yet reclaimed (DecodeBatch compacts lazily)
+            if row.done:  # finished or cancelled, its slot not yet reclaimed (DecodeBatch compacts lazily)
                 pass
-            elif row.prompt.cancelled.is_set():
-                row.done = True
             else:
                 try:
                     token = self._sample(logits[i], row)
@@ -206,6 +204,8 @@ class DecodeBatch:
         """[rows]: the position id of each row's next token."""
         self.last: torch.Tensor | None = None
         """[rows]: each row's last sampled token, the next step's input."""
+        self.cancelled = 0
+        """Rows that left because their client went away (each counted once, when it leaves)."""
 
     def __len__(self) -> int:
         """Rows still decoding."""
@@ -216,6 +216,7 @@ class DecodeBatch:
         """Prefill ``prompts`` and join them to the batch; returns their first tokens' Deltas."""
         r = self.runner
         rows = [_Row(p, _generator(p.job.seed)) for p in prompts]
+        self._leave_if_cancelled(rows)
         width = max(len(p.ids) for p in prompts)
         ids = torch.tensor([[r.eos] * (width - len(p.ids)) + p.ids for p in prompts], device=r.device)
         mask = torch.tensor([[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in prompts], device=r.device)
@@ -231,6 +232,7 @@ class DecodeBatch:
     def step(self) -> list[tuple[Prompt, Delta]]:
         """One token for every row; returns the Deltas of the rows that produced one."""
         r = self.runner
+        self._leave_if_cancelled(self.rows)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         out = r.model(input_ids=self.last.view(-1, 1), attention_mask=self.mask, position_ids=self.positions.view(-1, 1),
                       cache=self.cache, use_cache=True, logits_to_keep=1)  # fmt: skip
@@ -238,6 +240,14 @@ class DecodeBatch:
         self.last, produced = r.sample_rows(out.logits[:, -1, :], self.rows)
         self._compact(finished=max(1, len(self.rows) // 4))
         return produced
+
+    def _leave_if_cancelled(self, rows: list[_Row]) -> None:
+        """Rows whose client went away are done before this step samples them, and counted here:
+        the one place a cancellation is seen, so none is missed when it arrives mid-step."""
+        for row in rows:
+            if not row.done and row.prompt.cancelled.is_set():
+                row.done = True
+                self.cancelled += 1
 
     def _join(self, rows: list[_Row], cache: Any, mask: torch.Tensor, positions: torch.Tensor, last: torch.Tensor) -> None:
         if not self.rows:

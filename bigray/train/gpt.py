@@ -291,7 +291,13 @@ class GPTTrainer:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> dict[str, Any]:
-        """Train to ``train.max_steps`` (resuming first if there is a checkpoint); returns the last metrics."""
+        """Train to ``train.max_steps`` (resuming first if there is a checkpoint); returns the last metrics.
+
+        Every ``log_interval`` steps rank 0 writes the run log (metrics.jsonl, TensorBoard, the
+        tracker); only checkpoints and evaluations are reported to Ray (Tune's schedulers compare
+        evaluations). Ray Train's controller takes one report per poll (every 2 s), so a report per
+        logged step would keep a finished run waiting for its queue to drain: a minute for 30 reports.
+        """
         t = self.cfg.train
         with checkpoint_to_resume(self.ctx, self.cfg.resume_from, self.run_dir, KIND) as ckpt:
             saved = self.load(ckpt) if ckpt else None
@@ -311,6 +317,7 @@ class GPTTrainer:
                 metrics.update(self.evaluate())
             if checkpoint_now or self.step % t.log_interval == 0 or "val/loss" in metrics:
                 self._log(metrics, checkpoint_now)
+            if checkpoint_now or "val/loss" in metrics:  # what Ray consumes (see the docstring)
                 ckpt_dir = self.save(metrics) if checkpoint_now else None
                 self.ctx.report(metrics, ckpt_dir, f"checkpoint_step_{self.step:07d}" if ckpt_dir else None)
         self.run_log.close()

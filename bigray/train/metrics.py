@@ -3,6 +3,7 @@ run log rank 0 writes (metrics.jsonl and TensorBoard in the run directory, and t
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 import threading
@@ -63,7 +64,14 @@ def peak_flops(device: torch.device, precision: str) -> float:
     """Peak FLOP/s of one worker's device for the training precision (0 if unknown)."""
     if device.type == "cuda":
         return gpu_peak(torch.cuda.get_device_name(device), precision)
-    return measure_matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
+    return _cached_peak(torch.bfloat16 if precision == "bf16" else torch.float32, torch.get_num_threads())
+
+
+@functools.cache
+def _cached_peak(dtype: torch.dtype, threads: int) -> float:
+    """The matmul peak, measured at a process's first trainer start: a process that starts several
+    trainers (local runs, a resume in the same process) pays the 0.3 s probe once."""
+    return measure_matmul_peak(dtype)
 
 
 class RunLog:
