@@ -20,6 +20,9 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 # that switched PATH halfway (the system's ninja, then this environment's) rebuilt it (~30 s) each
 # time a local run followed a Ray run or the other way round.
 os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+# Ray Train's controller polls its workers every 2 s by default: a run's start and end, and each
+# report, wait for a poll. The suite's ~40 short runs poll every 0.5 s (a speed knob only).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def _free_port() -> int:

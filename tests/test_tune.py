@@ -177,9 +177,10 @@ def _steps(trial_dir):
 def test_pbt_copies_good_checkpoints_into_bad_trials(ray_cluster, small_text, tmp_path):
     from bigray.tune import run_search
 
-    # Two trials at once: whichever is behind at a perturbation takes the other's checkpoint.
+    # Two trials at once: whichever is behind at a perturbation takes the other's checkpoint. 40 steps:
+    # trials start a few seconds apart, and a donor that already finished would hand over its last step.
     job = gpt_search(small_text, tmp_path, "pbt", "tune.scheduler=pbt", "tune.num_samples=2", "tune.max_concurrent_trials=2",
-                     "tune.seed=3", "tune.space={train.lr: {loguniform: [0.00001, 0.006]}}")  # fmt: skip
+                     "tune.seed=3", "tune.space={train.lr: {loguniform: [0.00001, 0.006]}}", "trainer.train.max_steps=40")  # fmt: skip
     summary = run_search(job)
     rows = read_table(summary["run_dir"])
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
