@@ -157,6 +157,22 @@ def cmd_bench(args: argparse.Namespace) -> None:
         subprocess.run([sys.executable, str(bench_dir / f"{name}.py")], check=True)
 
 
+def cmd_cluster_check(args: argparse.Namespace) -> dict[str, Any]:
+    from bigray.preflight import ClusterCheckFailed, run
+
+    try:
+        return run(args.config, args.overrides)
+    except ClusterCheckFailed as e:  # each finding is printed above
+        print(f"bigray: cluster check failed: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_cluster_smoke(args: argparse.Namespace) -> dict[str, Any]:
+    from bigray.smoke import run
+
+    return run(args.config, args.overrides)
+
+
 def _resume_override(args: argparse.Namespace) -> list[str]:
     return [f"resume_from={args.resume_from}"] if getattr(args, "resume_from", None) else []
 
@@ -197,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", help="HTTP host (default 127.0.0.1; 0.0.0.0 on a cluster's head)")
     srv.add_argument("--detach", action="store_true", help="deploy onto the (cluster's) Serve and return instead of serving until Ctrl-C")
     srv.set_defaults(func=cmd_serve)
+
+    cluster = sub.add_parser("cluster", help="check the Ray cluster a job will run on")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
+    check = cluster_sub.add_parser("check", help="before the expensive job: versions on every node, storage read and written "
+                                                 "from every node, the accelerator type and the workers' fit (run it as a Ray job)")  # fmt: skip
+    add_config_args(check)
+    check.set_defaults(func=cmd_cluster_check)
+    smoke = cluster_sub.add_parser("smoke", help="all-reduce bandwidth per link (all ranks, within a node, across nodes) and one "
+                                                 "ZeRO-3 step, on a GPT job config's workers (run it as a Ray job after `ray up`)")  # fmt: skip
+    add_config_args(smoke)
+    smoke.set_defaults(func=cmd_cluster_smoke)
 
     quick = sub.add_parser("quickstart", help="the main job end to end on an embedded local Ray (~8 min on 2 cores)")
     quick.add_argument("--storage-path", default="./runs", help="where run directories go (default ./runs)")

@@ -74,6 +74,27 @@ def workers_fitting_at_most(bundle: Mapping[str, float]) -> int | None:
     return total
 
 
+SHARED_FILESYSTEM_ENV = "BIGRAY_SHARED_FILESYSTEM"
+"""Set to 1 when every node mounts the same filesystem at the same paths (local paths are then shared)."""
+
+
+def several_nodes() -> str | None:
+    """Why this cluster's processes may run on more than one node ("3 nodes are up", "its autoscaler
+    can add nodes"), or None for a single node that nothing will add to."""
+    import ray
+    import ray._private.state
+
+    alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if alive > 1:
+        return f"{alive} nodes are up"
+    config = ray._private.state.state.get_cluster_config()
+    if config is not None and sum(g.max_count if g.max_count >= 0 else 2 for g in config.node_group_configs) > 1:  # -1: no limit
+        return "its autoscaler can add nodes"
+    if os.environ.get("BIGRAY_WAIT_FOR_AUTOSCALER"):
+        return "BIGRAY_WAIT_FOR_AUTOSCALER says nodes will be added"
+    return None
+
+
 def _shape(bundle: Mapping[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in bundle.items()) + "}"
 

@@ -27,7 +27,7 @@ from bigray.artifacts.storage import absolute, exists, full_uri, join, name_of, 
 from bigray.cluster import ensure_ray, worker_bundle, workers_fitting_at_most
 from bigray.config import ConfigError, TuneJobConfig, from_dict, set_dotted, to_dict
 from bigray.recipes import JOBS
-from bigray.recipes.launch import JobKind, build_trainer, raise_recorded_failure
+from bigray.recipes.launch import JobKind, build_trainer, check_shared_locations, raise_recorded_failure, worker_locations
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +288,7 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
     started = ensure_ray()
     try:
         if resume_dir:
+            check_shared_locations({"--resume": resume_dir})
             directory = absolute(resume_dir)
             if not exists(join(directory, "tune_job.json")):
                 raise ConfigError("--resume", f"{directory} holds no bigray search (no tune_job.json)")
@@ -296,6 +297,7 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
             base = saved["trainer"]
             tuner = tune.Tuner.restore(directory, trainable=tune.with_resources(trial_driver, {"CPU": DRIVER_CPU}), resume_errored=False)
         else:
+            check_shared_locations(worker_locations(job))
             directory = run_dir(job.run.storage_path, job.run.name)
             if exists(join(directory, "tune_job.json")):
                 raise ConfigError("run.name", f"{directory} already holds a search; resume it with --resume {directory} or pick a new run.name")

@@ -13,7 +13,8 @@ from bigray.config import (
     load_config,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "jobs" / "configs"
 JOB_CLASSES = {"gpt_finetune": GPTFinetuneConfig, "gpt": GPTPretrainConfig, "resnet": ResNetJobConfig, "tune": TuneJobConfig, "data": DataPrepareConfig}
 
 
@@ -164,3 +165,26 @@ def test_pbt_needs_the_random_searcher_and_no_grid():
 
     with pytest.raises(ConfigError, match="not a grid"):
         pbt_mutations({"train.lr": {"grid": [0.1, 0.01]}})
+
+
+def test_serve_args_read_a_ray_serve_config_file(tmp_path):
+    """`jobs/serve_app.py --config serve/cluster-config.yaml` reads the file `serve deploy` takes:
+    its bigray app's args, host and port from http_options, then the --set overrides."""
+    from bigray.config import load_settings
+    from bigray.serve.settings import ServeArgs
+
+    args = load_settings(ServeArgs, REPO / "serve" / "cluster-config.yaml", ["port=9000", "gpt.num_gpus=0"])
+    assert (args.host, args.port, args.gpt.num_gpus, args.resnet.num_gpus) == ("0.0.0.0", 9000, 0, 0.25)
+    assert args.api_key_file == "/home/ray/.bigray/api-key" and args.gpt.accelerator_type == "A10G"
+    app = yaml.safe_load((REPO / "serve" / "cluster-config.yaml").read_text())["applications"][0]
+    two = tmp_path / "two.yaml"
+    two.write_text(yaml.safe_dump({"applications": [app, {**app, "name": "again"}]}))
+    with pytest.raises(ConfigError, match="one bigray app .*found 2"):
+        load_settings(ServeArgs, two)
+
+
+def test_a_placeholder_location_is_refused_before_anything_runs():
+    from bigray.recipes.launch import check_shared_locations
+
+    with pytest.raises(ConfigError, match=r"at 'data.cache_dir': s3://YOUR-BUCKET/bigray-data still holds a placeholder"):
+        check_shared_locations({"run.storage_path": "s3://mine/runs", "data.cache_dir": "s3://YOUR-BUCKET/bigray-data"})

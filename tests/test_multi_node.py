@@ -3,6 +3,8 @@ one cluster for every check that needs nodes to come and go):
 
 - jobs that do not fit yet wait for the autoscaler's nodes (with progress and a timeout), what can
   never fit is refused at once, and Tune sizes its concurrency from what the cluster can scale to;
+- data and runs on the driver's own disk are refused before anything is prepared once the job's
+  workers can run on other nodes;
 - with no shared filesystem, each node downloads the data the driver prepared into the bucket once;
 - a ZeRO-1 run that loses its node, right after its newest checkpoint was cut short, continues from
   the complete checkpoint before it once capacity is back, and trains."""
@@ -35,6 +37,12 @@ def test_a_job_waits_for_nodes_and_fails_clearly_when_none_can_come(phases):
     cases = result["autoscaler"]
     fixed = cases["fixed_cluster"]
     assert not fixed["ok"] and "has no autoscaler" in fixed["error"] and "BIGRAY_WAIT_FOR_AUTOSCALER" in fixed["error"], fixed
+    assert cases["local_paths_one_node"]["ok"], cases  # one node: a local path is shared by all
+    refused = cases["local_paths_refused"]  # nodes can come: refused before the data is prepared
+    assert not refused["ok"] and refused["error"].startswith("ConfigError: config error at 'run.storage_path'"), refused
+    assert "its autoscaler can add nodes" in refused["error"] and "data.cache_dir=" in refused["error"], refused
+    assert "s3://" in refused["error"] and "BIGRAY_SHARED_FILESYSTEM=1" in refused["error"] and refused["seconds"] < 5, refused
+    assert cases["local_paths_shared"]["ok"], cases
     never = cases["never_fits"]
     assert not never["ok"] and "can never hold 2 workers of {CPU: 4}" in never["error"] and never["seconds"] < 5, never
     # Tune sizes its concurrency from the node types: four 1-CPU trials, two 2-CPU trials (two

@@ -376,7 +376,8 @@ def test_64_concurrent_requests_all_succeed(app):
 
 @pytest.mark.slow
 def test_auth_key_is_read_in_the_replica_and_enforced(app, tmp_path):
-    """The key comes from a file the replica reads (a mounted Secret; its trailing newline stripped)."""
+    """The key comes from a file the replica reads (a mounted Secret; its trailing newline stripped);
+    a load balancer's health check (Serve's /-/healthz) needs none (README "Serving on the cluster")."""
     from ray import serve
 
     from bigray.serve.app import build_app
@@ -387,6 +388,8 @@ def test_auth_key_is_read_in_the_replica_and_enforced(app, tmp_path):
     try:
         base = f"{URL}/secure"
         assert requests.get(f"{base}/healthz").status_code in (200, 503)  # no key needed
+        health = requests.get(f"{URL}/-/healthz")  # Serve's proxy route: a load balancer's health check, with no key
+        assert health.status_code == 200, health.text
         assert requests.get(f"{base}/v1/models").status_code == 401
         assert requests.get(f"{base}/v1/status").status_code == 401
         r = requests.post(f"{base}/v1/completions", json={"prompt": "hi"}, headers={"authorization": "Bearer wrong"})

@@ -212,3 +212,20 @@ def test_imagefolder_root_in_a_bucket_is_copied_once_and_read(bucket, node_cache
     assert [d["location"] for d in downloads(node_cache)] == [root]  # copied to this node once
     with pytest.raises(DataError, match=f"data.root: {bucket}/nothing does not exist"):
         load_images(ImageDataConfig(dataset="imagefolder", root=f"{bucket}/nothing"))
+
+
+def test_fashion_mnist_root_in_a_bucket_is_copied_once_and_read(bucket, node_cache):
+    """A cluster's Tune trials read Fashion-MNIST from the bucket (jobs/configs/tune_resnet_cluster.yaml):
+    the four idx files the operator uploaded, copied to each node once."""
+    from bigray.config import ImageDataConfig
+    from bigray.data.cache import DataError
+    from bigray.data.images import DEBIAN_FASHION_MNIST, load_images
+
+    root = put_tree(DEBIAN_FASHION_MNIST, f"{bucket}/fashion-mnist")
+    cfg = ImageDataConfig(dataset="fashion_mnist", root=root, max_train_samples=100, max_eval_samples=50, download=True)
+    splits, info = load_images(cfg)
+    assert info.name == "fashion_mnist" and len(splits["train"]) == 100 and len(splits["test"]) == 50
+    load_images(cfg)
+    assert [d["location"] for d in downloads(node_cache)] == [root]  # copied to this node once
+    with pytest.raises(DataError, match=f"data.root: {bucket}/nothing does not exist"):
+        load_images(ImageDataConfig(dataset="fashion_mnist", root=f"{bucket}/nothing", download=True))  # never downloaded into a URI

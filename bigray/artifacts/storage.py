@@ -47,6 +47,32 @@ def absolute(path: str) -> str:
     return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "lustre", "cifs", "smb3", "ceph", "glusterfs", "gpfs", "beegfs", "wekafs", "fuse.s3fs",
+    "fuse.mountpoint-s3", "fuse.gcsfuse", "fuse.juicefs", "fuse.glusterfs", "fuse.ceph", "efs",
+})  # fmt: skip
+"""Filesystem types (as /proc/mounts names them) that every node of a cluster can mount."""
+
+
+def network_filesystem(path: str) -> str | None:
+    """The type of the network filesystem (NFS, EFS, FSx for Lustre, a FUSE bucket mount) that holds
+    the local ``path``, or None when it is on a disk only this machine sees (or not on Linux)."""
+    target = Path(path).expanduser().resolve()
+    best, kind = "", None
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (target == Path(point) or Path(point) in target.parents) and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind if kind in NETWORK_FILESYSTEMS else None
+
+
 def join(location: str, *parts: str) -> str:
     """``location/part/...``, keeping a URI's query options at the end."""
     base, query = _split(location)

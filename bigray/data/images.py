@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from bigray.artifacts.storage import FileLock, StorageError, absolute, cached_copy
+from bigray.artifacts.storage import FileLock, StorageError, absolute, cached_copy, is_uri
 from bigray.config import ImageDataConfig
 from bigray.data.cache import DataError
 
@@ -116,9 +116,18 @@ def read_idx(path: Path) -> np.ndarray:
         raise DataError(f"{path} is not a readable IDX file ({e}); reinstall the dataset") from None
 
 
+def _local_root(root: str) -> Path:
+    """data.root on this node: a folder in storage (s3://...) is copied here once per node."""
+    try:
+        return cached_copy(root, area="data")
+    except StorageError as e:
+        raise DataError(f"data.root: {e}") from None
+
+
 def _fashion_dirs(root: str) -> list[Path]:
     if root:
-        return [Path(root), Path(root) / "FashionMNIST" / "raw"]
+        local = _local_root(root)
+        return [local, local / "FashionMNIST" / "raw"]
     return [DEBIAN_FASHION_MNIST, Path("data/fashion_mnist/FashionMNIST/raw")]
 
 
@@ -128,7 +137,7 @@ def _load_fashion_mnist(cfg: ImageDataConfig) -> tuple[dict[str, ArrayImages], D
             break
     else:
         d = None
-        if cfg.download:
+        if cfg.download and not is_uri(cfg.root):  # a folder in storage is what it holds
             d = _download_fashion_mnist(cfg)
         if d is None:
             where = cfg.root or f"{DEBIAN_FASHION_MNIST} or data/fashion_mnist"
@@ -168,12 +177,12 @@ def _download_fashion_mnist_locked(root: Path) -> Path | None:
 def _load_cifar10(cfg: ImageDataConfig) -> tuple[dict[str, ArrayImages], DatasetInfo]:
     import torchvision
 
-    root = cfg.root or "data/cifar10"
+    root = str(_local_root(cfg.root)) if is_uri(cfg.root) else cfg.root or "data/cifar10"
     splits = {}
     for split in ("train", "test"):
         try:
             with FileLock(Path(root).parent / f".{Path(root).name}.download.lock"):  # workers on one node download once
-                ds = torchvision.datasets.CIFAR10(root, train=split == "train", download=cfg.download)
+                ds = torchvision.datasets.CIFAR10(root, train=split == "train", download=cfg.download and not is_uri(cfg.root))
         except Exception as e:
             raise DataError(
                 f"CIFAR-10 is not in {root} and could not be downloaded ({e}); put cifar-10-batches-py "
@@ -211,10 +220,7 @@ def _load_imagefolder(cfg: ImageDataConfig) -> tuple[dict[str, FolderImages], Da
     """``root/train/<class>/*`` and ``root/test/<class>/*`` (``val/`` also accepted for the test split)."""
     if not cfg.root:
         raise DataError("data.root must point to an ImageFolder tree when data.dataset is 'imagefolder'")
-    try:
-        root = cached_copy(cfg.root, area="data")  # a tree in storage: copied to this node once
-    except StorageError as e:
-        raise DataError(f"data.root: {e}") from None
+    root = _local_root(cfg.root)
     if not root.is_dir():
         raise DataError(f"data.root {root} does not exist")
     test_dir = root / "test" if (root / "test").is_dir() else root / "val"

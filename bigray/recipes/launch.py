@@ -11,16 +11,17 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
 from bigray.artifacts.runs import clear_failure, print_summary, recorded_failure, save_resolved_config, summarize
 from bigray.artifacts.checkpoint import CheckpointError, latest_complete
-from bigray.artifacts.storage import absolute, full_uri, run_dir
+from bigray.artifacts.storage import absolute, full_uri, is_uri, network_filesystem, run_dir
 from bigray.artifacts.tracking import record_outcome, resolved
-from bigray.cluster import ensure_ray, wait_for_workers
-from bigray.config import to_dict
+from bigray.cluster import SHARED_FILESYSTEM_ENV, ensure_ray, several_nodes, wait_for_workers
+from bigray.config import ConfigError, TuneJobConfig, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -127,22 +128,23 @@ def build_trainer(kind: JobKind, prepared: PreparedJob, callbacks: Sequence[Any]
 
 
 def run_training(kind: JobKind, prepared: PreparedJob) -> TrainOutcome:
-    """Run a prepared job on its Ray Train workers and return where things ended up."""
+    """Run a prepared job on its Ray Train workers (Ray connected) and return where things ended up;
+    a failure is recorded in the job's tracking run."""
     import ray.train
 
     cfg = prepared.config
-    started = ensure_ray()
     wait_for_workers(cfg.scaling)
     directory = run_dir(cfg.run.storage_path, cfg.run.name)
     trainer = build_trainer(kind, prepared)
     try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        raise TrainingFailed(f"training run {cfg.run.name} failed: {e}") from None
-    finally:
-        if started:
-            ray.shutdown()  # flushes worker logs, so the summary line printed next is the last one
-    raise_recorded_failure(cfg)
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            raise TrainingFailed(f"training run {cfg.run.name} failed: {e}") from None
+        raise_recorded_failure(cfg)
+    except TrainingFailed:
+        record_outcome(cfg.tracking, directory, "FAILED")
+        raise
     best = result.get_best_checkpoint(kind.metric, kind.mode) if result.best_checkpoints else None
     return TrainOutcome(
         run_dir=directory,
@@ -159,25 +161,88 @@ def raise_recorded_failure(cfg: Any) -> None:
         raise TrainingFailed(f"training run {cfg.run.name} failed (not retried): {reason}")
 
 
+def worker_locations(cfg: Any) -> dict[str, str]:
+    """The locations of a job's config that processes on other nodes open: key -> value (a Tune
+    search: its trainer's, with the search's own run.storage_path, where the trials go)."""
+    if isinstance(cfg, TuneJobConfig):
+        return {**worker_locations(cfg.trainer_config()), "run.storage_path": cfg.run.storage_path}
+    found = {"run.storage_path": cfg.run.storage_path}
+    for key in ("cache_dir", "root"):  # prepared text data; images (ResNet)
+        if hasattr(cfg.data, key):
+            found[f"data.{key}"] = getattr(cfg.data, key)
+    for key in ("resume_from", "init_from"):  # a checkpoint; a base model (a directory, or a Hub id)
+        value = getattr(cfg, key, "")
+        if value and (key == "resume_from" or is_uri(value) or os.path.exists(os.path.expanduser(value))):
+            found[key] = value
+    return found
+
+
+def node_local(location: str) -> bool:
+    """Whether only this node can open ``location``: a path (or file:// URI) not on a network
+    filesystem. An empty data.root is local too: each node looks on its own disk."""
+    if not location:
+        return True
+    if is_uri(location) and not location.startswith("file://"):
+        return False
+    return network_filesystem(location.removeprefix("file://")) is None
+
+
+def check_shared_locations(locations: dict[str, str]) -> None:
+    """Refuse, before any data is prepared or any node requested, locations only this node has when
+    the job's processes may run on other nodes (workers on GPU nodes would fail after booting).
+
+    Connected to Ray only; BIGRAY_SHARED_FILESYSTEM=1 says every node mounts the same paths."""
+    import ray
+
+    for key, value in locations.items():  # cluster.yaml's and the presets' names for what the operator creates
+        if "YOUR-" in value:
+            raise ConfigError(key, f"{value} still holds a placeholder (YOUR-...): replace it with your own bucket or path "
+                                   "(README \"Running on a cluster\")")  # fmt: skip
+    if not ray.is_initialized() or os.environ.get(SHARED_FILESYSTEM_ENV) == "1":
+        return
+    local = {key: value for key, value in locations.items() if node_local(value)}
+    why = several_nodes() if local else None
+    if why is None:
+        return
+    named = ", ".join(f"{key}={value!r}" if value else f"{key} (empty: each node's own disk)" for key, value in local.items())
+    raise ConfigError(next(iter(local)), f"the job's workers run on other nodes ({why}), which cannot see this node's "
+                                         f"disk: {named}. Put them in object storage (s3://YOUR-BUCKET/prefix, gs://...) "
+                                         f"or on a filesystem every node mounts, and set {SHARED_FILESYSTEM_ENV}=1 if it is one")  # fmt: skip
+
+
 def prepare(kind: JobKind, cfg: Any) -> PreparedJob:
-    """The driver's preparation of a job: tracking resolved from the driver's environment (so every
-    worker tracks to the same place), then the kind's own checks and data."""
+    """The driver's preparation of a job: locations checked against the cluster, tracking resolved
+    from the driver's environment (so every worker tracks to the same place), then the kind's own
+    checks and data."""
+    check_shared_locations(worker_locations(cfg))
     return kind.prepare(dataclasses.replace(cfg, tracking=resolved(cfg.tracking)))
 
 
 def launch(kind: JobKind, cfg: Any) -> dict[str, Any]:
     """A training command end to end: prepare on the driver, train on Ray, write and print the summary."""
-    return launch_prepared(kind, prepare(kind, cfg))
+    import ray
+
+    # A running cluster (RAY_ADDRESS: `ray job submit`) is joined first: its nodes decide which
+    # locations work. A local Ray is one node, so a bad job is refused before it starts.
+    started = ensure_ray() if os.environ.get("RAY_ADDRESS") else False
+    try:
+        prepared = prepare(kind, cfg)
+        started = ensure_ray() or started
+        outcome = run_training(kind, prepared)
+    finally:
+        if started:
+            ray.shutdown()  # flushes worker logs, so the summary line printed next is the last one
+    return finish(prepared, outcome)
 
 
 def launch_prepared(kind: JobKind, prepared: PreparedJob) -> dict[str, Any]:
-    """Train a job already prepared, then write, track and print its summary."""
+    """Train a job already prepared (Ray connected), then write, track and print its summary."""
+    return finish(prepared, run_training(kind, prepared))
+
+
+def finish(prepared: PreparedJob, outcome: TrainOutcome) -> dict[str, Any]:
+    """Write, track and print the summary of a finished run."""
     cfg = prepared.config
-    try:
-        outcome = run_training(kind, prepared)
-    except TrainingFailed:
-        record_outcome(cfg.tracking, run_dir(cfg.run.storage_path, cfg.run.name), "FAILED")
-        raise
     summary = summarize(outcome.run_dir, outcome.checkpoint, outcome.metrics, best_checkpoint=outcome.best_checkpoint)
     tags = {"bigray.checkpoint": outcome.checkpoint, "bigray.best_checkpoint": outcome.best_checkpoint}
     record_outcome(cfg.tracking, outcome.run_dir, "FINISHED", tags, texts={"summary.json": json.dumps(summary, indent=2)})

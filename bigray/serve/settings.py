@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class DeploymentArgs(BaseModel):
@@ -37,6 +37,8 @@ class DeploymentArgs(BaseModel):
     """> 0: the model runs on the replica's GPU."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Weights cast at load: bfloat16 is much faster on CPUs with AMX / AVX-512 BF16 (runners.torch_dtype)."""
+    accelerator_type: str | None = None
+    """Ray's name of the GPU a replica needs (A10G, H100, ...): replicas land on that node type only."""
 
     def options(self) -> dict[str, Any]:
         """The ``Deployment.options(...)`` these settings mean."""
@@ -49,7 +51,8 @@ class DeploymentArgs(BaseModel):
                 "max_replicas": self.max_replicas,
                 "target_ongoing_requests": self.target_ongoing_requests,
             },
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                                  **({"accelerator_type": self.accelerator_type} if self.accelerator_type else {})},  # fmt: skip
             "max_queued_requests": self.max_queued_requests,
             # what a refused request is told: 429 Too Many Requests with Retry-After
             "backpressure_config": {"status_code": 429, "retry_after_s": self.retry_after_s},
@@ -86,9 +89,37 @@ class AppArgs(BaseModel):
     surrounding whitespace is stripped. Takes precedence over ``api_key_env``."""
 
 
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` laid on it, section by section (``--set gpt.num_gpus=0`` keeps gpt's other keys)."""
+    for key, value in over.items():
+        base[key] = _merged(dict(base[key]), value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return base
+
+
+SERVE_CONFIG_KEYS = ("proxy_location", "http_options", "grpc_options", "logging_config", "target_capacity")
+"""Top-level keys of a Ray Serve config file besides ``applications``."""
+
+
 class ServeArgs(AppArgs):
     """`bigray serve` and jobs/serve_app.py: the app's args, where Serve's HTTP proxy listens, and two
-    shortcuts that set both deployments at once (``--set dtype=bfloat16``, ``--set num_gpus=1``)."""
+    shortcuts that set both deployments at once (``--set dtype=bfloat16``, ``--set num_gpus=1``).
+
+    ``--config`` takes these keys, or a Ray Serve config file (what ``serve deploy`` takes, e.g.
+    serve/cluster-config.yaml): its bigray app's args, with host and port from ``http_options``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_serve_config(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "applications" not in data:
+            return data
+        data = dict(data)
+        apps = [a for a in data.pop("applications") or [] if isinstance(a, dict) and a.get("import_path") == "bigray.serve.app:build_app"]
+        if len(apps) != 1:
+            raise ValueError(f"a Serve config must hold one bigray app (import_path bigray.serve.app:build_app), found {len(apps)}")
+        http = data.get("http_options") or {}
+        for key in SERVE_CONFIG_KEYS:
+            data.pop(key, None)
+        return _merged(_merged(dict(apps[0].get("args") or {}), {k: http[k] for k in ("host", "port") if k in http}), data)
 
     host: str = "127.0.0.1"
     """HTTP host (0.0.0.0 to listen on every interface, as a cluster's head needs: then an API key

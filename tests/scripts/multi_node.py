@@ -3,7 +3,9 @@
 
 1. **Waiting for the autoscaler.** The node types an autoscaler would publish to the GCS (two 2-CPU
    nodes) are reported the way Ray's autoscaler reports them (GcsClient.report_cluster_config); a
-   fixed cluster, a shape no node type holds, Tune's concurrency and the wait's timeout are checked.
+   fixed cluster, a shape no node type holds, Tune's concurrency and the wait's timeout are checked,
+   and a job whose data and runs are on the driver's disk is refused once nodes can be added (every
+   later phase declares this one-machine cluster's disk shared: BIGRAY_SHARED_FILESYSTEM=1).
 2. **A job that waits for nodes, with no shared filesystem.** The driver prepares the data into the
    bucket and deletes its own copy; a 4-worker job waits until the two nodes are really added, then
    trains from the bucket, each node downloading the prepared data into its own cache once.
@@ -47,15 +49,19 @@ def gpt_config(cache: str, max_chars: str, vocab: str, *overrides: str):
     ])  # fmt: skip
 
 
-def autoscaler_cases(cluster) -> dict:
+def autoscaler_cases(cluster, cache: str, max_chars: str, vocab: str) -> dict:
     import ray
     from ray.core.generated import autoscaler_pb2
 
     from bigray.cluster import wait_for_workers
     from bigray.config import ScalingConfig, TuneJobConfig
+    from bigray.recipes.gpt import PRETRAIN
+    from bigray.recipes.launch import check_shared_locations, prepare, worker_locations
     from bigray.tune import concurrent_trials
 
-    cases = {"fixed_cluster": timed(lambda: wait_for_workers(ScalingConfig(num_workers=2, cpus_per_worker=1)))}  # no autoscaler
+    local = gpt_config(cache, max_chars, vocab, "run.storage_path=./runs")  # data and runs on this node's disk
+    cases = {"fixed_cluster": timed(lambda: wait_for_workers(ScalingConfig(num_workers=2, cpus_per_worker=1))),  # no autoscaler
+             "local_paths_one_node": timed(lambda: check_shared_locations(worker_locations(local)))}  # fmt: skip
     config = autoscaler_pb2.ClusterConfig()
     for name, cpus, max_count in (("head", 0, 1), ("cpu-2", 2, 2)):
         group = autoscaler_pb2.NodeGroupConfig(name=name, max_count=max_count, min_count=1 if name == "head" else 0)
@@ -63,6 +69,9 @@ def autoscaler_cases(cluster) -> dict:
         config.node_group_configs.append(group)
     ray._raylet.GcsClient(address=cluster.address).report_cluster_config(config.SerializeToString())
 
+    cases["local_paths_refused"] = timed(lambda: prepare(PRETRAIN, local))  # before any data is prepared
+    os.environ["BIGRAY_SHARED_FILESYSTEM"] = "1"  # (true here: every node of this cluster is this machine)
+    cases["local_paths_shared"] = timed(lambda: check_shared_locations(worker_locations(local)))
     cases["never_fits"] = timed(lambda: wait_for_workers(ScalingConfig(num_workers=2, cpus_per_worker=4)))
     per_trial = lambda cpus: type("Trainer", (), {"scaling": ScalingConfig(num_workers=1, cpus_per_worker=cpus)})()  # noqa: E731
     cases["trials"] = {"now_cpus": int(ray.cluster_resources().get("CPU", 0)), "at_most_1cpu": concurrent_trials(TuneJobConfig(), per_trial(1)),
@@ -202,7 +211,7 @@ def main() -> None:
         dashboard_port = sock.getsockname()[1]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": dashboard_port})
     ray.init(address=cluster.address)
-    phases: dict = {"autoscaler": autoscaler_cases(cluster)}
+    phases: dict = {"autoscaler": autoscaler_cases(cluster, cache, max_chars, vocab)}
     phases["grown"], nodes = grow_without_shared_fs(cluster, out, max_chars, vocab)
     phases["log"] = lines
     cluster.remove_node(nodes["node-b"])  # one 2-CPU node is left: the next run's workers share it
