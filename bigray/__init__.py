@@ -3,7 +3,7 @@
 Layers, bottom first; a module imports only from its own layer or below (checked with
 ``python ../shared/tools/import_graph.py bigray --layers "<the line below>"``)::
 
-    config | models | artifacts cluster | serve | data | train | recipes | tune export preflight smoke | quickstart cli
+    config | models | artifacts cluster | serve | data | train | recipes | tune export smoke | quickstart cli
 
 - ``config``: the config engine and every job's typed sections.
 - ``models``: plain single-device torch models (nothing of Ray or DeepSpeed).
@@ -16,7 +16,8 @@ Layers, bottom first; a module imports only from its own layer or below (checked
 - ``data``: corpus, tokenizer, token shards, fine-tuning data, image datasets (built on the driver).
 - ``train``: the worker side only: loops, context, metrics, optimizer/schedules, and engine.py, which
   owns every DeepSpeed/ZeRO decision.
-- ``recipes``: the driver side: prepare once, launch, summarize; one registry of job kinds.
-- ``tune``, ``export``, ``preflight`` (`bigray cluster check`), ``smoke`` (`bigray cluster smoke`),
-  ``quickstart``, ``cli``: commands built from the layers below.
+- ``recipes``: the driver side: check the job against the cluster (preflight), prepare once, launch,
+  summarize; one registry of job kinds.
+- ``tune``, ``export``, ``smoke`` (`bigray cluster smoke`), ``quickstart``, ``cli``: commands built
+  from the layers below.
 """

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from bigray.config import ConfigError, DataPrepareConfig, load_config
@@ -158,13 +159,49 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_cluster_check(args: argparse.Namespace) -> dict[str, Any]:
-    from bigray.preflight import ClusterCheckFailed, run
+    """`bigray cluster check`: print each finding, then a JSON summary; exit 1 if any failed."""
+    import dataclasses
 
+    import ray
+
+    from bigray.cluster import ensure_ray
+    from bigray.recipes.preflight import check
+
+    cfg = job_config(args.config, args.overrides) if args.config else None
+    started = ensure_ray()
     try:
-        return run(args.config, args.overrides)
-    except ClusterCheckFailed as e:  # each finding is printed above
-        print(f"bigray: cluster check failed: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+        findings = check(cfg)
+    finally:
+        if started:
+            ray.shutdown()
+    for f in findings:
+        print(f"{'ok  ' if f.ok else 'FAIL'}  {f.check}: {f.detail}", flush=True)
+    failed = [f for f in findings if not f.ok]
+    summary = {"cluster_check": "failed" if failed else "passed", "findings": [dataclasses.asdict(f) for f in findings]}
+    print(json.dumps(summary), flush=True)
+    if failed:
+        print(f"bigray: cluster check failed: {len(failed)} of {len(findings)} checks (FAIL above)", file=sys.stderr)
+        raise SystemExit(1)
+    return summary
+
+
+def job_config(path: str, overrides: list[str]) -> Any:
+    """The typed config of a job YAML, whichever command runs it (Tune, GPT pretraining or
+    fine-tuning, ResNet): the first config class that accepts every key."""
+    import yaml
+
+    from bigray.config import TuneJobConfig
+    from bigray.recipes import JOBS
+
+    raw = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else {}
+    classes = [TuneJobConfig] if "tune" in (raw or {}) else [kind.config_class for kind in JOBS.values()]
+    errors = []
+    for cls in classes:
+        try:
+            return load_config(cls, path, overrides)
+        except ConfigError as e:
+            errors.append(f"{cls.__name__}: {e}")
+    raise ConfigError("", f"{path} is no job config bigray knows ({'; '.join(errors)})")
 
 
 def cmd_cluster_smoke(args: argparse.Namespace) -> dict[str, Any]:
@@ -251,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     from bigray.artifacts.storage import StorageError
     from bigray.data.cache import DataError
     from bigray.recipes.launch import TrainingFailed
+    from bigray.recipes.preflight import ClusterCheckFailed
 
     try:
         args.func(args)
@@ -269,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFailed as e:
         print(f"bigray: {e}", file=sys.stderr)
         return 1
+    except ClusterCheckFailed as e:
+        print(f"bigray: cluster check failed: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("bigray: interrupted", file=sys.stderr)
         return 130

@@ -74,6 +74,19 @@ def workers_fitting_at_most(bundle: Mapping[str, float]) -> int | None:
     return total
 
 
+def offered_accelerators() -> set[str]:
+    """Ray's accelerator types (H100, A10G, ...) of the nodes that are up and of the node types the
+    autoscaler published: what a job's or a replica's ``accelerator_type`` can get."""
+    import ray
+    import ray._private.state
+
+    names = {k for n in ray.nodes() if n.get("Alive") for k in n["Resources"]}
+    config = ray._private.state.state.get_cluster_config()
+    if config is not None:
+        names |= {k for group in config.node_group_configs for k in group.resources}
+    return {k.split(":", 1)[1] for k in names if k.startswith("accelerator_type:")}
+
+
 SHARED_FILESYSTEM_ENV = "BIGRAY_SHARED_FILESYSTEM"
 """Set to 1 when every node mounts the same filesystem at the same paths (local paths are then shared)."""
 

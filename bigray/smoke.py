@@ -16,6 +16,8 @@ from typing import Any
 
 from bigray.cluster import ensure_ray, torch_device, training_precision, wait_for_workers
 from bigray.config import DeepSpeedConfig, GPTPretrainConfig, GPTTrainConfig, load_config
+from bigray.recipes.launch import train_scaling
+from bigray.recipes.preflight import check_shared_locations
 
 
 def _bandwidth(group: Any, ranks: int, nbytes: int, device: Any, iters: int = 5) -> dict[str, float]:
@@ -113,15 +115,12 @@ def run(config_path: str | None, overrides: list[str], sizes_mb: list[float] | N
     sizes = sizes_mb or ([16.0, 256.0, 1024.0] if scaling.use_gpu else [1.0, 8.0])
     started = ensure_ray()
     try:
+        check_shared_locations({"run.storage_path": cfg.run.storage_path})  # Ray Train keeps its run state there
         wait_for_workers(scaling)
         trainer = TorchTrainer(
             train_loop_per_worker=smoke_loop,
             train_loop_config={"use_gpu": scaling.use_gpu, "sizes_mb": sizes, "precision": cfg.deepspeed.precision},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
-                accelerator_type=scaling.accelerator_type or None,
-            ),  # fmt: skip
+            scaling_config=train_scaling(scaling),
             run_config=ray.train.RunConfig(name=f"cluster-smoke-{int(time.time())}", storage_path=_scratch(cfg)),
         )
         result = trainer.fit()

@@ -27,7 +27,8 @@ from bigray.artifacts.storage import absolute, exists, full_uri, join, name_of, 
 from bigray.cluster import ensure_ray, worker_bundle, workers_fitting_at_most
 from bigray.config import ConfigError, TuneJobConfig, from_dict, set_dotted, to_dict
 from bigray.recipes import JOBS
-from bigray.recipes.launch import JobKind, build_trainer, check_shared_locations, raise_recorded_failure, worker_locations
+from bigray.recipes.launch import JobKind, build_trainer, raise_recorded_failure
+from bigray.recipes.preflight import check_nodes, check_shared_locations, worker_locations
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +308,7 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
             if not search_run.run_id:  # no tracking, or the tracker is unreachable (warned once): trials do not try it
                 job = dataclasses.replace(job, tracking=dataclasses.replace(job.tracking, backend="none"))
             base = prepare_base(job, join(directory, "trials"), search_run.run_id)
+            check_nodes(job)
             save_resolved_config(directory, job)
             write_text(join(directory, "tune_job.json"), json.dumps({"job": to_dict(job), "trainer": base}, indent=2))
             tuner = make_tuner(job, base, directory)

@@ -173,7 +173,7 @@ def cluster_job_config(entry: list[str]):
     """The typed config a README job command runs (its --config and --set), and the locations its
     workers open."""
     from bigray.config import GPTFinetuneConfig, GPTPretrainConfig, ResNetJobConfig, TuneJobConfig, load_config
-    from bigray.recipes.launch import worker_locations
+    from bigray.recipes.preflight import worker_locations
 
     classes = {"jobs/pretrain_gpt.py": GPTPretrainConfig, "jobs/finetune_gpt.py": GPTFinetuneConfig,
                "jobs/train_resnet.py": ResNetJobConfig, "jobs/tune.py": TuneJobConfig}  # fmt: skip
@@ -185,7 +185,7 @@ def cluster_job_config(entry: list[str]):
 def test_readme_cluster_jobs_keep_data_and_runs_in_object_storage_and_train_on_gpus():
     """Finding 1 and 3: a job whose data or run directory is on the head's disk fails once its GPU
     workers are up; a Tune search whose trials sit on GPU nodes but train on CPU wastes them."""
-    from bigray.recipes.launch import node_local
+    from bigray.recipes.preflight import node_local
 
     jobs = [e for e in readme_cluster_jobs() if e[0] == "python" and e[1] != "jobs/serve_app.py"]
     assert {e[1] for e in jobs} >= {"jobs/pretrain_gpt.py", "jobs/tune.py"}, jobs
@@ -201,7 +201,7 @@ def test_readme_cluster_jobs_keep_data_and_runs_in_object_storage_and_train_on_g
 def test_cluster_presets_keep_every_location_in_object_storage():
     """Presets sized for cluster.yaml's GPU node types (they pin an accelerator_type); a preset for
     one GPU box (gpt_finetune_chat_lora.yaml) keeps local paths, which a cluster's driver refuses."""
-    from bigray.recipes.launch import node_local
+    from bigray.recipes.preflight import node_local
 
     gpu = []
     for path in sorted((REPO / "jobs" / "configs").glob("*.yaml")):
@@ -216,7 +216,7 @@ def test_cluster_presets_keep_every_location_in_object_storage():
 
 def test_a_local_path_is_node_local_unless_a_network_filesystem_holds_it(tmp_path):
     from bigray.artifacts.storage import network_filesystem
-    from bigray.recipes.launch import node_local
+    from bigray.recipes.preflight import node_local
 
     assert node_local(str(tmp_path)) and node_local("./data") and node_local("") and node_local(f"file://{tmp_path}")
     assert not node_local("s3://bucket/runs") and not node_local("gs://bucket/data?x=1")

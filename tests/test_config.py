@@ -184,7 +184,7 @@ def test_serve_args_read_a_ray_serve_config_file(tmp_path):
 
 
 def test_a_placeholder_location_is_refused_before_anything_runs():
-    from bigray.recipes.launch import check_shared_locations
+    from bigray.recipes.preflight import check_shared_locations
 
     with pytest.raises(ConfigError, match=r"at 'data.cache_dir': s3://YOUR-BUCKET/bigray-data still holds a placeholder"):
         check_shared_locations({"run.storage_path": "s3://mine/runs", "data.cache_dir": "s3://YOUR-BUCKET/bigray-data"})

@@ -401,6 +401,18 @@ def test_auth_key_is_read_in_the_replica_and_enforced(app, tmp_path):
         serve.delete("secured")
 
 
+def test_a_replica_accelerator_no_node_offers_is_refused_at_deploy(app):
+    """serve/cluster-config.yaml pins its replicas to A10G nodes; where no node type offers that GPU
+    the deploy fails at once, naming the key, instead of leaving replicas pending forever."""
+    from bigray.config import ConfigError
+    from bigray.serve.launch import deploy
+
+    wrong = app.model_copy(update={"resnet_checkpoint": None, "gpt": app.gpt.model_copy(update={"accelerator_type": "A10G"})})
+    with pytest.raises(ConfigError, match=r"at 'gpt.accelerator_type': A10G is offered by no node or node type of this cluster \(they offer none\)"):
+        deploy(wrong, port=PORT, name="never")
+    assert requests.get(f"{URL}/v1/models").status_code == 200  # the running app is untouched
+
+
 @pytest.mark.slow
 def test_a_key_the_replica_cannot_see_fails_the_deploy_closed(app, monkeypatch):
     """BIGRAY_API_KEY set where the app is built (this process) but not in the replicas' environment:

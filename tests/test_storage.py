@@ -229,3 +229,17 @@ def test_fashion_mnist_root_in_a_bucket_is_copied_once_and_read(bucket, node_cac
     assert [d["location"] for d in downloads(node_cache)] == [root]  # copied to this node once
     with pytest.raises(DataError, match=f"data.root: {bucket}/nothing does not exist"):
         load_images(ImageDataConfig(dataset="fashion_mnist", root=f"{bucket}/nothing", download=True))  # never downloaded into a URI
+
+
+def test_every_node_is_probed_for_the_job_locations_with_its_own_credentials(ray_cluster, bucket, tmp_path):
+    """What a job's driver runs before asking for workers on a cluster of several nodes (here, on
+    this session's one node): versions, and each location read and written from the node."""
+    from bigray.recipes.preflight import MARKER_DIR, probe_nodes
+
+    found = {f.check: f for f in probe_nodes({"run.storage_path": f"{bucket}/runs", "data.cache_dir": str(tmp_path / "data")})}
+    node_checks = [name for name in found if name.startswith("node ")]
+    assert all(f.ok for f in found.values()) and len(node_checks) == 3, found  # versions, then both locations
+    assert not (tmp_path / "data" / MARKER_DIR).exists()  # the markers are removed
+    missing = probe_nodes({"run.storage_path": "s3://no-such-bucket/runs"})
+    bad = [f for f in missing if not f.ok]
+    assert [f.check for f in bad] == ["run.storage_path writable from the driver"] and "no-such-bucket" in bad[0].detail, missing

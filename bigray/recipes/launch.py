@@ -18,10 +18,11 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 
 from bigray.artifacts.runs import clear_failure, print_summary, recorded_failure, save_resolved_config, summarize
 from bigray.artifacts.checkpoint import CheckpointError, latest_complete
-from bigray.artifacts.storage import absolute, full_uri, is_uri, network_filesystem, run_dir
+from bigray.artifacts.storage import absolute, full_uri, run_dir
 from bigray.artifacts.tracking import record_outcome, resolved
-from bigray.cluster import SHARED_FILESYSTEM_ENV, ensure_ray, several_nodes, wait_for_workers
-from bigray.config import ConfigError, TuneJobConfig, to_dict
+from bigray.cluster import ensure_ray, wait_for_workers
+from bigray.config import ScalingConfig, to_dict
+from bigray.recipes.preflight import check_nodes, check_shared_locations, worker_locations
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,18 @@ class TrainOutcome:
     metrics: dict[str, Any]
 
 
+def train_scaling(scaling: ScalingConfig) -> Any:
+    """Ray Train's ScalingConfig for bigray's scaling section (the bundle cluster.worker_bundle checks)."""
+    import ray.train
+
+    return ray.train.ScalingConfig(
+        num_workers=scaling.num_workers,
+        use_gpu=scaling.use_gpu,
+        resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+        accelerator_type=scaling.accelerator_type or None,
+    )
+
+
 def build_trainer(kind: JobKind, prepared: PreparedJob, callbacks: Sequence[Any] = ()) -> Any:
     """A TorchTrainer for a prepared job: resources, storage, checkpoint retention and failure budget."""
     import ray.train
@@ -107,12 +120,7 @@ def build_trainer(kind: JobKind, prepared: PreparedJob, callbacks: Sequence[Any]
     return TorchTrainer(
         train_loop_per_worker=kind.loop,
         train_loop_config={"job": to_dict(cfg), "run_dir": directory, "data_dir": prepared.data_dir},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers,
-            use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
-            accelerator_type=scaling.accelerator_type or None,
-        ),
+        scaling_config=train_scaling(scaling),
         run_config=ray.train.RunConfig(
             name=run.name,
             storage_path=absolute(run.storage_path),
@@ -133,6 +141,7 @@ def run_training(kind: JobKind, prepared: PreparedJob) -> TrainOutcome:
     import ray.train
 
     cfg = prepared.config
+    check_nodes(cfg)  # the nodes that are up run this image and reach every location
     wait_for_workers(cfg.scaling)
     directory = run_dir(cfg.run.storage_path, cfg.run.name)
     trainer = build_trainer(kind, prepared)
@@ -159,55 +168,6 @@ def raise_recorded_failure(cfg: Any) -> None:
     reason = recorded_failure(run_dir(cfg.run.storage_path, cfg.run.name))
     if reason:
         raise TrainingFailed(f"training run {cfg.run.name} failed (not retried): {reason}")
-
-
-def worker_locations(cfg: Any) -> dict[str, str]:
-    """The locations of a job's config that processes on other nodes open: key -> value (a Tune
-    search: its trainer's, with the search's own run.storage_path, where the trials go)."""
-    if isinstance(cfg, TuneJobConfig):
-        return {**worker_locations(cfg.trainer_config()), "run.storage_path": cfg.run.storage_path}
-    found = {"run.storage_path": cfg.run.storage_path}
-    for key in ("cache_dir", "root"):  # prepared text data; images (ResNet)
-        if hasattr(cfg.data, key):
-            found[f"data.{key}"] = getattr(cfg.data, key)
-    for key in ("resume_from", "init_from"):  # a checkpoint; a base model (a directory, or a Hub id)
-        value = getattr(cfg, key, "")
-        if value and (key == "resume_from" or is_uri(value) or os.path.exists(os.path.expanduser(value))):
-            found[key] = value
-    return found
-
-
-def node_local(location: str) -> bool:
-    """Whether only this node can open ``location``: a path (or file:// URI) not on a network
-    filesystem. An empty data.root is local too: each node looks on its own disk."""
-    if not location:
-        return True
-    if is_uri(location) and not location.startswith("file://"):
-        return False
-    return network_filesystem(location.removeprefix("file://")) is None
-
-
-def check_shared_locations(locations: dict[str, str]) -> None:
-    """Refuse, before any data is prepared or any node requested, locations only this node has when
-    the job's processes may run on other nodes (workers on GPU nodes would fail after booting).
-
-    Connected to Ray only; BIGRAY_SHARED_FILESYSTEM=1 says every node mounts the same paths."""
-    import ray
-
-    for key, value in locations.items():  # cluster.yaml's and the presets' names for what the operator creates
-        if "YOUR-" in value:
-            raise ConfigError(key, f"{value} still holds a placeholder (YOUR-...): replace it with your own bucket or path "
-                                   "(README \"Running on a cluster\")")  # fmt: skip
-    if not ray.is_initialized() or os.environ.get(SHARED_FILESYSTEM_ENV) == "1":
-        return
-    local = {key: value for key, value in locations.items() if node_local(value)}
-    why = several_nodes() if local else None
-    if why is None:
-        return
-    named = ", ".join(f"{key}={value!r}" if value else f"{key} (empty: each node's own disk)" for key, value in local.items())
-    raise ConfigError(next(iter(local)), f"the job's workers run on other nodes ({why}), which cannot see this node's "
-                                         f"disk: {named}. Put them in object storage (s3://YOUR-BUCKET/prefix, gs://...) "
-                                         f"or on a filesystem every node mounts, and set {SHARED_FILESYSTEM_ENV}=1 if it is one")  # fmt: skip
 
 
 def prepare(kind: JobKind, cfg: Any) -> PreparedJob:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
-from bigray.cluster import ensure_ray
+from bigray.cluster import ensure_ray, offered_accelerators
+from bigray.config import ConfigError
 from bigray.serve.app import build_app
 from bigray.serve.settings import AppArgs, ServeArgs
 
@@ -20,6 +21,11 @@ def deploy(args: AppArgs, host: str = "127.0.0.1", port: int = 8000, name: str =
     from ray import serve
 
     ensure_ray()
+    for model, deployment, checkpoint in (("gpt", args.gpt, args.gpt_checkpoint), ("resnet", args.resnet, args.resnet_checkpoint)):
+        wanted = deployment.accelerator_type
+        if checkpoint and wanted and wanted not in offered_accelerators():  # its replicas would wait for a node forever
+            raise ConfigError(f"{model}.accelerator_type", f"{wanted} is offered by no node or node type of this cluster "
+                                                           f"(they offer {sorted(offered_accelerators()) or 'none'})")  # fmt: skip
     logging_config = {"enable_access_log": access_log}
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
     serve.run(build_app(args), name=name, route_prefix="/", logging_config=logging_config)

@@ -56,7 +56,8 @@ def autoscaler_cases(cluster, cache: str, max_chars: str, vocab: str) -> dict:
     from bigray.cluster import wait_for_workers
     from bigray.config import ScalingConfig, TuneJobConfig
     from bigray.recipes.gpt import PRETRAIN
-    from bigray.recipes.launch import check_shared_locations, prepare, worker_locations
+    from bigray.recipes.launch import prepare
+    from bigray.recipes.preflight import check_shared_locations, worker_locations
     from bigray.tune import concurrent_trials
 
     local = gpt_config(cache, max_chars, vocab, "run.storage_path=./runs")  # data and runs on this node's disk
