@@ -18,10 +18,9 @@ import os
 import platform
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from bigray.artifacts.storage import StorageError, absolute, is_uri, join, network_filesystem, read_text, write_text
+from bigray.artifacts.storage import StorageError, absolute, filesystem, is_uri, join, network_filesystem, read_text, write_text
 from bigray.cluster import SHARED_FILESYSTEM_ENV, offered_accelerators, several_nodes, worker_bundle, workers_fitting_at_most, workers_fitting_now
 from bigray.config import ConfigError, TuneJobConfig
 
@@ -105,22 +104,7 @@ def versions() -> dict[str, str]:
 
 def _marker(location: str, nonce: str, name: str) -> str:
     """A marker file of one check (its own folder: checks running at once never meet)."""
-    if is_uri(location):
-        return join(location, MARKER_DIR, nonce, name)
-    return str(Path(location).expanduser().resolve() / MARKER_DIR / nonce / name)
-
-
-def _write(location: str, nonce: str, name: str, text: str) -> None:
-    if is_uri(location):
-        write_text(_marker(location, nonce, name), text)
-    else:
-        path = Path(_marker(location, nonce, name))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-
-
-def _read(location: str, nonce: str, name: str) -> str:
-    return read_text(_marker(location, nonce, name)) if is_uri(location) else Path(_marker(location, nonce, name)).read_text()
+    return join(location, MARKER_DIR, nonce, name)
 
 
 def probe_node(locations: dict[str, str], nonce: str) -> dict[str, Any]:
@@ -132,10 +116,10 @@ def probe_node(locations: dict[str, str], nonce: str) -> dict[str, Any]:
     seen: dict[str, str] = {}
     for key, location in locations.items():
         try:
-            found = _read(location, nonce, "driver")
+            found = read_text(_marker(location, nonce, "driver"))
             if found != nonce:
                 raise StorageError(f"the driver's marker holds {found!r}")
-            _write(location, nonce, f"node-{node}", node)
+            write_text(_marker(location, nonce, f"node-{node}"), node)
             seen[key] = "ok"
         except (OSError, StorageError) as e:
             seen[key] = f"{type(e).__name__}: {e}"
@@ -156,7 +140,7 @@ def probe_nodes(locations: dict[str, str], timeout_s: float = 120.0) -> list[Fin
             continue
         location = absolute(location)  # probes run in their own cwd
         try:
-            _write(location, nonce, "driver", nonce)
+            write_text(_marker(location, nonce, "driver"), nonce)
             written[key] = location
         except (OSError, StorageError) as e:
             findings.append(Finding(f"{key} writable from the driver", False, f"{location}: {e}"))
@@ -218,19 +202,14 @@ def check(cfg: Any | None) -> list[Finding]:
 
 
 def _cleanup(location: str, nonce: str) -> None:
+    """Remove this check's markers, and the markers' folder when no other check is using it."""
+    import pyarrow.fs as pafs
+
     try:
-        if is_uri(location):
-            from bigray.artifacts.storage import filesystem
-
-            fs, path = filesystem(join(location, MARKER_DIR, nonce))
-            fs.delete_dir(path)
-        else:
-            import shutil
-
-            shutil.rmtree(Path(location).expanduser().resolve() / MARKER_DIR / nonce, ignore_errors=True)
-            try:
-                (Path(location).expanduser().resolve() / MARKER_DIR).rmdir()  # when no other check is running
-            except OSError:
-                pass
+        fs, path = filesystem(join(location, MARKER_DIR, nonce))
+        fs.delete_dir(path)
+        folder = path.rsplit("/", 1)[0]
+        if fs.get_file_info(folder).type == pafs.FileType.Directory and not fs.get_file_info(pafs.FileSelector(folder)):
+            fs.delete_dir(folder)
     except Exception as e:  # noqa: BLE001 - leftovers are harmless; say so and go on
         log.warning("could not remove the check's markers under %s: %s", location, e)

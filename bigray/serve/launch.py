@@ -21,11 +21,13 @@ def deploy(args: AppArgs, host: str = "127.0.0.1", port: int = 8000, name: str =
     from ray import serve
 
     ensure_ray()
-    for model, deployment, checkpoint in (("gpt", args.gpt, args.gpt_checkpoint), ("resnet", args.resnet, args.resnet_checkpoint)):
-        wanted = deployment.accelerator_type
-        if checkpoint and wanted and wanted not in offered_accelerators():  # its replicas would wait for a node forever
-            raise ConfigError(f"{model}.accelerator_type", f"{wanted} is offered by no node or node type of this cluster "
-                                                           f"(they offer {sorted(offered_accelerators()) or 'none'})")  # fmt: skip
+    wanted = {model: d.accelerator_type for model, d, checkpoint in (("gpt", args.gpt, args.gpt_checkpoint), ("resnet", args.resnet, args.resnet_checkpoint))
+              if checkpoint and d.accelerator_type}  # fmt: skip
+    offered = offered_accelerators() if wanted else set()
+    for model, accelerator in wanted.items():
+        if accelerator not in offered:  # its replicas would wait for a node forever
+            raise ConfigError(f"{model}.accelerator_type", f"{accelerator} is offered by no node or node type of this cluster "
+                                                           f"(they offer {sorted(offered) or 'none'})")  # fmt: skip
     logging_config = {"enable_access_log": access_log}
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
     serve.run(build_app(args), name=name, route_prefix="/", logging_config=logging_config)
