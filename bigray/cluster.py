@@ -173,18 +173,27 @@ def torch_device(use_gpu: bool, index: int | None = None) -> "torch.device":
     return torch.device("cuda", index)
 
 
-def training_precision(requested: str, device: "torch.device", fp16: bool = True) -> str:
+def training_precision(requested: str, device: "torch.device", fp16: bool = True, cpu_bf16: bool = False) -> str:
     """The precision a worker trains in: 'auto' is bf16 on a GPU with bf16 tensor cores (compute
-    capability 8.0+), else fp16 on a GPU (fp32 when the loop has no ``fp16`` path), fp32 on a CPU."""
+    capability 8.0+), else fp16 on a GPU (fp32 when the loop has no ``fp16`` path); on a CPU fp32, or
+    bf16 where the loop has a CPU bf16 path (``cpu_bf16``) and the CPU has bf16 instructions."""
     import torch
 
     if requested != "auto":
         return requested
     if device.type != "cuda":
-        return "fp32"
+        return "bf16" if cpu_bf16 and cpu_has_bf16() else "fp32"
     if torch.cuda.get_device_capability(device)[0] >= 8:
         return "bf16"
     return "fp16" if fp16 else "fp32"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX; oneDNN's own test):
+    there bf16 matmuls run about 2x fp32's rate, elsewhere they are emulated and slower."""
+    import torch
+
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def enable_tf32(device: "torch.device") -> None:

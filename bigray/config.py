@@ -451,6 +451,10 @@ class GPTTrainConfig:
     """Steps between metric reports."""
     seed: int = 1337
     """Seeds the model init and the data order."""
+    fused_loss: Literal["auto", "on", "off"] = "auto"
+    """Compute the LM head and its cross-entropy a chunk of tokens at a time, never holding the full
+    logits (train/lm_loss.py). 'auto': on CPUs, where it was measured faster (bench/README.md); GPUs
+    keep the full-logits path until measured there. ZeRO-3 and heads with a bias always use full logits."""
 
     def __post_init__(self) -> None:
         require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
@@ -471,9 +475,10 @@ class DeepSpeedConfig:
     zero_stage: int = 2
     """ZeRO stage: 0 (DDP-like), 1 (optimizer states), 2 (+gradients), 3 (+parameters)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Training precision. 'auto': bf16 on GPUs that have bf16 tensor cores, fp16 on older GPUs, fp32
-    on CPUs. fp32 on a GPU computes matmuls in TF32. bf16 with ZeRO 1-3 accumulates and reduces
-    gradients in fp32."""
+    """Training precision. 'auto': bf16 on GPUs that have bf16 tensor cores, fp16 on older GPUs; on
+    CPUs bf16 where the CPU has bf16 instructions (AVX512-BF16, AMX), else fp32. fp32 on a GPU computes
+    matmuls in TF32. bf16 with ZeRO 1-3 accumulates and reduces gradients in fp32; bf16 on a CPU is
+    torch autocast over fp32 weights (fp32 master weights, gradients and optimizer state)."""
     offload_optimizer: bool = False
     """Keep optimizer states on the CPU (ZeRO 1-3)."""
     offload_params: bool = False

@@ -72,6 +72,27 @@ def test_mfu_peaks_tell_gpu_variants_apart():
     assert gpu_peak("NVIDIA B200", "bf16") == 2250e12 and gpu_peak("Some Future GPU", "bf16") == 0.0
 
 
+def test_cpu_matmul_peak_is_measured_once_per_machine(tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    from bigray.train import metrics
+
+    monkeypatch.setenv("BIGRAY_CACHE_DIR", str(tmp_path))
+    metrics._cached_peak.cache_clear()
+    first = metrics.peak_flops(torch.device("cpu"), "fp32")
+    assert first > 1e9
+    stored = json.loads((tmp_path / "matmul_peak.json").read_text())
+    (key,) = stored
+    assert "torch.float32" in key and stored[key] == first
+    stored[key] = 123.0e9  # a later start reads the cache instead of measuring
+    (tmp_path / "matmul_peak.json").write_text(json.dumps(stored))
+    metrics._cached_peak.cache_clear()
+    assert metrics.peak_flops(torch.device("cpu"), "fp32") == 123.0e9
+    metrics._cached_peak.cache_clear()
+
+
 def test_bf16_zero2_engine_accumulates_gradients_in_fp32(tmp_path):
     import torch
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
@@ -119,7 +120,8 @@ def build_trainer(kind: JobKind, prepared: PreparedJob, callbacks: Sequence[Any]
     clear_failure(directory)
     return TorchTrainer(
         train_loop_per_worker=kind.loop,
-        train_loop_config={"job": to_dict(cfg), "run_dir": directory, "data_dir": prepared.data_dir},
+        # submitted_at: the workers log how long Ray Train took to start them (their start-up line)
+        train_loop_config={"job": to_dict(cfg), "run_dir": directory, "data_dir": prepared.data_dir, "submitted_at": time.time()},
         scaling_config=train_scaling(scaling),
         run_config=ray.train.RunConfig(
             name=run.name,
@@ -184,10 +186,14 @@ def launch(kind: JobKind, cfg: Any) -> dict[str, Any]:
 
     # A running cluster (RAY_ADDRESS: `ray job submit`) is joined first: its nodes decide which
     # locations work. A local Ray is one node, so a bad job is refused before it starts.
+    t0 = time.perf_counter()
     started = ensure_ray() if os.environ.get("RAY_ADDRESS") else False
     try:
+        t1 = time.perf_counter()
         prepared = prepare(kind, cfg)
+        t2 = time.perf_counter()
         started = ensure_ray() or started
+        log.info("start-up on the driver (s): prepare %.1f, Ray %.1f", t2 - t1, time.perf_counter() - t2 + t1 - t0)
         outcome = run_training(kind, prepared)
     finally:
         if started:

@@ -33,6 +33,7 @@ def deepspeed_config(settings: DeepSpeedConfig, train: GPTTrainConfig, world_siz
     """
     if settings.precision == "auto":
         raise ValueError("deepspeed_config needs a resolved precision (cluster.training_precision)")
+    weights = "fp32" if cpu_autocast(settings.precision, torch.device("cuda" if use_gpu else "cpu")) else settings.precision
     zero: dict[str, Any] = {"stage": settings.zero_stage}
     if settings.zero_stage >= 1:
         zero.update(overlap_comm=use_gpu, contiguous_gradients=True, reduce_bucket_size=5e7)
@@ -64,15 +65,15 @@ def deepspeed_config(settings: DeepSpeedConfig, train: GPTTrainConfig, world_siz
         optimizer_params["torch_adam"] = True
         if use_gpu:
             optimizer_params["fused"] = True  # torch's fused CUDA AdamW kernel (no foreach, no JIT op)
-    fp32_grads = settings.precision == "bf16" and settings.zero_stage >= 1
+    fp32_grads = weights == "bf16" and settings.zero_stage >= 1
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
         "train_batch_size": train.micro_batch_size * train.grad_accum_steps * world_size,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": settings.precision == "bf16"},
-        "fp16": {"enabled": settings.precision == "fp16", "initial_scale_power": 16},
+        "bf16": {"enabled": weights == "bf16"},
+        "fp16": {"enabled": weights == "fp16", "initial_scale_power": 16},
         "optimizer": {"type": "AdamW", "params": optimizer_params},
         **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"} if fp32_grads else {}),
         **({"aio": {"block_size": 1 << 20, "queue_depth": 8, "thread_count": 1, "single_submit": False, "overlap_events": True}}
@@ -82,10 +83,33 @@ def deepspeed_config(settings: DeepSpeedConfig, train: GPTTrainConfig, world_siz
     }
 
 
+def cpu_autocast(precision: str, device: torch.device) -> bool:
+    """Whether this run computes in bf16 under torch.autocast over fp32 weights (bf16 on a CPU).
+
+    On GPUs DeepSpeed's bf16 mode keeps bf16 weights with fp32 masters in the optimizer; on CPUs the
+    loop autocasts instead (torch's CPU mixed-precision recipe), so weights, gradients, their
+    reduction and the optimizer all stay DeepSpeed's fp32 path."""
+    return precision == "bf16" and device.type != "cuda"
+
+
+def skip_inference_comm_op() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce when its comm layer starts.
+
+    That op serves only ``inference_all_reduce`` (tensor-parallel inference), which training never
+    calls; building it is a 30 s C++ compile on every fresh node (measured), and loading it a cost
+    on every start. Marking it incompatible is DeepSpeed's own switch for ops a machine cannot build.
+    """
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def initialize(model: torch.nn.Module, param_groups: list[dict], config: dict[str, Any]) -> Any:
     """Wrap ``model`` in a DeepSpeed engine on the already-initialised process group."""
     import deepspeed
 
+    skip_inference_comm_op()
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=param_groups, config=config, dist_init_required=False
     )
@@ -115,6 +139,7 @@ def partitioned_construction(config: dict[str, Any]) -> Iterator[None]:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     # DeepSpeed's own view of the (already initialised) process group, so the config sees the world size.
+    skip_inference_comm_op()
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False, verbose=False)
     hf_config = HfDeepSpeedConfig(config)  # noqa: F841 - transformers holds only a weak reference
     try:

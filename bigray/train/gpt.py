@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from torch.profiler import record_function
 
 from bigray.artifacts.checkpoint import CheckpointError, read_meta, write_meta, write_rank_marker
 from bigray.artifacts.adapter import save_adapter
@@ -28,6 +28,7 @@ from bigray.data.documents import EOS, load_tokenizer
 from bigray.data.text import TextDataset, TokenWindows, open_prepared
 from bigray.models.gpt import build_gpt, context_length, decoder_config, flops_per_token, shape
 from bigray.train import engine as zero
+from bigray.train.lm_loss import fuse_loss, mean_loss
 from bigray.train.lora import apply_lora
 from bigray.train.context import (
     LocalContext,
@@ -37,7 +38,7 @@ from bigray.train.context import (
     new_checkpoint_dir,
     permanent_failures_end_the_run,
 )
-from bigray.train.metrics import RunLog, peak_flops
+from bigray.train.metrics import RunLog, StartUp, peak_flops
 from bigray.train.optim import decay_groups, gpt_lr
 from bigray.train.pretrained import PretrainedGPT
 
@@ -128,60 +129,77 @@ def isolated_examples(starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 class GPTTrainer:
     """State of one rank's training: engine, data readers, step counter and throughput meters."""
 
-    def __init__(self, cfg: GPTJob, ctx: TrainContext, data_dir: str, run_dir: str | None = None):
+    def __init__(self, cfg: GPTJob, ctx: TrainContext, data_dir: str, run_dir: str | None = None, submitted_at: float | None = None):
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
+        self.startup = StartUp(submitted_at)
         torch.set_num_threads(cfg.scaling.threads)
         self.device = ctx.device(cfg.scaling.use_gpu)
         enable_tf32(self.device)
-        self.data = open_prepared(data_dir)
-        ds = dataclasses.replace(cfg.deepspeed, precision=training_precision(cfg.deepspeed.precision, self.device))
+        with self.startup.phase("data open"):
+            self.data = open_prepared(data_dir)
+            bs = cfg.model.block_size
+            self.train_windows = token_windows(self.data, "train", bs)
+            self.val_windows = token_windows(self.data, "val", bs)
+        ds = dataclasses.replace(cfg.deepspeed, precision=training_precision(cfg.deepspeed.precision, self.device, cpu_bf16=True))
+        self.cpu_bf16 = zero.cpu_autocast(ds.precision, self.device)
         self.ds_config = zero.deepspeed_config(ds, cfg.train, ctx.world_size, cfg.scaling.use_gpu)
-        with zero.partitioned_construction(self.ds_config):
-            self.model_cfg, model, self.base_dir = initial_model(cfg, self.data)
-        if cfg.deepspeed.activation_checkpointing:
-            model.gradient_checkpointing_enable()
-        self.lora = isinstance(cfg, GPTFinetuneConfig) and cfg.finetune.method == "lora"
-        if self.lora:
-            model = apply_lora(model, cfg.finetune, cfg.init_from)
-        self.engine = zero.initialize(model, decay_groups(model, cfg.train.weight_decay), self.ds_config)
-        bs = cfg.model.block_size
-        self.train_windows = token_windows(self.data, "train", bs)
-        self.val_windows = token_windows(self.data, "val", bs)
+        with self.startup.phase("model build"):
+            with zero.partitioned_construction(self.ds_config):
+                self.model_cfg, model, self.base_dir = initial_model(cfg, self.data)
+            if cfg.deepspeed.activation_checkpointing:
+                model.gradient_checkpointing_enable()
+            self.lora = isinstance(cfg, GPTFinetuneConfig) and cfg.finetune.method == "lora"
+            if self.lora:
+                model = apply_lora(model, cfg.finetune, cfg.init_from)
+            wants_fused = cfg.train.fused_loss == "on" or (cfg.train.fused_loss == "auto" and self.device.type == "cpu")
+            self.fused_loss = wants_fused and fuse_loss(model)
+        with self.startup.phase("DeepSpeed init"):
+            self.engine = zero.initialize(model, decay_groups(model, cfg.train.weight_decay), self.ds_config)
         self.isolate = isinstance(cfg, GPTFinetuneConfig) and self.train_windows.example_starts is not None and cfg.data.isolate_examples
         """Packed examples must not attend to each other (fine-tuning on jsonl or chat rows)."""
         self.step = 0
         self.flops_per_token = flops_per_token(self.model_cfg, bs)
-        self.peak = peak_flops(self.device, ds.precision)
+        with self.startup.phase("matmul peak"):
+            self.peak = peak_flops(self.device, ds.precision)
         self.tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * bs  # per rank
-        self.run_log = RunLog.for_job(cfg, ctx, run_dir, self.device, zero_stage=ds.zero_stage, precision=ds.precision,
-                                      offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params)  # fmt: skip
+        with self.startup.phase("run log"):
+            self.run_log = RunLog.for_job(cfg, ctx, run_dir, self.device, zero_stage=ds.zero_stage, precision=ds.precision,
+                                          offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params)  # fmt: skip
 
     # ------------------------------------------------------------------ data and loss
 
     def _batch(self, windows: TokenWindows, index: int, shuffle: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Inputs, targets and (when examples are kept apart) where each example starts."""
         mb = self.cfg.train.micro_batch_size
-        ids = windows.window_ids(
-            seed=self.cfg.train.seed, index=index, rank=self.ctx.rank, world_size=self.ctx.world_size, batch=mb, shuffle=shuffle
-        )
-        x, y = windows.batch(ids)
-        starts = torch.from_numpy(windows.starts(ids)).to(self.device) if self.isolate else None
-        return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device), starts
+        with record_function("data"):
+            ids = windows.window_ids(
+                seed=self.cfg.train.seed, index=index, rank=self.ctx.rank, world_size=self.ctx.world_size, batch=mb, shuffle=shuffle
+            )
+            x, y = windows.batch(ids)
+            starts = torch.from_numpy(windows.starts(ids)).to(self.device) if self.isolate else None
+            return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device), starts
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
-        if starts is None:
-            logits = self.engine(input_ids=x).logits
-        else:
+        """Mean loss of a micro batch; on a CPU training in bf16, matmuls run in bf16 under torch
+        autocast while the weights, gradients and optimizer state stay fp32."""
+        inputs = {}
+        if starts is not None:
             mask, positions = isolated_examples(starts)
-            logits = self.engine(input_ids=x, attention_mask=mask, position_ids=positions).logits
-        # Mean over the targets that count (a window of prompt tokens only contributes zero, not NaN).
-        total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100, reduction="sum")
-        return total / (y != -100).sum().clamp(min=1)
+            inputs = {"attention_mask": mask, "position_ids": positions}
+        with record_function("forward"), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cpu_bf16):
+            if self.fused_loss:  # the model returns its loss (train/lm_loss.py)
+                return self.engine(input_ids=x, labels=y, **inputs)
+            with record_function("forward/model"):
+                logits = self.engine(input_ids=x, **inputs).logits
+            with record_function("forward/loss"):
+                return mean_loss(logits, y)
 
-    def _mean_across_ranks(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return float(t.item()) / self.ctx.world_size
+    def _mean_across_ranks(self, value: torch.Tensor | float) -> float:
+        """One all-reduce and one host sync for a value every rank holds (a step's loss)."""
+        with record_function("sync"):
+            t = torch.as_tensor(value, dtype=torch.float64, device=self.device).reshape(1)
+            dist.all_reduce(t)
+            return float(t.item()) / self.ctx.world_size
 
     # ------------------------------------------------------------------ train / eval
 
@@ -192,12 +210,14 @@ class GPTTrainer:
         zero.set_lr(self.engine, lr)
         self.engine.train()
         t0 = time.perf_counter()
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: no host sync per micro batch
         for micro in range(cfg.grad_accum_steps):
             loss = self._loss(*self._batch(self.train_windows, self.step * cfg.grad_accum_steps + micro, shuffle=True))
-            self.engine.backward(loss)
-            self.engine.step()
-            total += loss.item()
+            with record_function("backward"):
+                self.engine.backward(loss)
+            with record_function("optimizer"):
+                self.engine.step()
+            total += loss.detach()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -222,8 +242,8 @@ class GPTTrainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.engine.eval()
-        losses = [self._loss(*self._batch(self.val_windows, i, shuffle=False)).item() for i in range(self.cfg.train.eval_batches)]
-        val = self._mean_across_ranks(sum(losses) / len(losses))
+        losses = [self._loss(*self._batch(self.val_windows, i, shuffle=False)) for i in range(self.cfg.train.eval_batches)]
+        val = self._mean_across_ranks(torch.stack(losses).double().mean())
         return {"val/loss": val, "val/perplexity": math.exp(min(val, 50.0))}
 
     # ------------------------------------------------------------------ checkpoints
@@ -299,7 +319,7 @@ class GPTTrainer:
         logged step would keep a finished run waiting for its queue to drain: a minute for 30 reports.
         """
         t = self.cfg.train
-        with checkpoint_to_resume(self.ctx, self.cfg.resume_from, self.run_dir, KIND) as ckpt:
+        with self.startup.phase("resume"), checkpoint_to_resume(self.ctx, self.cfg.resume_from, self.run_dir, KIND) as ckpt:
             saved = self.load(ckpt) if ckpt else None
         # Fine-tuning reports the base model's val loss on the new data with every report: the bar to beat.
         initial: dict[str, Any] = {}
@@ -310,7 +330,14 @@ class GPTTrainer:
             log.info("base model val loss on the fine-tuning data: %.4f", initial["init/val_loss"])
         metrics: dict[str, Any] = {}
         while self.step < t.max_steps:
-            metrics = {"step": self.step + 1, **self.train_step(), **initial}
+            if self.startup is not None:
+                with self.startup.phase("first step"):
+                    metrics = {"step": self.step + 1, **self.train_step(), **initial}
+                if self.ctx.is_main:
+                    log.info("%s", self.startup.summary())
+                self.startup = None
+            else:
+                metrics = {"step": self.step + 1, **self.train_step(), **initial}
             last = self.step == t.max_steps
             checkpoint_now = self.step % self.cfg.run.checkpoint_interval == 0 or last
             if self.step % t.eval_interval == 0 or checkpoint_now:
@@ -327,7 +354,7 @@ class GPTTrainer:
 def _ray_loop(cfg: GPTJob, config: dict[str, Any]) -> None:
     ctx = RayContext()
     with permanent_failures_end_the_run(ctx, config["run_dir"]):
-        GPTTrainer(cfg, ctx, config["data_dir"], config["run_dir"]).run()
+        GPTTrainer(cfg, ctx, config["data_dir"], config["run_dir"], config.get("submitted_at")).run()
 
 
 def pretrain_loop(config: dict[str, Any]) -> None:

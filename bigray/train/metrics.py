@@ -3,18 +3,22 @@ run log rank 0 writes (metrics.jsonl and TensorBoard in the run directory, and t
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import math
+import os
+import platform
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from bigray.artifacts.runs import METRICS, append_metrics
-from bigray.artifacts.storage import exists, is_uri, join, read_text, upload, write_bytes, write_text
+from bigray.artifacts.storage import cache_root, exists, is_uri, join, read_text, upload, write_bytes, write_text
 from bigray.artifacts.tracking import TrackedRun, flat_params, versions
 from bigray.config import TrackingConfig
 
@@ -48,16 +52,20 @@ def gpu_peak(name: str, precision: str) -> float:
 
 
 def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.3) -> float:
-    """FLOP/s of torch.mm on this CPU with the current thread count (the CPU MFU denominator)."""
+    """FLOP/s of torch.mm on this CPU with the current thread count (the CPU MFU denominator): the
+    best of 0.1 s windows over ``seconds``, so a moment of contention does not lower the peak."""
     a = torch.randn(n, n, dtype=dtype)
     b = torch.randn(n, n, dtype=dtype)
     for _ in range(2):
         torch.mm(a, b)
-    iters, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        torch.mm(a, b)
-        iters += 1
-    return 2 * n**3 * iters / (time.perf_counter() - t0)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        iters, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.1:
+            torch.mm(a, b)
+            iters += 1
+        best = max(best, 2 * n**3 * iters / (time.perf_counter() - t0))
+    return best
 
 
 def peak_flops(device: torch.device, precision: str) -> float:
@@ -69,9 +77,61 @@ def peak_flops(device: torch.device, precision: str) -> float:
 
 @functools.cache
 def _cached_peak(dtype: torch.dtype, threads: int) -> float:
-    """The matmul peak, measured at a process's first trainer start: a process that starts several
-    trainers (local runs, a resume in the same process) pays the 0.3 s probe once."""
-    return measure_matmul_peak(dtype)
+    """The matmul peak of this CPU, measured once per machine and kept in this node's cache
+    (``<cache_root>/matmul_peak.json``, keyed by CPU model, dtype, thread count and torch version):
+    a trainer start reads it instead of measuring, and the one measurement can take a full second."""
+    key = f"{_cpu_model()}|{dtype}|{threads} threads|torch {torch.__version__}"
+    path = cache_root() / "matmul_peak.json"
+    known: dict[str, float] = {}
+    with contextlib.suppress(OSError, ValueError):
+        known = json.loads(path.read_text())
+    if not isinstance(known.get(key), float):
+        known[key] = measure_matmul_peak(dtype, seconds=1.0)
+        with contextlib.suppress(OSError):  # a read-only home only costs the next start a measurement
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            tmp.replace(path)
+    return known[key]
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+class StartUp:
+    """Where a worker's seconds before its first training step went, logged once by rank 0.
+
+    ``submitted_at`` (wall clock) is when the driver handed the run to Ray Train, so the first line
+    also shows what Ray's controller and worker start took before this process began its own work.
+    """
+
+    def __init__(self, submitted_at: float | None = None):
+        self.submitted_at = submitted_at
+        self.began = time.time()
+        self.phases: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
+
+    def summary(self) -> str:
+        """One line: each phase in seconds, then the total to the end of the first step."""
+        parts = []
+        if self.submitted_at is not None:
+            parts.append(f"Ray Train workers {self.began - self.submitted_at:.1f}")
+        parts += [f"{name} {seconds:.1f}" for name, seconds in self.phases.items()]
+        since = self.submitted_at if self.submitted_at is not None else self.began
+        return f"start-up (s): {', '.join(parts)}; first step done {time.time() - since:.1f} s after " + (
+            "the run was submitted" if self.submitted_at is not None else "the trainer started")
 
 
 class RunLog:
