@@ -81,3 +81,15 @@ def test_a_fused_model_still_gives_logits_without_labels():
     x, _ = _batch(300)
     with torch.no_grad():
         assert torch.equal(model(input_ids=x).logits, reference(input_ids=x).logits)
+
+
+def test_the_eager_softmax_gradient_matches_the_compiled_one():
+    from bigray.train.lm_loss import _softmax_grad, _softmax_grad_eager
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(16, 300, generator=g) * 4).to(torch.bfloat16)
+    targets = torch.randint(0, 300, (16,), generator=g)
+    valid = (torch.arange(16) % 3 != 0).float()
+    (a_loss, a_grad), (b_loss, b_grad) = _softmax_grad(logits, targets, valid), _softmax_grad_eager(logits, targets, valid)
+    assert torch.allclose(a_loss, b_loss, atol=1e-5) and a_loss[0] == 0
+    assert torch.allclose(a_grad.float(), b_grad.float(), atol=1e-2) and not b_grad[0].any()

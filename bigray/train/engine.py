@@ -100,9 +100,11 @@ def skip_inference_comm_op() -> None:
     on every start. Marking it incompatible is DeepSpeed's own switch for ops a machine cannot build.
     """
     import deepspeed.ops
-    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+    from deepspeed.accelerator import get_accelerator
 
-    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:  # only DeepSpeed's CPU accelerator has it (and probing ops elsewhere runs compilers)
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def initialize(model: torch.nn.Module, param_groups: list[dict], config: dict[str, Any]) -> Any:
