@@ -65,7 +65,7 @@ def tiny_checkpoints() -> tuple[str, str]:
     _, gpt_ctx = train_gpt(gpt, str(root / "gpt"))
     resnet = load_config(ResNetJobConfig, CONFIGS / "resnet_fashion.yaml", [
         "data.max_train_samples=1024", "data.max_eval_samples=256", "train.epochs=1", "train.batch_size=32",
-        "train.lr=0.05", "train.precision=bf16", "scaling.num_workers=1", "scaling.cpus_per_worker=2",
+        "train.lr=0.2", "train.precision=bf16", "scaling.num_workers=1", "scaling.cpus_per_worker=2",
     ])  # fmt: skip
     _, resnet_ctx = train_resnet(resnet, str(root / "resnet"))
     return str(gpt_ctx.checkpoints[-1]), str(resnet_ctx.checkpoints[-1])

@@ -20,7 +20,7 @@ def search(tmp: Path, scheduler: str) -> dict:
 
     job = load_config(TuneJobConfig, CONFIGS / "tune_resnet.yaml", [
         f"tune.scheduler={scheduler}", "tune.num_samples=6", "tune.seed=0",
-        "tune.space={train.lr: {loguniform: [0.003, 0.8]}}",
+        "tune.space={train.lr: {loguniform: [0.012, 3.2]}}"  # at the reference batch 128 (runs use 32),
         "trainer.data.max_train_samples=2000", "trainer.data.max_eval_samples=1000", "trainer.train.epochs=4",
         "trainer.train.batch_size=32", f"run.storage_path={tmp}", f"run.name={scheduler}",
         # 0.99 + the trial driver's 0.01 CPU: two trials at once on this 2-CPU machine.

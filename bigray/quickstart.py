@@ -69,7 +69,7 @@ def run(storage_path: str = "./runs", overrides: list[str] | None = None) -> dic
             ResNetJobConfig,
             _preset("resnet_fashion.yaml"),
             ["train.epochs=1", "data.max_train_samples=12000", "data.max_eval_samples=2000", "train.precision=bf16",
-             "train.batch_size=32", "train.lr=0.05",
+             "train.batch_size=32", "train.lr=0.1",
              f"run.storage_path={root}", "run.name=resnet"],
         )  # fmt: skip
         resnet_job = prepare(RESNET, resnet_cfg)

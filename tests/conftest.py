@@ -178,7 +178,7 @@ def resnet_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("resnet_local")
     cfg = load_config(ResNetJobConfig, REPO / "jobs" / "configs" / "resnet_fashion.yaml", [
         "data.max_train_samples=1024", "data.max_eval_samples=256", "train.epochs=1", "train.batch_size=32",
-        "train.lr=0.05", "train.precision=bf16", "scaling.num_workers=1", "scaling.cpus_per_worker=2",
+        "train.lr=0.2", "train.precision=bf16", "scaling.num_workers=1", "scaling.cpus_per_worker=2",
     ])  # fmt: skip
     _, ctx = train_local(cfg, str(out))
     return ctx.checkpoints[-1]

@@ -60,7 +60,7 @@ def test_partial_section_keeps_job_defaults():
         (GPTPretrainConfig, "train.lrr=1", "train.lrr", "unknown key"),
         (GPTPretrainConfig, "run.name=a/b", "run.name", "without '/'"),
         (GPTPretrainConfig, "scaling.num_workers=0", "scaling.num_workers", ">= 1"),
-        (ResNetJobConfig, "train.batch_size=0", "train.batch_size", ">= 1"),
+        (ResNetJobConfig, "train.batch_size=-1", "train.batch_size", ">= 0"),
         (ResNetJobConfig, "model.arch=vgg", "model.arch", "'resnet18'"),
         (ResNetJobConfig, "data.dataset=mnist", "data.dataset", "'fashion_mnist'"),
         (GPTPretrainConfig, "deepspeed.offload_device=nvme", "deepspeed.offload_device", "zero_stage 3"),

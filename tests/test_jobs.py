@@ -45,7 +45,7 @@ def test_submitted_job_with_bad_config_fails_with_the_message(ray_cluster, tmp_p
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps({"excludes": [".git", ".venv", "runs", "data", ".cache"]}),
-           "--", "python", "jobs/train_resnet.py", "--set", "train.batch_size=0"]  # fmt: skip
+           "--", "python", "jobs/train_resnet.py", "--set", "train.batch_size=-1"]  # fmt: skip
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode != 0
     assert "train.batch_size" in out.stdout + out.stderr

@@ -25,7 +25,7 @@ def resnet_config(tmp_path, name, *overrides):
         REPO / "jobs" / "configs" / "resnet_fashion.yaml",
         [
             "data.max_train_samples=2400", "data.max_eval_samples=1000", "train.epochs=2", "train.batch_size=16",
-            "train.lr=0.05", "train.precision=bf16", f"run.storage_path={tmp_path}", f"run.name={name}", *overrides,
+            "train.lr=0.2", "train.augment=true", "train.precision=bf16", f"run.storage_path={tmp_path}", f"run.name={name}", *overrides,
         ],
     )  # fmt: skip
 
@@ -56,6 +56,25 @@ def test_ddp_reaches_accuracy_well_above_chance(ddp_run):
     assert meta["epoch"] == 2
     card = json.loads(Path(summary["checkpoint"], "model", "model.json").read_text())
     assert card["data"]["class_names"][9] == "Ankle boot" and card["data"]["mean"] == [0.286]
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_one_worker_trains_like_two_at_the_same_global_batch(ddp_run, tmp_path):
+    """The learning rate follows the global batch: 1 worker x 32 images is the same training as the
+    2 x 16 of ddp_run (same lr, steps and schedule), so both reach the same accuracy within noise."""
+    from bigray.recipes.resnet import train_local
+    from bigray.train.optim import resnet_peak_lr
+
+    cfg, summary = ddp_run
+    one = resnet_config(tmp_path, "one", "train.batch_size=32", "scaling.num_workers=1", "scaling.cpus_per_worker=2")
+    assert one.train.batch_size * 1 == cfg.train.batch_size * 2 == 32 and one.train.lr == cfg.train.lr
+    assert resnet_peak_lr(one.train, 32) == pytest.approx(0.05)
+    train_local(one, str(tmp_path / "one"))
+    single = metrics_by_epoch(tmp_path / "one")
+    double = metrics_by_epoch(summary["run_dir"])
+    assert single[2]["step"] == double[2]["step"] == 150
+    assert single[2]["val/acc"] == pytest.approx(double[2]["val/acc"], abs=0.05), (single[2], double[2])
 
 
 @needs_fmnist
@@ -171,7 +190,7 @@ def test_bad_data_root_fails_before_ray(tmp_path, capsys):
         (one / split / "cat").mkdir(parents=True)
     assert main(["train-resnet", "--set", "data.dataset=imagefolder", "--set", f"data.root={one}"]) == 2
     assert "1 class folder" in capsys.readouterr().err
-    assert main(["train-resnet", "--set", "train.batch_size=0"]) == 2
+    assert main(["train-resnet", "--set", "train.batch_size=-1"]) == 2
     assert "train.batch_size" in capsys.readouterr().err
 
 
@@ -189,3 +208,16 @@ def test_augment_crops_and_flips_each_image_by_its_own_draw():
         expected = padded[i, :, dy[i] : dy[i] + 5, dx[i] : dx[i] + 5]
         assert torch.equal(out[i], expected.flip(-1) if flip[i] else expected), i
     assert out.shape == images.shape and out.dtype == torch.uint8
+
+
+def test_an_automatic_batch_gives_short_runs_their_steps_and_full_runs_the_full_data_recipe():
+    from bigray.config import ResNetTrainConfig
+    from bigray.train.optim import resnet_peak_lr
+    from bigray.train.resnet import MIN_STEPS, batch_per_worker
+
+    assert batch_per_worker(60_000, 2, 2) == 64  # the full-data recipe: 2 x 64, lr 0.1
+    assert batch_per_worker(4_000, 2, 2) == 16 and 4_000 * 2 // (16 * 2) >= MIN_STEPS
+    assert batch_per_worker(2_000, 1, 2) == 8  # BatchNorm's floor, even if the run then has fewer steps
+    assert batch_per_worker(4_000, 2, 1) == 32  # one worker: the same global batch as 2 x 16
+    t = ResNetTrainConfig()
+    assert t.batch_size == 0 and resnet_peak_lr(t, 128) == 0.1 and resnet_peak_lr(t, 32) == pytest.approx(0.025)

@@ -40,11 +40,18 @@ def gpt_lr(step: int, t: GPTTrainConfig) -> float:
     return warmup_cosine(step, peak=t.lr, total=t.max_steps, warmup=t.warmup_steps, end=t.lr * t.min_lr_ratio)
 
 
-def resnet_lr(step: int, total_steps: int, steps_per_epoch: int, t: ResNetTrainConfig) -> float:
-    """ResNet: one-cycle (30% warmup from lr/25, cosine to 0) or linear warmup + cosine to 0."""
+def resnet_peak_lr(t: ResNetTrainConfig, global_batch: int) -> float:
+    """The run's peak learning rate: ``lr`` scaled linearly by the global batch over the reference batch."""
+    return t.lr * global_batch / t.lr_reference_batch
+
+
+def resnet_lr(step: int, total_steps: int, steps_per_epoch: int, t: ResNetTrainConfig, global_batch: int) -> float:
+    """ResNet: one-cycle (30% of the run's steps warming up from peak/25, cosine to 0) or linear
+    warmup + cosine to 0; both defined by the run's total steps, so a short run decays too."""
+    peak = resnet_peak_lr(t, global_batch)
     if t.schedule == "onecycle":
-        return warmup_cosine(step, peak=t.lr, total=total_steps, warmup=int(0.3 * total_steps), start=t.lr / 25)
-    return warmup_cosine(step, peak=t.lr, total=total_steps, warmup=int(t.warmup_epochs * steps_per_epoch))
+        return warmup_cosine(step, peak=peak, total=total_steps, warmup=int(0.3 * total_steps), start=peak / 25)
+    return warmup_cosine(step, peak=peak, total=total_steps, warmup=int(t.warmup_epochs * steps_per_epoch))
 
 
 def make_optimizer(model: torch.nn.Module, t: ResNetTrainConfig) -> torch.optim.Optimizer:
