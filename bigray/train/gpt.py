@@ -7,6 +7,7 @@ every rank's ZeRO shard, so a resumed run continues exactly where the saved one 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -330,14 +331,12 @@ class GPTTrainer:
             log.info("base model val loss on the fine-tuning data: %.4f", initial["init/val_loss"])
         metrics: dict[str, Any] = {}
         while self.step < t.max_steps:
-            if self.startup is not None:
-                with self.startup.phase("first step"):
-                    metrics = {"step": self.step + 1, **self.train_step(), **initial}
+            with self.startup.phase("first step") if self.startup else contextlib.nullcontext():
+                metrics = {"step": self.step + 1, **self.train_step(), **initial}
+            if self.startup is not None:  # logged once, with the first step
                 if self.ctx.is_main:
                     log.info("%s", self.startup.summary())
                 self.startup = None
-            else:
-                metrics = {"step": self.step + 1, **self.train_step(), **initial}
             last = self.step == t.max_steps
             checkpoint_now = self.step % self.cfg.run.checkpoint_interval == 0 or last
             if self.step % t.eval_interval == 0 or checkpoint_now:
