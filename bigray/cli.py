@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_text, func in (
         ("pretrain-gpt", "pretrain a GPT with DeepSpeed ZeRO on Ray Train", cmd_pretrain_gpt),
-        ("finetune-gpt", "fine-tune a pretrained GPT on text or prompt/completion JSONL", cmd_finetune_gpt),
+        ("finetune-gpt", "fine-tune a pretrained GPT (full or LoRA) on text, prompt/completion or chat JSONL", cmd_finetune_gpt),
         ("train-resnet", "train a torchvision ResNet with DDP on Ray Train", cmd_train_resnet),
     ):
         trainer = sub.add_parser(name, help=help_text)
@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from bigray.artifacts.checkpoint import CheckpointError
     from bigray.artifacts.storage import StorageError
+    from bigray.cluster import WorkersUnavailable
     from bigray.data.cache import DataError
     from bigray.recipes.launch import TrainingFailed
     from bigray.recipes.preflight import ClusterCheckFailed
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:
         print(f"bigray: storage error: {e}", file=sys.stderr)
         return 2
-    except TrainingFailed as e:
+    except (TrainingFailed, WorkersUnavailable) as e:
         print(f"bigray: {e}", file=sys.stderr)
         return 1
     except ClusterCheckFailed as e:

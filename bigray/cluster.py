@@ -16,6 +16,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class WorkersUnavailable(RuntimeError):
+    """The cluster did not come to hold the job's workers within ``scaling.resource_wait_s``: a
+    matter of capacity at run time, not of the config."""
+
+
 def ensure_ray() -> bool:
     """Connect to the cluster named by RAY_ADDRESS (as under `ray job submit`) or start a local one.
 
@@ -146,8 +151,8 @@ def wait_for_workers(scaling: ScalingConfig, poll_s: float = 2.0, report_every_s
                 log.info("the cluster holds %s after %.0f s", what, waited)
                 return
             if waited >= scaling.resource_wait_s:
-                raise ConfigError("scaling.resource_wait_s", f"waited {waited:.0f} s and the cluster holds {have} of {what}; "
-                                                             "raise it or check the autoscaler (`ray status`)")  # fmt: skip
+                raise WorkersUnavailable(f"waited {waited:.0f} s and the cluster holds {have} of {what}; "
+                                         "raise scaling.resource_wait_s or check the autoscaler (`ray status`)")  # fmt: skip
             if time.monotonic() - last_report >= report_every_s:
                 last_report = time.monotonic()
                 log.info("still waiting for %s: %d fit now (%.0f of %.0f s)", what, have, waited, scaling.resource_wait_s)

@@ -541,7 +541,7 @@ class FinetuneDataConfig:
     train_files: list[str] = field(default_factory=list)
     """Training files in that format."""
     val_files: list[str] = field(default_factory=list)
-    """Validation files; empty holds out the last val_fraction of the training text or rows."""
+    """Validation files; empty holds out the last val_fraction of the training text, rows or conversations."""
     val_fraction: float = 0.1
     """Share held out for validation when val_files is empty."""
     cache_dir: str = "./data"
@@ -575,7 +575,7 @@ class FinetuneMethodConfig:
 
 @dataclass
 class GPTFinetuneConfig:
-    """`bigray finetune-gpt`: continue a pretrained GPT on new text or prompt/completion pairs."""
+    """`bigray finetune-gpt`: continue a pretrained GPT (full or LoRA) on new text, prompt/completion pairs or chats."""
 
     init_from: str = ""
     """The base model: a bigray GPT checkpoint, run directory or summary.json, or a Hugging Face

@@ -14,7 +14,7 @@ from typing import Any
 from bigray.artifacts.adapter import base_of, is_adapter, merged
 from bigray.artifacts.checkpoint import CheckpointError
 from bigray.artifacts.hf_gpt import save_hf_model
-from bigray.artifacts.locate import checked_local_checkpoint, resolve_checkpoint
+from bigray.artifacts.locate import local_model, resolve_checkpoint
 from bigray.artifacts.storage import file_sizes, is_dir, is_uri, upload
 from bigray.train.engine import fp32_weights
 from bigray.train.pretrained import open_pretrained
@@ -39,7 +39,7 @@ def export_gpt(checkpoint: str, out: str, adapter: bool = False) -> dict[str, An
     if is_dir(out) and file_sizes(out):
         raise CheckpointError(f"export target {out} is not empty; choose a new directory")
     source = resolve_checkpoint(checkpoint)
-    ckpt, meta = checked_local_checkpoint(source, "gpt")
+    ckpt, meta = local_model(source, "gpt")
     if meta is None:
         raise CheckpointError(f"{source} is already an exported model directory, not a bigray checkpoint")
     lora = is_adapter(ckpt / "model")
@@ -55,13 +55,13 @@ def export_gpt(checkpoint: str, out: str, adapter: bool = False) -> dict[str, An
             save_hf_model(model.state_dict(), base.config, ckpt / "model", out_dir / ".partial", generation_dir=ckpt / "model")
         else:
             model_cfg = AutoConfig.from_pretrained(str(ckpt / "model"))
-            state_dict = fp32_weights(ckpt, meta["zero_stage"])
+            state_dict = fp32_weights(ckpt, meta.zero_stage)
             save_hf_model(state_dict, model_cfg, ckpt / "model", out_dir / ".partial", generation_dir=ckpt / "model")
         for f in (out_dir / ".partial").iterdir():
             f.rename(out_dir / f.name)
         (out_dir / ".partial").rmdir()
         if is_uri(out):
             upload(out_dir, out)
-    log.info("exported %s (step %s, ZeRO-%s, %d ranks) to %s", source, meta["step"], meta["zero_stage"], meta["world_size"], out)
+    log.info("exported %s (step %s, ZeRO-%s, %d ranks) to %s", source, meta.step, meta.zero_stage, meta.world_size, out)
     kind = "adapter" if adapter else "merged" if lora else "full"
-    return {"checkpoint": source, "step": meta["step"], "zero_stage": meta["zero_stage"], "ranks": meta["world_size"], "kind": kind}
+    return {"checkpoint": source, "step": meta.step, "zero_stage": meta.zero_stage, "ranks": meta.world_size, "kind": kind}

@@ -1,8 +1,9 @@
 """`bigray quickstart`: the main job end to end on an embedded local Ray.
 
 Prepare data, pretrain a small GPT with ZeRO-2 on 2 workers, export it and generate a sample,
-train a ResNet on Fashion-MNIST, and print what a user wants to see. Every step is the same
-library call the individual commands make; only the presets are smaller.
+train a ResNet on Fashion-MNIST, search the GPT's learning rate with Ray Tune (ASHA), serve both
+models on Ray Serve and query them over HTTP, and print what a user wants to see. Every step is
+the same library call the individual commands make; only the presets are smaller.
 """
 
 from __future__ import annotations

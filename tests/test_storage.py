@@ -76,10 +76,10 @@ def test_checkpoint_in_a_bucket_is_found_checked_and_copied_once(bucket, gpt_che
     write_text(join(run, "summary.json"), json.dumps({"checkpoint": newest}))
     assert resolve_checkpoint(join(run, "summary.json")) == newest
     assert resolve_checkpoint(run) == newest
-    assert read_meta(newest, "gpt")["step"] == 40
+    assert read_meta(newest, "gpt").step == 40
 
     local = local_checkpoint(run, "gpt")
-    assert (local / "deepspeed").is_dir() and read_meta(local, "gpt")["step"] == 40
+    assert (local / "deepspeed").is_dir() and read_meta(local, "gpt").step == 40
     assert local_checkpoint(newest, "gpt") == local and len(downloads(node_cache)) == 1  # reused, not fetched again
 
     delete_file(join(newest, "ranks", "rank_0.json"))  # the newest is now incomplete in the bucket

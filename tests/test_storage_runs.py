@@ -75,7 +75,7 @@ def test_run_in_a_bucket_keeps_its_record_and_resumes_after_a_killed_worker(s3_r
     storage, run_dir, summary = s3_run
     assert summary["run_dir"] == run_dir
     assert summary["checkpoint"].startswith(f"{run_dir}/checkpoint"), summary  # the scheme is kept
-    assert read_meta(summary["checkpoint"], "gpt")["step"] == 30
+    assert read_meta(summary["checkpoint"], "gpt").step == 30
     assert json.loads(read_text(f"{run_dir}/summary.json"))["checkpoint"] == summary["checkpoint"]
     files = file_sizes(run_dir)
     assert "config.yaml" in files and "metrics.jsonl" in files

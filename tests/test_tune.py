@@ -130,17 +130,17 @@ def test_interrupted_search_in_a_bucket_resumes_without_rerunning_finished_trial
         assert after[name] == steps  # finished trials were not run again
     summary = json.loads(read_text(f"{search}/summary.json"))
     assert summary["run_dir"] == search and summary["checkpoint"].startswith(f"{search}/trials/"), summary  # full URIs
-    assert read_meta(summary["checkpoint"], "gpt")["step"] == 20 and "tune_job.json" in file_sizes(search)
+    assert read_meta(summary["checkpoint"], "gpt").step == 20 and "tune_job.json" in file_sizes(search)
     _assert_tracked_search(mlflow_server, "search-test", rows, summary, [0.00005, 0.001, 0.003])
     again = run_search(TuneJobConfig(), resume_dir=search)  # a finished search resumes to the same answer
     assert again["best_trial"] == summary["best_trial"] and again["checkpoint"] == summary["checkpoint"]
 
 
 def _bucket_steps(trial_dir: str) -> list[int]:
-    from bigray.artifacts.storage import exists, read_text
+    from bigray.artifacts.storage import is_file, read_text
 
     path = f"{trial_dir}/metrics.jsonl"
-    return [json.loads(line)["step"] for line in read_text(path).splitlines()] if exists(path) else []
+    return [json.loads(line)["step"] for line in read_text(path).splitlines()] if is_file(path) else []
 
 
 def _assert_tracked_search(url, experiment, rows, summary, lrs):

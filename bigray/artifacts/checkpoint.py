@@ -2,8 +2,8 @@
 
 A checkpoint directory holds:
 
-- ``bigray.json``: kind (gpt/resnet), step or epoch, the resolved job config, world size and the
-  ranks that must have written (rank 0 writes it);
+- ``bigray.json``: a :class:`CheckpointMeta` (kind, step, epoch, the resolved job config, world size,
+  the ranks that must have written, ...; rank 0 writes it);
 - ``ranks/rank_<r>.json``: one per writing rank, listing the files that rank wrote with sizes;
 - the payload, per file kind:
   ``model/`` safetensors weights + config + tokenizer or model card (no pickle);
@@ -21,8 +21,10 @@ allow-list. :func:`read_meta` is the one check every reader uses; anything else 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +59,61 @@ def write_rank_marker(directory: str | Path, rank: int) -> None:
     atomic_write_bytes(directory / "ranks" / f"rank_{rank}.json", json.dumps({"rank": rank, "files": files}, indent=1).encode())
 
 
-def write_meta(directory: str | Path, meta: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What ``bigray.json`` says about a checkpoint: :func:`write_meta` writes it, :func:`read_meta`
+    reads it back only after checking the whole checkpoint."""
+
+    kind: str
+    """The job kind that wrote it: "gpt" (pretraining and fine-tuning) or "resnet"."""
+    step: int
+    """Optimizer steps taken when it was written."""
+    world_size: int
+    """Workers of the run that wrote it."""
+    writer_ranks: list[int]
+    """The ranks whose marker must be there for the checkpoint to be complete."""
+    config: dict[str, Any]
+    """The resolved job config, as a dict."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """The metrics reported with it."""
+    epoch: int | None = None
+    """Epochs completed (ResNet)."""
+    zero_stage: int | None = None
+    """The ZeRO stage of its shards (GPT)."""
+    model_shape: list[int] | None = None
+    """(layers, heads, width, vocab) of the model (GPT; absent before fine-tuning existed)."""
+    tokenizer_sha256: str | None = None
+    """The tokenizer the model was trained with (GPT)."""
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str) -> CheckpointMeta:
+        """Parse ``bigray.json``'s contents, naming the first field that is missing or malformed."""
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+            raise CheckpointError(f"{where} has format {found!r}, expected {FORMAT!r}")
+        ranks = raw.get("writer_ranks")
+        if not isinstance(ranks, list) or not ranks or not all(isinstance(r, int) for r in ranks):
+            raise CheckpointError(f"{where} has no valid writer_ranks (a list of the ranks that wrote the checkpoint)")
+        for key, kind in (("kind", str), ("step", int), ("world_size", int), ("config", dict)):
+            if key not in raw:
+                raise CheckpointError(f"{where} lacks '{key}'")
+            if not isinstance(raw[key], kind):
+                raise CheckpointError(f"{where}: '{key}' is {raw[key]!r}, not a {kind.__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def write_meta(directory: str | Path, meta: CheckpointMeta) -> None:
     """Write ``bigray.json`` (rank 0, after its payload)."""
-    atomic_write_bytes(Path(directory, META), json.dumps({"format": FORMAT, **meta}, indent=2).encode())
+    fields = {k: v for k, v in dataclasses.asdict(meta).items() if v is not None}
+    atomic_write_bytes(Path(directory, META), json.dumps({"format": FORMAT, **fields}, indent=2).encode())
+
+
+def model_files(location: str | Path) -> Path:
+    """The model itself (config, weights, tokenizer or card) at a local location: a checkpoint's
+    ``model/``, or an exported or downloaded model directory as it is."""
+    location = Path(location)
+    return location / "model" if (location / META).is_file() else location
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -83,7 +137,7 @@ def unsafe_pickled_types(path: str | Path) -> list[str]:
     return sorted(set(needed) - PICKLE_ALLOWED)
 
 
-def read_meta(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
+def read_meta(directory: str | Path, kind: str | None = None) -> CheckpointMeta:
     """Read and verify a checkpoint (a local directory or a URI); raise CheckpointError naming what is
     wrong (and nothing else).
 
@@ -100,19 +154,11 @@ def read_meta(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
     meta_path = join(directory, META)
     if META not in present:
         raise CheckpointError(f"{directory} is not a bigray checkpoint (no {META})")
-    meta = _read_json(meta_path, "checkpoint metadata")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise CheckpointError(f"{directory} has format {found!r}, expected {FORMAT!r}")
-    if kind is not None and meta.get("kind") != kind:
-        raise CheckpointError(f"{directory} is a {meta.get('kind')} checkpoint, not a {kind} checkpoint")
-    ranks = meta.get("writer_ranks")
-    if not isinstance(ranks, list) or not ranks or not all(isinstance(r, int) for r in ranks):
-        raise CheckpointError(f"{meta_path} has no valid writer_ranks (a list of the ranks that wrote the checkpoint)")
-    for key in ("step", "world_size", "config"):
-        if key not in meta:
-            raise CheckpointError(f"{meta_path} lacks '{key}'")
-    for rank in ranks:
+    raw = _read_json(meta_path, "checkpoint metadata")
+    if isinstance(raw, dict) and raw.get("format") == FORMAT and kind is not None and raw.get("kind") != kind:
+        raise CheckpointError(f"{directory} is a {raw.get('kind')} checkpoint, not a {kind} checkpoint")
+    meta = CheckpointMeta.from_json(raw, meta_path)
+    for rank in meta.writer_ranks:
         marker = f"ranks/rank_{rank}.json"
         if marker not in present:
             raise CheckpointError(f"checkpoint {directory} is incomplete: rank {rank} never finished writing")
@@ -158,3 +204,17 @@ def latest_complete(run_directory: str | Path, kind: str | None = None) -> str |
         except CheckpointError as e:
             log.warning("skipping checkpoint %s: %s", name_of(c), e)
     return None
+
+
+def resume_point(own: str | None, resume_from: str, run_directory: str | None, kind: str) -> str | None:
+    """The one rule for what a run continues from, which the driver checks and every worker loads.
+
+    The run's own newest checkpoint (after a worker restart, or a re-run of the same run name) wins;
+    else the job's explicit ``resume_from``; else nothing. An own checkpoint whose write was
+    interrupted is never loaded: the newest complete one in ``run_directory`` takes its place.
+    """
+    if own and not is_complete(own, kind):
+        fallback = latest_complete(run_directory, kind) if run_directory else None
+        log.warning("checkpoint %s is incomplete; %s", own, f"resuming from {fallback} instead" if fallback else "not resuming from it")
+        own = fallback
+    return own or resume_from or None

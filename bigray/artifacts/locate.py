@@ -1,8 +1,8 @@
-"""Finding the checkpoint a user means: a checkpoint directory, a run directory (its newest complete
-checkpoint), a ``summary.json`` (the checkpoint it records), or an exported model directory; each a
-local path or a storage URI.
+"""Finding the model a user means: a checkpoint directory, a run directory (its newest complete
+checkpoint), a ``summary.json`` (the checkpoint it records), or an exported model directory, each a
+local path or a storage URI; or a Hugging Face Hub id (a base model).
 
-:func:`resolve_checkpoint` only finds (nothing is copied); :func:`local_checkpoint` and
+:func:`resolve_checkpoint` only finds (nothing is copied); :func:`local_model` and
 :func:`served_model` also check it with the one completeness check (checkpoint.read_meta) and copy
 down, once per node, what the caller will load.
 """
@@ -13,11 +13,11 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from bigray.artifacts.adapter import ADAPTER_CONFIG
-from bigray.artifacts.checkpoint import META, CheckpointError, latest_complete, read_meta
-from bigray.artifacts.storage import absolute, cached_copy, drop_copy, exists, is_dir, is_uri, join, kind_of, name_of, parent, read_text
+from bigray.artifacts.checkpoint import META, CheckpointError, CheckpointMeta, latest_complete, model_files, read_meta
+from bigray.artifacts.hf_gpt import hub_snapshot, is_hub_id
+from bigray.artifacts.storage import absolute, cached_copy, drop_copy, is_file, is_dir, is_uri, join, kind_of, name_of, parent, read_text
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ MODEL_PARTS = (META, "ranks", "model")
 
 def is_export(location: str) -> bool:
     """An exported Hugging Face / model directory (weights + config, or a LoRA adapter; no bigray.json)."""
-    return (exists(join(location, "config.json")) or exists(join(location, ADAPTER_CONFIG))) and not exists(join(location, META))
+    return (is_file(join(location, "config.json")) or is_file(join(location, ADAPTER_CONFIG))) and not is_file(join(location, META))
 
 
 def _from_summary(summary: str) -> str:
@@ -60,8 +60,8 @@ def resolve_checkpoint(path: str) -> str:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if found == "file" and name_of(path) == "summary.json":
         return _from_summary(path)
-    if found == "dir" and not exists(join(path, META)) and not is_export(path):
-        if exists(join(path, "summary.json")):
+    if found == "dir" and not is_file(join(path, META)) and not is_export(path):
+        if is_file(join(path, "summary.json")):
             return _from_summary(join(path, "summary.json"))
         newest = latest_complete(path)
         if newest is None:
@@ -70,15 +70,17 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
-def local_checkpoint(path: str, kind: str | None = None) -> Path:
-    """A complete checkpoint as a local directory: resolved, checked, copied down once per node when
-    it lives in storage, and checked again there (pickles are scanned on the local copy)."""
-    return checked_local_checkpoint(path, kind)[0]
+def local_model(path: str, kind: str | None = None) -> tuple[Path, CheckpointMeta | None]:
+    """Wherever a model can be named, as this node's local copy, checked, and its verified metadata
+    (None for an exported, downloaded or Hub model), so callers need not read and check it again.
 
-
-def checked_local_checkpoint(path: str, kind: str | None = None) -> tuple[Path, dict[str, Any] | None]:
-    """:func:`local_checkpoint` and the checkpoint's verified ``bigray.json`` (None for an exported
-    model directory), so callers need not read and check it a second time."""
+    A Hub id is fetched by the one Hub policy (hf_gpt.hub_snapshot: safetensors, configs and the
+    tokenizer, never pickles). A checkpoint, run directory or summary.json is resolved, checked,
+    copied down once per node when it lives in storage, and checked again there (pickles are
+    scanned on the local copy). :func:`checkpoint.model_files` is the model inside it.
+    """
+    if is_hub_id(path):
+        return hub_snapshot(path), None
     location = resolve_checkpoint(path)
     if not is_dir(location):
         raise CheckpointError(f"checkpoint {location} is not a directory")
@@ -86,6 +88,11 @@ def checked_local_checkpoint(path: str, kind: str | None = None) -> tuple[Path, 
         read_meta(location, kind)  # from one listing, before anything is downloaded
     local = cached_copy(location, area="checkpoints")
     return local, None if is_export(str(local)) else read_meta(local, kind)
+
+
+def local_checkpoint(path: str, kind: str | None = None) -> Path:
+    """:func:`local_model`'s local directory alone."""
+    return local_model(path, kind)[0]
 
 
 @dataclass(frozen=True)
@@ -101,7 +108,7 @@ class ServedModel:
     @property
     def model_dir(self) -> Path:
         """The Hugging Face / model-card directory itself."""
-        return self.directory / "model" if (self.directory / "model").is_dir() else self.directory
+        return model_files(self.directory)
 
     def release(self) -> None:
         """Delete this node's copy (after a swap or at shutdown; a local checkpoint is left alone)."""
@@ -112,7 +119,7 @@ def servable(path: str, kind: str) -> str:
     """The location of a model ready to serve: an exported/bare model directory, or a checkpoint
     that passes the completeness check; CheckpointError otherwise. Nothing is copied."""
     location = resolve_checkpoint(path)
-    if not (is_export(location) or exists(join(location, "model.json"))):
+    if not (is_export(location) or is_file(join(location, "model.json"))):
         read_meta(location, kind)
     return location
 
@@ -121,5 +128,5 @@ def served_model(path: str, kind: str, area: str = "serve") -> ServedModel:
     """Check a checkpoint and copy down only what serving needs (``model/`` and its markers, never
     the ZeRO shards) into ``area`` of this node's cache (a replica's own), reused while unchanged."""
     location = servable(path, kind)
-    parts = () if is_export(location) or exists(join(location, "model.json")) else MODEL_PARTS
+    parts = () if is_export(location) or is_file(join(location, "model.json")) else MODEL_PARTS
     return ServedModel(cached_copy(location, parts, area=area), location, parts, area)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from bigray.artifacts.checkpoint import CheckpointError
+from bigray.artifacts.checkpoint import CheckpointError, model_files
 from bigray.models.resnet import build_resnet
 
 
@@ -28,12 +28,12 @@ def load_classifier(directory: str | Path) -> tuple[torch.nn.Module, dict[str, A
     from safetensors.torch import load_file
 
     d = Path(directory)
-    model_dir = d / "model" if (d / "model").is_dir() else d
-    card_path = model_dir / "model.json"
+    files = model_files(d)
+    card_path = files / "model.json"
     if not card_path.is_file():
         raise CheckpointError(f"{directory} is not a ResNet checkpoint (no model/model.json)")
     card = json.loads(card_path.read_text())
     info = card["data"]
     model = build_resnet(card["arch"], len(info["class_names"]), info["channels"], card["small_input_stem"])
-    model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+    model.load_state_dict(load_file(str(files / "model.safetensors")))
     return model.eval(), card

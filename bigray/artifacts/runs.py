@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from bigray.artifacts.storage import delete_file, exists, join, read_text, write_text
+from bigray.artifacts.storage import delete_file, is_file, join, read_text, write_text
 from bigray.config import to_dict
 
 METRICS = "metrics.jsonl"
@@ -35,7 +35,7 @@ def append_metrics(directory: str | Path, metrics: dict[str, Any]) -> None:
 def read_metrics(directory: str) -> list[dict[str, Any]]:
     """Every report in a run's ``metrics.jsonl``, local or in storage (empty when there is none)."""
     path = join(directory, METRICS)
-    return [json.loads(line) for line in read_text(path).splitlines()] if exists(path) else []
+    return [json.loads(line) for line in read_text(path).splitlines()] if is_file(path) else []
 
 
 def record_failure(directory: str, reason: str) -> None:
@@ -46,7 +46,7 @@ def record_failure(directory: str, reason: str) -> None:
 def recorded_failure(directory: str) -> str | None:
     """The reason :func:`record_failure` left in a run directory, if any."""
     path = f"{directory}/{FAILURE}"
-    if not exists(path):
+    if not is_file(path):
         return None
     try:
         return str(json.loads(read_text(path))["reason"])

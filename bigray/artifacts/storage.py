@@ -206,7 +206,7 @@ def kind_of(location: str) -> str:
     return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(t, "missing")
 
 
-def exists(path: str) -> bool:
+def is_file(path: str) -> bool:
     """Whether a file exists at a local path or a storage URI."""
     return kind_of(path) == "file"
 
@@ -217,7 +217,7 @@ def is_dir(location: str) -> bool:
 
 def delete_file(path: str) -> None:
     """Remove a file at a local path or a storage URI (nothing to do if it is not there)."""
-    if not exists(path):
+    if not is_file(path):
         return
     fs, p = filesystem(path)
     with _errors(path, "delete"):

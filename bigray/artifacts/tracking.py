@@ -24,7 +24,7 @@ import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
-from bigray.artifacts.storage import exists, is_uri, join, read_text, upload, write_text
+from bigray.artifacts.storage import is_file, is_uri, join, read_text, upload, write_text
 from bigray.config import ConfigError, TrackingConfig, to_dict
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def read_state(run_dir: str) -> dict[str, Any]:
     """What ``tracking.json`` says of a run directory's tracking run (empty if nothing was tracked)."""
     path = join(run_dir, TRACKING)
     try:
-        return json.loads(read_text(path)) if exists(path) else {}
+        return json.loads(read_text(path)) if is_file(path) else {}
     except (ValueError, OSError) as e:
         log.warning("tracking: ignoring unreadable %s (%s); a new tracking run starts", path, e)
         return {}
@@ -117,7 +117,7 @@ def continue_tracking(from_dir: str, to_dir: str) -> None:
     """Make the run in ``to_dir`` continue the tracking run of ``from_dir`` (a Tune trial restored
     from a checkpoint trains on in a new run directory, but stays one tracking run)."""
     source, target = join(from_dir, TRACKING), join(to_dir, TRACKING)
-    if exists(source) and not exists(target):
+    if is_file(source) and not is_file(target):
         write_text(target, read_text(source))
 
 

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from bigray.artifacts.storage import FileLock, atomic_write_bytes, cache_root, cached_copy, drop_copy, exists, file_sizes, is_uri, join, name_of, read_text, upload
+from bigray.artifacts.storage import FileLock, atomic_write_bytes, cache_root, cached_copy, drop_copy, is_file, file_sizes, is_uri, join, name_of, read_text, upload
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def stored_manifest(location: str) -> dict[str, Any] | None:
 
     Damaged data in storage is an error, never rebuilt over: nothing already in storage is overwritten.
     """
-    if not exists(join(location, MANIFEST)):
+    if not is_file(join(location, MANIFEST)):
         return None
     try:
         manifest = json.loads(read_text(join(location, MANIFEST)))

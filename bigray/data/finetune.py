@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from bigray.config import FinetuneDataConfig
+from bigray.artifacts.chat import CHAT_ROLES, ChatTemplateError, render_chat
 from bigray.artifacts.storage import StorageError, absolute, cached_file, join
 from bigray.data.cache import DataError, build_cache_dir, sha256_file
 from bigray.data.documents import clean_text, encode_documents, load_tokenizer, split_documents, token_dtype
@@ -59,9 +60,6 @@ def read_jsonl(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
-CHAT_ROLES = ("system", "user", "assistant", "tool")
-
-
 def read_chat_jsonl(path: Path) -> list[list[dict[str, str]]]:
     """Conversations of ``{"messages": [{"role", "content"}, ...]}`` rows; anything wrong names its line."""
     conversations = []
@@ -90,28 +88,6 @@ def chat_template(tok: Any, configured: str) -> str:
     return tok.chat_template
 
 
-def render_chat(tok: Any, messages: list[dict[str, str]], template: str) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns.
-
-    A turn's span is what the template adds between "the conversation so far, with the assistant's
-    generation prompt" and "the conversation through this turn": the reply and its end-of-turn
-    tokens, exactly what the model must produce after the generation prompt at serving time.
-    """
-
-    def render(upto: int, generation_prompt: bool) -> str:
-        return tok.apply_chat_template(messages[:upto], chat_template=template, tokenize=False, add_generation_prompt=generation_prompt)
-
-    full, spans = render(len(messages), False), []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before, through = render(i, True), render(i + 1, False)
-        if not (through.startswith(before) and full.startswith(through)):
-            raise ValueError(f"the chat template does not render this conversation turn by turn (at message {i}), so its replies cannot be located")
-        spans.append((len(before), len(through)))
-    return full, spans
-
-
 def encode_chats(tok: Any, conversations: list[list[dict[str, str]]], template: str) -> tuple[list[int], list[int], list[int]]:
     """Packed token ids, the loss mask (1 on the tokens that start inside an assistant turn's span;
     the whole rendered text is tokenized at once, so ids are what serving sees) and each
@@ -124,8 +100,8 @@ def encode_chats(tok: Any, conversations: list[list[dict[str, str]]], template: 
         starts.append(len(ids))
         try:
             text, spans = render_chat(tok, messages, template)
-        except Exception as e:  # jinja errors, raise_exception() in templates
-            raise DataError(f"conversation {number}: the chat template failed: {e}") from None
+        except ChatTemplateError as e:
+            raise DataError(f"conversation {number}: {e}") from None
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids += enc["input_ids"]
         mask += [int(any(a <= start < b for a, b in spans)) for start, _ in enc["offset_mapping"]]

@@ -5,4 +5,4 @@ from bigray.recipes.launch import JobKind
 from bigray.recipes.resnet import RESNET
 
 JOBS: dict[str, JobKind] = {kind.name: kind for kind in (PRETRAIN, FINETUNE, RESNET)}
-"""Every job kind by name ("gpt", "gpt-finetune", "resnet"); Tune's ``tune.trainer`` picks from these."""
+"""Every job kind by name ("gpt", "gpt-finetune", "resnet"); Tune's ``tune.trainer`` picks "gpt" or "resnet"."""

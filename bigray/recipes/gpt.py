@@ -11,20 +11,21 @@ import dataclasses
 import math
 from typing import Any
 
-from bigray.artifacts.checkpoint import read_meta
+from bigray.artifacts.checkpoint import CheckpointError, CheckpointMeta
 from bigray.artifacts.locate import resolve_checkpoint
 from bigray.artifacts.storage import absolute
-from bigray.config import GPTFinetuneConfig, GPTPretrainConfig
+from bigray.config import GPTFinetuneConfig, GPTPretrainConfig, to_dict
 from bigray.data import finetune as finetune_data
 from bigray.data import text as text_data
 from bigray.data.text import TextDataset
 from bigray.recipes.launch import JobKind, PreparedJob, in_run_dir, launch, resuming
+from bigray.models.gpt import shape
+from bigray.train import engine as zero
 from bigray.train.context import LocalContext
 from bigray.train.gpt import (
     KIND,
     GPTJob,
     check_block_fits,
-    check_resume_compatible,
     finetune_loop,
     pretrain_loop,
     pretrain_model_config,
@@ -33,6 +34,36 @@ from bigray.train.gpt import (
 )
 from bigray.train.lora import check_targets
 from bigray.train.pretrained import open_pretrained
+
+
+def trainable_state(job: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint's trainable state is besides the model: all weights, or LoRA adapters of a
+    rank on target modules (a job's config as a dict; pretraining has no finetune section)."""
+    section = job.get("finetune") or {"method": "full"}
+    if section["method"] != "lora":
+        return {"method": section["method"]}
+    return {k: section[k] for k in ("method", "lora_rank", "lora_target_modules")}
+
+
+def check_resume_compatible(
+    meta: CheckpointMeta, cfg: GPTJob, model_cfg: Any, world_size: int, tokenizer_sha: str
+) -> None:
+    """Refuse a checkpoint that this job cannot continue from, saying why."""
+    saved = meta.config
+    problems = []
+    saved_shape = meta.model_shape  # absent in checkpoints written before fine-tuning existed
+    if (saved_shape is not None and saved_shape != shape(model_cfg)) or saved["model"]["block_size"] != cfg.model.block_size:
+        problems.append(
+            f"model (layers, heads, width, vocab) {saved_shape}/block {saved['model']['block_size']} "
+            f"vs {shape(model_cfg)}/block {cfg.model.block_size}"
+        )
+    if meta.tokenizer_sha256 != tokenizer_sha:
+        problems.append("it was trained with a different tokenizer")
+    if trainable_state(saved) != trainable_state(to_dict(cfg)):
+        problems.append(f"it was trained with {trainable_state(saved)}, this run with {trainable_state(to_dict(cfg))}")
+    problems += zero.resume_problems(saved["deepspeed"]["zero_stage"], meta.world_size, cfg.deepspeed.zero_stage, world_size)
+    if problems:
+        raise CheckpointError("cannot resume from this checkpoint: " + "; ".join(problems))
 
 
 def prepare_pretrain(cfg: GPTPretrainConfig) -> PreparedJob:
@@ -60,9 +91,9 @@ def _checked(cfg: GPTJob, data: TextDataset, model_cfg: Any) -> PreparedJob:
         token_windows(data, split, cfg.model.block_size)
     if cfg.resume_from:
         cfg = dataclasses.replace(cfg, resume_from=resolve_checkpoint(cfg.resume_from))
-    with resuming(cfg, KIND) as ckpt:
-        if ckpt is not None:
-            check_resume_compatible(read_meta(ckpt, KIND), cfg, model_cfg, cfg.scaling.num_workers, data.manifest["tokenizer_sha256"])
+    with resuming(cfg, KIND) as meta:
+        if meta is not None:
+            check_resume_compatible(meta, cfg, model_cfg, cfg.scaling.num_workers, data.manifest["tokenizer_sha256"])
     return PreparedJob(config=cfg, data_dir=data.location)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
 from bigray.artifacts.runs import clear_failure, print_summary, recorded_failure, save_resolved_config, summarize
-from bigray.artifacts.checkpoint import CheckpointError, latest_complete
+from bigray.artifacts.checkpoint import CheckpointError, CheckpointMeta, latest_complete, read_meta, resume_point
 from bigray.artifacts.storage import absolute, full_uri, run_dir
 from bigray.artifacts.tracking import record_outcome, resolved
 from bigray.cluster import ensure_ray, wait_for_workers
@@ -64,21 +64,22 @@ class JobKind:
 
 
 @contextlib.contextmanager
-def resuming(cfg: Any, kind_name: str) -> Iterator[str | None]:
-    """The checkpoint a launch of ``cfg`` will continue from, for the driver to check before any worker
-    starts: the explicit ``resume_from``, or else the newest complete checkpoint of the same run name
-    (re-running a run name resumes it). An incompatible one then fails here, once, with the reason.
-    """
-    if cfg.resume_from:
-        yield cfg.resume_from
-        return
-    previous = latest_complete(run_dir(cfg.run.storage_path, cfg.run.name), kind_name)
+def resuming(cfg: Any, kind_name: str) -> Iterator[CheckpointMeta | None]:
+    """The metadata of the checkpoint a launch of ``cfg`` will continue from (None for a fresh start),
+    for the job kind to check against the job before any worker starts. It is chosen by
+    checkpoint.resume_point, the rule every worker follows, so the driver checks the one they load.
+    A broken or incompatible checkpoint fails here, once, with the reason; when it is the run's own
+    (re-running a run name resumes it), the error says how to start over."""
+    directory = run_dir(cfg.run.storage_path, cfg.run.name)
+    own = latest_complete(directory, kind_name)
+    ckpt = resume_point(own, cfg.resume_from, directory, kind_name)
     try:
-        yield previous
+        yield read_meta(ckpt, kind_name) if ckpt else None
     except CheckpointError as e:
+        if ckpt is None or ckpt != own:
+            raise
         raise CheckpointError(
-            f"run.name {cfg.run.name!r} already holds {previous} (re-running a run name resumes it): {e}; "
-            "pick a new run.name to start over"
+            f"run.name {cfg.run.name!r} already holds {own} (re-running a run name resumes it): {e}; pick a new run.name to start over"
         ) from None
 
 

@@ -5,13 +5,26 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from bigray.artifacts.checkpoint import read_meta
+from bigray.artifacts.checkpoint import CheckpointError, CheckpointMeta
 from bigray.artifacts.locate import resolve_checkpoint
-from bigray.config import ResNetJobConfig
+from bigray.config import ConfigError, ResNetJobConfig, from_dict
 from bigray.data.images import load_images, with_absolute_root
 from bigray.recipes.launch import JobKind, PreparedJob, in_run_dir, launch, resuming
 from bigray.train.context import LocalContext
-from bigray.train.resnet import KIND, check_resume_compatible, resnet_loop, run_local
+from bigray.train.resnet import KIND, resnet_loop, run_local
+
+
+def check_resume_compatible(meta: CheckpointMeta, cfg: ResNetJobConfig) -> None:
+    """Refuse a checkpoint of another architecture, saying which."""
+    try:
+        saved = from_dict(ResNetJobConfig, meta.config)
+    except ConfigError as e:
+        raise CheckpointError(f"cannot resume: the checkpoint's config is not a ResNet job's ({e})") from None
+    if saved.model.arch != cfg.model.arch or saved.model.small_input_stem != cfg.model.small_input_stem:
+        raise CheckpointError(
+            f"cannot resume from this checkpoint: it is {saved.model.arch} (small stem {saved.model.small_input_stem}), "
+            f"this run {cfg.model.arch} (small stem {cfg.model.small_input_stem})"
+        )
 
 
 def prepare_resnet(cfg: ResNetJobConfig) -> PreparedJob:
@@ -21,9 +34,9 @@ def prepare_resnet(cfg: ResNetJobConfig) -> PreparedJob:
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, download=False))
     if cfg.resume_from:
         cfg = dataclasses.replace(cfg, resume_from=resolve_checkpoint(cfg.resume_from))
-    with resuming(cfg, KIND) as ckpt:
-        if ckpt is not None:
-            check_resume_compatible(read_meta(ckpt, KIND), cfg)
+    with resuming(cfg, KIND) as meta:
+        if meta is not None:
+            check_resume_compatible(meta, cfg)
     return PreparedJob(config=cfg)
 
 

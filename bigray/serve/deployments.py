@@ -66,7 +66,7 @@ class SwappableModel:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
-        """What the loaded model tells /healthz about itself."""
+        """What the loaded model tells /v1/status about itself."""
         return {}
 
     def ready(self) -> dict[str, Any]:
@@ -81,7 +81,7 @@ class SwappableModel:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load the checkpoint. A replica with nothing loaded yet fails with the reason (shown by
         `serve status`); a swap whose checkpoint is refused keeps the loaded model serving and reports
-        the refusal in /healthz (``refused``), so a bad redeploy costs no request."""
+        the refusal in /v1/status (``refused``), so a bad redeploy costs no request."""
         path = user_config["checkpoint"]
         if path == self.checkpoint:
             return

@@ -32,7 +32,7 @@ def deploy(args: AppArgs, host: str = "127.0.0.1", port: int = 8000, name: str =
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
     serve.run(build_app(args), name=name, route_prefix="/", logging_config=logging_config)
     url = f"http://{host}:{port}"
-    log.info("serving %s at %s (GET /healthz, /v1/models; POST /v1/completions, /v1/classify)", name, url)
+    log.info("serving %s at %s (GET /healthz, /v1/status, /v1/models; POST /v1/completions, /v1/chat/completions, /v1/classify)", name, url)
     return url
 
 

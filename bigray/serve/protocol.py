@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from bigray.artifacts.chat import ChatRole
+
 
 SEED_LIMIT = 2**63
 """Seeds are 0 <= seed < 2**63 (torch.Generator's range); a prompt list's seeds wrap around it."""
@@ -87,7 +89,7 @@ MAX_MESSAGES = 256
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant", "tool"]
+    role: ChatRole
     content: str
     """Text, or OpenAI's list of content parts of which only ``{"type": "text", "text": ...}`` is taken."""
 

@@ -18,9 +18,10 @@ from typing import Any, Iterator, Literal
 import torch
 
 from bigray.artifacts.adapter import base_of, is_adapter, merged
-from bigray.artifacts.locate import checked_local_checkpoint
+from bigray.artifacts.chat import ChatTemplateError, chat_prompt
+from bigray.artifacts.checkpoint import model_files
+from bigray.artifacts.locate import local_model
 from bigray.artifacts.resnet_card import load_classifier
-from bigray.artifacts.storage import is_uri
 from bigray.cluster import torch_device
 from bigray.models.resnet import normalize
 from bigray.serve.protocol import Delta, GenerationParams, ServeError
@@ -74,7 +75,7 @@ class GPTRunner:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.device = torch_device(use_gpu)
         if is_adapter(self.model_dir):  # a LoRA adapter: its base with the adapter merged in (no per-token adapter cost)
-            base = AutoModelForCausalLM.from_pretrained(_base_model_dir(base_of(self.model_dir)), use_safetensors=True, dtype=torch.float32)
+            base = AutoModelForCausalLM.from_pretrained(str(model_files(local_model(base_of(self.model_dir))[0])), use_safetensors=True, dtype=torch.float32)
             model = merged(base, self.model_dir).to(torch_dtype(dtype))
         else:
             model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), use_safetensors=True, dtype=torch_dtype(dtype))
@@ -88,7 +89,7 @@ class GPTRunner:
 
     def encode(self, job: GenerationParams) -> Prompt:
         """Tokenize a job's prompt (a chat job's rendered messages), or raise a 400 naming the limit it breaks."""
-        text = job.prompt if job.messages is None else self.render_chat([{"role": r, "content": c} for r, c in job.messages])
+        text = job.prompt if job.messages is None else self.chat_prompt([{"role": r, "content": c} for r, c in job.messages])
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
         n = len(ids)
         if n > self.max_prompt_tokens:
@@ -97,15 +98,15 @@ class GPTRunner:
             raise ServeError(400, f"prompt ({n} tokens) + max_tokens ({job.max_tokens}) exceeds the model's context of {self.max_positions} tokens")
         return Prompt(job, ids)
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """The prompt of a chat request: the messages rendered with the model's chat template, ending
-        in the assistant's generation prompt; a 400 when the model has no template."""
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The prompt of a chat request, rendered as training rendered it (artifacts.chat); a 400 when
+        the model has no template or its template refuses the messages."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ServeError(400, "this model has no chat template, so it cannot answer /v1/chat/completions; use /v1/completions")
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # a template's raise_exception(), e.g. roles out of order
-            raise ServeError(400, f"the model's chat template refused these messages: {e}") from None
+            return chat_prompt(self.tokenizer, messages)
+        except ChatTemplateError as e:
+            raise ServeError(400, str(e)) from None
 
     def _sample(self, logits: torch.Tensor, row: _Row) -> int:
         if row.job.temperature == 0:
@@ -303,16 +304,6 @@ def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
-def _base_model_dir(source: str) -> str:
-    """The Hugging Face directory of an adapter's base: a bigray checkpoint's model/, an exported or
-    downloaded directory (local or in storage, copied to this node), or else a Hub id for
-    transformers to fetch where a network is reachable."""
-    if is_uri(source) or Path(source).exists():
-        path, meta = checked_local_checkpoint(source)
-        return str(path / "model" if meta is not None else path)
-    return source
-
-
 def _generator(seed: int | None) -> torch.Generator:
     """A request's own random stream: its seed, or a fresh random one."""
     return torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ())))
@@ -375,4 +366,4 @@ class ClassifierRunner:
         return {"arch": self.arch, "classes": self.class_names}
 
 
-__all__ = ["ClassifierRunner", "GPTRunner", "Prompt", "torch_dtype"]
+__all__ = ["ClassifierRunner", "DecodeBatch", "GPTRunner", "Prompt", "joinable", "torch_dtype"]

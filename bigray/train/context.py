@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from bigray.artifacts.checkpoint import CheckpointError, is_complete, latest_complete
+from bigray.artifacts.checkpoint import CheckpointError, latest_complete, resume_point
 from bigray.artifacts.locate import local_checkpoint
 from bigray.artifacts.runs import record_failure
 from bigray.artifacts.storage import is_uri
@@ -162,18 +162,11 @@ def new_checkpoint_dir() -> str:
 
 @contextlib.contextmanager
 def checkpoint_to_resume(ctx: TrainContext, resume_from: str, run_dir: str | None, kind: str) -> Iterator[str | None]:
-    """The one rule for what a run continues from, for every loop.
-
-    The run's own latest reported checkpoint (after a worker restart, or a re-run of the same
-    run name) wins; else the job's explicit ``resume_from``; else nothing. A checkpoint whose
-    write was interrupted is never loaded: the newest complete one in the run directory is used.
-    """
+    """The local directory every loop resumes from (None: a fresh start), chosen by
+    checkpoint.resume_point from the run's latest reported checkpoint and the job's ``resume_from``:
+    the rule the driver checked the job against before the workers started."""
     with ctx.reported_checkpoint() as reported:
-        ckpt = reported or resume_from or None
-        if ckpt and not is_complete(ckpt, kind) and run_dir:
-            fallback = latest_complete(run_dir, kind)
-            log.warning("checkpoint %s is incomplete; %s", ckpt, f"resuming from {fallback} instead" if fallback else "starting fresh")
-            ckpt = fallback
+        ckpt = resume_point(reported, resume_from, run_dir, kind)
         if ckpt and is_uri(ckpt):  # an explicit resume_from in storage: copied to this node once
             ckpt = str(local_checkpoint(ckpt, kind))
         yield ckpt

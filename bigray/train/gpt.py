@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from bigray.artifacts.checkpoint import CheckpointError, read_meta, write_meta, write_rank_marker
+from bigray.artifacts.checkpoint import CheckpointMeta, read_meta, write_meta, write_rank_marker
 from bigray.artifacts.adapter import save_adapter
 from bigray.artifacts.hf_gpt import save_hf_model
 from bigray.cluster import enable_tf32, training_precision
@@ -62,36 +62,6 @@ def pretrain_model_config(cfg: GPTPretrainConfig, data: TextDataset) -> Any:
 def check_block_fits(block_size: int, model_cfg: Any) -> None:
     if block_size > context_length(model_cfg):
         raise ConfigError("model.block_size", f"{block_size} is larger than the model's {context_length(model_cfg)} positions")
-
-
-def tuning(job: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint's trainable state depends on besides the model: full training, or LoRA
-    with its rank and target modules (a job's config as a dict; pretraining has no finetune section)."""
-    section = job.get("finetune") or {"method": "full"}
-    if section["method"] != "lora":
-        return {"method": section["method"]}
-    return {k: section[k] for k in ("method", "lora_rank", "lora_target_modules")}
-
-
-def check_resume_compatible(
-    meta: dict[str, Any], cfg: GPTJob, model_cfg: Any, world_size: int, tokenizer_sha: str
-) -> None:
-    """Refuse a checkpoint that this job cannot continue from, saying why."""
-    saved = meta["config"]
-    problems = []
-    saved_shape = meta.get("model_shape")  # absent in checkpoints written before fine-tuning existed
-    if (saved_shape is not None and saved_shape != shape(model_cfg)) or saved["model"]["block_size"] != cfg.model.block_size:
-        problems.append(
-            f"model (layers, heads, width, vocab) {meta.get('model_shape')}/block {saved['model']['block_size']} "
-            f"vs {shape(model_cfg)}/block {cfg.model.block_size}"
-        )
-    if meta.get("tokenizer_sha256") != tokenizer_sha:
-        problems.append("it was trained with a different tokenizer")
-    if tuning(saved) != tuning(to_dict(cfg)):
-        problems.append(f"it was trained with {tuning(saved)}, this run with {tuning(to_dict(cfg))}")
-    problems += zero.resume_problems(saved["deepspeed"]["zero_stage"], meta["world_size"], cfg.deepspeed.zero_stage, world_size)
-    if problems:
-        raise CheckpointError("cannot resume from this checkpoint: " + "; ".join(problems))
 
 
 def token_windows(data: TextDataset, split: str, block_size: int) -> TokenWindows:
@@ -266,35 +236,26 @@ class GPTTrainer:
                 save_adapter(self.engine.module, state_dict, self.data.tokenizer_dir, Path(d, "model"), generation_dir=self.base_dir)
             else:
                 save_hf_model(state_dict, self.model_cfg, self.data.tokenizer_dir, Path(d, "model"), generation_dir=self.base_dir)
-            write_meta(
-                d,
-                {
-                    "kind": KIND,
-                    "step": self.step,
-                    "world_size": self.ctx.world_size,
-                    "writer_ranks": list(range(self.ctx.world_size)),
-                    "zero_stage": self.cfg.deepspeed.zero_stage,
-                    "model_shape": shape(self.model_cfg),
-                    "tokenizer_sha256": self.data.manifest["tokenizer_sha256"],
-                    "config": to_dict(self.cfg),
-                    "metrics": metrics,
-                },
-            )
+            write_meta(d, CheckpointMeta(
+                kind=KIND, step=self.step, world_size=self.ctx.world_size, writer_ranks=list(range(self.ctx.world_size)),
+                config=to_dict(self.cfg), metrics=metrics, zero_stage=self.cfg.deepspeed.zero_stage,
+                model_shape=shape(self.model_cfg), tokenizer_sha256=self.data.manifest["tokenizer_sha256"],
+            ))  # fmt: skip
         write_rank_marker(d, self.ctx.rank)
         return d
 
-    def load(self, directory: str) -> dict[str, Any]:
-        """Restore weights, optimizer, RNG and step from a checkpoint; returns its bigray.json."""
+    def load(self, directory: str) -> CheckpointMeta:
+        """Restore weights, optimizer, RNG and step from a checkpoint the driver checked against this job
+        (recipes.launch.resuming); returns its metadata."""
         from safetensors.torch import load_file
 
         meta = read_meta(directory, KIND)
-        check_resume_compatible(meta, self.cfg, self.model_cfg, self.ctx.world_size, self.data.manifest["tokenizer_sha256"])
         zero.load_state(self.engine, directory, frozen=not self.lora)
         rng = load_file(f"{directory}/rng/rank_{self.ctx.rank}.safetensors")
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
-        self.step = int(meta["step"])
+        self.step = meta.step
         log.info("rank %d resumed from %s at step %d", self.ctx.rank, directory, self.step)
         return meta
 
@@ -325,7 +286,7 @@ class GPTTrainer:
         # Fine-tuning reports the base model's val loss on the new data with every report: the bar to beat.
         initial: dict[str, Any] = {}
         if saved is not None:
-            initial = {k: v for k, v in saved["metrics"].items() if k.startswith("init/")}
+            initial = {k: v for k, v in saved.metrics.items() if k.startswith("init/")}
         elif isinstance(self.cfg, GPTFinetuneConfig):
             initial = {"init/val_loss": self.evaluate()["val/loss"]}
             log.info("base model val loss on the fine-tuning data: %.4f", initial["init/val_loss"])

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import torch
 
 from bigray.artifacts.runs import METRICS, append_metrics
-from bigray.artifacts.storage import cache_root, exists, is_uri, join, read_text, upload, write_bytes, write_text
+from bigray.artifacts.storage import cache_root, is_file, is_uri, join, read_text, upload, write_bytes, write_text
 from bigray.artifacts.tracking import TrackedRun, flat_params, versions
 from bigray.config import TrackingConfig
 
@@ -160,7 +160,7 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.local = self.run_dir if not is_uri(self.run_dir) else tempfile.mkdtemp(prefix="bigray-runlog-")
-            if is_uri(self.run_dir) and exists(join(self.run_dir, METRICS)):
+            if is_uri(self.run_dir) and is_file(join(self.run_dir, METRICS)):
                 write_text(join(self.local, METRICS), read_text(join(self.run_dir, METRICS)))
             self.writer = SummaryWriter(f"{self.local}/tensorboard")
             if tracking is not None:

@@ -11,7 +11,6 @@ whole model.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +20,9 @@ from typing import Any
 import torch
 
 from bigray.artifacts.adapter import is_adapter
-from bigray.artifacts.checkpoint import CheckpointError
-from bigray.artifacts.hf_gpt import hub_snapshot, is_hub_id, load_hf_weights, read_decoder_config
-from bigray.artifacts.locate import checked_local_checkpoint, local_checkpoint, resolve_checkpoint
-from bigray.artifacts.storage import is_uri
+from bigray.artifacts.checkpoint import CheckpointError, CheckpointMeta, model_files
+from bigray.artifacts.hf_gpt import is_hub_id, load_hf_weights, read_decoder_config
+from bigray.artifacts.locate import local_model, resolve_checkpoint
 from bigray.models.gpt import build_gpt, with_dropout
 from bigray.train.engine import fp32_weights, load_full_weights
 
@@ -39,7 +37,7 @@ class PretrainedGPT:
     """Where the base model lives: a local path or a storage URI (what workers are handed)."""
     model_dir: Path
     """Directory holding config.json and the tokenizer (``<checkpoint>/model`` for a bigray checkpoint)."""
-    meta: dict[str, Any] | None
+    meta: CheckpointMeta | None
     """bigray.json of a bigray checkpoint; None for a Hugging Face directory."""
     config: Any
     """The model's transformers config (GPT2Config, LlamaConfig, Qwen2Config, ...)."""
@@ -50,14 +48,12 @@ class PretrainedGPT:
         of the metadata; a remote one is copied to this node once and its pickles scanned there)."""
         from transformers import AutoConfig
 
-        p = hub_snapshot(source) if is_hub_id(source) else local_checkpoint(source, "gpt") if is_uri(source) else Path(source)
-        meta = json.loads((p / "bigray.json").read_text()) if (p / "bigray.json").exists() else None
-        model_dir = p / "model" if meta is not None else p
-        return cls(path=p, source=source, model_dir=model_dir, meta=meta, config=AutoConfig.from_pretrained(str(model_dir)))
+        p, meta = local_model(source, "gpt")
+        return cls(path=p, source=source, model_dir=model_files(p), meta=meta, config=AutoConfig.from_pretrained(str(model_files(p))))
 
     def state_dict(self) -> Mapping[str, torch.Tensor]:
         if self.meta is not None:
-            return fp32_weights(self.path, self.meta["zero_stage"])
+            return fp32_weights(self.path, self.meta.zero_stage)
         return load_hf_weights(self.model_dir)
 
     def build(self, dropout: float) -> torch.nn.Module:
@@ -109,12 +105,8 @@ def _model_names(weights: Mapping[str, torch.Tensor], model: torch.nn.Module) ->
 def open_pretrained(path: str | Path) -> PretrainedGPT:
     """Resolve and check a base model (on the driver); raise CheckpointError naming what is wrong.
     A Hub id (``org/name``) is fetched to this node's cache (workers fetch their own copy)."""
-    if is_hub_id(str(path)):
-        p, meta, source = hub_snapshot(str(path)), None, str(path)
-    else:
-        source = resolve_checkpoint(str(path))
-        p, meta = checked_local_checkpoint(source, "gpt")  # a bigray checkpoint, or an exported HF directory (meta None)
-    model_dir = p / "model" if meta is not None else p
-    if is_adapter(model_dir):
+    source = str(path) if is_hub_id(str(path)) else resolve_checkpoint(str(path))
+    p, meta = local_model(source, "gpt")  # a bigray checkpoint, or an exported, downloaded or Hub model (meta None)
+    if is_adapter(model_files(p)):
         raise CheckpointError(f"{source} holds a LoRA adapter, not a whole model: fine-tune from its merged export (bigray export {source} OUT)")
-    return PretrainedGPT(path=p, source=source, model_dir=model_dir, meta=meta, config=read_decoder_config(model_dir))
+    return PretrainedGPT(path=p, source=source, model_dir=model_files(p), meta=meta, config=read_decoder_config(model_files(p)))

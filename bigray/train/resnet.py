@@ -19,10 +19,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from bigray.artifacts.checkpoint import CheckpointError, read_meta, write_meta, write_rank_marker
+from bigray.artifacts.checkpoint import CheckpointMeta, read_meta, write_meta, write_rank_marker
 from bigray.artifacts.resnet_card import save_classifier
 from bigray.cluster import enable_tf32, training_precision
-from bigray.config import ConfigError, ResNetJobConfig, from_dict, to_dict
+from bigray.config import ResNetJobConfig, from_dict, to_dict
 from bigray.data.images import DatasetInfo, load_images
 from bigray.models.resnet import build_resnet, normalize
 from bigray.train.context import (
@@ -39,19 +39,6 @@ from bigray.train.optim import make_optimizer, resnet_lr
 log = logging.getLogger(__name__)
 
 KIND = "resnet"
-
-
-def check_resume_compatible(meta: dict[str, Any], cfg: ResNetJobConfig) -> None:
-    """Refuse a checkpoint of another architecture, saying which."""
-    try:
-        saved = from_dict(ResNetJobConfig, meta["config"])
-    except ConfigError as e:
-        raise CheckpointError(f"cannot resume: the checkpoint's config is not a ResNet job's ({e})") from None
-    if saved.model.arch != cfg.model.arch or saved.model.small_input_stem != cfg.model.small_input_stem:
-        raise CheckpointError(
-            f"cannot resume from this checkpoint: it is {saved.model.arch} (small stem {saved.model.small_input_stem}), "
-            f"this run {cfg.model.arch} (small stem {cfg.model.small_input_stem})"
-        )
 
 
 MIN_STEPS = 250
@@ -100,18 +87,12 @@ class ResNetTrainer:
         t = cfg.train
         torch.manual_seed(t.seed)
         model = build_resnet(cfg.model.arch, info.num_classes, info.channels, cfg.model.small_input_stem, cfg.model.zero_init_residual)
-        self.channels_last = self.device.type == "cuda"
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        # channels_last: what cuDNN's and oneDNN's convolutions want; 1.09x images/s in bf16 and 1.13x in fp32
+        # on this CPU (bench/resnet_memory_format.py)
+        model = model.to(memory_format=torch.channels_last)
         self.epoch, self.step = 0, 0
-        self.optimizer_state: dict | None = None
-        with checkpoint_to_resume(ctx, cfg.resume_from, run_dir, KIND) as ckpt:
-            if ckpt:
-                self._load(ckpt, model)
         self.model = ctx.prepare_model(model, self.device)
         self.optimizer = make_optimizer(self.model, t)
-        if self.optimizer_state is not None:
-            self.optimizer.load_state_dict(self.optimizer_state)
         generator = torch.Generator().manual_seed(t.seed)
         pin = self.device.type == "cuda"  # pinned host memory: the copy to the GPU overlaps compute
         self.batch_size = t.batch_size or batch_per_worker(len(splits["train"]), t.epochs, ctx.world_size)
@@ -134,7 +115,7 @@ class ResNetTrainer:
 
     def _to_input(self, images: torch.Tensor) -> torch.Tensor:
         x = normalize(images.to(self.device, non_blocking=True), self.info.mean, self.info.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return x.contiguous(memory_format=torch.channels_last)
 
     def train_epoch(self) -> dict[str, float]:
         t = self.cfg.train
@@ -197,27 +178,29 @@ class ResNetTrainer:
         model_card = {"arch": self.cfg.model.arch, "small_input_stem": self.cfg.model.small_input_stem, "data": self.info.to_dict()}
         save_classifier(Path(d, "model"), self._bare_model().state_dict(), model_card)
         torch.save({"optimizer": self.optimizer.state_dict()}, Path(d, "train_state.pt"))
-        write_meta(d, {
-            "kind": KIND, "epoch": self.epoch, "step": self.step, "world_size": self.ctx.world_size,
-            "writer_ranks": [0], "config": to_dict(self.cfg), "metrics": metrics,
-        })  # fmt: skip
+        write_meta(d, CheckpointMeta(kind=KIND, step=self.step, world_size=self.ctx.world_size, writer_ranks=[0],
+                                     config=to_dict(self.cfg), metrics=metrics, epoch=self.epoch))  # fmt: skip
         write_rank_marker(d, 0)
         return d
 
-    def _load(self, directory: str, model: torch.nn.Module) -> None:
+    def load(self, directory: str) -> CheckpointMeta:
+        """Restore weights, optimizer state, epoch and step from a checkpoint the driver checked against
+        this job (recipes.launch.resuming); every rank loads the same one. Returns its metadata."""
         from safetensors.torch import load_file
 
         meta = read_meta(directory, KIND)
-        check_resume_compatible(meta, self.cfg)
-        model.load_state_dict(load_file(f"{directory}/model/model.safetensors"))
-        self.optimizer_state = torch.load(Path(directory, "train_state.pt"), weights_only=True)["optimizer"]
-        self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
+        self._bare_model().load_state_dict(load_file(f"{directory}/model/model.safetensors"))
+        self.optimizer.load_state_dict(torch.load(Path(directory, "train_state.pt"), weights_only=True)["optimizer"])
+        self.epoch, self.step = meta.epoch or 0, meta.step
         log.info("rank %d resumed from %s at epoch %d", self.ctx.rank, directory, self.epoch)
 
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> dict[str, Any]:
-        """Train to ``train.epochs`` (resumed at the saved epoch if there was a checkpoint); returns the last metrics."""
+        """Train to ``train.epochs`` (resuming first if there is a checkpoint); returns the last metrics."""
+        with checkpoint_to_resume(self.ctx, self.cfg.resume_from, self.run_dir, KIND) as ckpt:
+            if ckpt:
+                self.load(ckpt)
         metrics: dict[str, Any] = {}
         while self.epoch < self.cfg.train.epochs:
             metrics = self.train_epoch()
