@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bigray.models.gpt import build_gpt, flops_per_token, gpt_config  # noqa: E402
+from bigray.models.gpt import build_gpt, decoder_config, flops_per_token  # noqa: E402
 from bigray.train.metrics import peak_flops  # noqa: E402
 
 
@@ -27,7 +27,7 @@ ANCHOR_MFU = 0.40
 
 def measure(preset: str, micro_batch: int, block: int = 1024, steps: int = 20, vocab: int = 50304) -> dict:
     device = torch.device("cuda")
-    cfg = gpt_config(preset, vocab)
+    cfg = decoder_config("gpt2", preset, vocab)
     model = build_gpt(cfg, seed=0).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
     compiled = torch.compile(model)

@@ -3,8 +3,10 @@
 Layers, bottom first; a module imports only from its own layer or below (checked with
 ``python ../shared/tools/import_graph.py bigray --layers "<the line below>"``)::
 
-    config | models | artifacts cluster | serve | data | train | recipes | tune export smoke | quickstart cli
+    models.families | config | models | artifacts cluster | serve | data | train | recipes | tune export smoke | quickstart cli
 
+- ``models.families``: the decoder family registry (presets, config builders, FLOPs); pure data, so
+  the config validates against it.
 - ``config``: the config engine and every job's typed sections.
 - ``models``: plain single-device torch models (nothing of Ray or DeepSpeed).
 - ``artifacts``: the formats every side reads, local path or URI: checkpoint directories and their

@@ -17,6 +17,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from bigray.models.families import FAMILIES
+
 T = TypeVar("T")
 M = TypeVar("M", bound="BaseModel")
 
@@ -399,25 +401,19 @@ class GPTContextConfig:
         require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
 
 
-MODEL_PRESETS: dict[str, tuple[str, ...]] = {
-    "gpt2": ("tiny", "124m", "350m", "774m", "1.3b", "2.7b"),
-    "llama": ("tiny", "1b", "8b"),
-}
-"""The pretraining presets of each model family (their shapes are in bigray/models/gpt.py)."""
-
-
 @dataclass
 class GPTModelConfig(GPTContextConfig):
-    family: Literal["gpt2", "llama"] = "gpt2"
-    """Architecture: 'gpt2' (learned positions, LayerNorm, GELU MLP) or 'llama' (RoPE, RMSNorm, SwiGLU,
-    grouped-query attention; what Llama, Qwen and Mistral share)."""
-    preset: Literal["tiny", "124m", "350m", "774m", "1.3b", "2.7b", "1b", "8b"] = "tiny"
+    family: str = "gpt2"
+    """Architecture (bigray/models/families.py): 'gpt2' (learned positions, LayerNorm, GELU MLP) or
+    'llama' (RoPE, RMSNorm, SwiGLU, grouped-query attention; what Llama, Qwen and Mistral share)."""
+    preset: str = "tiny"
     """The family's shape: gpt2 tiny, 124m, 350m, 774m, 1.3b, 2.7b; llama tiny, 1b (Llama 3.2 1B),
     8b (Llama 3.1 8B). 'tiny' is for tests and CI."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        allowed = MODEL_PRESETS[self.family]
+        require(self.family in FAMILIES, "family", f"{self.family!r} is not a model family; allowed: {', '.join(FAMILIES)}")
+        allowed = FAMILIES[self.family].presets
         require(self.preset in allowed, "preset", f"{self.preset!r} is not a {self.family} preset; allowed: {', '.join(allowed)}")
 
 
@@ -428,7 +424,12 @@ class GPTTrainConfig:
     micro_batch_size: int = 8
     """Sequences per worker per forward pass."""
     grad_accum_steps: int = 1
-    """Micro batches accumulated per optimizer step."""
+    """Micro batches accumulated per optimizer step (with global_batch_size 0)."""
+    global_batch_size: int = 0
+    """Sequences per optimizer step over all workers, the same at any world size: gradient
+    accumulation is then derived from it (global / (micro_batch_size x workers)), so a run resumed on
+    more or fewer workers trains on the same batches. 0: micro_batch_size x grad_accum_steps x
+    workers, which changes with the world size."""
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
@@ -460,6 +461,9 @@ class GPTTrainConfig:
         require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         require(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
+        require(self.global_batch_size >= 0, "global_batch_size", f"must be >= 0, got {self.global_batch_size}")
+        require(self.global_batch_size == 0 or self.grad_accum_steps == 1, "grad_accum_steps",
+                "is derived from train.global_batch_size when that is set; set one of the two")  # fmt: skip
         require(0 < self.lr < 1, "lr", f"must be in (0, 1), got {self.lr}")
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
@@ -468,6 +472,18 @@ class GPTTrainConfig:
         require(self.eval_interval >= 1, "eval_interval", f"must be >= 1, got {self.eval_interval}")
         require(self.eval_batches >= 1, "eval_batches", f"must be >= 1, got {self.eval_batches}")
         require(self.log_interval >= 1, "log_interval", f"must be >= 1, got {self.log_interval}")
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro batches per optimizer step on ``world_size`` workers: grad_accum_steps, or what keeps
+        global_batch_size when it is set (ConfigError naming the keys when it does not divide)."""
+        if not self.global_batch_size:
+            return self.grad_accum_steps
+        per_pass = self.micro_batch_size * world_size
+        if self.global_batch_size % per_pass:
+            raise ConfigError("train.global_batch_size", f"{self.global_batch_size} sequences do not split into micro batches on "
+                              f"{world_size} workers: train.micro_batch_size ({self.micro_batch_size}) x scaling.num_workers "
+                              f"({world_size}) = {per_pass} must divide it")  # fmt: skip
+        return self.global_batch_size // per_pass
 
 
 @dataclass

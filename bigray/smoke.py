@@ -69,7 +69,7 @@ def smoke_loop(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from bigray.models.gpt import build_gpt, gpt_config
+    from bigray.models.gpt import build_gpt, decoder_config
     from bigray.train import engine
 
     ctx = ray.train.get_context()
@@ -86,7 +86,7 @@ def smoke_loop(config: dict[str, Any]) -> None:
     precision = training_precision(config["precision"], device)
     train = GPTTrainConfig(micro_batch_size=2, grad_accum_steps=1, max_steps=1)
     ds_config = engine.deepspeed_config(DeepSpeedConfig(zero_stage=3, precision=precision), train, world, config["use_gpu"])
-    model_cfg = gpt_config("tiny", vocab_size=512)
+    model_cfg = decoder_config("gpt2", "tiny", vocab_size=512)
     with engine.partitioned_construction(ds_config):
         model = build_gpt(model_cfg, seed=0)
     ds_engine = engine.initialize(model, [{"params": [p for p in model.parameters() if p.requires_grad]}], ds_config)

@@ -53,7 +53,7 @@ def test_partial_section_keeps_job_defaults():
         (GPTPretrainConfig, "train.lr=fast", "train.lr", "expected a number"),
         (GPTPretrainConfig, "train.max_steps=1.5", "train.max_steps", "expected an integer"),
         (GPTPretrainConfig, "scaling.use_gpu=maybe", "scaling.use_gpu", "true or false"),
-        (GPTPretrainConfig, "model.preset=huge", "model.preset", "'124m'"),
+        (GPTPretrainConfig, "model.preset=huge", "model.preset", "not a gpt2 preset; allowed: tiny, 124m"),
         (GPTPretrainConfig, "deepspeed.precision=fp8", "deepspeed.precision", "'bf16'"),
         (GPTPretrainConfig, "deepspeed.offload_params=true", "deepspeed.offload_params", "zero_stage 3"),
         (GPTPretrainConfig, "trian.lr=1", "trian", "unknown key"),
@@ -77,6 +77,18 @@ def test_validation_errors_name_the_key(cls, override, key, words):
         load_config(cls, None, [override])
     assert err.value.key == key
     assert words in str(err.value)
+
+
+def test_a_global_batch_derives_the_accumulation_at_any_world_size():
+    train = load_config(GPTPretrainConfig, None, ["train.global_batch_size=32", "train.micro_batch_size=4"]).train
+    assert [train.accumulation(n) for n in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size \(4\) x scaling.num_workers \(3\) = 12 must divide it") as err:
+        train.accumulation(3)
+    assert err.value.key == "train.global_batch_size"
+    legacy = load_config(GPTPretrainConfig, None, ["train.grad_accum_steps=3"]).train
+    assert [legacy.accumulation(n) for n in (1, 2)] == [3, 3]  # without a global batch the batch follows the world size
+    with pytest.raises(ConfigError, match="derived from train.global_batch_size"):
+        load_config(GPTPretrainConfig, None, ["train.global_batch_size=32", "train.grad_accum_steps=2"])
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import pytest
 from bigray.config import TextDataConfig
 from bigray.data.cache import DataError, verify_manifest
 from bigray.data.documents import clean_text, load_tokenizer
-from bigray.data.text import TokenWindows, open_prepared, prepare_text
+from bigray.data.text import DIGEST_MOD, TokenWindows, open_prepared, prepare_text
 
 
 def test_prepared_corpus_is_real_and_split(small_text):
@@ -62,6 +62,28 @@ def test_windows_disjoint_across_ranks_and_reproducible(small_text):
     assert not np.array_equal(other_seed, w.window_ids(seed=7, index=0, rank=0, world_size=2, batch=4, shuffle=True))
     x, y = w.batch(per_rank[0])
     assert x.shape == (4, 32) and np.array_equal(x[:, 1:], y[:, :-1])
+
+
+def test_a_step_reads_the_same_windows_at_any_world_size(small_text):
+    """A global batch of 16 split as 2 ranks x 2 micro batches of 4, or 1 rank x 4, or 4 ranks x 1:
+    the step's windows, in order, and their digest are the same (what a resize or resume relies on)."""
+    _, ds = small_text
+    w = TokenWindows(ds.tokens("train"), block_size=32)
+    for step in (0, 3):
+        whole = w.windows_at(seed=7, start=step * 16, count=16, shuffle=True)
+        digest = w.digest(seed=7, start=step * 16, count=16)
+        for world_size, accumulation in ((1, 4), (2, 2), (4, 1)):
+            ordered = {}
+            parts = 0
+            for micro in range(accumulation):
+                for rank in range(world_size):
+                    start = step * 16 + (micro * world_size + rank) * 4
+                    ordered[start] = w.windows_at(seed=7, start=start, count=4, shuffle=True)
+                    parts += w.digest(seed=7, start=start, count=4)
+            assert np.array_equal(np.concatenate([ordered[k] for k in sorted(ordered)]), whole)
+            assert parts % DIGEST_MOD == digest
+    assert w.digest(seed=7, start=0, count=16) != w.digest(seed=7, start=16, count=16)
+    assert w.digest(seed=7, start=0, count=16) != w.digest(seed=8, start=0, count=16)
 
 
 def test_corrupted_cache_is_rebuilt(tmp_path, downloads_dir):

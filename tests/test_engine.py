@@ -7,13 +7,13 @@ from bigray.config import DeepSpeedConfig, GPTTrainConfig
 
 
 def test_zero3_partitioned_model_keeps_weight_decay_on_its_matrices(tmp_path):
-    from bigray.models.gpt import build_gpt, gpt_config
+    from bigray.models.gpt import build_gpt, decoder_config
     from bigray.train import engine
     from bigray.train.context import LocalContext
     from bigray.train.optim import decay_groups
 
     LocalContext(str(tmp_path))  # a world-size-1 process group, as a one-process run has
-    model_cfg = gpt_config("tiny", vocab_size=512)
+    model_cfg = decoder_config("gpt2", "tiny", vocab_size=512)
     plain = decay_groups(build_gpt(model_cfg, seed=0), 0.1)
     config = engine.deepspeed_config(DeepSpeedConfig(zero_stage=3, precision="fp32"), GPTTrainConfig(), world_size=1, use_gpu=False)
     with engine.partitioned_construction(config):
@@ -96,13 +96,13 @@ def test_cpu_matmul_peak_is_measured_once_per_machine(tmp_path, monkeypatch):
 def test_bf16_zero2_engine_accumulates_gradients_in_fp32(tmp_path):
     import torch
 
-    from bigray.models.gpt import build_gpt, gpt_config
+    from bigray.models.gpt import build_gpt, decoder_config
     from bigray.train import engine
     from bigray.train.context import LocalContext
     from bigray.train.optim import decay_groups
 
     LocalContext(str(tmp_path))
-    model = build_gpt(gpt_config("tiny", vocab_size=512), seed=0)
+    model = build_gpt(decoder_config("gpt2", "tiny", vocab_size=512), seed=0)
     config = engine.deepspeed_config(DeepSpeedConfig(zero_stage=2, precision="bf16"), GPTTrainConfig(micro_batch_size=2), 1, False)
     trained = engine.initialize(model, decay_groups(model, 0.1), config)
     assert trained.optimizer.gradient_accumulation_dtype == torch.float32

@@ -141,7 +141,8 @@ def test_a_hub_model_id_is_fetched_and_without_a_network_says_what_to_do(monkeyp
 
 
 def test_llama_presets_build_with_rope_rmsnorm_swiglu_and_grouped_query_attention():
-    from bigray.models.gpt import LLAMA_SHAPES, build_gpt, decoder_config, flops_per_token
+    from bigray.models.families import FAMILIES
+    from bigray.models.gpt import build_gpt, decoder_config, flops_per_token
 
     config = decoder_config("llama", "tiny", vocab_size=512)
     model = build_gpt(config, seed=0)
@@ -155,7 +156,7 @@ def test_llama_presets_build_with_rope_rmsnorm_swiglu_and_grouped_query_attentio
     eight = decoder_config("llama", "8b", vocab_size=128_256)
     assert (eight.num_key_value_heads, eight.intermediate_size, eight.tie_word_embeddings) == (8, 14336, False)
     assert 7.4e9 < flops_per_token(eight, 0) / 6 < 7.6e9  # Llama 3.1 8B: 8.03B parameters less its 0.53B embedding table
-    assert set(LLAMA_SHAPES) == {"tiny", "1b", "8b"}
+    assert set(FAMILIES["llama"].presets) == {"tiny", "1b", "8b"}
     with pytest.raises(ConfigError, match="model.preset.*'124m' is not a llama preset; allowed: tiny, 1b, 8b"):
         from_dict(GPTPretrainConfig, {"model": {"family": "llama", "preset": "124m"}})
 

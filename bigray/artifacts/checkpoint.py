@@ -7,7 +7,7 @@ A checkpoint directory holds:
 - ``ranks/rank_<r>.json``: one per writing rank, listing the files that rank wrote with sizes;
 - the payload, per file kind:
   ``model/`` safetensors weights + config + tokenizer or model card (no pickle);
-  ``rng/rank_<r>.safetensors`` per-rank RNG state (GPT; no pickle);
+  ``rng/rank_<r>.safetensors`` per-rank RNG state (older GPT checkpoints; no pickle; not read);
   ``deepspeed/**.pt`` ZeRO shards (GPT) and ``train_state.pt`` optimizer state (ResNet): torch
   pickles, only ever loaded with ``weights_only=True`` and the few non-tensor types DeepSpeed stores
   allow-listed in :data:`PICKLE_ALLOWED`.

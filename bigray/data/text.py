@@ -284,14 +284,19 @@ def open_prepared(location: str | Path) -> TextDataset:
     return TextDataset(directory, manifest, str(location))
 
 
+DIGEST_MOD = 2**31 - 1
+"""Window digests are residues mod this prime (an all-reduced sum of them stays exact in float64)."""
+
+
 class TokenWindows:
     """Fixed, non-overlapping windows of ``block_size + 1`` tokens over one split.
 
-    Which windows a rank reads is a pure function of (seed, step, micro_step, rank): each epoch
-    is a seeded permutation of all windows, a global micro batch takes the next
-    ``world_size * micro_batch`` of them, and rank r takes its own contiguous slice. A resumed run
-    therefore sees exactly the batches the uninterrupted run would have seen, and no two ranks
-    ever read the same window in a step.
+    The training stream is a pure function of the seed: each epoch is a seeded permutation of all
+    windows, and sample number ``i`` of the run (counted over all workers) is the stream's i-th window.
+    An optimizer step of a global batch of G sequences takes samples [step*G, (step+1)*G), each
+    micro batch a contiguous slice of them; which rank reads which slice does not change the step's
+    windows. A resumed run therefore sees exactly the windows the uninterrupted run would have seen,
+    at any world size, and no two ranks ever read the same window in a step.
 
     With a ``loss_mask`` (supervised fine-tuning), targets whose mask is 0 become -100, the
     ignore index of the loss.
@@ -316,13 +321,24 @@ class TokenWindows:
 
     def window_ids(self, *, seed: int, index: int, rank: int, world_size: int, batch: int, shuffle: bool) -> np.ndarray:
         """Window ids for global micro-batch number ``index`` on ``rank``."""
-        per_global = world_size * batch
-        start = index * per_global + rank * batch
-        ids = np.arange(start, start + batch)
+        return self.windows_at(seed=seed, start=(index * world_size + rank) * batch, count=batch, shuffle=shuffle)
+
+    def windows_at(self, *, seed: int, start: int, count: int, shuffle: bool) -> np.ndarray:
+        """Window ids of samples [start, start + count) of the stream."""
+        ids = np.arange(start, start + count)
         epochs, pos = np.divmod(ids, self.num_windows)
         if not shuffle:
             return pos
         return np.array([self._permutation(seed, int(e))[p] for e, p in zip(epochs, pos)])
+
+    def digest(self, *, seed: int, start: int, count: int) -> int:
+        """A fingerprint of which window sample [start, start + count) of the training stream is: parts
+        from different ranks add up (mod :data:`DIGEST_MOD`) to the whole step's, so two runs that log
+        the same digest per step trained on the same windows in the same order."""
+        ids = self.windows_at(seed=seed, start=start, count=count, shuffle=True).astype(np.uint64)
+        samples = np.arange(start, start + count, dtype=np.uint64)
+        mixed = (samples + np.uint64(1)) * np.uint64(2654435761) ^ (ids + np.uint64(1)) * np.uint64(40503)
+        return int((mixed % np.uint64(DIGEST_MOD)).sum() % np.uint64(DIGEST_MOD))
 
     def batch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(inputs, targets) int64 arrays of shape (len(ids), block_size)."""

@@ -87,6 +87,7 @@ def prepare_finetune(cfg: GPTFinetuneConfig) -> PreparedJob:
 def _checked(cfg: GPTJob, data: TextDataset, model_cfg: Any) -> PreparedJob:
     if cfg.deepspeed.nvme_path:
         cfg = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, nvme_path=absolute(cfg.deepspeed.nvme_path)))
+    cfg.train.accumulation(cfg.scaling.num_workers)  # the global batch splits over these workers
     for split in ("train", "val"):
         token_windows(data, split, cfg.model.block_size)
     if cfg.resume_from:
@@ -126,6 +127,6 @@ def finetune(cfg: GPTFinetuneConfig) -> dict[str, Any]:
 
 def train_local(cfg: GPTJob, run_dir: str) -> tuple[dict[str, Any], LocalContext]:
     """Prepare and train in this process without Ray (world size 1): tests, benchmarks, GPU boxes."""
-    kind = FINETUNE if isinstance(cfg, GPTFinetuneConfig) else PRETRAIN
+    kind = next(k for k in (PRETRAIN, FINETUNE) if type(cfg) is k.config_class)
     prepared = kind.prepare(in_run_dir(cfg, run_dir))
     return run_local(prepared.config, prepared.data_dir, run_dir)

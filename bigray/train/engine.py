@@ -66,10 +66,11 @@ def deepspeed_config(settings: DeepSpeedConfig, train: GPTTrainConfig, world_siz
         if use_gpu:
             optimizer_params["fused"] = True  # torch's fused CUDA AdamW kernel (no foreach, no JIT op)
     fp32_grads = weights == "bf16" and settings.zero_stage >= 1
+    accumulation = train.accumulation(world_size)
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.grad_accum_steps,
-        "train_batch_size": train.micro_batch_size * train.grad_accum_steps * world_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": train.micro_batch_size * accumulation * world_size,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": weights == "bf16"},
@@ -252,9 +253,10 @@ def load_state(engine: Any, checkpoint_dir: str | Path, frozen: bool = True) -> 
 
 
 def resume_problems(saved_stage: int, saved_world_size: int, stage: int, world_size: int) -> list[str]:
-    """Why this engine cannot load shards written by another (empty when it can)."""
+    """Why this engine cannot load shards written by another (empty when it can). ZeRO-0 keeps whole
+    optimizer state on every rank, so any world size loads it; ZeRO 1-3 shards are not re-sharded yet."""
     problems = []
-    if saved_world_size != world_size:
+    if saved_world_size != world_size and saved_stage > 0:
         problems.append(f"it has {saved_world_size} ZeRO shards but this run has {world_size} workers")
     if saved_stage != stage:
         problems.append(f"it uses ZeRO stage {saved_stage}, this run {stage}")

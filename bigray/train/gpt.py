@@ -1,8 +1,9 @@
 """The GPT training loop (worker side): plain torch + DeepSpeed, under Ray Train or alone at world size 1.
 
 Workers open the data the driver prepared (``data_dir`` in their config) and never rebuild it.
-Data position, learning rate and RNG are functions of (seed, step, rank), and checkpoints hold
-every rank's ZeRO shard, so a resumed run continues exactly where the saved one stopped.
+Data position, learning rate and randomness are functions of (seed, step, sample index), not of
+the rank, and checkpoints hold every rank's ZeRO shard, so a resumed run continues exactly where the
+saved one stopped.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.profiler import record_function
@@ -26,7 +29,7 @@ from bigray.cluster import enable_tf32, training_precision
 from bigray.config import ConfigError, GPTFinetuneConfig, GPTPretrainConfig, from_dict, to_dict
 from bigray.data.cache import DataError
 from bigray.data.documents import EOS, load_tokenizer
-from bigray.data.text import TextDataset, TokenWindows, open_prepared
+from bigray.data.text import DIGEST_MOD, TextDataset, TokenWindows, open_prepared
 from bigray.models.gpt import build_gpt, context_length, decoder_config, flops_per_token, shape
 from bigray.train import engine as zero
 from bigray.train.lm_loss import fuse_loss, mean_loss
@@ -72,15 +75,37 @@ def token_windows(data: TextDataset, split: str, block_size: int) -> TokenWindow
         raise DataError(f"{split} data: {e} (use more data or a smaller model.block_size)") from None
 
 
-def initial_model(cfg: GPTJob, data: TextDataset) -> tuple[Any, torch.nn.Module, Path | None]:
-    """Model config, starting weights and the base model's directory: seeded random init
-    (pretraining, no base) or the base model (fine-tuning)."""
-    if isinstance(cfg, GPTFinetuneConfig):
-        base = PretrainedGPT.at(cfg.init_from)
-        check_block_fits(cfg.model.block_size, base.config)
-        return base.config, base.build(cfg.model.dropout), base.model_dir
+@dataclass(frozen=True)
+class Start:
+    """What pretraining and fine-tuning do differently, in one place: the first weights (seeded random
+    init from a preset, or the base model: model config, model and the base's directory), whether the
+    trainable state is LoRA adapters, whether packed examples are kept apart, and whether runs report
+    the starting model's val loss on the new data (the bar a fine-tune must beat)."""
+
+    initial_model: Callable[[Any, TextDataset], tuple[Any, torch.nn.Module, Path | None]]
+    lora: Callable[[Any], bool] = lambda cfg: False
+    isolate_examples: Callable[[Any], bool] = lambda cfg: False
+    reports_base_loss: bool = False
+
+
+def _fresh_model(cfg: GPTPretrainConfig, data: TextDataset) -> tuple[Any, torch.nn.Module, None]:
     model_cfg = pretrain_model_config(cfg, data)
     return model_cfg, build_gpt(model_cfg, seed=cfg.train.seed), None
+
+
+def _base_model(cfg: GPTFinetuneConfig, data: TextDataset) -> tuple[Any, torch.nn.Module, Path]:
+    base = PretrainedGPT.at(cfg.init_from)
+    check_block_fits(cfg.model.block_size, base.config)
+    return base.config, base.build(cfg.model.dropout), base.model_dir
+
+
+STARTS: dict[type, Start] = {
+    GPTPretrainConfig: Start(_fresh_model),
+    GPTFinetuneConfig: Start(
+        _base_model, lora=lambda cfg: cfg.finetune.method == "lora", isolate_examples=lambda cfg: cfg.data.isolate_examples, reports_base_loss=True
+    ),
+}
+"""Each GPT job's start, by its config class."""
 
 
 def isolated_examples(starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +127,7 @@ class GPTTrainer:
 
     def __init__(self, cfg: GPTJob, ctx: TrainContext, data_dir: str, run_dir: str | None = None, submitted_at: float | None = None):
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
+        self.start = STARTS[type(cfg)]
         self.startup = StartUp(submitted_at)
         torch.set_num_threads(cfg.scaling.threads)
         self.device = ctx.device(cfg.scaling.use_gpu)
@@ -116,36 +142,41 @@ class GPTTrainer:
         self.ds_config = zero.deepspeed_config(ds, cfg.train, ctx.world_size, cfg.scaling.use_gpu)
         with self.startup.phase("model build"):
             with zero.partitioned_construction(self.ds_config):
-                self.model_cfg, model, self.base_dir = initial_model(cfg, self.data)
+                self.model_cfg, model, self.base_dir = self.start.initial_model(cfg, self.data)
             if cfg.deepspeed.activation_checkpointing:
                 model.gradient_checkpointing_enable()
-            self.lora = isinstance(cfg, GPTFinetuneConfig) and cfg.finetune.method == "lora"
+            self.lora = self.start.lora(cfg)
             if self.lora:
                 model = apply_lora(model, cfg.finetune, cfg.init_from)
             wants_fused = cfg.train.fused_loss == "on" or (cfg.train.fused_loss == "auto" and self.device.type == "cpu")
             self.fused_loss = wants_fused and fuse_loss(model)
         with self.startup.phase("DeepSpeed init"):
             self.engine = zero.initialize(model, decay_groups(model, cfg.train.weight_decay), self.ds_config)
-        self.isolate = isinstance(cfg, GPTFinetuneConfig) and self.train_windows.example_starts is not None and cfg.data.isolate_examples
+        self.isolate = self.train_windows.example_starts is not None and self.start.isolate_examples(cfg)
         """Packed examples must not attend to each other (fine-tuning on jsonl or chat rows)."""
         self.step = 0
+        self.grad_accum = cfg.train.accumulation(ctx.world_size)
+        self.global_batch = cfg.train.micro_batch_size * self.grad_accum * ctx.world_size
+        """Sequences per optimizer step over all ranks: samples [step * global_batch, (step + 1) * global_batch)."""
         self.flops_per_token = flops_per_token(self.model_cfg, bs)
         with self.startup.phase("matmul peak"):
             self.peak = peak_flops(self.device, ds.precision)
-        self.tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * bs  # per rank
+        self.tokens_per_step = cfg.train.micro_batch_size * self.grad_accum * bs  # per rank
         with self.startup.phase("run log"):
             self.run_log = RunLog.for_job(cfg, ctx, run_dir, self.device, zero_stage=ds.zero_stage, precision=ds.precision,
                                           offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params)  # fmt: skip
 
     # ------------------------------------------------------------------ data and loss
 
-    def _batch(self, windows: TokenWindows, index: int, shuffle: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Inputs, targets and (when examples are kept apart) where each example starts."""
-        mb = self.cfg.train.micro_batch_size
+    def _micro_batch_start(self, index: int) -> int:
+        """The first sample of this rank's part of global micro batch ``index`` (counted over all ranks)."""
+        return (index * self.ctx.world_size + self.ctx.rank) * self.cfg.train.micro_batch_size
+
+    def _batch(self, windows: TokenWindows, start: int, shuffle: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Inputs, targets and (when examples are kept apart) where each example starts, of samples
+        [start, start + micro_batch_size) of the split's stream."""
         with record_function("data"):
-            ids = windows.window_ids(
-                seed=self.cfg.train.seed, index=index, rank=self.ctx.rank, world_size=self.ctx.world_size, batch=mb, shuffle=shuffle
-            )
+            ids = windows.windows_at(seed=self.cfg.train.seed, start=start, count=self.cfg.train.micro_batch_size, shuffle=shuffle)
             x, y = windows.batch(ids)
             starts = torch.from_numpy(windows.starts(ids)).to(self.device) if self.isolate else None
             return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device), starts
@@ -165,25 +196,32 @@ class GPTTrainer:
             with record_function("forward/loss"):
                 return mean_loss(logits, y)
 
-    def _mean_across_ranks(self, value: torch.Tensor | float) -> float:
-        """One all-reduce and one host sync for a value every rank holds (a step's loss)."""
+    def _sum_across_ranks(self, *values: torch.Tensor | float) -> list[float]:
+        """One all-reduce and one host sync for values every rank holds (a step's loss, its window digest)."""
         with record_function("sync"):
-            t = torch.as_tensor(value, dtype=torch.float64, device=self.device).reshape(1)
+            t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(()) for v in values])
             dist.all_reduce(t)
-            return float(t.item()) / self.ctx.world_size
+            return t.tolist()
 
     # ------------------------------------------------------------------ train / eval
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step (grad_accum_steps micro batches); returns this step's metrics."""
+        """One optimizer step (the global batch: grad_accum micro batches per rank); returns its metrics.
+
+        Each micro batch's randomness (dropout) is seeded from (seed, its first sample), so a step
+        trains the same at any world size and after any resume."""
         cfg = self.cfg.train
         lr = gpt_lr(self.step, cfg)
         zero.set_lr(self.engine, lr)
         self.engine.train()
         t0 = time.perf_counter()
         total = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: no host sync per micro batch
-        for micro in range(cfg.grad_accum_steps):
-            loss = self._loss(*self._batch(self.train_windows, self.step * cfg.grad_accum_steps + micro, shuffle=True))
+        digest = 0
+        for micro in range(self.grad_accum):
+            start = self.step * self.global_batch + self._micro_batch_start(micro)
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, start]).generate_state(1)[0]))
+            digest += self.train_windows.digest(seed=cfg.seed, start=start, count=cfg.micro_batch_size)
+            loss = self._loss(*self._batch(self.train_windows, start, shuffle=True))
             with record_function("backward"):
                 self.engine.backward(loss)
             with record_function("optimizer"):
@@ -194,7 +232,8 @@ class GPTTrainer:
         dt = time.perf_counter() - t0
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
-        loss = self._mean_across_ranks(total / cfg.grad_accum_steps)
+        loss_sum, digest_sum = self._sum_across_ranks(total / self.grad_accum, digest)
+        loss = loss_sum / self.ctx.world_size
         if not math.isfinite(loss):
             raise FloatingPointError(f"training diverged: loss is {loss} at step {self.step} (lr {lr:.3g})")
         tokens_per_s = self.tokens_per_step / dt
@@ -208,28 +247,24 @@ class GPTTrainer:
             "train/tokens_per_s_per_worker": tokens_per_s,
             "train/tflops_per_worker": achieved / 1e12,
             "train/mfu": achieved / self.peak if self.peak else float("nan"),
+            "train/world_size": self.ctx.world_size,
+            "train/windows": int(digest_sum) % DIGEST_MOD,
         }
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.engine.eval()
-        losses = [self._loss(*self._batch(self.val_windows, i, shuffle=False)) for i in range(self.cfg.train.eval_batches)]
-        val = self._mean_across_ranks(torch.stack(losses).double().mean())
+        losses = [self._loss(*self._batch(self.val_windows, self._micro_batch_start(i), shuffle=False)) for i in range(self.cfg.train.eval_batches)]
+        val = self._sum_across_ranks(torch.stack(losses).double().mean())[0] / self.ctx.world_size
         return {"val/loss": val, "val/perplexity": math.exp(min(val, 50.0))}
 
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, metrics: dict[str, Any]) -> str:
-        """Write this rank's part of a checkpoint into a fresh local directory and return it."""
-        from safetensors.torch import save_file
-
+        """Write this rank's part of a checkpoint into a fresh local directory and return it (no RNG
+        state: every micro batch seeds its own randomness, see train_step)."""
         d = new_checkpoint_dir()
         zero.save_state(self.engine, d, self.step, frozen=not self.lora)
-        rng = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        Path(d, "rng").mkdir()
-        save_file(rng, f"{d}/rng/rank_{self.ctx.rank}.safetensors")
         state_dict = zero.full_state_dict(self.engine, self.ctx.is_main, trainable_only=self.lora)
         if state_dict is not None:
             if self.lora:  # the adapter only: the frozen base is where init_from says
@@ -245,16 +280,10 @@ class GPTTrainer:
         return d
 
     def load(self, directory: str) -> CheckpointMeta:
-        """Restore weights, optimizer, RNG and step from a checkpoint the driver checked against this job
+        """Restore weights, optimizer and step from a checkpoint the driver checked against this job
         (recipes.launch.resuming); returns its metadata."""
-        from safetensors.torch import load_file
-
         meta = read_meta(directory, KIND)
         zero.load_state(self.engine, directory, frozen=not self.lora)
-        rng = load_file(f"{directory}/rng/rank_{self.ctx.rank}.safetensors")
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.step = meta.step
         log.info("rank %d resumed from %s at step %d", self.ctx.rank, directory, self.step)
         return meta
@@ -287,7 +316,7 @@ class GPTTrainer:
         initial: dict[str, Any] = {}
         if saved is not None:
             initial = {k: v for k, v in saved.metrics.items() if k.startswith("init/")}
-        elif isinstance(self.cfg, GPTFinetuneConfig):
+        elif self.start.reports_base_loss:
             initial = {"init/val_loss": self.evaluate()["val/loss"]}
             log.info("base model val loss on the fine-tuning data: %.4f", initial["init/val_loss"])
         metrics: dict[str, Any] = {}
