@@ -36,7 +36,7 @@ BIN = Path(sys.executable).parent
 SMALL = {
     "jobs/pretrain_gpt.py": ["model.preset=tiny", "model.block_size=64", "data.tokenizer=bpe", "data.vocab_size=512",
                              "data.max_chars=400000", "train.max_steps=10", "train.eval_interval=10", "train.eval_batches=2",
-                             "train.micro_batch_size=8", "train.grad_accum_steps=1", "train.warmup_steps=2",
+                             "train.micro_batch_size=8", "train.global_batch_size=16", "train.warmup_steps=2",
                              "deepspeed.precision=auto", "run.checkpoint_interval=10"],
     "jobs/tune.py": ["tune.num_samples=1", "trainer.train.epochs=1", "trainer.data.max_train_samples=256",
                      "trainer.data.max_eval_samples=128", "trainer.train.batch_size=32", "trainer.train.precision=auto",
