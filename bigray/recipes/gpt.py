@@ -61,7 +61,8 @@ def check_resume_compatible(
         problems.append("it was trained with a different tokenizer")
     if trainable_state(saved) != trainable_state(to_dict(cfg)):
         problems.append(f"it was trained with {trainable_state(saved)}, this run with {trainable_state(to_dict(cfg))}")
-    problems += zero.resume_problems(saved["deepspeed"]["zero_stage"], meta.world_size, cfg.deepspeed.zero_stage, world_size)
+    lora = trainable_state(saved)["method"] == "lora"
+    problems += zero.resume_problems(saved["deepspeed"]["zero_stage"], meta.world_size, cfg.deepspeed.zero_stage, world_size, lora)
     if problems:
         raise CheckpointError("cannot resume from this checkpoint: " + "; ".join(problems))
 

@@ -13,8 +13,8 @@ import dataclasses
 import logging
 import math
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -283,7 +283,8 @@ class GPTTrainer:
         """Restore weights, optimizer and step from a checkpoint the driver checked against this job
         (recipes.launch.resuming); returns its metadata."""
         meta = read_meta(directory, KIND)
-        zero.load_state(self.engine, directory, frozen=not self.lora)
+        resharded = meta.world_size != self.ctx.world_size and bool(meta.zero_stage)  # ZeRO-0 state is whole on every rank
+        zero.load_state(self.engine, directory, frozen=not self.lora, resharded=resharded)
         self.step = meta.step
         log.info("rank %d resumed from %s at step %d", self.ctx.rank, directory, self.step)
         return meta
