@@ -107,13 +107,13 @@ def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from bigray.config import load_settings
+    from bigray.config import load_config
     from bigray.serve.launch import deploy_from, serve_forever
     from bigray.serve.settings import ServeArgs
 
     from bigray.artifacts.locate import servable
 
-    settings = load_settings(ServeArgs, args.config, args.overrides + _serve_overrides(args))
+    settings = load_config(ServeArgs, args.config, args.overrides + _serve_overrides(args))
     if not settings.gpt_checkpoint and not settings.resnet_checkpoint:
         raise ConfigError("gpt_checkpoint", "give --gpt CKPT, --resnet CKPT or both")
     if reason := settings.key_missing_for_host():

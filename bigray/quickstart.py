@@ -45,7 +45,7 @@ def generate_sample(model_dir: str | Path, prompt: str, max_new_tokens: int = 60
 def run(storage_path: str = "./runs", overrides: list[str] | None = None) -> dict[str, Any]:
     import ray
 
-    from bigray.artifacts.runs import print_summary, summarize
+    from bigray.artifacts.runs import finish
     from bigray.artifacts.tracking import record_outcome
     from bigray.artifacts.storage import run_dir
     from bigray.cluster import ensure_ray
@@ -131,12 +131,12 @@ def run(storage_path: str = "./runs", overrides: list[str] | None = None) -> dic
         "stage_seconds": {k: round(v, 1) for k, v in stage_times.items()},
     }
     print_report(report)
-    summary = summarize(root, gpt_summary["checkpoint"], {"gpt/val_loss": report["gpt"]["val_loss"], "resnet/val_acc": report["resnet"]["test_accuracy"]},
-                        seconds=round(time.time() - t_start, 1), report=report)  # fmt: skip
-    # The plots and the quickstart's summary join the runs they came from in the tracker.
-    record_outcome(gpt_job.config.tracking, gpt_summary["run_dir"], None, files=plots[:1], texts={"quickstart_summary.json": json.dumps(summary, indent=2)})
-    record_outcome(resnet_job.config.tracking, resnet_summary["run_dir"], None, files=plots[1:])
-    return print_summary(summary)
+    def record(summary: dict[str, Any]) -> None:  # the plots and this summary join the runs they came from
+        record_outcome(gpt_job.config.tracking, gpt_summary["run_dir"], None, files=plots[:1], texts={"quickstart_summary.json": json.dumps(summary, indent=2)})
+        record_outcome(resnet_job.config.tracking, resnet_summary["run_dir"], None, files=plots[1:])
+
+    metrics = {"gpt/val_loss": report["gpt"]["val_loss"], "resnet/val_acc": report["resnet"]["test_accuracy"]}
+    return finish(root, gpt_summary["checkpoint"], metrics, record, seconds=round(time.time() - t_start, 1), report=report)
 
 
 def classify_example(checkpoint: str, cfg: ResNetJobConfig) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 from ray.train.v2.api.callback import UserCallback
 
 from bigray.artifacts.checkpoint import CheckpointError, is_complete
-from bigray.artifacts.runs import print_summary, save_resolved_config, summarize
+from bigray.artifacts.runs import finish, save_resolved_config
 from bigray.artifacts.tracking import TrackedRun, continue_tracking, flat_params, record_outcome, resolved
 from bigray.artifacts.storage import absolute, is_file, full_uri, join, name_of, read_text, run_dir, write_text
 from bigray.cluster import ensure_ray, worker_bundle, workers_fitting_at_most
@@ -171,13 +171,13 @@ def prepare_base(job: TuneJobConfig, trials_dir: str, parent_run: str) -> dict[s
     return to_dict(kind.for_search(kind.prepare(cfg).config))
 
 
-def make_tuner(job: TuneJobConfig, base: dict[str, Any], directory: str) -> Any:
+def make_tuner(job: TuneJobConfig, base: dict[str, Any], cfg: Any, directory: str) -> Any:
+    """The Tuner of a new search; ``cfg`` is ``base`` (the prepared trainer config) typed."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     t = job.tune
     kind = JOBS[t.trainer]
-    cfg = from_dict(kind.config_class, base)
     scheduler: Any
     if t.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=kind.reports(cfg), grace_period=1, reduction_factor=2)
@@ -296,6 +296,7 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
             saved = json.loads(read_text(join(directory, "tune_job.json")))
             job = from_dict(TuneJobConfig, saved["job"])
             base = saved["trainer"]
+            base_cfg = from_dict(JOBS[job.tune.trainer].config_class, base)
             tuner = tune.Tuner.restore(directory, trainable=tune.with_resources(trial_driver, {"CPU": DRIVER_CPU}), resume_errored=False)
         else:
             check_shared_locations(worker_locations(job))
@@ -308,10 +309,11 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
             if not search_run.run_id:  # no tracking, or the tracker is unreachable (warned once): trials do not try it
                 job = dataclasses.replace(job, tracking=dataclasses.replace(job.tracking, backend="none"))
             base = prepare_base(job, join(directory, "trials"), search_run.run_id)
+            base_cfg = from_dict(JOBS[job.tune.trainer].config_class, base)
             check_nodes(job)
             save_resolved_config(directory, job)
             write_text(join(directory, "tune_job.json"), json.dumps({"job": to_dict(job), "trainer": base}, indent=2))
-            tuner = make_tuner(job, base, directory)
+            tuner = make_tuner(job, base, base_cfg, directory)
         grid = tuner.fit()
     finally:
         if started:
@@ -319,7 +321,7 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
 
             ray.shutdown()
     kind = JOBS[job.tune.trainer]
-    rows = results_table(grid, job, from_dict(kind.config_class, base))
+    rows = results_table(grid, job, base_cfg)
     print_table(rows)
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else ["trial_id"])
@@ -342,19 +344,16 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
     scored = handed
     best = (min if job.tune.mode == "min" else max)(scored, key=lambda r: r[key])
     best_config = trial_config(base, json.loads(best["config"]), kind, join(directory, "trials"), best["trial_id"])
-    summary = summarize(
-        directory,
-        best["checkpoint"],
-        {job.tune.metric: best[key]},
-        best_trial=best["trial_id"],
-        best_config=to_dict(best_config),
-        trials={r["status"]: sum(1 for x in rows if x["status"] == r["status"]) for r in rows},
-    )
-    track_search(job, directory, rows, best, from_dict(kind.config_class, base).tracking)
-    record_outcome(job.tracking, directory, "FINISHED", {"bigray.best_trial": best["trial_id"], "bigray.best_checkpoint": best["checkpoint"]},
-                   texts={"results.csv": table.getvalue(), "summary.json": json.dumps(summary, indent=2)},
-                   metrics={f"best/{job.tune.metric}": best[key]})  # fmt: skip
-    return print_summary(summary)
+
+    def record(summary: dict[str, Any]) -> None:
+        track_search(job, directory, rows, best, base_cfg.tracking)
+        record_outcome(job.tracking, directory, "FINISHED", {"bigray.best_trial": best["trial_id"], "bigray.best_checkpoint": best["checkpoint"]},
+                       texts={"results.csv": table.getvalue(), "summary.json": json.dumps(summary, indent=2)},
+                       metrics={f"best/{job.tune.metric}": best[key]})  # fmt: skip
+
+    trials = {r["status"]: sum(1 for x in rows if x["status"] == r["status"]) for r in rows}
+    return finish(directory, best["checkpoint"], {job.tune.metric: best[key]}, record,
+                  best_trial=best["trial_id"], best_config=to_dict(best_config), trials=trials)  # fmt: skip
 
 
 TRIAL_STATUS = {"completed": "FINISHED", "stopped early": "KILLED", "failed": "FAILED"}

@@ -303,12 +303,12 @@ def test_token_auth_on_every_node_and_secrets_only_as_mounted_files():
 
 def test_cluster_serve_config_runs_replicas_on_the_gpu_nodes_behind_the_key():
     """Finding 6: the Serve job left GPUs unused and serve/config.yaml is the quickstart's."""
-    from bigray.config import load_settings
+    from bigray.config import load_config
     from bigray.serve.settings import ServeArgs
 
     config = cluster()
     offered = {k.split(":", 1)[1] for t in config["available_node_types"].values() for k in t["resources"] if k.startswith("accelerator_type:")}
-    settings = load_settings(ServeArgs, REPO / "serve" / "cluster-config.yaml")  # what jobs/serve_app.py --config reads
+    settings = load_config(ServeArgs, REPO / "serve" / "cluster-config.yaml")  # what jobs/serve_app.py --config reads
     assert settings.host == "0.0.0.0" and settings.key_missing_for_host() is None
     for deployment in (settings.gpt, settings.resnet):
         assert deployment.num_gpus > 0 and deployment.accelerator_type in offered and deployment.dtype == "bfloat16"

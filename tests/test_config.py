@@ -96,29 +96,29 @@ def test_a_global_batch_derives_the_accumulation_at_any_world_size():
     [
         ("port=70000", "port", "65535"),
         ("dtype=float16", "dtype", "'bfloat16'"),
-        ("gpt.max_batch_size=0", "gpt.max_batch_size", "greater than or equal to 1"),
+        ("gpt.max_batch_size=0", "gpt.max_batch_size", ">= 1"),
         ("resnet.max_batchsize=4", "resnet.max_batchsize", "unknown key"),
     ],
 )
 def test_serve_settings_errors_name_the_key(override, key, words):
-    from bigray.config import load_settings
+    from bigray.config import load_config
     from bigray.serve.settings import ServeArgs
 
     with pytest.raises(ConfigError) as err:
-        load_settings(ServeArgs, None, [override])
+        load_config(ServeArgs, None, [override])
     assert err.value.key == key
     assert words in str(err.value)
 
 
 def test_serve_shortcuts_set_both_deployments():
-    from bigray.config import load_settings
+    from bigray.config import load_config
     from bigray.serve.settings import ServeArgs
 
-    settings = load_settings(ServeArgs, None, ["dtype=bfloat16", "num_gpus=1", "gpt.max_batch_size=4", "access_log=false"])
+    settings = load_config(ServeArgs, None, ["dtype=bfloat16", "num_gpus=1", "gpt.max_batch_size=4", "access_log=false"])
     app = settings.app_args()
     assert (app.gpt.dtype, app.resnet.dtype, app.gpt.num_gpus, app.resnet.num_gpus) == ("bfloat16", "bfloat16", 1, 1)
     assert app.gpt.max_batch_size == 4 and settings.access_log is False
-    assert load_settings(ServeArgs).app_args().gpt.dtype == "float32"  # no shortcut: each deployment's own
+    assert load_config(ServeArgs).app_args().gpt.dtype == "float32"  # no shortcut: each deployment's own
 
 
 def test_serving_beyond_loopback_without_a_key_is_refused(capsys, monkeypatch, tmp_path):
@@ -182,17 +182,17 @@ def test_pbt_needs_the_random_searcher_and_no_grid():
 def test_serve_args_read_a_ray_serve_config_file(tmp_path):
     """`jobs/serve_app.py --config serve/cluster-config.yaml` reads the file `serve deploy` takes:
     its bigray app's args, host and port from http_options, then the --set overrides."""
-    from bigray.config import load_settings
+    from bigray.config import load_config
     from bigray.serve.settings import ServeArgs
 
-    args = load_settings(ServeArgs, REPO / "serve" / "cluster-config.yaml", ["port=9000", "gpt.num_gpus=0"])
+    args = load_config(ServeArgs, REPO / "serve" / "cluster-config.yaml", ["port=9000", "gpt.num_gpus=0"])
     assert (args.host, args.port, args.gpt.num_gpus, args.resnet.num_gpus) == ("0.0.0.0", 9000, 0, 0.25)
     assert args.api_key_file == "/home/ray/.bigray/api-key" and args.gpt.accelerator_type == "A10G"
     app = yaml.safe_load((REPO / "serve" / "cluster-config.yaml").read_text())["applications"][0]
     two = tmp_path / "two.yaml"
     two.write_text(yaml.safe_dump({"applications": [app, {**app, "name": "again"}]}))
     with pytest.raises(ConfigError, match="one bigray app .*found 2"):
-        load_settings(ServeArgs, two)
+        load_config(ServeArgs, two)
 
 
 def test_a_placeholder_location_is_refused_before_anything_runs():

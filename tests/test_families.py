@@ -14,7 +14,7 @@ from bigray.config import ConfigError, GPTFinetuneConfig, GPTPretrainConfig, fro
 from bigray.data.cache import DataError
 from bigray.data.documents import load_tokenizer
 from bigray.data.finetune import prepare_finetune_data
-from bigray.train.pretrained import open_pretrained
+from bigray.recipes.gpt import open_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -102,7 +102,7 @@ def test_bad_base_models_are_refused(tmp_path, exported_dir, downloads_dir):
 
     from bigray.config import TextDataConfig
     from bigray.data.text import prepare_text
-    from bigray.train.pretrained import open_pretrained
+    from bigray.recipes.gpt import open_pretrained
 
     # (other architectures: tests/test_families.py) A GPT-2 model of 512 tokens next to GPT-2's real 50,257-token tokenizer: refused by name.
     mismatched = tmp_path / "mismatched"

@@ -1,8 +1,9 @@
 """Run directories: ``<storage_path>/<name>/`` holding config.yaml, metrics.jsonl, summary.json and
 what Ray writes.
 
-Every command that produces something ends with :func:`finish`, which saves ``summary.json`` and
-prints it as one JSON line, the last line of the output that scripts and ``ray job logs`` read.
+Every command that produces something ends with :func:`finish`, which saves ``summary.json``, lets
+the caller record it (in the run's tracker) and prints it as one JSON line, the last line of the
+output that scripts and ``ray job logs`` read.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -74,19 +75,13 @@ def jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def summarize(directory: str, checkpoint: str | None, metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """Save summary.json in the run directory (without printing it) and return it."""
+def finish(directory: str, checkpoint: str | None, metrics: dict[str, Any],
+           record: Callable[[dict[str, Any]], None] | None = None, **extra: Any) -> dict[str, Any]:  # fmt: skip
+    """Save summary.json in the run directory, hand it to ``record`` (before printing: a tracker's
+    own output must not come after the summary line), then print it as the last, one-line JSON output."""
     summary = jsonable({"run_dir": directory, "checkpoint": checkpoint, "metrics": metrics, **extra})
     write_text(directory + "/summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def print_summary(summary: dict[str, Any]) -> dict[str, Any]:
-    """Print a summary as the last, one-line JSON output."""
+    if record is not None:
+        record(summary)
     print(json.dumps(summary), flush=True)
     return summary
-
-
-def finish(directory: str, checkpoint: str | None, metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """Save summary.json in the run directory and print it as the last, one-line JSON output."""
-    return print_summary(summarize(directory, checkpoint, metrics, **extra))

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
-from bigray.artifacts.checkpoint import CheckpointError, CheckpointMeta
-from bigray.artifacts.locate import resolve_checkpoint
+import torch
+
+from bigray.artifacts.adapter import is_adapter
+from bigray.artifacts.checkpoint import CheckpointError, CheckpointMeta, model_files
+from bigray.artifacts.hf_gpt import is_hub_id, read_decoder_config
+from bigray.artifacts.locate import local_model, resolve_checkpoint
 from bigray.artifacts.storage import absolute
-from bigray.config import GPTFinetuneConfig, GPTPretrainConfig, to_dict
+from bigray.config import ConfigError, FinetuneMethodConfig, GPTFinetuneConfig, GPTPretrainConfig, to_dict
 from bigray.data import finetune as finetune_data
 from bigray.data import text as text_data
 from bigray.data.text import TextDataset
@@ -32,8 +37,37 @@ from bigray.train.gpt import (
     run_local,
     token_windows,
 )
-from bigray.train.lora import check_targets
-from bigray.train.pretrained import open_pretrained
+from bigray.train.pretrained import PretrainedGPT
+
+
+def open_pretrained(path: str | Path) -> PretrainedGPT:
+    """Resolve and check a base model (on the driver); raise CheckpointError naming what is wrong.
+    A Hub id (``org/name``) is fetched to this node's cache (workers fetch their own copy)."""
+    source = str(path) if is_hub_id(str(path)) else resolve_checkpoint(str(path))
+    p, meta = local_model(source, "gpt")  # a bigray checkpoint, or an exported, downloaded or Hub model (meta None)
+    if is_adapter(model_files(p)):
+        raise CheckpointError(f"{source} holds a LoRA adapter, not a whole model: fine-tune from its merged export (bigray export {source} OUT)")
+    return PretrainedGPT(path=p, source=source, model_dir=model_files(p), meta=meta, config=read_decoder_config(model_files(p)))
+
+
+def check_targets(cfg: FinetuneMethodConfig, model_config: Any) -> None:
+    """Refuse target modules the model does not have, or that are not linear layers, naming them
+    (on the driver, before any worker starts: the model is built on the meta device, no weights)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    if not cfg.lora_target_modules:
+        return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    modules = dict(model.named_modules())
+    for target in cfg.lora_target_modules:
+        matches = [m for name, m in modules.items() if name == target or name.endswith(f".{target}")]
+        if not matches:
+            leaves = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items() if isinstance(m, (torch.nn.Linear, Conv1D))})
+            raise ConfigError("finetune.lora_target_modules", f"the {model_config.model_type} model has no module {target!r}; its linear layers: {', '.join(leaves)}")
+        if not all(isinstance(m, (torch.nn.Linear, Conv1D)) for m in matches):
+            raise ConfigError("finetune.lora_target_modules", f"{target!r} is a {type(matches[0]).__name__}, not a linear layer: LoRA adapts linear layers")
 
 
 def trainable_state(job: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
-from bigray.artifacts.runs import clear_failure, print_summary, recorded_failure, save_resolved_config, summarize
+from bigray.artifacts.runs import clear_failure, finish as finish_run, recorded_failure, save_resolved_config
 from bigray.artifacts.checkpoint import CheckpointError, CheckpointMeta, latest_complete, read_meta, resume_point
 from bigray.artifacts.storage import absolute, full_uri, run_dir
 from bigray.artifacts.tracking import record_outcome, resolved
@@ -209,8 +209,9 @@ def launch_prepared(kind: JobKind, prepared: PreparedJob) -> dict[str, Any]:
 
 def finish(prepared: PreparedJob, outcome: TrainOutcome) -> dict[str, Any]:
     """Write, track and print the summary of a finished run."""
-    cfg = prepared.config
-    summary = summarize(outcome.run_dir, outcome.checkpoint, outcome.metrics, best_checkpoint=outcome.best_checkpoint)
     tags = {"bigray.checkpoint": outcome.checkpoint, "bigray.best_checkpoint": outcome.best_checkpoint}
-    record_outcome(cfg.tracking, outcome.run_dir, "FINISHED", tags, texts={"summary.json": json.dumps(summary, indent=2)})
-    return print_summary(summary)
+
+    def record(summary: dict[str, Any]) -> None:
+        record_outcome(prepared.config.tracking, outcome.run_dir, "FINISHED", tags, texts={"summary.json": json.dumps(summary, indent=2)})
+
+    return finish_run(outcome.run_dir, outcome.checkpoint, outcome.metrics, record, best_checkpoint=outcome.best_checkpoint)

@@ -7,36 +7,15 @@ artifacts/adapter.py), its optimizer state and the RNG/step, and names its base
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
-from bigray.config import ConfigError, FinetuneMethodConfig
+from bigray.config import FinetuneMethodConfig
 
 
 def target_modules(cfg: FinetuneMethodConfig) -> list[str] | str:
     """What peft targets: the configured names, or every linear layer but the LM head."""
     return list(cfg.lora_target_modules) or "all-linear"
-
-
-def check_targets(cfg: FinetuneMethodConfig, model_config: Any) -> None:
-    """Refuse target modules the model does not have, or that are not linear layers, naming them
-    (on the driver, before any worker starts: the model is built on the meta device, no weights)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
-
-    if not cfg.lora_target_modules:
-        return
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
-    modules = dict(model.named_modules())
-    for target in cfg.lora_target_modules:
-        matches = [m for name, m in modules.items() if name == target or name.endswith(f".{target}")]
-        if not matches:
-            leaves = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items() if isinstance(m, (torch.nn.Linear, Conv1D))})
-            raise ConfigError("finetune.lora_target_modules", f"the {model_config.model_type} model has no module {target!r}; its linear layers: {', '.join(leaves)}")
-        if not all(isinstance(m, (torch.nn.Linear, Conv1D)) for m in matches):
-            raise ConfigError("finetune.lora_target_modules", f"{target!r} is a {type(matches[0]).__name__}, not a linear layer: LoRA adapts linear layers")
 
 
 def apply_lora(model: torch.nn.Module, cfg: FinetuneMethodConfig, base: str) -> torch.nn.Module:

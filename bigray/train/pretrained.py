@@ -1,7 +1,7 @@
 """The base model of a fine-tuning run: a bigray GPT checkpoint or a Hugging Face directory of any
 decoder-only causal LM transformers ships (GPT-2, Llama, Qwen2/Qwen3, Mistral, ...).
 
-The driver resolves and checks it once (:func:`open_pretrained`: architecture, vocabulary vs
+The driver resolves and checks it once (``recipes.gpt.open_pretrained``: architecture, vocabulary vs
 tokenizer, weights format); workers reopen the directory it resolved (:meth:`PretrainedGPT.at`)
 and build the model from it. Both kinds give the same weights: a bigray checkpoint contributes its
 fp32 master weights rebuilt from every rank's ZeRO shard, exactly what ``bigray export`` writes; a
@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 
-from bigray.artifacts.adapter import is_adapter
 from bigray.artifacts.checkpoint import CheckpointError, CheckpointMeta, model_files
-from bigray.artifacts.hf_gpt import is_hub_id, load_hf_weights, read_decoder_config
-from bigray.artifacts.locate import local_model, resolve_checkpoint
+from bigray.artifacts.hf_gpt import load_hf_weights
+from bigray.artifacts.locate import local_model
 from bigray.models.gpt import build_gpt, with_dropout
 from bigray.train.engine import fp32_weights, load_full_weights
 
@@ -44,8 +43,9 @@ class PretrainedGPT:
 
     @classmethod
     def at(cls, source: str) -> PretrainedGPT:
-        """Reopen a base model that :func:`open_pretrained` already resolved and checked (no re-checking
-        of the metadata; a remote one is copied to this node once and its pickles scanned there)."""
+        """Reopen a base model the driver (``recipes.gpt.open_pretrained``) already resolved and checked
+        (no re-checking of the metadata; a remote one is copied to this node once and its pickles
+        scanned there)."""
         from transformers import AutoConfig
 
         p, meta = local_model(source, "gpt")
@@ -100,13 +100,3 @@ def _model_names(weights: Mapping[str, torch.Tensor], model: torch.nn.Module) ->
     prefix = f"{model.base_model_prefix}."
     names = {(f"{prefix}{k}" if k not in own and f"{prefix}{k}" in own else k): k for k in weights}
     return _Renamed(weights, names)
-
-
-def open_pretrained(path: str | Path) -> PretrainedGPT:
-    """Resolve and check a base model (on the driver); raise CheckpointError naming what is wrong.
-    A Hub id (``org/name``) is fetched to this node's cache (workers fetch their own copy)."""
-    source = str(path) if is_hub_id(str(path)) else resolve_checkpoint(str(path))
-    p, meta = local_model(source, "gpt")  # a bigray checkpoint, or an exported, downloaded or Hub model (meta None)
-    if is_adapter(model_files(p)):
-        raise CheckpointError(f"{source} holds a LoRA adapter, not a whole model: fine-tune from its merged export (bigray export {source} OUT)")
-    return PretrainedGPT(path=p, source=source, model_dir=model_files(p), meta=meta, config=read_decoder_config(model_files(p)))
