@@ -1,7 +1,8 @@
-"""The HTTP ingress: FastAPI routes in front of the model deployments, and nothing else.
+"""The HTTP ingress: FastAPI routes and authorization in front of the model deployments.
 
-A request is validated here, once, into typed objects (protocol.py) that go to the models as they
-are. Client mistakes become OpenAI-style JSON errors with a 4xx status, never a 500.
+A body is read within its size cap and validated here, once, into typed objects (protocol.py);
+generation is served by serving.py and classification by the ResNet deployment. Client mistakes
+become OpenAI-style JSON errors with a 4xx status, never a 500.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the route signatures' real types
@@ -12,50 +13,35 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from bigray.serve.protocol import (
-    Admitted,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatDelta,
-    ChatReply,
     ClassificationResponse,
     ClassLabel,
-    CompletionChoice,
     CompletionRequest,
-    CompletionResponse,
-    Delta,
     ErrorDetail,
     ErrorResponse,
-    GenerationParams,
     ModelCard,
     ModelList,
     ServeError,
-    Usage,
+    raise_if_error,
 )
+from bigray.serve.serving import GPTServing
 from bigray.serve.settings import AppArgs
 
 # No /docs, /redoc or /openapi.json: a production endpoint does not publish its schema to anyone who asks.
 api = FastAPI(title="bigray", description="GPT completions and chat, and ResNet classification, on Ray Serve", docs_url=None, redoc_url=None, openapi_url=None)
 log = logging.getLogger(__name__)
 
-GenerationRequest = TypeVar("GenerationRequest", CompletionRequest, ChatCompletionRequest)
-
-
-def _usage(prompt_tokens: int, results: list[tuple[str, str | None, int]]) -> Usage:
-    completion_tokens = sum(n for _, _, n in results)
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
+Body = TypeVar("Body", bound=BaseModel)
 
 
 def error_response(status: int, message: str, type_: str) -> JSONResponse:
@@ -79,13 +65,6 @@ def _describe(errors: list[dict[str, Any]]) -> str:
         loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
         parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
     return "; ".join(parts)
-
-
-def _raise_if_error(result: Any) -> Any:
-    """A model deployment returns client errors as values: raise them here, where they become HTTP."""
-    if isinstance(result, ErrorDetail):
-        raise ServeError.from_detail(result)
-    return result
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -159,6 +138,7 @@ class Ingress:
         cannot see it refuses to start (fail closed) rather than serve without one."""
         self.gpt, self.resnet = gpt, resnet
         self.args = AppArgs(**args)
+        self.serving = GPTServing(gpt, self.args) if gpt is not None else None
         self.api_key = read_api_key(self.args)
         if self.api_key is None and key_expected:
             raise RuntimeError(
@@ -215,121 +195,24 @@ class Ingress:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
-        req = await self._generation_request(request, CompletionRequest)
-        prompts = req.prompts()
-        if len(prompts) > self.args.max_prompts:
-            raise ServeError(400, f"prompt is a list of {len(prompts)}; this server takes at most {self.args.max_prompts} per request")
-        longest = max(map(len, prompts))
-        if longest > self.args.max_prompt_chars:  # before tokenizing: the token cap is checked after
-            raise ServeError(400, f"a prompt has {longest} characters; this server accepts at most {self.args.max_prompt_chars}")
-        streams, prompt_tokens = await self._admit(req.generation_params())
-        if req.stream:
-            base = CompletionResponse(model=self.args.gpt_name, choices=[])
-
-            def chunk(index: int, delta: Delta) -> BaseModel:
-                return base.model_copy(update={"choices": [CompletionChoice(index=index, text=delta.text, finish_reason=delta.finish_reason)]})
-
-            return StreamingResponse(self._stream(streams, chunk), media_type="text/event-stream")
-        results = await asyncio.gather(*(self._collect(s) for s in streams))
-        choices = [CompletionChoice(index=i, text=text, finish_reason=reason) for i, (text, reason, _) in enumerate(results)]
-        return CompletionResponse(model=self.args.gpt_name, choices=choices, usage=_usage(prompt_tokens, results))
+        return await self._gpt(request).completions(await self._body(request, CompletionRequest))
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
-        """The messages are rendered with the model's chat template by the GPT deployment (a model
-        without one answers 400); sampling, stop strings, streaming and limits as for completions."""
-        req = await self._generation_request(request, ChatCompletionRequest)
-        if req.characters() > self.args.max_prompt_chars:
-            raise ServeError(400, f"the messages have {req.characters()} characters; this server accepts at most {self.args.max_prompt_chars}")
-        streams, prompt_tokens = await self._admit([req.generation_params()])
-        if req.stream:
-            base = ChatCompletionChunk(model=self.args.gpt_name, choices=[])
+        return await self._gpt(request).chat(await self._body(request, ChatCompletionRequest))
 
-            def chunk(index: int, delta: Delta) -> BaseModel:
-                choice = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=delta.text), finish_reason=delta.finish_reason)
-                return base.model_copy(update={"choices": [choice]})
-
-            return StreamingResponse(self._stream(streams, chunk), media_type="text/event-stream")
-        results = await asyncio.gather(*(self._collect(s) for s in streams))
-        choices = [ChatChoice(index=i, message=ChatReply(content=text), finish_reason=reason) for i, (text, reason, _) in enumerate(results)]
-        return ChatCompletionResponse(model=self.args.gpt_name, choices=choices, usage=_usage(prompt_tokens, results))
-
-    async def _generation_request(self, request: Request, schema: type[GenerationRequest]) -> GenerationRequest:
-        """The authorized, validated body of a generation route, for the served GPT and within max_tokens."""
+    def _gpt(self, request: Request) -> GPTServing:
         self._authorize(request)
-        if self.gpt is None:
+        if self.serving is None:
             raise ServeError(404, "no GPT model is served here", "not_found_error")
-        body = await _json_body(request, self.args.max_body_bytes)
+        return self.serving
+
+    async def _body(self, request: Request, schema: type[Body]) -> Body:
+        """The validated JSON body of a route."""
         try:
-            req = schema.model_validate(body)
+            return schema.model_validate(await _json_body(request, self.args.max_body_bytes))
         except ValidationError as e:
             raise ServeError(400, _describe(e.errors())) from None
-        if req.model not in (None, self.args.gpt_name):
-            raise ServeError(404, f"model {req.model!r} is not served; GET /v1/models lists the models", "not_found_error")
-        if req.requested_tokens() > self.args.max_tokens_limit:
-            raise ServeError(400, f"max_tokens is {req.requested_tokens()}; this server allows at most {self.args.max_tokens_limit}")
-        return req
-
-    async def _admit(self, jobs: list[GenerationParams]) -> tuple[list[Any], int]:
-        """One stream per job from the GPT deployment, once every job's prompt was tokenized and fits
-        (any refusal refuses the request); and the prompts' token count."""
-        # A full model queue (its max_queued_requests) raises Serve's BackPressureError here, which
-        # Serve answers 429 with Retry-After (settings.DeploymentArgs.options: backpressure_config).
-        streams = [self.gpt.options(stream=True).generate.remote(job) for job in jobs]
-        try:
-            admitted = [_raise_if_error(await s.__anext__()) for s in streams]
-        except BaseException:
-            for s in streams:
-                s.cancel()
-            raise
-        return streams, sum(a.prompt_tokens for a in admitted if isinstance(a, Admitted))
-
-    async def _collect(self, stream: Any) -> tuple[str, str | None, int]:
-        text, reason, n = [], None, 0
-        async for delta in stream:
-            if delta.error:
-                raise ServeError(500, delta.error, "server_error")
-            text.append(delta.text)
-            reason, n = delta.finish_reason or reason, delta.completion_tokens
-        return "".join(text), reason, n
-
-    async def _stream(self, streams: list[Any], chunk: Callable[[int, Delta], BaseModel]) -> AsyncIterator[str]:
-        """Server-sent events of every stream's Deltas as they come (``chunk`` shapes one), then [DONE]."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(index: int, stream: Any) -> None:
-            try:
-                async for delta in stream:
-                    await queue.put((index, delta))
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # the replica failed or went away mid-stream
-                log.error("stream %d failed: %s", index, e)
-                await queue.put((index, Delta("", "error", error=f"generation failed: {type(e).__name__}")))
-            finally:
-                await queue.put((index, None))
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-        remaining = len(tasks)
-        try:
-            while remaining:
-                index, delta = await queue.get()
-                if delta is None:
-                    remaining -= 1
-                    continue
-                if delta.error:  # an error event, and no [DONE]: the client must not take this as complete
-                    error = ErrorResponse(error=ErrorDetail(message=f"choice {index}: {delta.error}", type="server_error", code=500))
-                    yield f"data: {error.model_dump_json()}\n\n"
-                    return
-                if not delta.text and not delta.finish_reason:
-                    continue
-                yield f"data: {chunk(index, delta).model_dump_json()}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:  # also when the client disconnected: cancelling the streams frees their batch rows
-            for t in tasks:
-                t.cancel()
-            for s in streams:
-                s.cancel()
 
     @api.post("/v1/classify")
     async def classify(self, request: Request, top_k: int = 3) -> ClassificationResponse:
@@ -339,7 +222,7 @@ class Ingress:
         if not 1 <= top_k <= 1000:
             raise ServeError(400, f"top_k must be between 1 and 1000, got {top_k}")
         image = await self._image_bytes(request)
-        result = _raise_if_error(await self.resnet.classify.remote(image, top_k))
+        result = raise_if_error(await self.resnet.classify.remote(image, top_k))
         return ClassificationResponse(model=self.args.resnet_name, predictions=[ClassLabel(**p) for p in result["predictions"]])
 
     async def _image_bytes(self, request: Request) -> bytes:

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bigray.artifacts.chat import ChatRole
+from bigray.serve.settings import AppArgs
 
 
 SEED_LIMIT = 2**63
@@ -28,7 +29,7 @@ class SamplingRequest(BaseModel):
 
     Every value is checked here, before any work: numbers are finite and in range, strings are
     valid UTF-8, stop strings are few and short. Limits that depend on the server (prompt count and
-    length, max_tokens) are checked by the ingress against its settings.
+    length, max_tokens) are checked when the request turns itself into jobs (:meth:`jobs`).
     """
 
     model_config = ConfigDict(extra="ignore")
@@ -51,6 +52,10 @@ class SamplingRequest(BaseModel):
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def jobs(self, limits: AppArgs) -> list[GenerationParams]:
+        """The generation jobs of this request, or a ServeError naming the server limit it passes."""
+        raise NotImplementedError
 
     def job(self, prompt: str, max_tokens: int, seed: int | None, messages: tuple[tuple[str, str], ...] | None = None) -> GenerationParams:
         return GenerationParams(prompt=prompt, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -75,12 +80,16 @@ class CompletionRequest(SamplingRequest):
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
-    def requested_tokens(self) -> int:
-        return self.max_tokens
-
-    def generation_params(self) -> list[GenerationParams]:
-        """One job per prompt (each prompt's seed offset by its index, so a list is reproducible)."""
-        return [self.job(p, self.max_tokens, None if self.seed is None else (self.seed + i) % SEED_LIMIT) for i, p in enumerate(self.prompts())]
+    def jobs(self, limits: AppArgs) -> list[GenerationParams]:
+        """One job per prompt (each prompt's seed offset by its index, so a list is reproducible),
+        within the server's limits (prompt characters before tokenizing: the token cap comes after)."""
+        prompts = self.prompts()
+        if len(prompts) > limits.max_prompts:
+            raise ServeError(400, f"prompt is a list of {len(prompts)}; this server takes at most {limits.max_prompts} per request")
+        if max(map(len, prompts)) > limits.max_prompt_chars:
+            raise ServeError(400, f"a prompt has {max(map(len, prompts))} characters; this server accepts at most {limits.max_prompt_chars}")
+        _check_max_tokens(self.max_tokens, limits)
+        return [self.job(p, self.max_tokens, None if self.seed is None else (self.seed + i) % SEED_LIMIT) for i, p in enumerate(prompts)]
 
 
 MAX_MESSAGES = 256
@@ -118,15 +127,20 @@ class ChatCompletionRequest(SamplingRequest):
         _utf8("messages", [m.content for m in v])
         return v
 
-    def characters(self) -> int:
-        return sum(len(m.content) for m in self.messages)
+    def jobs(self, limits: AppArgs) -> list[GenerationParams]:
+        """The one job of a chat, for max_completion_tokens, else max_tokens, else 16 (as for
+        completions), within the server's limits."""
+        characters = sum(len(m.content) for m in self.messages)
+        if characters > limits.max_prompt_chars:
+            raise ServeError(400, f"the messages have {characters} characters; this server accepts at most {limits.max_prompt_chars}")
+        max_tokens = self.max_completion_tokens or self.max_tokens or 16
+        _check_max_tokens(max_tokens, limits)
+        return [self.job("", max_tokens, self.seed, messages=tuple((m.role, m.content) for m in self.messages))]
 
-    def requested_tokens(self) -> int:
-        """max_completion_tokens, else max_tokens, else 16 (as for completions)."""
-        return self.max_completion_tokens or self.max_tokens or 16
 
-    def generation_params(self) -> GenerationParams:
-        return self.job("", self.requested_tokens(), self.seed, messages=tuple((m.role, m.content) for m in self.messages))
+def _check_max_tokens(max_tokens: int, limits: AppArgs) -> None:
+    if max_tokens > limits.max_tokens_limit:
+        raise ServeError(400, f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens_limit}")
 
 
 def _utf8(field: str, texts: list[str]) -> None:
@@ -267,6 +281,13 @@ class ServeError(Exception):
     @classmethod
     def from_detail(cls, detail: ErrorDetail) -> ServeError:
         return cls(detail.code or 500, detail.message, detail.type)
+
+
+def raise_if_error(result: object) -> object:
+    """A model deployment returns client errors as values: raise them where they become HTTP."""
+    if isinstance(result, ErrorDetail):
+        raise ServeError.from_detail(result)
+    return result
 
 
 class ChatCompletionResponse(BaseModel):
