@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bigray-installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup system-packages quickstart test test-fast bench gpu-wheels clean
+.PHONY: setup system-packages quickstart lint test test-fast bench gpu-wheels clean
 
 setup: $(STAMP) system-packages
 
@@ -28,6 +28,11 @@ system-packages:
 
 quickstart: setup
 	$(VENV)/bin/bigray quickstart
+
+# ruff's linter and formatter, configured in pyproject.toml (`ruff format .` rewrites what --check finds).
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test: setup
 	$(PY) -m pytest

@@ -44,15 +44,28 @@ def build_model(out: Path) -> Path:
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
     tok.save_pretrained(str(out))
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=256, n_layer=4, n_head=4, bos_token_id=tok.eos_token_id,
-                               eos_token_id=tok.eos_token_id)).save_pretrained(str(out))
+    GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_positions=512,
+            n_embd=256,
+            n_layer=4,
+            n_head=4,
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    ).save_pretrained(str(out))
     return out
 
 
 def jobs(n: int, seed: int) -> list[GenerationParams]:
     rng = random.Random(seed)
-    return [GenerationParams(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 24))), rng.randint(16, 128), 1.0, 1.0, [], i)
-            for i in range(n)]  # fmt: skip
+    return [
+        GenerationParams(
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 24))), rng.randint(16, 128), 1.0, 1.0, [], i
+        )
+        for i in range(n)
+    ]
 
 
 def continuous(runner: GPTRunner, work: list[GenerationParams], concurrency: int) -> tuple[int, float]:
@@ -81,7 +94,9 @@ def transformers_cb(runner: GPTRunner, work: list[GenerationParams], concurrency
     It samples with one generator per manager (no per-request seed) and knows no stop strings."""
     from transformers import GenerationConfig
 
-    config = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=128, eos_token_id=runner.eos, pad_token_id=runner.eos)
+    config = GenerationConfig(
+        do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=128, eos_token_id=runner.eos, pad_token_id=runner.eos
+    )
     manager = runner.model.init_continuous_batching(generation_config=config)
     manager.start()
     try:
@@ -110,8 +125,13 @@ def one_by_one(runner: GPTRunner, work: list[GenerationParams]) -> tuple[int, fl
     for job in work:
         ids = torch.tensor([runner.encode(job).ids])
         with torch.no_grad():
-            out = runner.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=job.max_tokens,
-                                        pad_token_id=runner.eos)  # fmt: skip
+            out = runner.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                max_new_tokens=job.max_tokens,
+                pad_token_id=runner.eos,
+            )
         tokens += out.shape[1] - ids.shape[1]
     return tokens, time.perf_counter() - t0
 
@@ -123,18 +143,22 @@ def main() -> dict:
     for concurrency in (8, 32):
         work = jobs(4 * concurrency, seed=concurrency)
         continuous(runner, work[:concurrency], concurrency)  # warm-up
-        rows = {"continuous": continuous(runner, work, concurrency), "request_level": request_level(runner, work, concurrency),
-                "one_by_one_generate": one_by_one(runner, work)}  # fmt: skip
+        rows = {
+            "continuous": continuous(runner, work, concurrency),
+            "request_level": request_level(runner, work, concurrency),
+            "one_by_one_generate": one_by_one(runner, work),
+        }
         try:
             rows["transformers_continuous_batching"] = transformers_cb(runner, work, concurrency)
         except Exception as e:  # recorded, not fatal: it is a comparison
             result.setdefault("transformers_cb_error", f"{type(e).__name__}: {e}"[:500])
         tps = {k: round(t / s, 1) for k, (t, s) in rows.items()}
         result[f"concurrency_{concurrency}"] = {
-            "tokens_per_s": tps, "tokens": {k: t for k, (t, _) in rows.items()},
+            "tokens_per_s": tps,
+            "tokens": {k: t for k, (t, _) in rows.items()},
             "continuous_vs_one_by_one": round(tps["continuous"] / tps["one_by_one_generate"], 2),
             "continuous_vs_request_level": round(tps["continuous"] / tps["request_level"], 2),
-        }  # fmt: skip
+        }
         print(result[f"concurrency_{concurrency}"], flush=True)
     result["ttft"] = ttft_summary(runner)
     save_result("continuous_batching", result)
@@ -146,8 +170,14 @@ def ttft_summary(runner: GPTRunner) -> dict:
     waits = sorted(raw["waits"])
     step = statistics.median(raw["steps"])
     p50 = statistics.median(waits)
-    return {"arrivals": len(waits), "decode_step_ms": round(1000 * step, 2), "ttft_p50_ms": round(1000 * p50, 2),
-            "ttft_max_ms": round(1000 * waits[-1], 2), "p50_in_steps": round(p50 / step, 2), "long_generation_s": round(raw["long_s"], 2)}  # fmt: skip
+    return {
+        "arrivals": len(waits),
+        "decode_step_ms": round(1000 * step, 2),
+        "ttft_p50_ms": round(1000 * p50, 2),
+        "ttft_max_ms": round(1000 * waits[-1], 2),
+        "p50_in_steps": round(p50 / step, 2),
+        "long_generation_s": round(raw["long_s"], 2),
+    }
 
 
 def time_to_first_token_timed(runner: GPTRunner, arrivals: int = 16) -> dict:
@@ -205,7 +235,11 @@ def time_to_first_token_timed(runner: GPTRunner, arrivals: int = 16) -> dict:
     time.sleep(0.2)
     stop.set()
     thread.join()
-    return {"waits": [first[id(p)] - arrived[id(p)] for p in shorts if id(p) in first], "steps": steps, "long_s": long_s}
+    return {
+        "waits": [first[id(p)] - arrived[id(p)] for p in shorts if id(p) in first],
+        "steps": steps,
+        "long_s": long_s,
+    }
 
 
 if __name__ == "__main__":

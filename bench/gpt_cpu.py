@@ -33,16 +33,21 @@ def main() -> dict:
     rows = read_jsonl(tmp / "tiny" / "metrics.jsonl")
     export_gpt(summary["checkpoint"], str(tmp / "hf"))
     result = {
-        "benchmark": "gpt_cpu", "preset": cfg.model.preset, "block_size": cfg.model.block_size,
-        "workers": cfg.scaling.num_workers, "threads_per_worker": cfg.scaling.threads, "steps": cfg.train.max_steps,
+        "benchmark": "gpt_cpu",
+        "preset": cfg.model.preset,
+        "block_size": cfg.model.block_size,
+        "workers": cfg.scaling.num_workers,
+        "threads_per_worker": cfg.scaling.threads,
+        "steps": cfg.train.max_steps,
         "matmul_peak_gflops_1_thread_fp32": round(peak_fp32 / 1e9, 1),
         "mfu_median": round(statistics.median(r["train/mfu"] for r in rows[1:]), 3),
         "tflops_per_worker_median": round(statistics.median(r["train/tflops_per_worker"] for r in rows[1:]), 4),
         "tokens_per_s_median": round(statistics.median(r["train/tokens_per_s"] for r in rows[1:])),
         "wall_minutes_including_startup": round(minutes, 2),
-        "val_loss": round(summary["metrics"]["val/loss"], 3), "val_perplexity": round(summary["metrics"]["val/perplexity"], 1),
+        "val_loss": round(summary["metrics"]["val/loss"], 3),
+        "val_perplexity": round(summary["metrics"]["val/perplexity"], 1),
         "sample": generate_sample(tmp / "hf", "ROMEO:\n", max_new_tokens=60, seed=0),
-    }  # fmt: skip
+    }
     save_result("gpt_cpu", result)
     return result
 

@@ -15,10 +15,15 @@ from bigray.data.text import prepare_text
 def main(steps: int = 60) -> dict:
     tmp = scratch("gpt-overhead")
     overrides = [
-        "scaling.num_workers=1", "scaling.cpus_per_worker=2", f"train.max_steps={steps}", "train.log_interval=5",
-        f"train.eval_interval={steps}", f"run.checkpoint_interval={steps}", "train.eval_batches=1",
+        "scaling.num_workers=1",
+        "scaling.cpus_per_worker=2",
+        f"train.max_steps={steps}",
+        "train.log_interval=5",
+        f"train.eval_interval={steps}",
+        f"run.checkpoint_interval={steps}",
+        "train.eval_batches=1",
         f"run.storage_path={tmp}",
-    ]  # fmt: skip
+    ]
     cfg = load_config(GPTPretrainConfig, CONFIGS / "gpt_tiny.yaml", overrides + ["run.name=local"])
     prepare_text(cfg.data)
 
@@ -35,11 +40,17 @@ def main(steps: int = 60) -> dict:
     under_ray = median_after_warmup(read_jsonl(tmp / "ray" / "metrics.jsonl"), "train/tokens_per_s", skip=1)
     result = {
         "benchmark": "gpt_ray_overhead",
-        "model": cfg.model.preset, "block_size": cfg.model.block_size, "micro_batch": cfg.train.micro_batch_size,
-        "threads": cfg.scaling.threads, "steps": steps,
-        "tokens_per_s_without_ray": round(local, 1), "tokens_per_s_ray_train": round(under_ray, 1),
-        "ratio": round(under_ray / local, 3), "target": ">= 0.95", "ray_run": summary["run_dir"],
-    }  # fmt: skip
+        "model": cfg.model.preset,
+        "block_size": cfg.model.block_size,
+        "micro_batch": cfg.train.micro_batch_size,
+        "threads": cfg.scaling.threads,
+        "steps": steps,
+        "tokens_per_s_without_ray": round(local, 1),
+        "tokens_per_s_ray_train": round(under_ray, 1),
+        "ratio": round(under_ray / local, 3),
+        "target": ">= 0.95",
+        "ray_run": summary["run_dir"],
+    }
     save_result("gpt_ray_overhead", result)
     return result
 

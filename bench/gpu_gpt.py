@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bigray.models.gpt import build_gpt, decoder_config, flops_per_token  # noqa: E402
 from bigray.train.metrics import peak_flops  # noqa: E402
 
-
 ANCHOR_MFU = 0.40
 """What torchtitan and llm-foundry report for GPT-class models in bf16 on H100s (~40% MFU)."""
 
@@ -49,10 +48,18 @@ def measure(preset: str, micro_batch: int, block: int = 1024, steps: int = 20, v
     tokens_per_s = micro_batch * block / step
     achieved = flops_per_token(cfg, block) * tokens_per_s
     peak = peak_flops(device, "bf16")
-    return {"preset": preset, "micro_batch": micro_batch, "block": block, "tokens_per_s": round(tokens_per_s),
-            "tflops": round(achieved / 1e12, 1), "mfu": round(achieved / peak, 3) if peak else None,
-            "gpu": torch.cuda.get_device_name(), "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
-            "anchor_mfu": ANCHOR_MFU, "vs_anchor": round(achieved / peak / ANCHOR_MFU, 2) if peak else None}
+    return {
+        "preset": preset,
+        "micro_batch": micro_batch,
+        "block": block,
+        "tokens_per_s": round(tokens_per_s),
+        "tflops": round(achieved / 1e12, 1),
+        "mfu": round(achieved / peak, 3) if peak else None,
+        "gpu": torch.cuda.get_device_name(),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        "anchor_mfu": ANCHOR_MFU,
+        "vs_anchor": round(achieved / peak / ANCHOR_MFU, 2) if peak else None,
+    }
 
 
 if __name__ == "__main__":

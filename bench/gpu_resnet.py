@@ -32,8 +32,13 @@ def main(batch: int = 256, steps: int = 30) -> dict:
         if i >= 5:
             times.append(time.perf_counter() - t0)
     step = sorted(times)[len(times) // 2]
-    result = {"model": "resnet50", "batch": batch, "images_per_s": round(batch / step), "gpu": torch.cuda.get_device_name(),
-              "reference_a100_amp": 2470}
+    result = {
+        "model": "resnet50",
+        "batch": batch,
+        "images_per_s": round(batch / step),
+        "gpu": torch.cuda.get_device_name(),
+        "reference_a100_amp": 2470,
+    }
     print(json.dumps(result), flush=True)
     return result
 

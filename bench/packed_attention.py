@@ -43,8 +43,13 @@ def measure(model, data) -> dict:
     tokens = torch.from_numpy(np.asarray(data.tokens("train")).astype(np.int64))
     starts = torch.from_numpy(np.asarray(data.example_starts("train")).astype(bool))
     n_batches = 12
-    packed = [(tokens[i * ROWS * BLOCK : (i + 1) * ROWS * BLOCK].view(ROWS, BLOCK), starts[i * ROWS * BLOCK : (i + 1) * ROWS * BLOCK].view(ROWS, BLOCK))
-              for i in range(n_batches)]  # fmt: skip
+    packed = [
+        (
+            tokens[i * ROWS * BLOCK : (i + 1) * ROWS * BLOCK].view(ROWS, BLOCK),
+            starts[i * ROWS * BLOCK : (i + 1) * ROWS * BLOCK].view(ROWS, BLOCK),
+        )
+        for i in range(n_batches)
+    ]
     # The same tokens as whole examples, one per row, padded to the longest in each batch.
     firsts = starts.nonzero().flatten().tolist() + [len(tokens)]
     examples = [tokens[a:b] for a, b in zip(firsts, firsts[1:])]
@@ -59,18 +64,30 @@ def measure(model, data) -> dict:
         mask = torch.stack([torch.arange(width) < len(e) for e in group]).long()
         per_row.append(({"input_ids": ids, "attention_mask": mask}, count))
     rows = {
-        "packed, attention crosses examples (baseline)": tokens_per_s(model, [({"input_ids": x}, x.numel()) for x, _ in packed]),
+        "packed, attention crosses examples (baseline)": tokens_per_s(
+            model, [({"input_ids": x}, x.numel()) for x, _ in packed]
+        ),
         "packed, block-diagonal mask + restarted positions": tokens_per_s(
-            model, [(dict(zip(("attention_mask", "position_ids"), isolated_examples(first)), input_ids=x), x.numel()) for x, first in packed]),
+            model,
+            [
+                (dict(zip(("attention_mask", "position_ids"), isolated_examples(first)), input_ids=x), x.numel())
+                for x, first in packed
+            ],
+        ),
         "one example per row, padded": tokens_per_s(model, per_row),
-    }  # fmt: skip
+    }
     baseline = rows["packed, attention crosses examples (baseline)"]
     mean_len = statistics.mean(len(e) for e in examples)
-    print(f"\nreal tokens/s, forward + backward, Llama-shaped ~30M, block {BLOCK} x {ROWS} rows, chat examples of {mean_len:.0f} tokens on average")
+    print(
+        f"\nreal tokens/s, forward + backward, Llama-shaped ~30M, block {BLOCK} x {ROWS} rows, chat examples of {mean_len:.0f} tokens on average"
+    )
     for name, value in rows.items():
         print(f"{name:52s} {value:9.0f} tok/s  x{value / baseline:.3f}")
-    return {"mean_example_tokens": round(mean_len, 1), "tokens_per_s": {k: round(v) for k, v in rows.items()},
-            "ratio_to_baseline": {k: round(v / baseline, 3) for k, v in rows.items()}}
+    return {
+        "mean_example_tokens": round(mean_len, 1),
+        "tokens_per_s": {k: round(v) for k, v in rows.items()},
+        "ratio_to_baseline": {k: round(v / baseline, 3) for k, v in rows.items()},
+    }
 
 
 def main() -> dict:
@@ -84,7 +101,9 @@ def main() -> dict:
     result = {"benchmark": "packed_attention", "block": BLOCK, "rows": ROWS}
     for exchanges in (1, 8):
         rows_file = chat_rows(tmp / f"chat-{exchanges}.jsonl", max_exchanges=exchanges)
-        data = prepare_finetune_data(FinetuneDataConfig(format="chat", train_files=[str(rows_file)], cache_dir=str(tmp / "data")), base)
+        data = prepare_finetune_data(
+            FinetuneDataConfig(format="chat", train_files=[str(rows_file)], cache_dir=str(tmp / "data")), base
+        )
         result[f"up to {exchanges} exchanges"] = measure(model, data)
     save_result("packed_attention", result)
     return result

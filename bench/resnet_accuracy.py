@@ -20,7 +20,11 @@ def main(epochs: int = 3) -> dict:
 
     tmp = scratch("resnet-accuracy")
     # As shipped: batch 0 is 64 per worker on the full data, lr 0.1 at the global 128, bf16 on this CPU.
-    cfg = load_config(ResNetJobConfig, CONFIGS / "resnet_fashion.yaml", [f"train.epochs={epochs}", f"run.storage_path={tmp}", "run.name=fashion"])
+    cfg = load_config(
+        ResNetJobConfig,
+        CONFIGS / "resnet_fashion.yaml",
+        [f"train.epochs={epochs}", f"run.storage_path={tmp}", "run.name=fashion"],
+    )
     summary = train_resnet(cfg)
     rows = read_jsonl(tmp / "fashion" / "metrics.jsonl")
     elapsed, curve = 0.0, []
@@ -29,12 +33,19 @@ def main(epochs: int = 3) -> dict:
         curve.append({"epoch": r["epoch"], "train_minutes": round(elapsed / 60, 2), "test_acc": r["val/acc"]})
     _plot(curve)
     result = {
-        "benchmark": "resnet_accuracy", "arch": cfg.model.arch, "workers": cfg.scaling.num_workers,
-        "batch_per_worker": cfg.train.batch_size or "auto (64 on the full data)", "augment": cfg.train.augment, "precision": cfg.train.precision, "curve": curve,
-        "final_test_acc": curve[-1]["test_acc"], "train_minutes": curve[-1]["train_minutes"],
-        "target": ">= 0.91 within 20 minutes", "images_per_s": rows[-1]["train/images_per_s"],
+        "benchmark": "resnet_accuracy",
+        "arch": cfg.model.arch,
+        "workers": cfg.scaling.num_workers,
+        "batch_per_worker": cfg.train.batch_size or "auto (64 on the full data)",
+        "augment": cfg.train.augment,
+        "precision": cfg.train.precision,
+        "curve": curve,
+        "final_test_acc": curve[-1]["test_acc"],
+        "train_minutes": curve[-1]["train_minutes"],
+        "target": ">= 0.91 within 20 minutes",
+        "images_per_s": rows[-1]["train/images_per_s"],
         "checkpoint": summary["checkpoint"],
-    }  # fmt: skip
+    }
     save_result("resnet_accuracy", result)
     return result
 

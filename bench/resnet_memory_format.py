@@ -44,9 +44,15 @@ def main(precision: str = "bf16", rounds: int = 4) -> dict:
             runs[name].append(round(images_per_s(name == "channels_last", precision == "bf16"), 1))
     nchw, cl = statistics.median(runs["nchw"]), statistics.median(runs["channels_last"])
     result = {
-        "benchmark": "resnet_memory_format", "precision": precision, "batch": 64, "threads": 1, "runs": runs,
-        "images_per_s_nchw": nchw, "images_per_s_channels_last": cl, "ratio": round(cl / nchw, 3),
-    }  # fmt: skip
+        "benchmark": "resnet_memory_format",
+        "precision": precision,
+        "batch": 64,
+        "threads": 1,
+        "runs": runs,
+        "images_per_s_nchw": nchw,
+        "images_per_s_channels_last": cl,
+        "ratio": round(cl / nchw, 3),
+    }
     save_result(f"resnet_memory_format_{precision}", result)
     return result
 

@@ -14,22 +14,37 @@ def main(samples: int = 4096) -> dict:
     from bigray.recipes.resnet import train_local, train_resnet
 
     tmp = scratch("resnet-overhead")
-    base = [f"data.max_train_samples={samples}", "data.max_eval_samples=512", "train.epochs=1", "train.precision=bf16",
-            f"run.storage_path={tmp}"]  # fmt: skip
-    local_cfg = load_config(ResNetJobConfig, CONFIGS / "resnet_fashion.yaml",
-                            base + ["scaling.num_workers=1", "scaling.cpus_per_worker=2", "train.batch_size=128", "run.name=local"])  # fmt: skip
+    base = [
+        f"data.max_train_samples={samples}",
+        "data.max_eval_samples=512",
+        "train.epochs=1",
+        "train.precision=bf16",
+        f"run.storage_path={tmp}",
+    ]
+    local_cfg = load_config(
+        ResNetJobConfig,
+        CONFIGS / "resnet_fashion.yaml",
+        base + ["scaling.num_workers=1", "scaling.cpus_per_worker=2", "train.batch_size=128", "run.name=local"],
+    )
     (tmp / "local").mkdir()
     train_local(local_cfg, str(tmp / "local"))
     local = read_jsonl(tmp / "local" / "metrics.jsonl")[-1]["train/images_per_s"]
-    ray_cfg = load_config(ResNetJobConfig, CONFIGS / "resnet_fashion.yaml",
-                          base + ["scaling.num_workers=2", "scaling.cpus_per_worker=1", "train.batch_size=64", "run.name=ray"])  # fmt: skip
+    ray_cfg = load_config(
+        ResNetJobConfig,
+        CONFIGS / "resnet_fashion.yaml",
+        base + ["scaling.num_workers=2", "scaling.cpus_per_worker=1", "train.batch_size=64", "run.name=ray"],
+    )
     train_resnet(ray_cfg)
     ddp = read_jsonl(tmp / "ray" / "metrics.jsonl")[-1]["train/images_per_s"]
     result = {
-        "benchmark": "resnet_ray_overhead", "images": samples, "global_batch": 128,
-        "images_per_s_one_process_2_threads": round(local, 1), "images_per_s_ray_ddp_2x1_threads": round(ddp, 1),
-        "ratio": round(ddp / local, 3), "target": ">= 0.9",
-    }  # fmt: skip
+        "benchmark": "resnet_ray_overhead",
+        "images": samples,
+        "global_batch": 128,
+        "images_per_s_one_process_2_threads": round(local, 1),
+        "images_per_s_ray_ddp_2x1_threads": round(ddp, 1),
+        "ratio": round(ddp / local, 3),
+        "target": ">= 0.9",
+    }
     save_result("resnet_ray_overhead", result)
     return result
 

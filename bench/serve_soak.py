@@ -45,8 +45,13 @@ def _bomb_png() -> bytes:
     return png[:33] + chunk + png[33:]  # after the IHDR chunk
 
 
-BAD = [({"prompt": ""}, None), ({"prompt": "hi", "seed": -3}, None), ({"prompt": "hi", "temperature": 9}, None),
-       (None, b"\x89PNG\r\n\x1a\n broken"), (None, _bomb_png())]  # fmt: skip
+BAD = [
+    ({"prompt": ""}, None),
+    ({"prompt": "hi", "seed": -3}, None),
+    ({"prompt": "hi", "temperature": 9}, None),
+    (None, b"\x89PNG\r\n\x1a\n broken"),
+    (None, _bomb_png()),
+]
 
 
 def tiny_checkpoints() -> tuple[str, str]:
@@ -57,16 +62,40 @@ def tiny_checkpoints() -> tuple[str, str]:
     from bigray.recipes.resnet import train_local as train_resnet
 
     root = scratch("soak")
-    gpt = load_config(GPTPretrainConfig, CONFIGS / "gpt_tiny.yaml", [
-        f"data.cache_dir={root}/data", "data.max_chars=400000", "data.vocab_size=512", "model.block_size=64",
-        "train.micro_batch_size=8", "train.max_steps=40", "train.lr=3e-3", "train.warmup_steps=5", "train.eval_interval=40",
-        "train.eval_batches=2", "run.checkpoint_interval=40", "scaling.num_workers=1", "scaling.cpus_per_worker=2",
-    ])  # fmt: skip
+    gpt = load_config(
+        GPTPretrainConfig,
+        CONFIGS / "gpt_tiny.yaml",
+        [
+            f"data.cache_dir={root}/data",
+            "data.max_chars=400000",
+            "data.vocab_size=512",
+            "model.block_size=64",
+            "train.micro_batch_size=8",
+            "train.max_steps=40",
+            "train.lr=3e-3",
+            "train.warmup_steps=5",
+            "train.eval_interval=40",
+            "train.eval_batches=2",
+            "run.checkpoint_interval=40",
+            "scaling.num_workers=1",
+            "scaling.cpus_per_worker=2",
+        ],
+    )
     _, gpt_ctx = train_gpt(gpt, str(root / "gpt"))
-    resnet = load_config(ResNetJobConfig, CONFIGS / "resnet_fashion.yaml", [
-        "data.max_train_samples=1024", "data.max_eval_samples=256", "train.epochs=1", "train.batch_size=32",
-        "train.lr=0.2", "train.precision=bf16", "scaling.num_workers=1", "scaling.cpus_per_worker=2",
-    ])  # fmt: skip
+    resnet = load_config(
+        ResNetJobConfig,
+        CONFIGS / "resnet_fashion.yaml",
+        [
+            "data.max_train_samples=1024",
+            "data.max_eval_samples=256",
+            "train.epochs=1",
+            "train.batch_size=32",
+            "train.lr=0.2",
+            "train.precision=bf16",
+            "scaling.num_workers=1",
+            "scaling.cpus_per_worker=2",
+        ],
+    )
     _, resnet_ctx = train_resnet(resnet, str(root / "resnet"))
     return str(gpt_ctx.checkpoints[-1]), str(resnet_ctx.checkpoints[-1])
 
@@ -75,7 +104,9 @@ def replica_rss() -> dict[str, int]:
     import psutil
     from ray.util.state import list_actors
 
-    actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name.startswith("ServeReplica:soak:")]
+    actors = [
+        a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name.startswith("ServeReplica:soak:")
+    ]
     return {f"{a.class_name.split(':')[-1]}:{a.pid}": psutil.Process(a.pid).memory_info().rss for a in actors}
 
 
@@ -96,10 +127,16 @@ async def client(session, url: str, rng: random.Random, until: float, tally: dic
             elif kind == "classify":
                 async with session.post(f"{url}/v1/classify", data=image, headers={"content-type": "image/png"}) as r:
                     status = r.status
-                    ok = (r.status == 200 and "predictions" in await r.json()) or (r.status == 429 and "retry-after" in r.headers)
+                    ok = (r.status == 200 and "predictions" in await r.json()) or (
+                        r.status == 429 and "retry-after" in r.headers
+                    )
             else:
-                body = {"prompt": rng.choice(["ROMEO:", "KING:", "To be"]), "max_tokens": rng.randint(2, 12), "seed": rng.randint(0, 99),
-                        "stream": kind == "stream"}  # fmt: skip
+                body = {
+                    "prompt": rng.choice(["ROMEO:", "KING:", "To be"]),
+                    "max_tokens": rng.randint(2, 12),
+                    "seed": rng.randint(0, 99),
+                    "stream": kind == "stream",
+                }
                 async with session.post(f"{url}/v1/completions", json=body) as r:
                     status, text = r.status, await r.text()
                     done = text.rstrip().endswith("data: [DONE]") if kind == "stream" else '"choices"' in text
@@ -117,7 +154,9 @@ async def soak(url: str, seconds: float, seed: int) -> dict[str, int]:
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CLIENTS), timeout=timeout) as session:
         until = time.monotonic() + seconds
-        await asyncio.gather(*(client(session, url, random.Random(seed * 1000 + i), until, tally) for i in range(CLIENTS)))
+        await asyncio.gather(
+            *(client(session, url, random.Random(seed * 1000 + i), until, tally) for i in range(CLIENTS))
+        )
     return tally
 
 
@@ -132,8 +171,14 @@ def main(seconds: str = "120", gpt: str = "", resnet: str = "") -> dict:
         gpt, resnet = tiny_checkpoints()
     ray.init(num_cpus=4, include_dashboard=True)
     try:
-        args = AppArgs(gpt_checkpoint=gpt, resnet_checkpoint=resnet, max_tokens_limit=64, max_prompt_tokens=48,
-                       max_image_bytes=200_000, max_image_pixels=1_000_000)  # fmt: skip
+        args = AppArgs(
+            gpt_checkpoint=gpt,
+            resnet_checkpoint=resnet,
+            max_tokens_limit=64,
+            max_prompt_tokens=48,
+            max_image_bytes=200_000,
+            max_image_pixels=1_000_000,
+        )
         url = deploy(args, port=PORT, name="soak", access_log=False)
         asyncio.run(soak(url, 10, seed=0))  # warm-up: caches, batch shapes, allocator pools
         rss = [replica_rss()]
@@ -146,15 +191,21 @@ def main(seconds: str = "120", gpt: str = "", resnet: str = "") -> dict:
     finally:
         ray.shutdown()
     replicas = {
-        name: {"rss_mb": [round(r[name] / 2**20) for r in rss if name in r],
-               "ratio_to_warm": round(rss[-1].get(name, 0) / before, 3)}
+        name: {
+            "rss_mb": [round(r[name] / 2**20) for r in rss if name in r],
+            "ratio_to_warm": round(rss[-1].get(name, 0) / before, 3),
+        }
         for name, before in rss[0].items()
-    }  # fmt: skip
+    }
     result = {
-        "benchmark": "serve_soak", "seconds": float(seconds), "clients": CLIENTS, "tally": tally,
+        "benchmark": "serve_soak",
+        "seconds": float(seconds),
+        "clients": CLIENTS,
+        "tally": tally,
         "unexpected": sum(v for k, v in tally.items() if k.startswith("unexpected")),
-        "requests_per_s": round(sum(tally.values()) / float(seconds), 1), "replicas": replicas,
-    }  # fmt: skip
+        "requests_per_s": round(sum(tally.values()) / float(seconds), 1),
+        "replicas": replicas,
+    }
     save_result("serve_soak", result)
     return result
 

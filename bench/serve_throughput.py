@@ -136,19 +136,30 @@ def classification(resnet: str, dtype: str) -> dict:
     import requests
     from ray import serve
 
-    from bigray.serve.settings import AppArgs, DeploymentArgs
     from bigray.serve.launch import deploy
+    from bigray.serve.settings import AppArgs, DeploymentArgs
 
     results = {}
     for name, batch in (("serve_batched", 32), ("serve_unbatched", 1)):
-        args = AppArgs(resnet_checkpoint=resnet, resnet=DeploymentArgs(min_replicas=1, max_replicas=1, max_batch_size=batch,
-                                                                       max_ongoing_requests=64, batch_wait_timeout_s=0.005, dtype=dtype))  # fmt: skip
+        args = AppArgs(
+            resnet_checkpoint=resnet,
+            resnet=DeploymentArgs(
+                min_replicas=1,
+                max_replicas=1,
+                max_batch_size=batch,
+                max_ongoing_requests=64,
+                batch_wait_timeout_s=0.005,
+                dtype=dtype,
+            ),
+        )
         url = deploy(args, port=8000, name=name, access_log=False)  # uvicorn below logs no requests either
         results[name] = _sweep(f"{url}/v1/classify")
         serve.delete(name)
     script = scratch("plain") / "plain_app.py"
     script.write_text(PLAIN_APP)
-    proc = subprocess.Popen([sys.executable, str(script), resnet, str(PLAIN_PORT), dtype], env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, str(script), resnet, str(PLAIN_PORT), dtype], env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     try:
         for _ in range(120):
             try:
@@ -160,7 +171,9 @@ def classification(resnet: str, dtype: str) -> dict:
     finally:
         proc.terminate()
         proc.wait()
-    results["batched_over_unbatched_rps_at_32"] = round(results["serve_batched"][32]["rps"] / results["serve_unbatched"][32]["rps"], 2)
+    results["batched_over_unbatched_rps_at_32"] = round(
+        results["serve_batched"][32]["rps"] / results["serve_unbatched"][32]["rps"], 2
+    )
     return results
 
 
@@ -169,14 +182,25 @@ def generation(gpt_dir: str, n: int = 8, max_tokens: int = 32, rounds: int = 3) 
     import torch
     from ray import serve
 
-    from bigray.serve.settings import AppArgs, DeploymentArgs
     from bigray.serve.launch import deploy
+    from bigray.serve.settings import AppArgs, DeploymentArgs
 
-    prompts = [f"{name}:\n" for name in ("ROMEO", "JULIET", "HAMLET", "KING LEAR", "OTHELLO", "MACBETH", "PORTIA", "VIOLA")][:n]
-    url = deploy(AppArgs(gpt_checkpoint=gpt_dir, gpt=DeploymentArgs(max_replicas=1, max_batch_size=n, batch_wait_timeout_s=0.05)), port=8000, name="gen", access_log=False)
+    prompts = [
+        f"{name}:\n" for name in ("ROMEO", "JULIET", "HAMLET", "KING LEAR", "OTHELLO", "MACBETH", "PORTIA", "VIOLA")
+    ][:n]
+    url = deploy(
+        AppArgs(
+            gpt_checkpoint=gpt_dir, gpt=DeploymentArgs(max_replicas=1, max_batch_size=n, batch_wait_timeout_s=0.05)
+        ),
+        port=8000,
+        name="gen",
+        access_log=False,
+    )
 
     async def one(client, prompt):
-        r = await client.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+        r = await client.post(
+            f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+        )
         return r.json()["usage"]["completion_tokens"]
 
     async def all_at_once():
@@ -204,11 +228,13 @@ def generation(gpt_dir: str, n: int = 8, max_tokens: int = 32, rounds: int = 3) 
             seq_tokens += out.shape[1] - ids.shape[1]
     seq_s = time.perf_counter() - t0
     return {
-        "requests": n, "max_tokens": max_tokens, "rounds": rounds,
+        "requests": n,
+        "max_tokens": max_tokens,
+        "rounds": rounds,
         "serve_batched_tokens_per_s": round(served_tokens / served_s, 1),
         "sequential_generate_tokens_per_s": round(seq_tokens / seq_s, 1),
         "ratio": round((served_tokens / served_s) / (seq_tokens / seq_s), 2),
-    }  # fmt: skip
+    }
 
 
 def main(gpt_dir: str = "runs/quickstart/gpt-hf", resnet: str = "runs/quickstart/resnet") -> dict:

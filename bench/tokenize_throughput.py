@@ -53,9 +53,14 @@ def run(files: list[str], workers: int, cache: Path) -> dict:
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         raise RuntimeError(out.stdout[-2000:] + out.stderr[-3000:])
-    r = json.loads(lines[-1][len("RESULT "):])
+    r = json.loads(lines[-1][len("RESULT ") :])
     tokens = r["tokens"]["train"] + r["tokens"]["val"]
-    return {**r, "tokens_per_s": round(tokens / r["seconds"]), "seconds": round(r["seconds"], 1), "driver_peak_rss_mb": round(r["driver_peak_rss_mb"])}
+    return {
+        **r,
+        "tokens_per_s": round(tokens / r["seconds"]),
+        "seconds": round(r["seconds"], 1),
+        "driver_peak_rss_mb": round(r["driver_peak_rss_mb"]),
+    }
 
 
 def main(sizes: list[int]) -> dict:

@@ -90,11 +90,17 @@ def attempt(strategy: str, preset: str, out: str) -> None:
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     overrides = [
-        f"model.preset={preset}", "model.block_size=128", "train.micro_batch_size=1", "train.warmup_steps=1",
-        "data.tokenizer=gpt2", f"data.cache_dir={REPO}/data", "deepspeed.precision=bf16", "scaling.num_workers=2",
+        f"model.preset={preset}",
+        "model.block_size=128",
+        "train.micro_batch_size=1",
+        "train.warmup_steps=1",
+        "data.tokenizer=gpt2",
+        f"data.cache_dir={REPO}/data",
+        "deepspeed.precision=bf16",
+        "scaling.num_workers=2",
         *STRATEGIES[strategy],
         *([f"deepspeed.nvme_path={out}/nvme"] if "nvme" in strategy else []),
-    ]  # fmt: skip
+    ]
     cfg = load_config(GPTPretrainConfig, CONFIGS / "gpt_tiny.yaml", overrides)
     job = PRETRAIN.prepare(cfg)
     peak = {"used": 0}
@@ -120,7 +126,9 @@ def attempt(strategy: str, preset: str, out: str) -> None:
     except Exception as e:  # noqa: BLE001 - any failure is the measurement
         result["ok"] = False
         text = " ".join(str(e).split())
-        oom = re.search(r"Memory on the node .*? limit \([0-9.]+\)", text)  # Ray's out-of-memory killer says how full the node was
+        oom = re.search(
+            r"Memory on the node .*? limit \([0-9.]+\)", text
+        )  # Ray's out-of-memory killer says how full the node was
         result["error"] = ("out of memory: " + oom.group(0)) if oom else text[-600:]
     done.set()
     result["wall_s"] = round(time.time() - t0, 1)
@@ -138,12 +146,21 @@ def main(presets: list[str], strategies: list[str]) -> dict:
             out = tmp / f"{strategy}-{preset}"
             out.mkdir()
             print(f"--- {strategy} {preset}", flush=True)
-            proc = subprocess.run([sys.executable, __file__, "--attempt", strategy, preset, str(out)], env={**os.environ, **MALLOC_ENV}, timeout=1800)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--attempt", strategy, preset, str(out)],
+                env={**os.environ, **MALLOC_ENV},
+                timeout=1800,
+            )
             result_file = out / "result.json"
             if result_file.exists():
                 row = json.loads(result_file.read_text())
             else:
-                row = {"strategy": strategy, "preset": preset, "ok": False, "error": f"attempt process exited {proc.returncode}"}
+                row = {
+                    "strategy": strategy,
+                    "preset": preset,
+                    "ok": False,
+                    "error": f"attempt process exited {proc.returncode}",
+                }
             rows.append(row)
             if row["ok"]:
                 rss = [r["peak_rss_bytes"] / gib for r in row["ranks"]]
@@ -157,10 +174,15 @@ def main(presets: list[str], strategies: list[str]) -> dict:
             else:
                 print(f"{strategy:14} {preset:5} FAILED {row['error'][-300:]}", flush=True)
                 break
-    largest = {s: max((r["preset"] for r in rows if r["strategy"] == s and r["ok"]), key=presets.index, default=None) for s in strategies}
+    largest = {
+        s: max((r["preset"] for r in rows if r["strategy"] == s and r["ok"]), key=presets.index, default=None)
+        for s in strategies
+    }
     print("largest preset that trains:", largest)
     result = {"benchmark": "zero_capacity", "workers": 2, "steps": STEPS, "largest": largest, "attempts": rows}
-    save_result("zero_capacity" if strategies == DEFAULT_STRATEGIES else "zero_capacity_" + "_".join(strategies), result)
+    save_result(
+        "zero_capacity" if strategies == DEFAULT_STRATEGIES else "zero_capacity_" + "_".join(strategies), result
+    )
     return result
 
 

@@ -73,7 +73,11 @@ def loop(config):
     trainer.train_step()  # optimizer states exist from the first step on
     # Measure at the peak of a step: gradients computed, optimizer not yet stepped.
     trainer.engine.backward(trainer._loss(*trainer._batch(trainer.train_windows, 1, shuffle=True)))
-    row = {"rank": ctx.rank, **state_bytes(trainer.engine), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    row = {
+        "rank": ctx.rank,
+        **state_bytes(trainer.engine),
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
     trainer.engine.step()
     name = f"{cfg.deepspeed.precision}_stage{cfg.deepspeed.zero_stage}_rank{ctx.rank}.json"
     Path(config["out"], name).write_text(json.dumps(row))
@@ -91,15 +95,29 @@ def main(preset: str = "124m") -> dict:
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     tmp = scratch("zero-memory")
     gib = 1 << 30
-    result = {"benchmark": "zero_memory", "preset": preset, "workers": 2, "measured": "after backward, before the optimizer step"}
+    result = {
+        "benchmark": "zero_memory",
+        "preset": preset,
+        "workers": 2,
+        "measured": "after backward, before the optimizer step",
+    }
     for precision in ("fp32", "bf16"):
         table = {}
         for stage in (0, 1, 2, 3):
-            cfg = load_config(GPTPretrainConfig, CONFIGS / "gpt_tiny.yaml", [
-                f"model.preset={preset}", "model.block_size=128", "train.micro_batch_size=1", f"deepspeed.zero_stage={stage}",
-                f"deepspeed.precision={precision}", "scaling.num_workers=2", f"run.storage_path={tmp}",
-                f"run.name={precision}-stage{stage}",
-            ])  # fmt: skip
+            cfg = load_config(
+                GPTPretrainConfig,
+                CONFIGS / "gpt_tiny.yaml",
+                [
+                    f"model.preset={preset}",
+                    "model.block_size=128",
+                    "train.micro_batch_size=1",
+                    f"deepspeed.zero_stage={stage}",
+                    f"deepspeed.precision={precision}",
+                    "scaling.num_workers=2",
+                    f"run.storage_path={tmp}",
+                    f"run.name={precision}-stage{stage}",
+                ],
+            )
             job = PRETRAIN.prepare(cfg)
             TorchTrainer(
                 loop,
@@ -115,8 +133,13 @@ def main(preset: str = "124m") -> dict:
         print(f"{'stage':>5} {'params':>8} {'grads':>8} {'optim':>8} {'total':>8} {'x stage0':>9} {'peak RSS':>9}")
         for stage, row in table.items():
             ratio = row["total"] / table[0]["total"]
-            print(f"{stage:>5} {row['params']/gib:8.3f} {row['grads']/gib:8.3f} {row['optimizer']/gib:8.3f} {row['total']/gib:8.3f} {ratio:9.3f} {row['peak_rss']/gib:9.2f}")
-        result[precision] = {"per_rank_bytes": table, "stage3_over_stage0": round(table[3]["total"] / table[0]["total"], 3)}
+            print(
+                f"{stage:>5} {row['params'] / gib:8.3f} {row['grads'] / gib:8.3f} {row['optimizer'] / gib:8.3f} {row['total'] / gib:8.3f} {ratio:9.3f} {row['peak_rss'] / gib:9.2f}"
+            )
+        result[precision] = {
+            "per_rank_bytes": table,
+            "stage3_over_stage0": round(table[3]["total"] / table[0]["total"], 3),
+        }
     save_result("zero_memory", result)
     ray.shutdown()
     return result

@@ -107,11 +107,10 @@ def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from bigray.artifacts.locate import servable
     from bigray.config import load_config
     from bigray.serve.launch import deploy_from, serve_forever
     from bigray.serve.settings import ServeArgs
-
-    from bigray.artifacts.locate import servable
 
     settings = load_config(ServeArgs, args.config, args.overrides + _serve_overrides(args))
     if not settings.gpt_checkpoint and not settings.resnet_checkpoint:
@@ -216,8 +215,7 @@ def _resume_override(args: argparse.Namespace) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bigray",
-        description="Train and serve GPT (DeepSpeed ZeRO) and ResNet models on Ray.",
+        prog="bigray", description="Train and serve GPT (DeepSpeed ZeRO) and ResNet models on Ray."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -229,42 +227,64 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_text, func in (
         ("pretrain-gpt", "pretrain a GPT with DeepSpeed ZeRO on Ray Train", cmd_pretrain_gpt),
-        ("finetune-gpt", "fine-tune a pretrained GPT (full or LoRA) on text, prompt/completion or chat JSONL", cmd_finetune_gpt),
+        (
+            "finetune-gpt",
+            "fine-tune a pretrained GPT (full or LoRA) on text, prompt/completion or chat JSONL",
+            cmd_finetune_gpt,
+        ),
         ("train-resnet", "train a torchvision ResNet with DDP on Ray Train", cmd_train_resnet),
     ):
         trainer = sub.add_parser(name, help=help_text)
         add_config_args(trainer)
-        trainer.add_argument("--resume-from", metavar="PATH", help="checkpoint, run directory or summary.json to continue from")
+        trainer.add_argument(
+            "--resume-from", metavar="PATH", help="checkpoint, run directory or summary.json to continue from"
+        )
         trainer.set_defaults(func=func)
 
     tune = sub.add_parser("tune", help="hyperparameter search with Ray Tune over either trainer")
     add_config_args(tune)
-    tune.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted search without redoing finished trials")
+    tune.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue an interrupted search without redoing finished trials"
+    )
     tune.set_defaults(func=cmd_tune)
 
     srv = sub.add_parser("serve", help="serve GPT and/or ResNet checkpoints over HTTP until interrupted")
     add_config_args(srv)
-    srv.add_argument("--gpt", metavar="CKPT", help="GPT checkpoint, run directory, summary.json or exported HF directory")
+    srv.add_argument(
+        "--gpt", metavar="CKPT", help="GPT checkpoint, run directory, summary.json or exported HF directory"
+    )
     srv.add_argument("--resnet", metavar="CKPT", help="ResNet checkpoint, run directory or summary.json")
     srv.add_argument("--port", type=int, help="HTTP port (default 8000)")
     srv.add_argument("--host", help="HTTP host (default 127.0.0.1; 0.0.0.0 on a cluster's head)")
-    srv.add_argument("--detach", action="store_true", help="deploy onto the (cluster's) Serve and return instead of serving until Ctrl-C")
+    srv.add_argument(
+        "--detach",
+        action="store_true",
+        help="deploy onto the (cluster's) Serve and return instead of serving until Ctrl-C",
+    )
     srv.set_defaults(func=cmd_serve)
 
     cluster = sub.add_parser("cluster", help="check the Ray cluster a job will run on")
     cluster_sub = cluster.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
-    check = cluster_sub.add_parser("check", help="before the expensive job: versions on every node, storage read and written "
-                                                 "from every node, the accelerator type and the workers' fit (run it as a Ray job)")  # fmt: skip
+    check = cluster_sub.add_parser(
+        "check",
+        help="before the expensive job: versions on every node, storage read and written "
+        "from every node, the accelerator type and the workers' fit (run it as a Ray job)",
+    )
     add_config_args(check)
     check.set_defaults(func=cmd_cluster_check)
-    smoke = cluster_sub.add_parser("smoke", help="all-reduce bandwidth per link (all ranks, within a node, across nodes) and one "
-                                                 "ZeRO-3 step, on a GPT job config's workers (run it as a Ray job after `ray up`)")  # fmt: skip
+    smoke = cluster_sub.add_parser(
+        "smoke",
+        help="all-reduce bandwidth per link (all ranks, within a node, across nodes) and one "
+        "ZeRO-3 step, on a GPT job config's workers (run it as a Ray job after `ray up`)",
+    )
     add_config_args(smoke)
     smoke.set_defaults(func=cmd_cluster_smoke)
 
     quick = sub.add_parser("quickstart", help="the main job end to end on an embedded local Ray (~8 min on 2 cores)")
     quick.add_argument("--storage-path", default="./runs", help="where run directories go (default ./runs)")
-    quick.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a GPT config key")
+    quick.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a GPT config key"
+    )
     quick.set_defaults(func=cmd_quickstart)
 
     bench = sub.add_parser("bench", help="run benchmarks from bench/ (no name: list them)")
@@ -274,7 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="consolidate a GPT checkpoint into a Hugging Face model directory")
     export.add_argument("checkpoint", help="checkpoint directory, run directory or summary.json")
     export.add_argument("out", help="new output directory")
-    export.add_argument("--adapter", action="store_true", help="a LoRA checkpoint: write its adapter (peft format) instead of the merged model")
+    export.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA checkpoint: write its adapter (peft format) instead of the merged model",
+    )
     export.set_defaults(func=cmd_export)
 
     return parser

@@ -106,7 +106,9 @@ def several_nodes() -> str | None:
     if alive > 1:
         return f"{alive} nodes are up"
     config = ray._private.state.state.get_cluster_config()
-    if config is not None and sum(g.max_count if g.max_count >= 0 else 2 for g in config.node_group_configs) > 1:  # -1: no limit
+    if (
+        config is not None and sum(g.max_count if g.max_count >= 0 else 2 for g in config.node_group_configs) > 1
+    ):  # -1: no limit
         return "its autoscaler can add nodes"
     if os.environ.get("BIGRAY_WAIT_FOR_AUTOSCALER"):
         return "BIGRAY_WAIT_FOR_AUTOSCALER says nodes will be added"
@@ -131,12 +133,18 @@ def wait_for_workers(scaling: ScalingConfig, poll_s: float = 2.0, report_every_s
     what = f"{need} workers of {_shape(bundle)}"
     most = workers_fitting_at_most(bundle)
     if most is not None and most < need:
-        raise ConfigError("scaling", f"the cluster can never hold {what}: its node types scale to at most {most} "
-                                     "(lower scaling.num_workers or the per-worker resources, or add a node type)")  # fmt: skip
+        raise ConfigError(
+            "scaling",
+            f"the cluster can never hold {what}: its node types scale to at most {most} "
+            "(lower scaling.num_workers or the per-worker resources, or add a node type)",
+        )
     if most is None and not os.environ.get("BIGRAY_WAIT_FOR_AUTOSCALER"):
-        raise ConfigError("scaling", f"the cluster holds {have} of {what} and has no autoscaler to add nodes "
-                                     "(lower scaling.num_workers, set scaling.use_gpu=false to train on CPUs, or set "
-                                     "BIGRAY_WAIT_FOR_AUTOSCALER=1 if nodes will be added)")  # fmt: skip
+        raise ConfigError(
+            "scaling",
+            f"the cluster holds {have} of {what} and has no autoscaler to add nodes "
+            "(lower scaling.num_workers, set scaling.use_gpu=false to train on CPUs, or set "
+            "BIGRAY_WAIT_FOR_AUTOSCALER=1 if nodes will be added)",
+        )
     if scaling.resource_wait_s <= 0:
         raise ConfigError("scaling.resource_wait_s", f"is 0 and the cluster holds {have} of {what} now")
     request_resources(bundles=[dict(bundle) for _ in range(need)])  # asks the autoscaler for the nodes now
@@ -151,11 +159,15 @@ def wait_for_workers(scaling: ScalingConfig, poll_s: float = 2.0, report_every_s
                 log.info("the cluster holds %s after %.0f s", what, waited)
                 return
             if waited >= scaling.resource_wait_s:
-                raise WorkersUnavailable(f"waited {waited:.0f} s and the cluster holds {have} of {what}; "
-                                         "raise scaling.resource_wait_s or check the autoscaler (`ray status`)")  # fmt: skip
+                raise WorkersUnavailable(
+                    f"waited {waited:.0f} s and the cluster holds {have} of {what}; "
+                    "raise scaling.resource_wait_s or check the autoscaler (`ray status`)"
+                )
             if time.monotonic() - last_report >= report_every_s:
                 last_report = time.monotonic()
-                log.info("still waiting for %s: %d fit now (%.0f of %.0f s)", what, have, waited, scaling.resource_wait_s)
+                log.info(
+                    "still waiting for %s: %d fit now (%.0f of %.0f s)", what, have, waited, scaling.resource_wait_s
+                )
     finally:
         request_resources(bundles=[])  # Ray Train's own placement group holds the nodes from here
 

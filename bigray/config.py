@@ -55,8 +55,16 @@ ZeroStage = Annotated[Literal[0, 1, 2, 3], BeforeValidator(_from_text)]
 
 # ----------------------------------------------------------------------------- loading
 
-_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string", "list": "a list",
-             "dict": "a mapping", "dataclass": "a mapping of the section's keys", "model": "a mapping of the section's keys"}  # fmt: skip
+_EXPECTED = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "string": "a string",
+    "list": "a list",
+    "dict": "a mapping",
+    "dataclass": "a mapping of the section's keys",
+    "model": "a mapping of the section's keys",
+}
 
 
 def _fields(cls: Any) -> dict[str, Any]:
@@ -72,11 +80,15 @@ def _section_at(cls: Any, loc: list[str]) -> Any:
 
 def _bounds(info: Any) -> str:
     """The range a field's constraints allow: '>= 1', 'in (0, 1)', 'in 260..262144'."""
-    limits = {k: getattr(m, k) for m in info.metadata for k in ("ge", "gt", "le", "lt") if getattr(m, k, None) is not None}
+    limits = {
+        k: getattr(m, k) for m in info.metadata for k in ("ge", "gt", "le", "lt") if getattr(m, k, None) is not None
+    }
     low = ("[", limits["ge"]) if "ge" in limits else ("(", limits["gt"]) if "gt" in limits else None
     high = ("]", limits["le"]) if "le" in limits else (")", limits["lt"]) if "lt" in limits else None
     if low and high:
-        return f"in {low[1]}..{high[1]}" if (low[0], high[0]) == ("[", "]") else f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
+        return (
+            f"in {low[1]}..{high[1]}" if (low[0], high[0]) == ("[", "]") else f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
+        )
     if low:
         return f"{'>=' if low[0] == '[' else '>'} {low[1]}"
     return f"{'<=' if high[0] == ']' else '<'} {high[1]}"
@@ -199,7 +211,9 @@ class RunConfig:
     """Worker-group restarts allowed before the run fails (auto-resume from the last checkpoint); -1 retries forever."""
 
     def __post_init__(self) -> None:
-        require(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        require(
+            bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}"
+        )
         require(bool(self.storage_path), "storage_path", "must not be empty")
 
 
@@ -254,7 +268,11 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         from urllib.parse import urlsplit
 
-        require("@" not in urlsplit(self.uri).netloc, "uri", "holds credentials; put them in MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN instead")
+        require(
+            "@" not in urlsplit(self.uri).netloc,
+            "uri",
+            "holds credentials; put them in MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN instead",
+        )
 
 
 @section
@@ -301,8 +319,16 @@ class TextDataConfig:
 
     def __post_init__(self) -> None:
         require(self.source != "files" or bool(self.text_files), "text_files", "must list files when source is 'files'")
-        require(self.tokenize_workers == 0 or self.source == "files", "tokenize_workers", "the Ray Data pipeline reads text_files: set source to 'files'")
-        require(self.tokenize_workers == 0 or self.max_chars == 0, "max_chars", "cannot be combined with tokenize_workers (it cuts the corpus in file order)")
+        require(
+            self.tokenize_workers == 0 or self.source == "files",
+            "tokenize_workers",
+            "the Ray Data pipeline reads text_files: set source to 'files'",
+        )
+        require(
+            self.tokenize_workers == 0 or self.max_chars == 0,
+            "max_chars",
+            "cannot be combined with tokenize_workers (it cuts the corpus in file order)",
+        )
 
 
 @section
@@ -356,9 +382,15 @@ class GPTModelConfig(GPTContextConfig):
     8b (Llama 3.1 8B). 'tiny' is for tests and CI."""
 
     def __post_init__(self) -> None:
-        require(self.family in FAMILIES, "family", f"{self.family!r} is not a model family; allowed: {', '.join(FAMILIES)}")
+        require(
+            self.family in FAMILIES, "family", f"{self.family!r} is not a model family; allowed: {', '.join(FAMILIES)}"
+        )
         allowed = FAMILIES[self.family].presets
-        require(self.preset in allowed, "preset", f"{self.preset!r} is not a {self.family} preset; allowed: {', '.join(allowed)}")
+        require(
+            self.preset in allowed,
+            "preset",
+            f"{self.preset!r} is not a {self.family} preset; allowed: {', '.join(allowed)}",
+        )
 
 
 @section
@@ -402,8 +434,11 @@ class GPTTrainConfig:
     keep the full-logits path until measured there. ZeRO-3 and heads with a bias always use full logits."""
 
     def __post_init__(self) -> None:
-        require(self.global_batch_size == 0 or self.grad_accum_steps == 1, "grad_accum_steps",
-                "is derived from train.global_batch_size when that is set; set one of the two")  # fmt: skip
+        require(
+            self.global_batch_size == 0 or self.grad_accum_steps == 1,
+            "grad_accum_steps",
+            "is derived from train.global_batch_size when that is set; set one of the two",
+        )
 
     def accumulation(self, world_size: int) -> int:
         """Micro batches per optimizer step on ``world_size`` workers: grad_accum_steps, or what keeps
@@ -412,9 +447,12 @@ class GPTTrainConfig:
             return self.grad_accum_steps
         per_pass = self.micro_batch_size * world_size
         if self.global_batch_size % per_pass:
-            raise ConfigError("train.global_batch_size", f"{self.global_batch_size} sequences do not split into micro batches on "
-                              f"{world_size} workers: train.micro_batch_size ({self.micro_batch_size}) x scaling.num_workers "
-                              f"({world_size}) = {per_pass} must divide it")  # fmt: skip
+            raise ConfigError(
+                "train.global_batch_size",
+                f"{self.global_batch_size} sequences do not split into micro batches on "
+                f"{world_size} workers: train.micro_batch_size ({self.micro_batch_size}) x scaling.num_workers "
+                f"({world_size}) = {per_pass} must divide it",
+            )
         return self.global_batch_size // per_pass
 
 
@@ -443,7 +481,11 @@ class DeepSpeedConfig:
         require(not self.offload_params or self.zero_stage == 3, "offload_params", "needs zero_stage 3")
         if self.offload_device == "nvme":
             require(self.zero_stage == 3, "offload_device", "nvme offload needs zero_stage 3")
-            require(self.offload_optimizer or self.offload_params, "offload_device", "nvme needs offload_optimizer or offload_params")
+            require(
+                self.offload_optimizer or self.offload_params,
+                "offload_device",
+                "nvme needs offload_optimizer or offload_params",
+            )
             require(bool(self.nvme_path), "nvme_path", "must name a directory when offload_device is nvme")
 
 
@@ -519,7 +561,9 @@ class GPTFinetuneConfig(TrainingJob):
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     """Fine-tuning data, tokenized with the base model's tokenizer."""
     train: GPTTrainConfig = field(
-        default_factory=lambda: GPTTrainConfig(max_steps=100, lr=3e-4, warmup_steps=10, eval_interval=25, weight_decay=0.0)
+        default_factory=lambda: GPTTrainConfig(
+            max_steps=100, lr=3e-4, warmup_steps=10, eval_interval=25, weight_decay=0.0
+        )
     )
     """Optimisation and schedule (a fresh optimizer; the schedule starts at step 0)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -527,7 +571,11 @@ class GPTFinetuneConfig(TrainingJob):
     run: RunConfig = field(default_factory=lambda: RunConfig(name="gpt-finetune"))
 
     def __post_init__(self) -> None:
-        require(bool(self.init_from), "init_from", "must name the base model (a bigray GPT checkpoint or a Hugging Face directory)")
+        require(
+            bool(self.init_from),
+            "init_from",
+            "must name the base model (a bigray GPT checkpoint or a Hugging Face directory)",
+        )
         require(bool(self.data.train_files), "data.train_files", "must list at least one file")
 
 
@@ -543,7 +591,6 @@ class ResNetModelConfig:
     zero_init_residual: bool = False
     """Start each residual block as the identity (its last BatchNorm's scale at 0): a training-start
     choice, not part of the architecture."""
-
 
 
 @section
@@ -629,7 +676,11 @@ class TuneSettings:
     """Seeds the searcher."""
 
     def __post_init__(self) -> None:
-        require(self.scheduler != "pbt" or self.searcher == "random", "searcher", "PBT explores by itself: use searcher 'random' with it")
+        require(
+            self.scheduler != "pbt" or self.searcher == "random",
+            "searcher",
+            "PBT explores by itself: use searcher 'random' with it",
+        )
         kinds = ("loguniform", "uniform", "choice", "grid", "randint")
         for key, spec in self.space.items():
             ok = isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in kinds

@@ -16,8 +16,8 @@ from bigray.artifacts.checkpoint import CheckpointError
 from bigray.artifacts.hf_gpt import save_hf_model
 from bigray.artifacts.locate import local_model, resolve_checkpoint
 from bigray.artifacts.storage import file_sizes, is_dir, is_uri, upload
-from bigray.train.engine import fp32_weights
 from bigray.recipes.gpt import open_pretrained
+from bigray.train.engine import fp32_weights
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,9 @@ def export_gpt(checkpoint: str, out: str, adapter: bool = False) -> dict[str, An
         raise CheckpointError(f"{source} is already an exported model directory, not a bigray checkpoint")
     lora = is_adapter(ckpt / "model")
     if adapter and not lora:
-        raise CheckpointError(f"{source} is a full fine-tuning checkpoint: it has no adapter to export (leave out --adapter)")
+        raise CheckpointError(
+            f"{source} is a full fine-tuning checkpoint: it has no adapter to export (leave out --adapter)"
+        )
     with tempfile.TemporaryDirectory(prefix="bigray-export-") as staging:
         out_dir = Path(staging) if is_uri(out) else Path(out)
         if adapter:
@@ -52,7 +54,9 @@ def export_gpt(checkpoint: str, out: str, adapter: bool = False) -> dict[str, An
         elif lora:
             base = open_pretrained(base_of(ckpt / "model"))
             model = merged(base.build(0.0), ckpt / "model")
-            save_hf_model(model.state_dict(), base.config, ckpt / "model", out_dir / ".partial", generation_dir=ckpt / "model")
+            save_hf_model(
+                model.state_dict(), base.config, ckpt / "model", out_dir / ".partial", generation_dir=ckpt / "model"
+            )
         else:
             model_cfg = AutoConfig.from_pretrained(str(ckpt / "model"))
             state_dict = fp32_weights(ckpt, meta.zero_stage)
@@ -64,4 +68,10 @@ def export_gpt(checkpoint: str, out: str, adapter: bool = False) -> dict[str, An
             upload(out_dir, out)
     log.info("exported %s (step %s, ZeRO-%s, %d ranks) to %s", source, meta.step, meta.zero_stage, meta.world_size, out)
     kind = "adapter" if adapter else "merged" if lora else "full"
-    return {"checkpoint": source, "step": meta.step, "zero_stage": meta.zero_stage, "ranks": meta.world_size, "kind": kind}
+    return {
+        "checkpoint": source,
+        "step": meta.step,
+        "zero_stage": meta.zero_stage,
+        "ranks": meta.world_size,
+        "kind": kind,
+    }

@@ -38,7 +38,9 @@ def generate_sample(model_dir: str | Path, prompt: str, max_new_tokens: int = 60
     ids = tok(prompt, return_tensors="pt").input_ids
     torch.manual_seed(seed)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, top_k=40, temperature=0.8, pad_token_id=tok.eos_token_id)
+        out = model.generate(
+            ids, max_new_tokens=max_new_tokens, do_sample=True, top_k=40, temperature=0.8, pad_token_id=tok.eos_token_id
+        )
     return tok.decode(out[0])
 
 
@@ -46,8 +48,8 @@ def run(storage_path: str = "./runs", overrides: list[str] | None = None) -> dic
     import ray
 
     from bigray.artifacts.runs import finish
-    from bigray.artifacts.tracking import record_outcome
     from bigray.artifacts.storage import run_dir
+    from bigray.artifacts.tracking import record_outcome
     from bigray.cluster import ensure_ray
     from bigray.data.images import image_summary
     from bigray.data.text import open_prepared
@@ -62,23 +64,42 @@ def run(storage_path: str = "./runs", overrides: list[str] | None = None) -> dic
     started = ensure_ray()
     try:
         t0 = time.time()
-        gpt_cfg = load_config(GPTPretrainConfig, _preset("gpt_tiny.yaml"), [f"run.storage_path={root}", *(overrides or [])])
+        gpt_cfg = load_config(
+            GPTPretrainConfig, _preset("gpt_tiny.yaml"), [f"run.storage_path={root}", *(overrides or [])]
+        )
         gpt_job = prepare(PRETRAIN, gpt_cfg)
         stats = open_prepared(gpt_job.data_dir).manifest
-        log.info("[1/5] data: %d train / %d val tokens, vocab %d", stats["tokens"]["train"], stats["tokens"]["val"], stats["vocab_size"])
+        log.info(
+            "[1/5] data: %d train / %d val tokens, vocab %d",
+            stats["tokens"]["train"],
+            stats["tokens"]["val"],
+            stats["vocab_size"],
+        )
         resnet_cfg = load_config(
             ResNetJobConfig,
             _preset("resnet_fashion.yaml"),
-            ["train.epochs=1", "data.max_train_samples=12000", "data.max_eval_samples=2000", "train.precision=bf16",
-             "train.batch_size=32", "train.lr=0.1",
-             f"run.storage_path={root}", "run.name=resnet"],
-        )  # fmt: skip
+            [
+                "train.epochs=1",
+                "data.max_train_samples=12000",
+                "data.max_eval_samples=2000",
+                "train.precision=bf16",
+                "train.batch_size=32",
+                "train.lr=0.1",
+                f"run.storage_path={root}",
+                "run.name=resnet",
+            ],
+        )
         resnet_job = prepare(RESNET, resnet_cfg)
         images = image_summary(resnet_job.config.data)
         stage_times["data"] = time.time() - t0
 
         t0 = time.time()
-        log.info("[2/5] pretraining GPT (%s, ZeRO-%d, %d workers)", gpt_cfg.model.preset, gpt_cfg.deepspeed.zero_stage, gpt_cfg.scaling.num_workers)
+        log.info(
+            "[2/5] pretraining GPT (%s, ZeRO-%d, %d workers)",
+            gpt_cfg.model.preset,
+            gpt_cfg.deepspeed.zero_stage,
+            gpt_cfg.scaling.num_workers,
+        )
         gpt_summary = launch_prepared(PRETRAIN, gpt_job)
         hf_dir = Path(root) / "gpt-hf"
         if hf_dir.exists():
@@ -90,7 +111,12 @@ def run(storage_path: str = "./runs", overrides: list[str] | None = None) -> dic
         stage_times["gpt"] = time.time() - t0
 
         t0 = time.time()
-        log.info("[3/5] training %s on Fashion-MNIST (%d images, %d workers)", resnet_cfg.model.arch, resnet_cfg.data.max_train_samples, resnet_cfg.scaling.num_workers)
+        log.info(
+            "[3/5] training %s on Fashion-MNIST (%d images, %d workers)",
+            resnet_cfg.model.arch,
+            resnet_cfg.data.max_train_samples,
+            resnet_cfg.scaling.num_workers,
+        )
         resnet_summary = launch_prepared(RESNET, resnet_job)
         example = classify_example(resnet_summary["checkpoint"], resnet_job.config)
         stage_times["resnet"] = time.time() - t0
@@ -122,21 +148,34 @@ def run(storage_path: str = "./runs", overrides: list[str] | None = None) -> dic
             "checkpoint": resnet_summary["checkpoint"],
             "example": example,
         },
-        "tune": {"best_trial": tune_summary["best_trial"], "best_lr": tune_summary["best_config"]["train"]["lr"],
-                 "best_val_loss": tune_summary["metrics"].get("val/loss"), "trials": tune_summary["trials"],
-                 "run_dir": tune_summary["run_dir"]},
+        "tune": {
+            "best_trial": tune_summary["best_trial"],
+            "best_lr": tune_summary["best_config"]["train"]["lr"],
+            "best_val_loss": tune_summary["metrics"].get("val/loss"),
+            "trials": tune_summary["trials"],
+            "run_dir": tune_summary["run_dir"],
+        },
         "serve": served,
         "plots": plots,
         "data": {"text_tokens": stats["tokens"], "images": images},
         "stage_seconds": {k: round(v, 1) for k, v in stage_times.items()},
     }
     print_report(report)
+
     def record(summary: dict[str, Any]) -> None:  # the plots and this summary join the runs they came from
-        record_outcome(gpt_job.config.tracking, gpt_summary["run_dir"], None, files=plots[:1], texts={"quickstart_summary.json": json.dumps(summary, indent=2)})
+        record_outcome(
+            gpt_job.config.tracking,
+            gpt_summary["run_dir"],
+            None,
+            files=plots[:1],
+            texts={"quickstart_summary.json": json.dumps(summary, indent=2)},
+        )
         record_outcome(resnet_job.config.tracking, resnet_summary["run_dir"], None, files=plots[1:])
 
     metrics = {"gpt/val_loss": report["gpt"]["val_loss"], "resnet/val_acc": report["resnet"]["test_accuracy"]}
-    return finish(root, gpt_summary["checkpoint"], metrics, record, seconds=round(time.time() - t_start, 1), report=report)
+    return finish(
+        root, gpt_summary["checkpoint"], metrics, record, seconds=round(time.time() - t_start, 1), report=report
+    )
 
 
 def classify_example(checkpoint: str, cfg: ResNetJobConfig) -> dict[str, Any]:
@@ -153,7 +192,11 @@ def classify_example(checkpoint: str, cfg: ResNetJobConfig) -> dict[str, Any]:
     with torch.no_grad():
         probs = model(normalize(image[None], card["data"]["mean"], card["data"]["std"])).softmax(-1)[0]
     top = int(probs.argmax())
-    return {"true_label": info.class_names[label], "predicted": info.class_names[top], "score": round(float(probs[top]), 3)}
+    return {
+        "true_label": info.class_names[label],
+        "predicted": info.class_names[top],
+        "score": round(float(probs[top]), 3),
+    }
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -191,11 +234,18 @@ def short_search(root: str, gpt_cfg: GPTPretrainConfig) -> dict[str, Any]:
     trainer["scaling"]["num_workers"] = 1
     trainer["run"].update(checkpoint_interval=15)
     job = TuneJobConfig(
-        tune=dataclasses.replace(TuneJobConfig().tune, trainer="gpt", num_samples=4, metric="val/loss", mode="min",
-                                 space={"train.lr": {"loguniform": [1e-4, 1e-2]}}, seed=0),
+        tune=dataclasses.replace(
+            TuneJobConfig().tune,
+            trainer="gpt",
+            num_samples=4,
+            metric="val/loss",
+            mode="min",
+            space={"train.lr": {"loguniform": [1e-4, 1e-2]}},
+            seed=0,
+        ),
         trainer=trainer,
         run=dataclasses.replace(TuneJobConfig().run, storage_path=root, name="tune"),
-    )  # fmt: skip
+    )
     import shutil
 
     shutil.rmtree(Path(root) / "tune", ignore_errors=True)
@@ -216,12 +266,18 @@ def serve_and_query(gpt_dir: str, resnet_checkpoint: str, resnet_cfg: ResNetJobC
 
     url = deploy(AppArgs(gpt_checkpoint=gpt_dir, resnet_checkpoint=resnet_checkpoint), port=8000)
     try:
-        completion = requests.post(f"{url}/v1/completions", json={"prompt": "JULIET:\n", "max_tokens": 24, "temperature": 0.8, "seed": 0}, timeout=60).json()
+        completion = requests.post(
+            f"{url}/v1/completions",
+            json={"prompt": "JULIET:\n", "max_tokens": 24, "temperature": 0.8, "seed": 0},
+            timeout=60,
+        ).json()
         splits, info = load_images(resnet_cfg.data)
         image, label = splits["test"][1]
         buf = io.BytesIO()
         Image.fromarray(image[0].numpy()).save(buf, format="PNG")
-        classified = requests.post(f"{url}/v1/classify?top_k=1", data=buf.getvalue(), headers={"content-type": "image/png"}, timeout=60).json()
+        classified = requests.post(
+            f"{url}/v1/classify?top_k=1", data=buf.getvalue(), headers={"content-type": "image/png"}, timeout=60
+        ).json()
     finally:
         serve.shutdown()
     top = classified["predictions"][0]

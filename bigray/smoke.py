@@ -38,7 +38,12 @@ def _bandwidth(group: Any, ranks: int, nbytes: int, device: Any, iters: int = 5)
         torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - t0) / iters
     alg = nbytes / seconds / 1e9
-    return {"mbytes": nbytes / 1e6, "ms": round(seconds * 1e3, 3), "alg_gbps": round(alg, 3), "bus_gbps": round(alg * 2 * (ranks - 1) / max(ranks, 1), 3)}
+    return {
+        "mbytes": nbytes / 1e6,
+        "ms": round(seconds * 1e3, 3),
+        "alg_gbps": round(alg, 3),
+        "bus_gbps": round(alg * 2 * (ranks - 1) / max(ranks, 1), 3),
+    }
 
 
 def _groups(node_of: list[int], rank: int) -> dict[str, tuple[Any, int]]:
@@ -85,7 +90,9 @@ def smoke_loop(config: dict[str, Any]) -> None:
 
     precision = training_precision(config["precision"], device)
     train = GPTTrainConfig(micro_batch_size=2, grad_accum_steps=1, max_steps=1)
-    ds_config = engine.deepspeed_config(DeepSpeedConfig(zero_stage=3, precision=precision), train, world, config["use_gpu"])
+    ds_config = engine.deepspeed_config(
+        DeepSpeedConfig(zero_stage=3, precision=precision), train, world, config["use_gpu"]
+    )
     model_cfg = decoder_config("gpt2", "tiny", vocab_size=512)
     with engine.partitioned_construction(ds_config):
         model = build_gpt(model_cfg, seed=0)
@@ -96,11 +103,22 @@ def smoke_loop(config: dict[str, Any]) -> None:
     ds_engine.backward(loss)
     ds_engine.step()
     step_s = time.perf_counter() - t0
-    found = {"world_size": world, "nodes": len(set(node_of)), "links": link_table[0], "zero3_loss": loss.detach().item(),
-             "zero3_step_s": round(step_s, 3), "precision": precision}  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:  # every rank reports (a collective in Ray Train V2); rank 0's file is the result
+    found = {
+        "world_size": world,
+        "nodes": len(set(node_of)),
+        "links": link_table[0],
+        "zero3_loss": loss.detach().item(),
+        "zero3_step_s": round(step_s, 3),
+        "precision": precision,
+    }
+    with (
+        tempfile.TemporaryDirectory() as tmp
+    ):  # every rank reports (a collective in Ray Train V2); rank 0's file is the result
         Path(tmp, "smoke.json").write_text(json.dumps(found))
-        ray.train.report({"zero3_loss": found["zero3_loss"]}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+        ray.train.report(
+            {"zero3_loss": found["zero3_loss"]},
+            checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
+        )
 
 
 def run(config_path: str | None, overrides: list[str], sizes_mb: list[float] | None = None) -> dict[str, Any]:
@@ -131,10 +149,20 @@ def run(config_path: str | None, overrides: list[str], sizes_mb: list[float] | N
             ray.shutdown()
     for kind, rows in metrics["links"].items():
         for row in rows:
-            print(f"{kind:14s} {row['mbytes']:9.1f} MB  {row['ms']:10.3f} ms  alg {row['alg_gbps']:8.3f} GB/s  bus {row['bus_gbps']:8.3f} GB/s")
-    print(f"ZeRO-3 step of a tiny GPT on {metrics.get('world_size')} workers ({metrics.get('nodes')} nodes, {metrics.get('precision')}): "
-          f"loss {metrics.get('zero3_loss'):.3f}, {metrics.get('zero3_step_s')} s")  # fmt: skip
-    summary = {"cluster_smoke": {k: metrics[k] for k in ("world_size", "nodes", "links", "zero3_loss", "zero3_step_s", "precision") if k in metrics}}
+            print(
+                f"{kind:14s} {row['mbytes']:9.1f} MB  {row['ms']:10.3f} ms  alg {row['alg_gbps']:8.3f} GB/s  bus {row['bus_gbps']:8.3f} GB/s"
+            )
+    print(
+        f"ZeRO-3 step of a tiny GPT on {metrics.get('world_size')} workers ({metrics.get('nodes')} nodes, {metrics.get('precision')}): "
+        f"loss {metrics.get('zero3_loss'):.3f}, {metrics.get('zero3_step_s')} s"
+    )
+    summary = {
+        "cluster_smoke": {
+            k: metrics[k]
+            for k in ("world_size", "nodes", "links", "zero3_loss", "zero3_step_s", "precision")
+            if k in metrics
+        }
+    }
     print(json.dumps(summary), flush=True)
     return summary
 
@@ -145,4 +173,3 @@ def _scratch(cfg: GPTPretrainConfig) -> str:
     from bigray.artifacts.storage import absolute, join
 
     return join(absolute(cfg.run.storage_path), "cluster-smoke")
-

@@ -22,8 +22,8 @@ from ray.train.v2.api.callback import UserCallback
 
 from bigray.artifacts.checkpoint import CheckpointError, is_complete
 from bigray.artifacts.runs import finish, save_resolved_config
+from bigray.artifacts.storage import absolute, full_uri, is_file, join, name_of, read_text, run_dir, write_text
 from bigray.artifacts.tracking import TrackedRun, continue_tracking, flat_params, record_outcome, resolved
-from bigray.artifacts.storage import absolute, is_file, full_uri, join, name_of, read_text, run_dir, write_text
 from bigray.cluster import ensure_ray, worker_bundle, workers_fitting_at_most
 from bigray.config import ConfigError, TuneJobConfig, from_dict, set_dotted, to_dict
 from bigray.recipes import JOBS
@@ -109,7 +109,9 @@ def trial_driver(config: dict[str, Any]) -> None:
         # from it in a run of its own, named after the checkpoint so a resume finds it again.
         tag = hashlib.sha1(start.path.encode()).hexdigest()[:8]
         run = dataclasses.replace(cfg.run, name=f"{cfg.run.name}-from-{tag}")
-        continue_tracking(run_dir(cfg.run.storage_path, cfg.run.name), run_dir(run.storage_path, run.name))  # one tracking run per trial
+        continue_tracking(
+            run_dir(cfg.run.storage_path, cfg.run.name), run_dir(run.storage_path, run.name)
+        )  # one tracking run per trial
         cfg = dataclasses.replace(cfg, run=run, resume_from=full_uri(cfg.run.storage_path, start.path))
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     trainer = build_trainer(kind, kind.prepare(cfg), callbacks=[ForwardReports(queue)])
@@ -166,8 +168,12 @@ def prepare_base(job: TuneJobConfig, trials_dir: str, parent_run: str) -> dict[s
     kind = JOBS[job.tune.trainer]
     cfg = job.trainer_config()
     t = job.tracking
-    tracking = dataclasses.replace(t, parent_run=parent_run, experiment=t.experiment or (job.run.name if t.backend == "wandb" else ""))
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, storage_path=trials_dir, name="base"), tracking=tracking)
+    tracking = dataclasses.replace(
+        t, parent_run=parent_run, experiment=t.experiment or (job.run.name if t.backend == "wandb" else "")
+    )
+    cfg = dataclasses.replace(
+        cfg, run=dataclasses.replace(cfg.run, storage_path=trials_dir, name="base"), tracking=tracking
+    )
     return to_dict(kind.for_search(kind.prepare(cfg).config))
 
 
@@ -180,7 +186,9 @@ def make_tuner(job: TuneJobConfig, base: dict[str, Any], cfg: Any, directory: st
     kind = JOBS[t.trainer]
     scheduler: Any
     if t.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=kind.reports(cfg), grace_period=1, reduction_factor=2)
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration", max_t=kind.reports(cfg), grace_period=1, reduction_factor=2
+        )
     elif t.scheduler == "pbt":
         from ray.tune.schedulers import PopulationBasedTraining
 
@@ -226,7 +234,9 @@ def make_tuner(job: TuneJobConfig, base: dict[str, Any], cfg: Any, directory: st
             name=job.run.name,
             storage_path=absolute(job.run.storage_path),
             # PBT may restore any trial from any earlier report's checkpoint: keep them all.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=None if t.scheduler == "pbt" else job.run.keep_checkpoints),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=None if t.scheduler == "pbt" else job.run.keep_checkpoints
+            ),
         ),
     )
 
@@ -244,7 +254,9 @@ def results_table(grid: Any, job: TuneJobConfig, cfg: Any) -> list[dict[str, Any
             if len(scored):
                 idx = scored[t.metric].idxmin() if t.mode == "min" else scored[t.metric].idxmax()
                 best = float(scored.loc[idx, t.metric])
-                with_ckpt = scored[scored["checkpoint_path"].notna()] if "checkpoint_path" in scored else scored.iloc[0:0]
+                with_ckpt = (
+                    scored[scored["checkpoint_path"].notna()] if "checkpoint_path" in scored else scored.iloc[0:0]
+                )
                 if len(with_ckpt):
                     cidx = with_ckpt[t.metric].idxmin() if t.mode == "min" else with_ckpt[t.metric].idxmax()
                     checkpoint = str(with_ckpt.loc[cidx, "checkpoint_path"])
@@ -259,12 +271,17 @@ def results_table(grid: Any, job: TuneJobConfig, cfg: Any) -> list[dict[str, Any
             status = "stopped early"
         else:
             status = "completed"
-        rows.append({
-            "trial_id": metrics.get("trial_id") or name_of(result.path),
-            "config": json.dumps((result.config or {}).get(PARAMS, {}), sort_keys=True),
-            f"best {t.metric}": best, "iterations": iterations, "status": status, "checkpoint": checkpoint,
-            "error": (str(result.error).strip().splitlines() or [""])[-1][:200] if result.error else "",
-        })  # fmt: skip
+        rows.append(
+            {
+                "trial_id": metrics.get("trial_id") or name_of(result.path),
+                "config": json.dumps((result.config or {}).get(PARAMS, {}), sort_keys=True),
+                f"best {t.metric}": best,
+                "iterations": iterations,
+                "status": status,
+                "checkpoint": checkpoint,
+                "error": (str(result.error).strip().splitlines() or [""])[-1][:200] if result.error else "",
+            }
+        )
     return rows
 
 
@@ -297,12 +314,17 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
             job = from_dict(TuneJobConfig, saved["job"])
             base = saved["trainer"]
             base_cfg = from_dict(JOBS[job.tune.trainer].config_class, base)
-            tuner = tune.Tuner.restore(directory, trainable=tune.with_resources(trial_driver, {"CPU": DRIVER_CPU}), resume_errored=False)
+            tuner = tune.Tuner.restore(
+                directory, trainable=tune.with_resources(trial_driver, {"CPU": DRIVER_CPU}), resume_errored=False
+            )
         else:
             check_shared_locations(worker_locations(job))
             directory = run_dir(job.run.storage_path, job.run.name)
             if is_file(join(directory, "tune_job.json")):
-                raise ConfigError("run.name", f"{directory} already holds a search; resume it with --resume {directory} or pick a new run.name")
+                raise ConfigError(
+                    "run.name",
+                    f"{directory} already holds a search; resume it with --resume {directory} or pick a new run.name",
+                )
             job = dataclasses.replace(job, tracking=resolved(job.tracking))
             search_run = TrackedRun.search(job.tracking, directory, job.run.name, flat_params(job))
             search_run.close(None)  # the trials are its children; the search's outcome is recorded at the end
@@ -337,7 +359,9 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
     handed = [r for r in scored if r["checkpoint"] and is_complete(r["checkpoint"])]
     for r in scored:
         if r not in handed:
-            log.warning("trial %s is not handed on: its checkpoint %s is missing or incomplete", r["trial_id"], r["checkpoint"])
+            log.warning(
+                "trial %s is not handed on: its checkpoint %s is missing or incomplete", r["trial_id"], r["checkpoint"]
+            )
     if not handed:
         record_outcome(job.tracking, directory, "FAILED", texts={"results.csv": table.getvalue()})
         raise CheckpointError("no trial left a complete checkpoint; see results.csv")
@@ -347,22 +371,40 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
 
     def record(summary: dict[str, Any]) -> None:
         track_search(job, directory, rows, best, base_cfg.tracking)
-        record_outcome(job.tracking, directory, "FINISHED", {"bigray.best_trial": best["trial_id"], "bigray.best_checkpoint": best["checkpoint"]},
-                       texts={"results.csv": table.getvalue(), "summary.json": json.dumps(summary, indent=2)},
-                       metrics={f"best/{job.tune.metric}": best[key]})  # fmt: skip
+        record_outcome(
+            job.tracking,
+            directory,
+            "FINISHED",
+            {"bigray.best_trial": best["trial_id"], "bigray.best_checkpoint": best["checkpoint"]},
+            texts={"results.csv": table.getvalue(), "summary.json": json.dumps(summary, indent=2)},
+            metrics={f"best/{job.tune.metric}": best[key]},
+        )
 
     trials = {r["status"]: sum(1 for x in rows if x["status"] == r["status"]) for r in rows}
-    return finish(directory, best["checkpoint"], {job.tune.metric: best[key]}, record,
-                  best_trial=best["trial_id"], best_config=to_dict(best_config), trials=trials)  # fmt: skip
+    return finish(
+        directory,
+        best["checkpoint"],
+        {job.tune.metric: best[key]},
+        record,
+        best_trial=best["trial_id"],
+        best_config=to_dict(best_config),
+        trials=trials,
+    )
 
 
 TRIAL_STATUS = {"completed": "FINISHED", "stopped early": "KILLED", "failed": "FAILED"}
 
 
-def track_search(job: TuneJobConfig, directory: str, rows: list[dict[str, Any]], best: dict[str, Any], trial_tracking: Any) -> None:
+def track_search(
+    job: TuneJobConfig, directory: str, rows: list[dict[str, Any]], best: dict[str, Any], trial_tracking: Any
+) -> None:
     """Each trial's tracking run gets its final status, its best metric and whether it was the search's best."""
     key = f"best {job.tune.metric}"
     for row in rows:
-        record_outcome(trial_tracking, join(directory, "trials", f"trial_{row['trial_id']}"), TRIAL_STATUS[row["status"]],
-                       {"bigray.trial_id": row["trial_id"], "bigray.best_trial": str(row is best).lower()},
-                       metrics={f"best/{job.tune.metric}": row[key]} if row[key] is not None else None)  # fmt: skip
+        record_outcome(
+            trial_tracking,
+            join(directory, "trials", f"trial_{row['trial_id']}"),
+            TRIAL_STATUS[row["status"]],
+            {"bigray.trial_id": row["trial_id"], "bigray.best_trial": str(row is best).lower()},
+            metrics={f"best/{job.tune.metric}": row[key]} if row[key] is not None else None,
+        )

@@ -35,10 +35,15 @@ def _free_port() -> int:
 # Tune trial and Serve replica of the session reaches it the way a cloud node reaches S3: through the
 # standard AWS_* variables that pyarrow, Ray and boto3 read.
 S3_PORT = _free_port()
-os.environ.update({
-    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-})  # fmt: skip
+os.environ.update(
+    {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+)
 # Node-local copies of remote files (checkpoints, prepared data) go to a cache of this session, never ~/.cache.
 os.environ.setdefault("BIGRAY_CACHE_DIR", tempfile.mkdtemp(prefix="bigray-test-cache-"))
 
@@ -47,7 +52,11 @@ os.environ.setdefault("BIGRAY_CACHE_DIR", tempfile.mkdtemp(prefix="bigray-test-c
 def s3_server(tmp_path_factory):
     """moto's S3 HTTP server (moto[server]) on 127.0.0.1 for the whole session; yields its URL."""
     log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = os.environ["AWS_ENDPOINT_URL"]
     deadline = time.time() + 60
     while True:
@@ -79,10 +88,26 @@ def start_mlflow_server(root: Path) -> tuple[str, subprocess.Popen]:
 
     port = _free_port()
     log = open(root / "server.log", "w")
-    proc = subprocess.Popen([
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-    ], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
@@ -91,7 +116,9 @@ def start_mlflow_server(root: Path) -> tuple[str, subprocess.Popen]:
                 return url, proc
         except requests.RequestException:
             pass
-        assert proc.poll() is None and time.time() < deadline, f"the MLflow server did not start: {(root / 'server.log').read_text()[-2000:]}"
+        assert proc.poll() is None and time.time() < deadline, (
+            f"the MLflow server did not start: {(root / 'server.log').read_text()[-2000:]}"
+        )
         time.sleep(0.5)
 
 
@@ -159,12 +186,26 @@ def gpt_checkpoint(small_text, tmp_path_factory):
 
     text_cfg, _ = small_text
     out = tmp_path_factory.mktemp("gpt_local")
-    cfg = load_config(GPTPretrainConfig, REPO / "jobs" / "configs" / "gpt_tiny.yaml", [
-        f"data.cache_dir={text_cfg.cache_dir}", f"data.max_chars={text_cfg.max_chars}", f"data.vocab_size={text_cfg.vocab_size}",
-        "model.block_size=64", "train.micro_batch_size=8", "train.max_steps=40", "train.lr=3e-3", "train.warmup_steps=5",
-        "train.eval_interval=40", "train.eval_batches=2", "run.checkpoint_interval=20", "deepspeed.zero_stage=1",
-        "scaling.num_workers=1", "scaling.cpus_per_worker=2",
-    ])  # fmt: skip
+    cfg = load_config(
+        GPTPretrainConfig,
+        REPO / "jobs" / "configs" / "gpt_tiny.yaml",
+        [
+            f"data.cache_dir={text_cfg.cache_dir}",
+            f"data.max_chars={text_cfg.max_chars}",
+            f"data.vocab_size={text_cfg.vocab_size}",
+            "model.block_size=64",
+            "train.micro_batch_size=8",
+            "train.max_steps=40",
+            "train.lr=3e-3",
+            "train.warmup_steps=5",
+            "train.eval_interval=40",
+            "train.eval_batches=2",
+            "run.checkpoint_interval=20",
+            "deepspeed.zero_stage=1",
+            "scaling.num_workers=1",
+            "scaling.cpus_per_worker=2",
+        ],
+    )
     _, ctx = train_local(cfg, str(out))
     return ctx.checkpoints
 
@@ -176,10 +217,20 @@ def resnet_checkpoint(tmp_path_factory):
     from bigray.recipes.resnet import train_local
 
     out = tmp_path_factory.mktemp("resnet_local")
-    cfg = load_config(ResNetJobConfig, REPO / "jobs" / "configs" / "resnet_fashion.yaml", [
-        "data.max_train_samples=1024", "data.max_eval_samples=256", "train.epochs=1", "train.batch_size=32",
-        "train.lr=0.2", "train.precision=bf16", "scaling.num_workers=1", "scaling.cpus_per_worker=2",
-    ])  # fmt: skip
+    cfg = load_config(
+        ResNetJobConfig,
+        REPO / "jobs" / "configs" / "resnet_fashion.yaml",
+        [
+            "data.max_train_samples=1024",
+            "data.max_eval_samples=256",
+            "train.epochs=1",
+            "train.batch_size=32",
+            "train.lr=0.2",
+            "train.precision=bf16",
+            "scaling.num_workers=1",
+            "scaling.cpus_per_worker=2",
+        ],
+    )
     _, ctx = train_local(cfg, str(out))
     return ctx.checkpoints[-1]
 
@@ -207,10 +258,21 @@ def family_models(small_text, tmp_path_factory) -> dict[str, Path]:
     tok.chat_template = CHATML
     vocab = len(tok) + 6  # models often round their vocabulary up past the tokenizer's
     eos = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
-    small = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=256, bos_token_id=eos[0], eos_token_id=eos[0])  # fmt: skip
+    small = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=eos[0],
+        eos_token_id=eos[0],
+    )
     configs = {
-        "gpt2": GPT2Config(vocab_size=vocab, n_positions=256, n_embd=64, n_layer=2, n_head=4, bos_token_id=eos[0], eos_token_id=eos[0]),
+        "gpt2": GPT2Config(
+            vocab_size=vocab, n_positions=256, n_embd=64, n_layer=2, n_head=4, bos_token_id=eos[0], eos_token_id=eos[0]
+        ),
         "llama": LlamaConfig(**small),
         "qwen2": Qwen2Config(**small, tie_word_embeddings=True),
         "mistral": MistralConfig(**small, sliding_window=None),
@@ -243,6 +305,9 @@ def chat_file(tmp_path_factory) -> Path:
             messages = [{"role": "system", "content": "You add numbers."}] if i % 3 == 0 else []
             messages += [{"role": "user", "content": f"{a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}."}]
             if i % 2:
-                messages += [{"role": "user", "content": f"and plus {c}?"}, {"role": "assistant", "content": f"{a + b + c}."}]
+                messages += [
+                    {"role": "user", "content": f"and plus {c}?"},
+                    {"role": "assistant", "content": f"{a + b + c}."},
+                ]
             f.write(json.dumps({"messages": messages}) + "\n")
     return path

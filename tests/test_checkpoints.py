@@ -68,15 +68,42 @@ def test_hostile_pickle_is_refused_everywhere_and_never_runs(hostile, run_with_t
     notes.write_text("Some new text to fine-tune on.\n" * 200)
     commands = {
         "export": ["export", str(ckpt), str(tmp_path / "out")],
-        "resume": ["pretrain-gpt", "--config", str(REPO / "jobs/configs/gpt_tiny.yaml"), "--resume-from", str(ckpt),
-                   "--set", f"data.cache_dir={text_cfg.cache_dir}", "--set", f"data.max_chars={text_cfg.max_chars}",
-                   "--set", f"data.vocab_size={text_cfg.vocab_size}", "--set", "scaling.num_workers=1",
-                   "--set", "model.block_size=64", "--set", f"run.storage_path={tmp_path}/runs"],
-        "finetune": ["finetune-gpt", "--config", str(REPO / "jobs/configs/gpt_finetune.yaml"), "--set", f"init_from={ckpt}",
-                     "--set", "data.format=text", "--set", f"data.train_files=[{notes}]", "--set", f"data.cache_dir={tmp_path}/data",
-                     "--set", f"run.storage_path={tmp_path}/runs"],
+        "resume": [
+            "pretrain-gpt",
+            "--config",
+            str(REPO / "jobs/configs/gpt_tiny.yaml"),
+            "--resume-from",
+            str(ckpt),
+            "--set",
+            f"data.cache_dir={text_cfg.cache_dir}",
+            "--set",
+            f"data.max_chars={text_cfg.max_chars}",
+            "--set",
+            f"data.vocab_size={text_cfg.vocab_size}",
+            "--set",
+            "scaling.num_workers=1",
+            "--set",
+            "model.block_size=64",
+            "--set",
+            f"run.storage_path={tmp_path}/runs",
+        ],
+        "finetune": [
+            "finetune-gpt",
+            "--config",
+            str(REPO / "jobs/configs/gpt_finetune.yaml"),
+            "--set",
+            f"init_from={ckpt}",
+            "--set",
+            "data.format=text",
+            "--set",
+            f"data.train_files=[{notes}]",
+            "--set",
+            f"data.cache_dir={tmp_path}/data",
+            "--set",
+            f"run.storage_path={tmp_path}/runs",
+        ],
         "serve": ["serve", "--gpt", str(ckpt), "--port", "8199"],
-    }  # fmt: skip
+    }
     for name, argv in commands.items():
         assert main(argv) == 2, name
         err = capsys.readouterr().err
@@ -90,9 +117,16 @@ def test_hostile_pickle_is_refused_everywhere_and_never_runs(hostile, run_with_t
     "damage, reason",
     [
         (lambda c: (c / "ranks" / "rank_0.json").write_text('{"rank": 0, "fi'), "rank 0's marker .* is unreadable"),
-        (lambda c: (c / "ranks" / "rank_0.json").write_text(json.dumps({"rank": 0, "files": {"deepspeed/gone.pt": 10}})),
-         "deepspeed/gone.pt from rank 0 is missing"),
-        (lambda c: (c / "bigray.json").write_text(json.dumps({"format": FORMAT, "kind": "gpt"})), "no valid writer_ranks"),
+        (
+            lambda c: (c / "ranks" / "rank_0.json").write_text(
+                json.dumps({"rank": 0, "files": {"deepspeed/gone.pt": 10}})
+            ),
+            "deepspeed/gone.pt from rank 0 is missing",
+        ),
+        (
+            lambda c: (c / "bigray.json").write_text(json.dumps({"format": FORMAT, "kind": "gpt"})),
+            "no valid writer_ranks",
+        ),
         (lambda c: (c / "bigray.json").write_text('{"weights": "elsewhere"}'), "has format None"),
         (lambda c: (c / "bigray.json").write_text("[1, 2"), "metadata .* is unreadable"),
         (lambda c: [shutil.rmtree(p) if p.is_dir() else p.unlink() for p in list(c.iterdir())], "no bigray.json"),

@@ -50,20 +50,30 @@ def test_cluster_yaml_runs_the_image_and_opens_nothing_to_the_internet():
     assert config["docker"]["image"] == IMAGE and "--gpus all" in config["docker"]["worker_run_options"]
     assert config["setup_commands"] == [] and config["head_setup_commands"] == []  # everything is in the image
     types = config["available_node_types"]
-    assert types[config["head_node_type"]]["resources"] == {"CPU": 0, "GPU": 0}  # trials and replicas land on workers (finding 7)
+    assert types[config["head_node_type"]]["resources"] == {
+        "CPU": 0,
+        "GPU": 0,
+    }  # trials and replicas land on workers (finding 7)
     assert "security_group" not in config["provider"]  # a launcher-made group would open SSH to 0.0.0.0/0
     for name, node in types.items():
         nc = node["node_config"]
         groups = nc.get("SecurityGroupIds") or [g for i in nc.get("NetworkInterfaces", []) for g in i["Groups"]]
         assert set(groups) == {"sg-YOUR-SECURITY-GROUP"}, name  # the user's own group on every node
-    spot = [n for n, t in types.items() if t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
+    spot = [
+        n for n, t in types.items() if t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+    ]
     assert spot
     for name in spot:  # an on-demand twin of the same shape and accelerator, tried after the spot type
         twin = types[name.replace("-spot", "-ondemand")]
-        assert twin["resources"] == types[name]["resources"] and twin["node_config"]["InstanceType"] == types[name]["node_config"]["InstanceType"]
+        assert (
+            twin["resources"] == types[name]["resources"]
+            and twin["node_config"]["InstanceType"] == types[name]["node_config"]["InstanceType"]
+        )
         assert types[name]["priority"] > twin["priority"]
     p5 = [t["node_config"] for t in types.values() if t["node_config"]["InstanceType"].startswith("p5.")]
-    assert p5 and all(nc["Placement"]["GroupName"] and nc["NetworkInterfaces"][0]["InterfaceType"] == "efa" for nc in p5)
+    assert p5 and all(
+        nc["Placement"]["GroupName"] and nc["NetworkInterfaces"][0]["InterfaceType"] == "efa" for nc in p5
+    )
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])  # reached over the SSH tunnel
     for secret in ("aws_access_key_id", "aws_secret_access_key", "AKIA"):
         assert secret not in text
@@ -107,8 +117,12 @@ def test_dockerfile_passes_hadolint():
     out = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     bad = REPO / "Dockerfile"
-    broken = subprocess.run([hadolint, "-"], input=bad.read_text().replace("pip install --no-cache-dir -c constraints.txt .", "pip install ."),
-                            capture_output=True, text=True)  # fmt: skip
+    broken = subprocess.run(
+        [hadolint, "-"],
+        input=bad.read_text().replace("pip install --no-cache-dir -c constraints.txt .", "pip install ."),
+        capture_output=True,
+        text=True,
+    )
     assert broken.returncode != 0 and "DL3042" in broken.stdout  # the linter does look at the pip lines
 
 
@@ -123,7 +137,11 @@ def test_kuberay_manifests_run_the_image_with_a_reachable_authenticated_dashboar
 
     job = yaml.safe_load((REPO / "jobs" / "kuberay" / "rayjob-pretrain-gpt.yaml").read_text())
     svc = yaml.safe_load((REPO / "serve" / "kuberay-rayservice.yaml").read_text())
-    assert job["kind"] == "RayJob" and svc["kind"] == "RayService" and job["apiVersion"] == svc["apiVersion"] == "ray.io/v1"
+    assert (
+        job["kind"] == "RayJob"
+        and svc["kind"] == "RayService"
+        and job["apiVersion"] == svc["apiVersion"] == "ray.io/v1"
+    )
     for spec in (job["spec"]["rayClusterSpec"], svc["spec"]["rayClusterConfig"]):
         assert spec["rayVersion"] == pins()["ray"]
         assert spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"  # the operator must reach it
@@ -138,14 +156,18 @@ def test_kuberay_manifests_run_the_image_with_a_reachable_authenticated_dashboar
     assert entry[1].startswith("/home/ray/bigray/") and (REPO / entry[1].removeprefix("/home/ray/bigray/")).is_file()
     assert (REPO / entry[entry.index("--config") + 1].removeprefix("/home/ray/bigray/")).is_file()
     workers = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    assert svc["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] and all(g["maxReplicas"] > g["minReplicas"] for g in workers)
+    assert svc["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] and all(
+        g["maxReplicas"] > g["minReplicas"] for g in workers
+    )
     app = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]
     assert app["import_path"] == "bigray.serve.app:build_app"
     args = AppArgs(**app["args"])  # the typed app args accept what the manifest passes
     # the API key is a file from a Secret, in every pod: the ingress replica that enforces it may run
     # on any of them; never an environment variable (finding 6: the dashboard shows those)
     assert args.api_key_file
-    pods = [svc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in workers]
+    pods = [svc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]] + [
+        g["template"]["spec"] for g in workers
+    ]
     for pod in pods:
         secret = next(v["name"] for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "bigray-api-key")
         for container in pod["containers"]:
@@ -175,8 +197,12 @@ def cluster_job_config(entry: list[str]):
     from bigray.config import GPTFinetuneConfig, GPTPretrainConfig, ResNetJobConfig, TuneJobConfig, load_config
     from bigray.recipes.preflight import worker_locations
 
-    classes = {"jobs/pretrain_gpt.py": GPTPretrainConfig, "jobs/finetune_gpt.py": GPTFinetuneConfig,
-               "jobs/train_resnet.py": ResNetJobConfig, "jobs/tune.py": TuneJobConfig}  # fmt: skip
+    classes = {
+        "jobs/pretrain_gpt.py": GPTPretrainConfig,
+        "jobs/finetune_gpt.py": GPTFinetuneConfig,
+        "jobs/train_resnet.py": ResNetJobConfig,
+        "jobs/tune.py": TuneJobConfig,
+    }
     overrides = [entry[i + 1] for i, a in enumerate(entry) if a == "--set"]
     cfg = load_config(classes[entry[1]], REPO / entry[entry.index("--config") + 1], overrides)
     return cfg.trainer_config() if isinstance(cfg, TuneJobConfig) else cfg, worker_locations(cfg)
@@ -189,7 +215,11 @@ def test_readme_cluster_jobs_keep_data_and_runs_in_object_storage_and_train_on_g
 
     jobs = [e for e in readme_cluster_jobs() if e[0] == "python" and e[1] != "jobs/serve_app.py"]
     assert {e[1] for e in jobs} >= {"jobs/pretrain_gpt.py", "jobs/tune.py"}, jobs
-    offered = {k for t in yaml.safe_load((REPO / "cluster.yaml").read_text())["available_node_types"].values() for k in t["resources"]}
+    offered = {
+        k
+        for t in yaml.safe_load((REPO / "cluster.yaml").read_text())["available_node_types"].values()
+        for k in t["resources"]
+    }
     for entry in jobs:
         cfg, locations = cluster_job_config(entry)
         local = {k: v for k, v in locations.items() if node_local(v)}
@@ -245,16 +275,23 @@ def test_every_node_can_pull_the_image_with_its_instance_profile():
     assert match and match["region"] == config["provider"]["region"], registry
     login = f"aws ecr get-login-password --region {match['region']} | docker login --username AWS --password-stdin {registry}"
     for node_type in config["available_node_types"]:
-        assert login in effective(config, node_type, "initialization_commands"), node_type  # before the pull, on every node
+        assert login in effective(config, node_type, "initialization_commands"), (
+            node_type
+        )  # before the pull, on every node
     section = (REPO / "README.md").read_text().split("## Running on a cluster", 1)[1].split("\n## ", 1)[0]
     policies = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", section, re.S)]
     assert len(policies) == 2  # bigray-node, bigray-head
     for policy in policies:
-        actions = {a for st in policy["Statement"] for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
+        actions = {
+            a for st in policy["Statement"] for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])
+        }
         assert {"ecr:GetAuthorizationToken", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"} <= actions, actions
         assert {"s3:GetObject", "s3:PutObject", "s3:ListBucket"} <= actions
-    assert {"ec2:RunInstances", "iam:PassRole", "ssm:GetParameters"} <= {a for st in policies[1]["Statement"] for a in
-                                                                         ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}  # fmt: skip
+    assert {"ec2:RunInstances", "iam:PassRole", "ssm:GetParameters"} <= {
+        a
+        for st in policies[1]["Statement"]
+        for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])
+    }
 
 
 def test_launcher_reaches_nodes_over_private_ips_and_the_ami_never_goes_stale():
@@ -267,7 +304,11 @@ def test_launcher_reaches_nodes_over_private_ips_and_the_ami_never_goes_stale():
     for name, node in config["available_node_types"].items():
         assert node["node_config"]["ImageId"].startswith("resolve:ssm:/aws/service/deeplearning/ami/x86_64/"), name
     needs = {"12": 525, "13": 580}[torch.version.cuda.split(".")[0]]  # NVIDIA's minimum driver per CUDA major
-    gpu_types = [n for n, t in config["available_node_types"].items() if any(k.startswith("accelerator_type:") for k in t["resources"])]
+    gpu_types = [
+        n
+        for n, t in config["available_node_types"].items()
+        if any(k.startswith("accelerator_type:") for k in t["resources"])
+    ]
     for name in gpu_types:
         check = " ".join(effective(config, name, "initialization_commands"))
         assert "nvidia-smi --query-gpu=driver_version" in check and f"-ge {needs}" in check, name
@@ -280,7 +321,9 @@ def test_driver_check_refuses_an_old_driver_in_a_shell():
     check = next(c for c in effective(cluster(), "h100x8-spot", "initialization_commands") if "nvidia-smi" in c)
     for version, ok in (("575.57.08", False), ("580.65.06", True), ("590.10", True)):
         env = {"PATH": "/usr/bin:/bin"}
-        out = subprocess.run(["bash", "-c", f"nvidia-smi() {{ echo {version}; }}; {check}"], capture_output=True, text=True, env=env)
+        out = subprocess.run(
+            ["bash", "-c", f"nvidia-smi() {{ echo {version}; }}; {check}"], capture_output=True, text=True, env=env
+        )
         assert (out.returncode == 0) == ok, (version, out.stdout, out.stderr)
         if not ok:
             assert f"NVIDIA driver {version} is too old for CUDA 13.0" in out.stdout
@@ -307,7 +350,12 @@ def test_cluster_serve_config_runs_replicas_on_the_gpu_nodes_behind_the_key():
     from bigray.serve.settings import ServeArgs
 
     config = cluster()
-    offered = {k.split(":", 1)[1] for t in config["available_node_types"].values() for k in t["resources"] if k.startswith("accelerator_type:")}
+    offered = {
+        k.split(":", 1)[1]
+        for t in config["available_node_types"].values()
+        for k in t["resources"]
+        if k.startswith("accelerator_type:")
+    }
     settings = load_config(ServeArgs, REPO / "serve" / "cluster-config.yaml")  # what jobs/serve_app.py --config reads
     assert settings.host == "0.0.0.0" and settings.key_missing_for_host() is None
     for deployment in (settings.gpt, settings.resnet):
@@ -317,7 +365,9 @@ def test_cluster_serve_config_runs_replicas_on_the_gpu_nodes_behind_the_key():
     raw = yaml.safe_load((REPO / "serve" / "cluster-config.yaml").read_text())
     from ray.serve.schema import ServeDeploySchema
 
-    ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(raw)  # what `serve deploy` checks
+    ServeDeploySchema.model_validate(raw) if hasattr(
+        ServeDeploySchema, "model_validate"
+    ) else ServeDeploySchema.parse_obj(raw)  # what `serve deploy` checks
 
 
 def test_p5_nodes_use_efa_on_every_network_card_and_the_image_has_the_nccl_plugin():
@@ -328,9 +378,19 @@ def test_p5_nodes_use_efa_on_every_network_card_and_the_image_has_the_nccl_plugi
         options = " ".join(effective(config, name, "docker")["worker_run_options"])
         if node["node_config"]["InstanceType"] == "p5.48xlarge":
             cards = node["node_config"]["NetworkInterfaces"]
-            assert sorted(c["NetworkCardIndex"] for c in cards) == list(range(32)) and all(c["InterfaceType"] == "efa" for c in cards)
-            assert [c["DeviceIndex"] for c in cards if c["NetworkCardIndex"] == 0] == [0] and {c["DeviceIndex"] for c in cards[1:]} == {1}
-            for option in ("--device /dev/infiniband", "--ulimit memlock=-1:-1", "--cap-add IPC_LOCK", "FI_PROVIDER=efa", "--gpus all"):
+            assert sorted(c["NetworkCardIndex"] for c in cards) == list(range(32)) and all(
+                c["InterfaceType"] == "efa" for c in cards
+            )
+            assert [c["DeviceIndex"] for c in cards if c["NetworkCardIndex"] == 0] == [0] and {
+                c["DeviceIndex"] for c in cards[1:]
+            } == {1}
+            for option in (
+                "--device /dev/infiniband",
+                "--ulimit memlock=-1:-1",
+                "--cap-add IPC_LOCK",
+                "FI_PROVIDER=efa",
+                "--gpus all",
+            ):
                 assert option in options, (name, option)
         else:  # docker run fails on a device the host does not have
             assert "/dev/infiniband" not in options, name
@@ -338,7 +398,9 @@ def test_p5_nodes_use_efa_on_every_network_card_and_the_image_has_the_nccl_plugi
     dockerfile = (REPO / "Dockerfile").read_text()
     assert "efa_installer.sh -y --skip-kmod" in dockerfile and "/opt/amazon/ofi-nccl/lib" in dockerfile
     ds_line = next(line for line in dockerfile.splitlines() if "deepspeed==" in line)
-    assert "DS_ACCELERATOR=cuda DS_BUILD_CPU_ADAM=1" in ds_line and re.search(r"DS_ACCELERATOR=cuda ds_report \| grep -E .*cpu_adam", dockerfile)
+    assert "DS_ACCELERATOR=cuda DS_BUILD_CPU_ADAM=1" in ds_line and re.search(
+        r"DS_ACCELERATOR=cuda ds_report \| grep -E .*cpu_adam", dockerfile
+    )
 
 
 def test_minor_findings_shm_disks_nvme_and_logs():
@@ -349,7 +411,9 @@ def test_minor_findings_shm_disks_nvme_and_logs():
         ebs = config["available_node_types"][name]["node_config"]["BlockDeviceMappings"][0]["Ebs"]
         assert ebs["VolumeSize"] >= 200 and ebs["VolumeType"] == "gp3", name  # the image, pulled and extracted
         if name != config["head_node_type"]:
-            assert any("chmod" in c and "/opt/dlami/nvme" in c for c in effective(config, name, "initialization_commands")), name
+            assert any(
+                "chmod" in c and "/opt/dlami/nvme" in c for c in effective(config, name, "initialization_commands")
+            ), name
     job = yaml.safe_load((REPO / "jobs" / "kuberay" / "rayjob-pretrain-gpt.yaml").read_text())
     assert job["spec"]["ttlSecondsAfterFinished"] >= 3600
     readme = (REPO / "README.md").read_text()
@@ -361,20 +425,40 @@ def test_minor_findings_shm_disks_nvme_and_logs():
 def test_kuberay_pods_can_start_and_gpu_pods_cannot_wait_forever():
     """Finding 4: the service account was never created; the GPU node selector needs GPU Feature
     Discovery; the RayJob had no deadline."""
-    defined = {(d["kind"], d["metadata"]["name"]) for p in (REPO / "jobs" / "kuberay").glob("*.yaml") for d in yaml.safe_load_all(p.read_text()) if d}
+    defined = {
+        (d["kind"], d["metadata"]["name"])
+        for p in (REPO / "jobs" / "kuberay").glob("*.yaml")
+        for d in yaml.safe_load_all(p.read_text())
+        if d
+    }
     job = yaml.safe_load((REPO / "jobs" / "kuberay" / "rayjob-pretrain-gpt.yaml").read_text())
     svc = yaml.safe_load((REPO / "serve" / "kuberay-rayservice.yaml").read_text())
     for spec in (job["spec"]["rayClusterSpec"], svc["spec"]["rayClusterConfig"]):
         for pod in _pods(spec):
             assert ("ServiceAccount", pod["serviceAccountName"]) in defined, pod["serviceAccountName"]
             for key in pod.get("nodeSelector", {}):
-                assert key in ("node.kubernetes.io/instance-type", "topology.kubernetes.io/zone", "kubernetes.io/arch"), key  # well-known labels only
+                assert key in (
+                    "node.kubernetes.io/instance-type",
+                    "topology.kubernetes.io/zone",
+                    "kubernetes.io/arch",
+                ), key  # well-known labels only
     assert job["spec"]["activeDeadlineSeconds"] > 0
-    head_env = {e["name"]: e.get("value") for e in job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].get("env", [])}
+    head_env = {
+        e["name"]: e.get("value")
+        for e in job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].get("env", [])
+    }
     assert head_env.get("BIGRAY_WAIT_FOR_AUTOSCALER") == "1"  # the driver waits for the GPU pod, up to resource_wait_s
     readme = (REPO / "README.md").read_text()
-    assert readme.index("kubectl apply -f jobs/kuberay/service-account.yaml") < readme.index("kubectl apply -f jobs/kuberay/rayjob-pretrain-gpt.yaml")
+    assert readme.index("kubectl apply -f jobs/kuberay/service-account.yaml") < readme.index(
+        "kubectl apply -f jobs/kuberay/rayjob-pretrain-gpt.yaml"
+    )
     ingress = yaml.safe_load((REPO / "serve" / "kuberay-ingress.yaml").read_text())
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
-    assert backend == {"name": f"{svc['metadata']['name']}-serve-svc", "port": {"number": 8000}}  # the Service KubeRay makes
-    assert ingress["spec"]["tls"] and ingress["metadata"]["annotations"]["alb.ingress.kubernetes.io/healthcheck-path"] == "/-/healthz"
+    assert backend == {
+        "name": f"{svc['metadata']['name']}-serve-svc",
+        "port": {"number": 8000},
+    }  # the Service KubeRay makes
+    assert (
+        ingress["spec"]["tls"]
+        and ingress["metadata"]["annotations"]["alb.ingress.kubernetes.io/healthcheck-path"] == "/-/healthz"
+    )

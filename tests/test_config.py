@@ -15,7 +15,13 @@ from bigray.config import (
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "jobs" / "configs"
-JOB_CLASSES = {"gpt_finetune": GPTFinetuneConfig, "gpt": GPTPretrainConfig, "resnet": ResNetJobConfig, "tune": TuneJobConfig, "data": DataPrepareConfig}
+JOB_CLASSES = {
+    "gpt_finetune": GPTFinetuneConfig,
+    "gpt": GPTPretrainConfig,
+    "resnet": ResNetJobConfig,
+    "tune": TuneJobConfig,
+    "data": DataPrepareConfig,
+}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -82,7 +88,9 @@ def test_validation_errors_name_the_key(cls, override, key, words):
 def test_a_global_batch_derives_the_accumulation_at_any_world_size():
     train = load_config(GPTPretrainConfig, None, ["train.global_batch_size=32", "train.micro_batch_size=4"]).train
     assert [train.accumulation(n) for n in (1, 2, 4, 8)] == [8, 4, 2, 1]
-    with pytest.raises(ConfigError, match=r"train.micro_batch_size \(4\) x scaling.num_workers \(3\) = 12 must divide it") as err:
+    with pytest.raises(
+        ConfigError, match=r"train.micro_batch_size \(4\) x scaling.num_workers \(3\) = 12 must divide it"
+    ) as err:
         train.accumulation(3)
     assert err.value.key == "train.global_batch_size"
     legacy = load_config(GPTPretrainConfig, None, ["train.grad_accum_steps=3"]).train
@@ -114,7 +122,9 @@ def test_serve_shortcuts_set_both_deployments():
     from bigray.config import load_config
     from bigray.serve.settings import ServeArgs
 
-    settings = load_config(ServeArgs, None, ["dtype=bfloat16", "num_gpus=1", "gpt.max_batch_size=4", "access_log=false"])
+    settings = load_config(
+        ServeArgs, None, ["dtype=bfloat16", "num_gpus=1", "gpt.max_batch_size=4", "access_log=false"]
+    )
     app = settings.app_args()
     assert (app.gpt.dtype, app.resnet.dtype, app.gpt.num_gpus, app.resnet.num_gpus) == ("bfloat16", "bfloat16", 1, 1)
     assert app.gpt.max_batch_size == 4 and settings.access_log is False
@@ -125,14 +135,21 @@ def test_serving_beyond_loopback_without_a_key_is_refused(capsys, monkeypatch, t
     from bigray.cli import main
 
     monkeypatch.delenv("BIGRAY_API_KEY", raising=False)
-    assert main(["serve", "--gpt", str(tmp_path / "ckpt"), "--host", "0.0.0.0"]) == 2  # before any checkpoint or Ray work
+    assert (
+        main(["serve", "--gpt", str(tmp_path / "ckpt"), "--host", "0.0.0.0"]) == 2
+    )  # before any checkpoint or Ray work
     err = capsys.readouterr().err
     assert "config error at 'host': serving on 0.0.0.0 (beyond this machine) needs an API key" in err, err
-    monkeypatch.setenv("BIGRAY_API_KEY", "k")  # with a key (or allow_unauthenticated) the next check is the checkpoint's
+    monkeypatch.setenv(
+        "BIGRAY_API_KEY", "k"
+    )  # with a key (or allow_unauthenticated) the next check is the checkpoint's
     assert main(["serve", "--gpt", str(tmp_path / "ckpt"), "--host", "0.0.0.0"]) == 2
     assert "does not exist" in capsys.readouterr().err
     monkeypatch.delenv("BIGRAY_API_KEY")
-    assert main(["serve", "--gpt", str(tmp_path / "ckpt"), "--host", "0.0.0.0", "--set", "allow_unauthenticated=true"]) == 2
+    assert (
+        main(["serve", "--gpt", str(tmp_path / "ckpt"), "--host", "0.0.0.0", "--set", "allow_unauthenticated=true"])
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -158,15 +175,30 @@ def test_cli_reports_config_error(capsys):
 def test_nvme_offload_builds_a_zero_infinity_config():
     from bigray.train.engine import deepspeed_config
 
-    cfg = load_config(GPTPretrainConfig, CONFIGS / "gpt_tiny.yaml", [
-        "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_device=nvme", "deepspeed.nvme_path=/scratch",
-        "deepspeed.precision=fp32",
-    ])  # fmt: skip
+    cfg = load_config(
+        GPTPretrainConfig,
+        CONFIGS / "gpt_tiny.yaml",
+        [
+            "deepspeed.zero_stage=3",
+            "deepspeed.offload_optimizer=true",
+            "deepspeed.offload_device=nvme",
+            "deepspeed.nvme_path=/scratch",
+            "deepspeed.precision=fp32",
+        ],
+    )
     ds = deepspeed_config(cfg.deepspeed, cfg.train, world_size=2, use_gpu=False)
-    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "nvme", "pin_memory": False, "nvme_path": "/scratch"}
+    assert ds["zero_optimization"]["offload_optimizer"] == {
+        "device": "nvme",
+        "pin_memory": False,
+        "nvme_path": "/scratch",
+    }
     assert "offload_param" not in ds["zero_optimization"] and ds["aio"]["block_size"] == 1 << 20
     with pytest.raises(ConfigError, match="nvme_path"):
-        load_config(GPTPretrainConfig, None, ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_device=nvme"])
+        load_config(
+            GPTPretrainConfig,
+            None,
+            ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_device=nvme"],
+        )
 
 
 def test_pbt_needs_the_random_searcher_and_no_grid():
@@ -198,5 +230,7 @@ def test_serve_args_read_a_ray_serve_config_file(tmp_path):
 def test_a_placeholder_location_is_refused_before_anything_runs():
     from bigray.recipes.preflight import check_shared_locations
 
-    with pytest.raises(ConfigError, match=r"at 'data.cache_dir': s3://YOUR-BUCKET/bigray-data still holds a placeholder"):
+    with pytest.raises(
+        ConfigError, match=r"at 'data.cache_dir': s3://YOUR-BUCKET/bigray-data still holds a placeholder"
+    ):
         check_shared_locations({"run.storage_path": "s3://mine/runs", "data.cache_dir": "s3://YOUR-BUCKET/bigray-data"})

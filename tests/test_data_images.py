@@ -77,10 +77,14 @@ def test_truncated_jpeg_is_skipped_at_scan_and_training_runs(tmp_path, caplog):
     (tmp_path / "images" / "train" / "dog" / "cut.jpg").write_bytes(data[: int(len(data) * 0.6)])
     with Image.open(tmp_path / "images" / "train" / "dog" / "cut.jpg") as im:
         im.verify()  # the header alone looks fine
-    cfg = from_dict(ResNetJobConfig, {
-        "data": {"dataset": "imagefolder", "root": str(tmp_path / "images")},
-        "train": {"epochs": 1, "batch_size": 4, "lr": 0.01}, "scaling": {"num_workers": 1},
-    })  # fmt: skip
+    cfg = from_dict(
+        ResNetJobConfig,
+        {
+            "data": {"dataset": "imagefolder", "root": str(tmp_path / "images")},
+            "train": {"epochs": 1, "batch_size": 4, "lr": 0.01},
+            "scaling": {"num_workers": 1},
+        },
+    )
     metrics, _ = train_local(cfg, str(tmp_path / "run"))
     assert "skipped 1 unreadable image" in caplog.text
     assert metrics["epoch"] == 1 and np.isfinite(metrics["train/loss"])

@@ -37,11 +37,22 @@ def corpus(downloads_dir, tmp_path_factory):
 
 
 def _cfg(cache, files, workers):
-    return TextDataConfig(cache_dir=str(cache), source="files", text_files=files, vocab_size=512, tokenize_workers=workers, shard_tokens=20_000)
+    return TextDataConfig(
+        cache_dir=str(cache),
+        source="files",
+        text_files=files,
+        vocab_size=512,
+        tokenize_workers=workers,
+        shard_tokens=20_000,
+    )
 
 
 def _digest(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_ray_data_shards_are_identical_for_any_worker_count(ray_cluster, corpus, tmp_path):
@@ -67,7 +78,9 @@ def test_ray_data_gives_the_single_process_tokens(ray_cluster, corpus, tmp_path)
     from bigray.data.text import prepare_text
 
     texts, _ = corpus
-    process, _ = prepare_text(TextDataConfig(cache_dir=str(tmp_path / "p"), source="files", text_files=texts, vocab_size=512))
+    process, _ = prepare_text(
+        TextDataConfig(cache_dir=str(tmp_path / "p"), source="files", text_files=texts, vocab_size=512)
+    )
     pipeline, _ = prepare_text(_cfg(tmp_path / "r", texts, 2))
     for split in ("train", "val"):
         assert np.array_equal(np.asarray(process.tokens(split)), np.asarray(pipeline.tokens(split))), split

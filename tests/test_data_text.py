@@ -57,7 +57,9 @@ def test_windows_disjoint_across_ranks_and_reproducible(small_text):
             seen |= set(ids)
         # a fresh reader (as after a resume) gives the same windows for the same (seed, step, rank)
         fresh = TokenWindows(ds.tokens("train"), block_size=32)
-        assert np.array_equal(fresh.window_ids(seed=7, index=step, rank=1, world_size=2, batch=4, shuffle=True), per_rank[1])
+        assert np.array_equal(
+            fresh.window_ids(seed=7, index=step, rank=1, world_size=2, batch=4, shuffle=True), per_rank[1]
+        )
     other_seed = w.window_ids(seed=8, index=0, rank=0, world_size=2, batch=4, shuffle=True)
     assert not np.array_equal(other_seed, w.window_ids(seed=7, index=0, rank=0, world_size=2, batch=4, shuffle=True))
     x, y = w.batch(per_rank[0])
@@ -119,10 +121,25 @@ def test_missing_text_file_is_named(tmp_path):
 def test_cli_data_prepare_prints_summary(tmp_path, downloads_dir):
     (tmp_path / "downloads").symlink_to(downloads_dir)
     out = subprocess.run(
-        [sys.executable, "-m", "bigray.cli", "data", "prepare", "--set", f"text.cache_dir={tmp_path}",
-         "--set", "text.max_chars=50000", "--set", "text.vocab_size=300", "--set", f"run.storage_path={tmp_path}/runs"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "bigray.cli",
+            "data",
+            "prepare",
+            "--set",
+            f"text.cache_dir={tmp_path}",
+            "--set",
+            "text.max_chars=50000",
+            "--set",
+            "text.vocab_size=300",
+            "--set",
+            f"run.storage_path={tmp_path}/runs",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["text"]["tokens"]["train"] > 5000
     assert (tmp_path / "runs" / "data-prepare" / "summary.json").is_file()

@@ -15,14 +15,18 @@ def test_zero3_partitioned_model_keeps_weight_decay_on_its_matrices(tmp_path):
     LocalContext(str(tmp_path))  # a world-size-1 process group, as a one-process run has
     model_cfg = decoder_config("gpt2", "tiny", vocab_size=512)
     plain = decay_groups(build_gpt(model_cfg, seed=0), 0.1)
-    config = engine.deepspeed_config(DeepSpeedConfig(zero_stage=3, precision="fp32"), GPTTrainConfig(), world_size=1, use_gpu=False)
+    config = engine.deepspeed_config(
+        DeepSpeedConfig(zero_stage=3, precision="fp32"), GPTTrainConfig(), world_size=1, use_gpu=False
+    )
     with engine.partitioned_construction(config):
         partitioned = build_gpt(model_cfg, seed=0)
     params = list(partitioned.parameters())
     assert params and all(p.dim() == 1 and p.numel() == 0 for p in params)  # what ZeRO-3 leaves on the module
     groups = decay_groups(partitioned, 0.1)
     assert [len(g["params"]) for g in groups] == [len(g["params"]) for g in plain]
-    assert groups[0]["weight_decay"] == 0.1 and sum(p.ds_numel for p in groups[0]["params"]) == sum(p.numel() for p in plain[0]["params"])
+    assert groups[0]["weight_decay"] == 0.1 and sum(p.ds_numel for p in groups[0]["params"]) == sum(
+        p.numel() for p in plain[0]["params"]
+    )
     # and DeepSpeed's ZeRO-3 optimizer keeps them: its first group (weight decay 0.1) holds every matrix
     zero3 = engine.initialize(partitioned, groups, config).optimizer
     assert [g["weight_decay"] for g in zero3.param_groups] == [0.1, 0.0]
@@ -32,13 +36,23 @@ def test_zero3_partitioned_model_keeps_weight_decay_on_its_matrices(tmp_path):
 def test_gpu_runs_get_bf16_fp32_gradients_and_an_optimizer_that_needs_no_compiler():
     from bigray.train.engine import deepspeed_config
 
-    gpu = deepspeed_config(DeepSpeedConfig(zero_stage=2, precision="bf16"), GPTTrainConfig(), world_size=8, use_gpu=True)
+    gpu = deepspeed_config(
+        DeepSpeedConfig(zero_stage=2, precision="bf16"), GPTTrainConfig(), world_size=8, use_gpu=True
+    )
     assert gpu["bf16"]["enabled"] and not gpu["fp16"]["enabled"]
     assert gpu["data_types"] == {"grad_accum_dtype": "fp32"} and gpu["communication_data_type"] == "fp32"
     assert gpu["optimizer"]["params"]["torch_adam"] and gpu["optimizer"]["params"]["fused"]  # torch's fused AdamW
-    cpu = deepspeed_config(DeepSpeedConfig(zero_stage=2, precision="fp32"), GPTTrainConfig(), world_size=2, use_gpu=False)
-    assert cpu["optimizer"]["params"]["torch_adam"] and "fused" not in cpu["optimizer"]["params"] and "data_types" not in cpu
-    offload = deepspeed_config(DeepSpeedConfig(zero_stage=3, precision="bf16", offload_optimizer=True), GPTTrainConfig(), 8, True)
+    cpu = deepspeed_config(
+        DeepSpeedConfig(zero_stage=2, precision="fp32"), GPTTrainConfig(), world_size=2, use_gpu=False
+    )
+    assert (
+        cpu["optimizer"]["params"]["torch_adam"]
+        and "fused" not in cpu["optimizer"]["params"]
+        and "data_types" not in cpu
+    )
+    offload = deepspeed_config(
+        DeepSpeedConfig(zero_stage=3, precision="bf16", offload_optimizer=True), GPTTrainConfig(), 8, True
+    )
     assert "torch_adam" not in offload["optimizer"]["params"]  # offloaded steps run DeepSpeed's CPU Adam
     with pytest.raises(ValueError, match="resolved precision"):
         deepspeed_config(DeepSpeedConfig(), GPTTrainConfig(), world_size=1, use_gpu=True)
@@ -103,7 +117,9 @@ def test_bf16_zero2_engine_accumulates_gradients_in_fp32(tmp_path):
 
     LocalContext(str(tmp_path))
     model = build_gpt(decoder_config("gpt2", "tiny", vocab_size=512), seed=0)
-    config = engine.deepspeed_config(DeepSpeedConfig(zero_stage=2, precision="bf16"), GPTTrainConfig(micro_batch_size=2), 1, False)
+    config = engine.deepspeed_config(
+        DeepSpeedConfig(zero_stage=2, precision="bf16"), GPTTrainConfig(micro_batch_size=2), 1, False
+    )
     trained = engine.initialize(model, decay_groups(model, 0.1), config)
     assert trained.optimizer.gradient_accumulation_dtype == torch.float32
     x = torch.randint(0, 512, (2, 16))

@@ -20,11 +20,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def chat_config(tmp_path, base, files, *overrides) -> GPTFinetuneConfig:
-    return load_config(GPTFinetuneConfig, REPO / "jobs" / "configs" / "gpt_finetune.yaml", [
-        f"init_from={base}", "data.format=chat", f"data.train_files={json.dumps([str(f) for f in files])}",
-        f"data.cache_dir={tmp_path}/data", "model.block_size=64", "train.micro_batch_size=8", "train.eval_batches=4",
-        f"run.storage_path={tmp_path}/runs", *overrides,
-    ])  # fmt: skip
+    return load_config(
+        GPTFinetuneConfig,
+        REPO / "jobs" / "configs" / "gpt_finetune.yaml",
+        [
+            f"init_from={base}",
+            "data.format=chat",
+            f"data.train_files={json.dumps([str(f) for f in files])}",
+            f"data.cache_dir={tmp_path}/data",
+            "model.block_size=64",
+            "train.micro_batch_size=8",
+            "train.eval_batches=4",
+            f"run.storage_path={tmp_path}/runs",
+            *overrides,
+        ],
+    )
 
 
 def test_chat_sft_learns_exactly_the_assistant_turns(tmp_path, family_models, chat_file):
@@ -32,10 +42,15 @@ def test_chat_sft_learns_exactly_the_assistant_turns(tmp_path, family_models, ch
     data = prepare_finetune_data(chat_config(tmp_path, base, [chat_file]).data, base)
     tok = load_tokenizer(data.tokenizer_dir)
     tokens, mask = np.asarray(data.tokens("train")), np.asarray(data.loss_mask("train"))
-    rows = [json.loads(line)["messages"] for line in chat_file.read_text().splitlines()][: data.manifest["examples"]["train"]]
+    rows = [json.loads(line)["messages"] for line in chat_file.read_text().splitlines()][
+        : data.manifest["examples"]["train"]
+    ]
     # Counted: every reply with the end-of-turn the template closes it with, and the end-of-text
     # that closes each conversation; nothing of the system or user turns, nor the role headers.
-    learned = "".join("".join(f"{m['content']}<|im_end|>\n" for m in msgs if m["role"] == "assistant") + tok.eos_token for msgs in rows)
+    learned = "".join(
+        "".join(f"{m['content']}<|im_end|>\n" for m in msgs if m["role"] == "assistant") + tok.eos_token
+        for msgs in rows
+    )
     assert tok.decode(tokens[mask == 1].tolist()) == learned
     not_learned = tok.decode(tokens[mask == 0].tolist())
     for msgs in rows[:20]:
@@ -44,7 +59,10 @@ def test_chat_sft_learns_exactly_the_assistant_turns(tmp_path, family_models, ch
     assert "<|im_start|>assistant\n" in not_learned
     # The tokens are those of the whole rendered conversation (what serving tokenizes), not of pieces.
     first = tok.apply_chat_template(rows[0], tokenize=False)
-    assert tokens[: len(tok(first, add_special_tokens=False).input_ids)].tolist() == tok(first, add_special_tokens=False).input_ids
+    assert (
+        tokens[: len(tok(first, add_special_tokens=False).input_ids)].tolist()
+        == tok(first, add_special_tokens=False).input_ids
+    )
     # The template travels with the data's tokenizer, hence with every checkpoint and export.
     assert tok.chat_template == load_tokenizer(base).chat_template
 
@@ -67,23 +85,36 @@ def test_packed_examples_do_not_attend_to_each_other(tmp_path, family_models, ch
     i = next(i for i in range(len(x)) if starts[i, 1:].sum() >= 2)
     start, stop = (int(v) + 1 for v in starts[i, 1:].nonzero().flatten()[:2])
     with torch.no_grad():
-        packed = model(input_ids=x[i : i + 1], attention_mask=mask[i : i + 1], position_ids=positions[i : i + 1]).logits[0, start:stop]
+        packed = model(
+            input_ids=x[i : i + 1], attention_mask=mask[i : i + 1], position_ids=positions[i : i + 1]
+        ).logits[0, start:stop]
         alone = model(input_ids=x[i : i + 1, start:stop]).logits[0]
         crossing = model(input_ids=x[i : i + 1]).logits[0, start:stop]
     assert positions[i, start] == 0 and positions[i, stop - 1] == stop - 1 - start
     assert torch.allclose(packed, alone, atol=1e-5)
     assert not torch.allclose(crossing, alone, atol=1e-3)
-    crossing_job = prepare_finetune(chat_config(tmp_path, base, [chat_file], "scaling.num_workers=1", "data.isolate_examples=false"))
+    crossing_job = prepare_finetune(
+        chat_config(tmp_path, base, [chat_file], "scaling.num_workers=1", "data.isolate_examples=false")
+    )
     assert not GPTTrainer(crossing_job.config, LocalContext(str(tmp_path / "run2")), crossing_job.data_dir).isolate
 
 
 @pytest.mark.parametrize(
     "rows, message",
     [
-        ([{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "a"}]}], "line 1: message 0 has role 'wizard'"),
-        ([{"messages": [{"role": "user", "content": "a"}]}, {"messages": [{"role": "user", "content": "b"}]}], "line 1: no assistant turn"),
+        (
+            [{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "a"}]}],
+            "line 1: message 0 has role 'wizard'",
+        ),
+        (
+            [{"messages": [{"role": "user", "content": "a"}]}, {"messages": [{"role": "user", "content": "b"}]}],
+            "line 1: no assistant turn",
+        ),
         ([{"messages": []}], "line 1: expected a JSON object with a non-empty 'messages' list"),
-        ([{"messages": [{"role": "user", "content": 3}]}], "line 1: message 0 must be an object with a string 'content'"),
+        (
+            [{"messages": [{"role": "user", "content": 3}]}],
+            "line 1: message 0 must be an object with a string 'content'",
+        ),
     ],
 )
 def test_bad_chat_rows_are_named_with_their_line(tmp_path, family_models, rows, message):
@@ -98,11 +129,15 @@ def test_a_base_model_without_a_chat_template_needs_one_in_the_config(tmp_path, 
     with pytest.raises(DataError, match="has no chat template: give one in data.chat_template"):
         prepare_finetune_data(chat_config(tmp_path, base, [chat_file]).data, base)
     template = tmp_path / "plain.jinja"
-    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    template.write_text(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     data = prepare_finetune_data(chat_config(tmp_path, base, [chat_file], f"data.chat_template={template}").data, base)
     tok = load_tokenizer(data.tokenizer_dir)
     tokens, mask = np.asarray(data.tokens("train")), np.asarray(data.loss_mask("train"))
-    assert tok.decode(tokens[mask == 1].tolist()).startswith(json.loads(chat_file.read_text().splitlines()[0])["messages"][-1]["content"] + "\n")
+    assert tok.decode(tokens[mask == 1].tolist()).startswith(
+        json.loads(chat_file.read_text().splitlines()[0])["messages"][-1]["content"] + "\n"
+    )
     assert tok.chat_template == template.read_text()
 
 
@@ -111,9 +146,20 @@ def test_encoder_models_pickled_weights_and_remote_code_are_refused_by_name(tmp_
 
     from transformers import BertConfig, T5Config
 
-    for name, config, words in (("bert", BertConfig(vocab_size=600, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
-                                 "'bert' model .* is an encoder-only"),
-                                ("t5", T5Config(vocab_size=600, d_model=32, num_layers=1, num_heads=2, d_ff=64), "'t5' model .* is an encoder-decoder")):  # fmt: skip
+    for name, config, words in (
+        (
+            "bert",
+            BertConfig(
+                vocab_size=600, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+            ),
+            "'bert' model .* is an encoder-only",
+        ),
+        (
+            "t5",
+            T5Config(vocab_size=600, d_model=32, num_layers=1, num_heads=2, d_ff=64),
+            "'t5' model .* is an encoder-decoder",
+        ),
+    ):
         config.save_pretrained(tmp_path / name)
         with pytest.raises(CheckpointError, match=f"{name}/config.json: a {words}"):
             open_pretrained(tmp_path / name)
@@ -121,12 +167,16 @@ def test_encoder_models_pickled_weights_and_remote_code_are_refused_by_name(tmp_
     shutil.copytree(family_models["llama"], pickled)
     (pickled / "model.safetensors").unlink()
     torch.save({"w": torch.zeros(1)}, pickled / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match=r"no \*.safetensors weights \(found pytorch_model.bin: pickled weights are never loaded"):
+    with pytest.raises(
+        CheckpointError, match=r"no \*.safetensors weights \(found pytorch_model.bin: pickled weights are never loaded"
+    ):
         open_pretrained(pickled)
     custom = tmp_path / "custom"
     shutil.copytree(family_models["llama"], custom)
     cfg = json.loads((custom / "config.json").read_text())
-    (custom / "config.json").write_text(json.dumps({**cfg, "model_type": "my_llama", "auto_map": {"AutoConfig": "x.MyConfig"}}))
+    (custom / "config.json").write_text(
+        json.dumps({**cfg, "model_type": "my_llama", "auto_map": {"AutoConfig": "x.MyConfig"}})
+    )
     with pytest.raises(CheckpointError, match="'my_llama' model .* is not a causal LM that transformers knows"):
         open_pretrained(custom)
 
@@ -136,7 +186,10 @@ def test_a_hub_model_id_is_fetched_and_without_a_network_says_what_to_do(monkeyp
 
     assert is_hub_id("Qwen/Qwen2.5-0.5B-Instruct") and not is_hub_id("s3://bucket/model") and not is_hub_id("/models/x")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what a machine without the Hub sees, at once
-    with pytest.raises(CheckpointError, match="Qwen/Qwen2.5-0.5B-Instruct is not a local path or a storage URI, and fetching it from the Hugging Face Hub failed"):
+    with pytest.raises(
+        CheckpointError,
+        match="Qwen/Qwen2.5-0.5B-Instruct is not a local path or a storage URI, and fetching it from the Hugging Face Hub failed",
+    ):
         open_pretrained("Qwen/Qwen2.5-0.5B-Instruct")
 
 
@@ -151,11 +204,15 @@ def test_llama_presets_build_with_rope_rmsnorm_swiglu_and_grouped_query_attentio
     assert attn.k_proj.out_features == attn.q_proj.out_features // 2  # 2 kv heads for 4 query heads
     assert type(model.model.norm).__name__ == "LlamaRMSNorm" and hasattr(model.model.layers[0].mlp, "gate_proj")
     # FLOPs: 6 x the matmul parameters (every weight but the embedding lookup; the head is tied to it) + attention.
-    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n) + 512 * 128
+    matmul_params = (
+        sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n) + 512 * 128
+    )
     assert flops_per_token(config, 64) == 6 * matmul_params + 12 * 2 * 128 * 64
     eight = decoder_config("llama", "8b", vocab_size=128_256)
     assert (eight.num_key_value_heads, eight.intermediate_size, eight.tie_word_embeddings) == (8, 14336, False)
-    assert 7.4e9 < flops_per_token(eight, 0) / 6 < 7.6e9  # Llama 3.1 8B: 8.03B parameters less its 0.53B embedding table
+    assert (
+        7.4e9 < flops_per_token(eight, 0) / 6 < 7.6e9
+    )  # Llama 3.1 8B: 8.03B parameters less its 0.53B embedding table
     assert set(FAMILIES["llama"].presets) == {"tiny", "1b", "8b"}
     with pytest.raises(ConfigError, match="model.preset.*'124m' is not a llama preset; allowed: tiny, 1b, 8b"):
         from_dict(GPTPretrainConfig, {"model": {"family": "llama", "preset": "124m"}})
@@ -166,12 +223,28 @@ def test_llama_pretraining_lowers_the_loss(small_text, tmp_path):
     from bigray.recipes.gpt import train_local
 
     text_cfg, _ = small_text
-    cfg = load_config(GPTPretrainConfig, REPO / "jobs" / "configs" / "gpt_tiny.yaml", [
-        "model.family=llama", f"data.cache_dir={text_cfg.cache_dir}", f"data.max_chars={text_cfg.max_chars}",
-        f"data.vocab_size={text_cfg.vocab_size}", "model.block_size=64", "train.micro_batch_size=8", "train.max_steps=20",
-        "train.warmup_steps=5", "train.eval_interval=20", "train.eval_batches=2", "train.log_interval=5", "run.checkpoint_interval=20",
-        f"run.storage_path={tmp_path}", "run.name=llama", "scaling.num_workers=1", "scaling.cpus_per_worker=2",
-    ])  # fmt: skip
+    cfg = load_config(
+        GPTPretrainConfig,
+        REPO / "jobs" / "configs" / "gpt_tiny.yaml",
+        [
+            "model.family=llama",
+            f"data.cache_dir={text_cfg.cache_dir}",
+            f"data.max_chars={text_cfg.max_chars}",
+            f"data.vocab_size={text_cfg.vocab_size}",
+            "model.block_size=64",
+            "train.micro_batch_size=8",
+            "train.max_steps=20",
+            "train.warmup_steps=5",
+            "train.eval_interval=20",
+            "train.eval_batches=2",
+            "train.log_interval=5",
+            "run.checkpoint_interval=20",
+            f"run.storage_path={tmp_path}",
+            "run.name=llama",
+            "scaling.num_workers=1",
+            "scaling.cpus_per_worker=2",
+        ],
+    )
     _, ctx = train_local(cfg, str(tmp_path / "llama"))
     rows = [json.loads(line) for line in (tmp_path / "llama" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 20 and rows[-1]["train/loss"] < rows[0]["train/loss"] - 0.3, rows
@@ -182,8 +255,12 @@ def test_llama_pretraining_lowers_the_loss(small_text, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])  # GPT-2: the local test below (and tests/test_finetune.py on Ray)
-def test_family_finetunes_on_ray_with_zero3_and_exports_the_same_model(ray_cluster, tmp_path, family_models, chat_file, family):
+@pytest.mark.parametrize(
+    "family", ["llama", "qwen2", "mistral"]
+)  # GPT-2: the local test below (and tests/test_finetune.py on Ray)
+def test_family_finetunes_on_ray_with_zero3_and_exports_the_same_model(
+    ray_cluster, tmp_path, family_models, chat_file, family
+):
     """2 workers, ZeRO-3 (partitioned loading of the base weights), chat SFT: the loss goes down, the
     export is the same architecture and gives the trained weights' logits."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -193,9 +270,19 @@ def test_family_finetunes_on_ray_with_zero3_and_exports_the_same_model(ray_clust
     from bigray.train.engine import fp32_weights
 
     base = family_models[family]
-    cfg = chat_config(tmp_path, base, [chat_file], "train.max_steps=8", "train.lr=3e-3", "train.warmup_steps=2", "train.eval_interval=8",
-                      "run.checkpoint_interval=8", "deepspeed.zero_stage=3", f"deepspeed.activation_checkpointing={family == 'llama'}",
-                      f"run.name={family}")  # fmt: skip
+    cfg = chat_config(
+        tmp_path,
+        base,
+        [chat_file],
+        "train.max_steps=8",
+        "train.lr=3e-3",
+        "train.warmup_steps=2",
+        "train.eval_interval=8",
+        "run.checkpoint_interval=8",
+        "deepspeed.zero_stage=3",
+        f"deepspeed.activation_checkpointing={family == 'llama'}",
+        f"run.name={family}",
+    )
     summary = finetune(cfg)
     m = summary["metrics"]
     assert m["step"] == 8 and m["val/loss"] < m["init/val_loss"] - 0.5, m
@@ -203,7 +290,10 @@ def test_family_finetunes_on_ray_with_zero3_and_exports_the_same_model(ray_clust
     export_gpt(summary["checkpoint"], str(out))
     exported = AutoModelForCausalLM.from_pretrained(str(out), use_safetensors=True).eval()
     assert type(exported).__name__ == AutoConfig.from_pretrained(str(base)).architectures[0]
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == json.loads((base / "generation_config.json").read_text())["eos_token_id"]
+    assert (
+        json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+        == json.loads((base / "generation_config.json").read_text())["eos_token_id"]
+    )
     trained = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base))).eval()
     loaded = trained.load_state_dict(fp32_weights(summary["checkpoint"], 3), strict=False)
     assert set(loaded.missing_keys) <= {"lm_head.weight"} and not loaded.unexpected_keys, loaded
@@ -211,7 +301,9 @@ def test_family_finetunes_on_ray_with_zero3_and_exports_the_same_model(ray_clust
     x = torch.randint(0, len(load_tokenizer(base)), (2, 32))
     with torch.no_grad():
         assert torch.allclose(exported(x).logits, trained(x).logits, atol=1e-4)
-        assert not torch.allclose(exported(x).logits, AutoModelForCausalLM.from_pretrained(str(base))(x).logits, atol=1e-2)
+        assert not torch.allclose(
+            exported(x).logits, AutoModelForCausalLM.from_pretrained(str(base))(x).logits, atol=1e-2
+        )
 
 
 def _base_weights(base: Path) -> dict[str, torch.Tensor]:
@@ -230,8 +322,15 @@ def test_lora_trains_only_the_adapter_resumes_and_exports_merged_or_adapter(tmp_
     from bigray.train.gpt import GPTTrainer
 
     base = family_models["llama"]
-    lora = ["finetune.method=lora", "finetune.lora_rank=2", "train.lr=1e-2", "train.eval_interval=6", "run.checkpoint_interval=6",
-            "scaling.num_workers=1", "scaling.cpus_per_worker=2"]  # fmt: skip
+    lora = [
+        "finetune.method=lora",
+        "finetune.lora_rank=2",
+        "train.lr=1e-2",
+        "train.eval_interval=6",
+        "run.checkpoint_interval=6",
+        "scaling.num_workers=1",
+        "scaling.cpus_per_worker=2",
+    ]
     job = prepare_finetune(chat_config(tmp_path, base, [chat_file], "train.max_steps=6", *lora))
     trainer = GPTTrainer(job.config, LocalContext(str(tmp_path / "run")), job.data_dir)
     metrics = trainer.run()
@@ -243,7 +342,9 @@ def test_lora_trains_only_the_adapter_resumes_and_exports_merged_or_adapter(tmp_
             adapters += p.numel()
             assert "lora_" in name
         else:
-            assert torch.equal(p.detach(), original[name.removeprefix("base_model.model.").replace(".base_layer", "")]), name
+            assert torch.equal(
+                p.detach(), original[name.removeprefix("base_model.model.").replace(".base_layer", "")]
+            ), name
     assert 0 < adapters < 0.05 * sum(t.numel() for t in original.values())
     # The checkpoint holds the adapter, not the base: a small fraction of the model's bytes.
     ckpt = trainer.ctx.checkpoints[-1]
@@ -251,26 +352,39 @@ def test_lora_trains_only_the_adapter_resumes_and_exports_merged_or_adapter(tmp_
     ds_bytes = sum(f.stat().st_size for f in (ckpt / "deepspeed").rglob("*") if f.is_file())
     assert ds_bytes < 0.25 * (base / "model.safetensors").stat().st_size, ds_bytes
     # Resume continues at the saved step with the adapter it saved.
-    resumed = GPTTrainer(prepare_finetune(chat_config(tmp_path, base, [chat_file], "train.max_steps=8", f"resume_from={ckpt}", "run.name=more", *lora)).config,
-                         LocalContext(str(tmp_path / "more")), job.data_dir)  # fmt: skip
+    resumed = GPTTrainer(
+        prepare_finetune(
+            chat_config(tmp_path, base, [chat_file], "train.max_steps=8", f"resume_from={ckpt}", "run.name=more", *lora)
+        ).config,
+        LocalContext(str(tmp_path / "more")),
+        job.data_dir,
+    )
     resumed.load(str(ckpt))
     assert resumed.step == 6
     saved = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters() if p.requires_grad}
-    assert all(torch.equal(p.detach(), saved[n]) for n, p in resumed.engine.module.named_parameters() if p.requires_grad)
+    assert all(
+        torch.equal(p.detach(), saved[n]) for n, p in resumed.engine.module.named_parameters() if p.requires_grad
+    )
     # Merged export = base + adapter (peft's own unmerged forward), a plain Llama; the adapter export is peft's format.
     export_gpt(str(ckpt), str(tmp_path / "merged"))
     info = export_gpt(str(ckpt), str(tmp_path / "adapter"), adapter=True)
-    assert info["kind"] == "adapter" and json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 2
+    assert (
+        info["kind"] == "adapter" and json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 2
+    )
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), use_safetensors=True).eval()
     assert type(plain).__name__ == "LlamaForCausalLM"
-    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(tmp_path / "adapter")).eval()
+    with_adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(base)), str(tmp_path / "adapter")
+    ).eval()
     x = torch.randint(0, 500, (2, 24))
     with torch.no_grad():
         assert torch.allclose(plain(x).logits, with_adapter(x).logits, atol=1e-5)
         assert not torch.allclose(plain(x).logits, AutoModelForCausalLM.from_pretrained(str(base))(x).logits, atol=1e-3)
     # A LoRA checkpoint (or its adapter) is no base for another fine-tune: its merged export is.
     for adapter_only in (ckpt, tmp_path / "adapter"):
-        with pytest.raises(CheckpointError, match="holds a LoRA adapter, not a whole model: fine-tune from its merged export"):
+        with pytest.raises(
+            CheckpointError, match="holds a LoRA adapter, not a whole model: fine-tune from its merged export"
+        ):
             prepare_finetune(chat_config(tmp_path, adapter_only, [chat_file]))
     # A full fine-tune cannot continue a LoRA checkpoint (nor the reverse), and says why.
     with pytest.raises(CheckpointError, match="trained with {'method': 'lora'.*this run with {'method': 'full'}"):
@@ -280,9 +394,17 @@ def test_lora_trains_only_the_adapter_resumes_and_exports_merged_or_adapter(tmp_
 def test_lora_target_modules_that_do_not_exist_are_refused_before_training(tmp_path, family_models, chat_file):
     from bigray.recipes.gpt import prepare_finetune
 
-    for family, target, words in (("llama", "c_attn", "the llama model has no module 'c_attn'; its linear layers: down_proj, gate_proj, k_proj"),
-                                  ("gpt2", "ln_1", "'ln_1' is a LayerNorm, not a linear layer")):  # fmt: skip
-        cfg = chat_config(tmp_path, family_models[family], [chat_file], "finetune.method=lora", f"finetune.lora_target_modules=[{target}]")
+    for family, target, words in (
+        ("llama", "c_attn", "the llama model has no module 'c_attn'; its linear layers: down_proj, gate_proj, k_proj"),
+        ("gpt2", "ln_1", "'ln_1' is a LayerNorm, not a linear layer"),
+    ):
+        cfg = chat_config(
+            tmp_path,
+            family_models[family],
+            [chat_file],
+            "finetune.method=lora",
+            f"finetune.lora_target_modules=[{target}]",
+        )
         with pytest.raises(ConfigError, match=f"finetune.lora_target_modules.*{words}"):
             prepare_finetune(cfg)
 
@@ -294,12 +416,26 @@ def test_lora_on_ray_with_zero3(ray_cluster, tmp_path, family_models, chat_file)
     from bigray.recipes.gpt import finetune
 
     base = family_models["qwen2"]
-    summary = finetune(chat_config(tmp_path, base, [chat_file], "finetune.method=lora", "finetune.lora_target_modules=[q_proj, v_proj]",
-                                   "train.lr=1e-2", "train.max_steps=4", "train.eval_interval=4", "run.checkpoint_interval=4",
-                                   "deepspeed.zero_stage=3", "run.name=lora"))  # fmt: skip
+    summary = finetune(
+        chat_config(
+            tmp_path,
+            base,
+            [chat_file],
+            "finetune.method=lora",
+            "finetune.lora_target_modules=[q_proj, v_proj]",
+            "train.lr=1e-2",
+            "train.max_steps=4",
+            "train.eval_interval=4",
+            "run.checkpoint_interval=4",
+            "deepspeed.zero_stage=3",
+            "run.name=lora",
+        )
+    )
     assert summary["metrics"]["val/loss"] < summary["metrics"]["init/val_loss"], summary["metrics"]
     adapter = json.loads((Path(summary["checkpoint"]) / "model" / "adapter_config.json").read_text())
-    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"] and Path(adapter["base_model_name_or_path"]) == base
+    assert (
+        sorted(adapter["target_modules"]) == ["q_proj", "v_proj"] and Path(adapter["base_model_name_or_path"]) == base
+    )
     assert not (Path(summary["checkpoint"]) / "model" / "model.safetensors").exists()
 
 
@@ -312,8 +448,19 @@ def test_gpt2_hub_directory_finetunes_with_zero3_and_exports_the_same_model(tmp_
     from bigray.train.engine import fp32_weights
 
     base = family_models["gpt2"]
-    cfg = chat_config(tmp_path, base, [chat_file], "train.max_steps=8", "train.lr=3e-3", "train.warmup_steps=2", "train.eval_interval=8",
-                      "run.checkpoint_interval=8", "deepspeed.zero_stage=3", "scaling.num_workers=1", "scaling.cpus_per_worker=2")  # fmt: skip
+    cfg = chat_config(
+        tmp_path,
+        base,
+        [chat_file],
+        "train.max_steps=8",
+        "train.lr=3e-3",
+        "train.warmup_steps=2",
+        "train.eval_interval=8",
+        "run.checkpoint_interval=8",
+        "deepspeed.zero_stage=3",
+        "scaling.num_workers=1",
+        "scaling.cpus_per_worker=2",
+    )
     metrics, ctx = train_local(cfg, str(tmp_path / "run"))
     assert metrics["val/loss"] < metrics["init/val_loss"] - 0.5, metrics
     export_gpt(str(ctx.checkpoints[-1]), str(tmp_path / "exported"))

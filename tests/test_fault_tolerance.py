@@ -35,7 +35,10 @@ def test_interrupted_checkpoint_is_never_loaded(gpt_checkpoint, tmp_path):
         read_meta(newest)
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(), reason="needs dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(),
+    reason="needs dataset-fashion-mnist",
+)
 def test_divergence_fails_once_whatever_max_failures_says(ray_cluster, tmp_path):
     from ray.util.state import list_actors
 
@@ -46,10 +49,21 @@ def test_divergence_fails_once_whatever_max_failures_says(ray_cluster, tmp_path)
     def workers_started() -> int:
         return len(list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000))
 
-    cfg = load_config(ResNetJobConfig, REPO / "jobs" / "configs" / "resnet_fashion.yaml", [
-        "data.max_train_samples=256", "data.max_eval_samples=64", "train.epochs=3", "train.batch_size=32",
-        "train.lr=1000000", "scaling.num_workers=2", "run.max_failures=3", f"run.storage_path={tmp_path}", "run.name=diverge",
-    ])  # fmt: skip
+    cfg = load_config(
+        ResNetJobConfig,
+        REPO / "jobs" / "configs" / "resnet_fashion.yaml",
+        [
+            "data.max_train_samples=256",
+            "data.max_eval_samples=64",
+            "train.epochs=3",
+            "train.batch_size=32",
+            "train.lr=1000000",
+            "scaling.num_workers=2",
+            "run.max_failures=3",
+            f"run.storage_path={tmp_path}",
+            "run.name=diverge",
+        ],
+    )
     before = workers_started()
     with pytest.raises(TrainingFailed, match="not retried.*training diverged: loss is"):
         train_resnet(cfg)

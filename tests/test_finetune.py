@@ -11,14 +11,22 @@ import pytest
 from bigray.artifacts.checkpoint import CheckpointError
 from bigray.config import ConfigError, GPTFinetuneConfig, from_dict, load_config, to_dict
 from bigray.data.cache import DataError
-from bigray.data.finetune import prepare_finetune_data
 from bigray.data.documents import load_tokenizer
+from bigray.data.finetune import prepare_finetune_data
 from bigray.data.text import TokenWindows
 
 REPO = Path(__file__).resolve().parents[1]
 
 # A corpus distinct from the Shakespeare the base model saw: real Python source from the stdlib.
-STDLIB_SOURCES = ["json/decoder.py", "json/encoder.py", "json/scanner.py", "csv.py", "shlex.py", "textwrap.py", "fnmatch.py"]
+STDLIB_SOURCES = [
+    "json/decoder.py",
+    "json/encoder.py",
+    "json/scanner.py",
+    "csv.py",
+    "shlex.py",
+    "textwrap.py",
+    "fnmatch.py",
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +59,21 @@ def exported_dir(gpt_checkpoint, tmp_path_factory):
 
 
 def ft_config(tmp_path, init_from, files, fmt="text", *overrides):
-    return load_config(GPTFinetuneConfig, REPO / "jobs" / "configs" / "gpt_finetune.yaml", [
-        f"init_from={init_from}", f"data.format={fmt}", f"data.train_files={json.dumps([str(f) for f in files])}",
-        f"data.cache_dir={tmp_path}/data", "model.block_size=64", "train.micro_batch_size=8", "train.eval_batches=4",
-        f"run.storage_path={tmp_path}/runs", *overrides,
-    ])  # fmt: skip
+    return load_config(
+        GPTFinetuneConfig,
+        REPO / "jobs" / "configs" / "gpt_finetune.yaml",
+        [
+            f"init_from={init_from}",
+            f"data.format={fmt}",
+            f"data.train_files={json.dumps([str(f) for f in files])}",
+            f"data.cache_dir={tmp_path}/data",
+            "model.block_size=64",
+            "train.micro_batch_size=8",
+            "train.eval_batches=4",
+            f"run.storage_path={tmp_path}/runs",
+            *overrides,
+        ],
+    )
 
 
 def test_sft_labels_mask_prompt_tokens(sft_file, gpt_checkpoint, tmp_path):
@@ -139,9 +157,17 @@ def test_sft_learns_the_completions_locally(tmp_path, gpt_checkpoint, sft_file):
     from bigray.recipes.gpt import train_local
 
     cfg = ft_config(
-        tmp_path, gpt_checkpoint[-1], [sft_file], "jsonl", "train.max_steps=40", "train.lr=1e-3", "train.eval_interval=40",
-        "run.checkpoint_interval=40", "scaling.num_workers=1", "scaling.cpus_per_worker=2",
-    )  # fmt: skip
+        tmp_path,
+        gpt_checkpoint[-1],
+        [sft_file],
+        "jsonl",
+        "train.max_steps=40",
+        "train.lr=1e-3",
+        "train.eval_interval=40",
+        "run.checkpoint_interval=40",
+        "scaling.num_workers=1",
+        "scaling.cpus_per_worker=2",
+    )
     metrics, ctx = train_local(cfg, str(tmp_path / "sft"))
     assert metrics["step"] == 40
     assert metrics["val/loss"] < 0.6 * metrics["init/val_loss"], metrics
@@ -154,7 +180,13 @@ def test_finetune_on_ray_lowers_val_loss_resumes_and_exports(ray_cluster, tmp_pa
     from bigray.export import export_gpt
     from bigray.recipes.gpt import finetune
 
-    overrides = ["train.lr=1e-3", "train.eval_interval=10", "train.log_interval=5", "run.checkpoint_interval=10", "run.name=code"]
+    overrides = [
+        "train.lr=1e-3",
+        "train.eval_interval=10",
+        "train.log_interval=5",
+        "run.checkpoint_interval=10",
+        "run.name=code",
+    ]
     cfg = ft_config(tmp_path, gpt_checkpoint[-1], code_files, "text", "train.max_steps=20", *overrides)
     summary = finetune(cfg)
     m = summary["metrics"]
@@ -179,11 +211,24 @@ def test_cli_refuses_bad_data_before_training(tmp_path, gpt_checkpoint):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "b",\n')
     out = subprocess.run(
-        [sys.executable, "jobs/finetune_gpt.py", "--config", "jobs/configs/gpt_finetune.yaml",
-         "--set", f"init_from={gpt_checkpoint[-1]}", "--set", f"data.train_files=[{bad}]",
-         "--set", f"data.cache_dir={tmp_path}", "--set", f"run.storage_path={tmp_path}/runs"],
-        capture_output=True, text=True, cwd=REPO,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "jobs/finetune_gpt.py",
+            "--config",
+            "jobs/configs/gpt_finetune.yaml",
+            "--set",
+            f"init_from={gpt_checkpoint[-1]}",
+            "--set",
+            f"data.train_files=[{bad}]",
+            "--set",
+            f"data.cache_dir={tmp_path}",
+            "--set",
+            f"run.storage_path={tmp_path}/runs",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     assert "bad.jsonl line 2: not valid JSON" in out.stderr
     assert "Started a local Ray instance" not in out.stderr

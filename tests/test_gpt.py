@@ -16,7 +16,6 @@ import torch
 from bigray.artifacts.checkpoint import CheckpointError, read_meta
 from bigray.config import ConfigError, GPTPretrainConfig, load_config
 
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -26,13 +25,24 @@ def tiny_config(small_text, tmp_path, name, *overrides):
         GPTPretrainConfig,
         REPO / "jobs" / "configs" / "gpt_tiny.yaml",
         [
-            f"data.cache_dir={text_cfg.cache_dir}", f"data.max_chars={text_cfg.max_chars}",
-            f"data.vocab_size={text_cfg.vocab_size}", "model.block_size=64", "train.micro_batch_size=8",
-            "train.max_steps=30", "train.warmup_steps=5", "train.lr=3e-3", "train.eval_interval=10",
-            "train.eval_batches=4", "train.log_interval=1", "run.checkpoint_interval=10", "run.keep_checkpoints=3",
-            f"run.storage_path={tmp_path}", f"run.name={name}", *overrides,
+            f"data.cache_dir={text_cfg.cache_dir}",
+            f"data.max_chars={text_cfg.max_chars}",
+            f"data.vocab_size={text_cfg.vocab_size}",
+            "model.block_size=64",
+            "train.micro_batch_size=8",
+            "train.max_steps=30",
+            "train.warmup_steps=5",
+            "train.lr=3e-3",
+            "train.eval_interval=10",
+            "train.eval_batches=4",
+            "train.log_interval=1",
+            "run.checkpoint_interval=10",
+            "run.keep_checkpoints=3",
+            f"run.storage_path={tmp_path}",
+            f"run.name={name}",
+            *overrides,
         ],
-    )  # fmt: skip
+    )
 
 
 def metrics_by_step(run_dir):
@@ -55,8 +65,16 @@ def _assert_trained(summary, vocab_size):
     assert val[0] > val[1] > val[2], val
     assert val[2] < math.log(vocab_size) - 1.0  # well below the uniform guess
     assert steps[30]["train/loss"] < steps[1]["train/loss"] - 1.0
-    for key in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/tokens_per_s_per_worker", "train/mfu",
-                "train/tflops_per_worker", "train/step_time_s", "val/perplexity"):  # fmt: skip
+    for key in (
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/tokens_per_s_per_worker",
+        "train/mfu",
+        "train/tflops_per_worker",
+        "train/step_time_s",
+        "val/perplexity",
+    ):
         assert key in steps[30]
 
 
@@ -90,11 +108,16 @@ def test_zero3_trains_and_serves_its_master_weights(ray_cluster, small_text, tmp
     from bigray.recipes.gpt import pretrain
     from bigray.train.engine import fp32_weights
 
-    summary = pretrain(tiny_config(small_text, tmp_path, "zero3", "deepspeed.zero_stage=3", "run.checkpoint_interval=30"))
+    summary = pretrain(
+        tiny_config(small_text, tmp_path, "zero3", "deepspeed.zero_stage=3", "run.checkpoint_interval=30")
+    )
     _assert_trained(summary, small_text[1].vocab_size)
     shards = _shard_files(summary["checkpoint"])
     for rank in (0, 1):  # parameters are partitioned too: each rank saves its own model states
-        assert f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in shards and f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" in shards
+        assert (
+            f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in shards
+            and f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" in shards
+        )
     # the served weights (gathered parameter by parameter) are exactly the fp32 master weights
     served = load_file(str(Path(summary["checkpoint"], "model", "model.safetensors")))
     master = fp32_weights(summary["checkpoint"], 3)
@@ -111,7 +134,9 @@ def test_resume_continues_with_identical_losses(zero2_run, ray_cluster, small_te
     cfg, summary = zero2_run
     step20 = Path(summary["run_dir"]) / "checkpoint_step_0000020"
     before = hashlib.sha256((step20 / "bigray.json").read_bytes()).hexdigest()
-    resumed_cfg = dataclasses.replace(cfg, resume_from=str(step20), run=dataclasses.replace(cfg.run, name="resumed", storage_path=str(tmp_path)))
+    resumed_cfg = dataclasses.replace(
+        cfg, resume_from=str(step20), run=dataclasses.replace(cfg.run, name="resumed", storage_path=str(tmp_path))
+    )
     resumed = pretrain(resumed_cfg)
     full, part = metrics_by_step(summary["run_dir"]), metrics_by_step(resumed["run_dir"])
     assert min(part) == 21 and max(part) == 30  # continued at the next step
@@ -123,7 +148,9 @@ def test_resume_continues_with_identical_losses(zero2_run, ray_cluster, small_te
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, workers", [(0, (1,)), (2, (1, 4))])
-def test_a_run_resumed_at_another_world_size_trains_on_the_same_windows(ray_cluster, small_text, tmp_path, stage, workers):
+def test_a_run_resumed_at_another_world_size_trains_on_the_same_windows(
+    ray_cluster, small_text, tmp_path, stage, workers
+):
     """The global batch is the contract: a 2-worker run resumed at step 10 on 1 worker (4 micro batches
     accumulated where 2 ranks took 2 each) or on 4 (one each) trains on the same windows in the same
     order, with the same dropout, as the uninterrupted run; ZeRO-2 shards are re-partitioned through a
@@ -133,14 +160,22 @@ def test_a_run_resumed_at_another_world_size_trains_on_the_same_windows(ray_clus
     the 10 steps): 1e-6 relative."""
     from bigray.recipes.gpt import pretrain
 
-    common = (f"deepspeed.zero_stage={stage}", "deepspeed.precision=fp32", "model.dropout=0.1", "train.micro_batch_size=4",
-              "train.global_batch_size=16", "train.max_steps=20")  # fmt: skip
+    common = (
+        f"deepspeed.zero_stage={stage}",
+        "deepspeed.precision=fp32",
+        "model.dropout=0.1",
+        "train.micro_batch_size=4",
+        "train.global_batch_size=16",
+        "train.max_steps=20",
+    )
     full = pretrain(tiny_config(small_text, tmp_path, "two", *common))
     step10 = Path(full["run_dir"]) / "checkpoint_step_0000010"
     two = metrics_by_step(full["run_dir"])
     assert {two[s]["train/world_size"] for s in two} == {2} and len({two[s]["train/windows"] for s in two}) == 20
     for n in workers:
-        summary = pretrain(tiny_config(small_text, tmp_path, f"on{n}", *common, f"scaling.num_workers={n}", f"resume_from={step10}"))
+        summary = pretrain(
+            tiny_config(small_text, tmp_path, f"on{n}", *common, f"scaling.num_workers={n}", f"resume_from={step10}")
+        )
         resumed = metrics_by_step(summary["run_dir"])
         assert sorted(resumed) == list(range(11, 21)), n
         for step in range(11, 21):
@@ -167,7 +202,7 @@ def test_export_round_trip(zero2_run, tmp_path):
         assert torch.allclose(exported(ids).logits, trained(ids).logits, atol=1e-4)
     generated = exported.generate(ids, max_new_tokens=12, do_sample=False)
     assert generated.shape[1] == ids.shape[1] + 12
-    assert isinstance(tok.decode(generated[0, ids.shape[1]:]), str)
+    assert isinstance(tok.decode(generated[0, ids.shape[1] :]), str)
     # exporting into a non-empty directory is refused rather than overwriting it
     assert main(["export", summary["run_dir"], str(out)]) == 2
 
@@ -186,12 +221,16 @@ def test_bad_inputs_fail_before_training(ray_cluster, small_text, tmp_path, zero
     digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.rglob("*") if p.is_file()}
     with pytest.raises(CheckpointError, match="ZeRO stage 2, this run 3"):
         pretrain(tiny_config(small_text, tmp_path, "b4", "deepspeed.zero_stage=3", f"resume_from={ckpt}"))
-    with pytest.raises(ConfigError, match=r"train.micro_batch_size \(8\) x scaling.num_workers \(2\) = 16 must divide it"):
+    with pytest.raises(
+        ConfigError, match=r"train.micro_batch_size \(8\) x scaling.num_workers \(2\) = 16 must divide it"
+    ):
         pretrain(tiny_config(small_text, tmp_path, "b5", "train.global_batch_size=24", f"resume_from={ckpt}"))
     # a re-run of a run name continues its own newest checkpoint, before any resume_from (the rule the
     # workers load by), so that is the one the driver checks: here it is refused as the run's own
     shutil.copytree(ckpt, tmp_path / "b6" / ckpt.name)
-    with pytest.raises(CheckpointError, match="run.name 'b6' already holds .*ZeRO stage 2, this run 3.*pick a new run.name"):
+    with pytest.raises(
+        CheckpointError, match="run.name 'b6' already holds .*ZeRO stage 2, this run 3.*pick a new run.name"
+    ):
         pretrain(tiny_config(small_text, tmp_path, "b6", "deepspeed.zero_stage=3", f"resume_from={ckpt}"))
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.rglob("*") if p.is_file()} == digest
     assert not (tmp_path / "b4").exists() and not (tmp_path / "b5").exists()

@@ -20,14 +20,41 @@ def test_ray_job_submit_runs_gpt_pretraining(ray_cluster, small_text, tmp_path):
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_AUTH_MODE": "token"}  # Ray 2.60 local heads require the token
     cmd = [
-        ray_bin, "job", "submit", "--address", dashboard, "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps({"excludes": [".git", ".venv", "runs", "data", ".cache", "bench/out"]}),
-        "--", "python", "jobs/pretrain_gpt.py", "--config", "jobs/configs/gpt_tiny.yaml",
-        "--set", f"data.cache_dir={text_cfg.cache_dir}", "--set", f"data.max_chars={text_cfg.max_chars}",
-        "--set", f"data.vocab_size={text_cfg.vocab_size}", "--set", "model.block_size=64",
-        "--set", "train.micro_batch_size=4", "--set", "train.max_steps=6", "--set", "train.eval_interval=6",
-        "--set", "run.checkpoint_interval=6", "--set", f"run.storage_path={tmp_path}", "--set", "run.name=submitted",
-    ]  # fmt: skip
+        ray_bin,
+        "job",
+        "submit",
+        "--address",
+        dashboard,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps({"excludes": [".git", ".venv", "runs", "data", ".cache", "bench/out"]}),
+        "--",
+        "python",
+        "jobs/pretrain_gpt.py",
+        "--config",
+        "jobs/configs/gpt_tiny.yaml",
+        "--set",
+        f"data.cache_dir={text_cfg.cache_dir}",
+        "--set",
+        f"data.max_chars={text_cfg.max_chars}",
+        "--set",
+        f"data.vocab_size={text_cfg.vocab_size}",
+        "--set",
+        "model.block_size=64",
+        "--set",
+        "train.micro_batch_size=4",
+        "--set",
+        "train.max_steps=6",
+        "--set",
+        "train.eval_interval=6",
+        "--set",
+        "run.checkpoint_interval=6",
+        "--set",
+        f"run.storage_path={tmp_path}",
+        "--set",
+        "run.name=submitted",
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in (out.stdout + out.stderr).lower()
@@ -43,9 +70,22 @@ def test_submitted_job_with_bad_config_fails_with_the_message(ray_cluster, tmp_p
 
     dashboard = "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps({"excludes": [".git", ".venv", "runs", "data", ".cache"]}),
-           "--", "python", "jobs/train_resnet.py", "--set", "train.batch_size=-1"]  # fmt: skip
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        dashboard,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps({"excludes": [".git", ".venv", "runs", "data", ".cache"]}),
+        "--",
+        "python",
+        "jobs/train_resnet.py",
+        "--set",
+        "train.batch_size=-1",
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode != 0
     assert "train.batch_size" in out.stdout + out.stderr

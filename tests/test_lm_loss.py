@@ -70,7 +70,9 @@ def test_cpu_bf16_trains_fp32_weights_under_autocast():
     assert training_precision("auto", cpu, cpu_bf16=True) == ("bf16" if cpu_has_bf16() else "fp32")
     assert training_precision("auto", cpu) == "fp32"  # loops without a CPU bf16 path (ResNet)
     assert cpu_autocast("bf16", cpu) and not cpu_autocast("bf16", torch.device("cuda", 0))
-    ds = deepspeed_config(DeepSpeedConfig(zero_stage=2, precision="bf16"), GPTTrainConfig(), world_size=2, use_gpu=False)
+    ds = deepspeed_config(
+        DeepSpeedConfig(zero_stage=2, precision="bf16"), GPTTrainConfig(), world_size=2, use_gpu=False
+    )
     assert not ds["bf16"]["enabled"] and "data_types" not in ds  # DeepSpeed keeps fp32 weights and gradients
 
 
@@ -90,6 +92,9 @@ def test_the_eager_softmax_gradient_matches_the_compiled_one():
     logits = (torch.randn(16, 300, generator=g) * 4).to(torch.bfloat16)
     targets = torch.randint(0, 300, (16,), generator=g)
     valid = (torch.arange(16) % 3 != 0).float()
-    (a_loss, a_grad), (b_loss, b_grad) = _softmax_grad(logits, targets, valid), _softmax_grad_eager(logits, targets, valid)
+    (a_loss, a_grad), (b_loss, b_grad) = (
+        _softmax_grad(logits, targets, valid),
+        _softmax_grad_eager(logits, targets, valid),
+    )
     assert torch.allclose(a_loss, b_loss, atol=1e-5) and a_loss[0] == 0
     assert torch.allclose(a_grad.float(), b_grad.float(), atol=1e-2) and not b_grad[0].any()

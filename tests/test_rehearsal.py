@@ -22,7 +22,12 @@ def rehearse(out: Path, downloads: Path, bucket: str, *extra: str) -> dict:
     import boto3
 
     boto3.client("s3").create_bucket(Bucket=bucket)
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), str(downloads), bucket, *extra], capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), str(downloads), bucket, *extra],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith('{"steps"')]
     assert lines, proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads(lines[-1])
@@ -34,17 +39,32 @@ def test_readme_cluster_commands_pass_in_order_on_nodes_that_share_only_a_bucket
     failed = [s for s in steps if not s["ok"]]
     assert not failed, json.dumps(failed, indent=1)[-6000:]
     names = [s["step"] for s in steps]
-    assert names[names.index("ray up"):] == ["ray up", "bigray cluster check", "bigray cluster smoke", "jobs/pretrain_gpt.py", "aws s3 cp",
-                                             "jobs/tune.py", "jobs/serve_app.py"], names  # fmt: skip
+    assert names[names.index("ray up") :] == [
+        "ray up",
+        "bigray cluster check",
+        "bigray cluster smoke",
+        "jobs/pretrain_gpt.py",
+        "aws s3 cp",
+        "jobs/tune.py",
+        "jobs/serve_app.py",
+    ], names
     check = next(s for s in steps if s["step"] == "bigray cluster check")["output"]
-    assert '"cluster_check": "passed"' in check and check.count("reads and writes run.storage_path: s3://rehearsal/") == 3, check[-3000:]
+    assert (
+        '"cluster_check": "passed"' in check and check.count("reads and writes run.storage_path: s3://rehearsal/") == 3
+    ), check[-3000:]
     smoke_out = next(s for s in steps if s["step"] == "bigray cluster smoke")["output"]
-    smoke = json.loads(next(line for line in smoke_out.splitlines()[::-1] if line.startswith('{"cluster_smoke"')))["cluster_smoke"]
-    assert smoke["world_size"] == 2 and math.isfinite(smoke["zero3_loss"]) and smoke["zero3_loss"] > 0, smoke  # one ZeRO-3 step on gloo
+    smoke = json.loads(next(line for line in smoke_out.splitlines()[::-1] if line.startswith('{"cluster_smoke"')))[
+        "cluster_smoke"
+    ]
+    assert smoke["world_size"] == 2 and math.isfinite(smoke["zero3_loss"]) and smoke["zero3_loss"] > 0, (
+        smoke
+    )  # one ZeRO-3 step on gloo
     assert all(row["bus_gbps"] > 0 for row in smoke["links"]["all ranks"]), smoke
     pretrain = next(s for s in steps if s["step"] == "jobs/pretrain_gpt.py")["output"]
     summary = json.loads(next(line for line in pretrain.splitlines()[::-1] if line.startswith('{"run_dir"')))
-    assert summary["checkpoint"].startswith("s3://rehearsal/bigray-runs/gpt-124m/") and summary["metrics"]["step"] == 10, summary
+    assert (
+        summary["checkpoint"].startswith("s3://rehearsal/bigray-runs/gpt-124m/") and summary["metrics"]["step"] == 10
+    ), summary
     requests = result["requests"]
     assert requests["no_key"] == 401, requests
     assert requests["completion"]["status"] == 200 and requests["completion"]["text"], requests
@@ -56,5 +76,7 @@ def test_a_local_data_directory_stops_the_rehearsal_at_the_pretraining_step(s3_s
     result = rehearse(tmp_path / "local", downloads_dir, "rehearsal-local", "data.cache_dir=./data")
     last = result["steps"][-1]
     assert last["step"] == "jobs/pretrain_gpt.py" and not last["ok"], result["steps"]
-    assert "config error at 'data.cache_dir'" in last["output"] and "3 nodes are up" in last["output"], last["output"][-3000:]
+    assert "config error at 'data.cache_dir'" in last["output"] and "3 nodes are up" in last["output"], last["output"][
+        -3000:
+    ]
     assert "requests" not in result

@@ -24,10 +24,18 @@ def resnet_config(tmp_path, name, *overrides):
         ResNetJobConfig,
         REPO / "jobs" / "configs" / "resnet_fashion.yaml",
         [
-            "data.max_train_samples=2400", "data.max_eval_samples=1000", "train.epochs=2", "train.batch_size=16",
-            "train.lr=0.2", "train.augment=true", "train.precision=bf16", f"run.storage_path={tmp_path}", f"run.name={name}", *overrides,
+            "data.max_train_samples=2400",
+            "data.max_eval_samples=1000",
+            "train.epochs=2",
+            "train.batch_size=16",
+            "train.lr=0.2",
+            "train.augment=true",
+            "train.precision=bf16",
+            f"run.storage_path={tmp_path}",
+            f"run.name={name}",
+            *overrides,
         ],
-    )  # fmt: skip
+    )
 
 
 def metrics_by_epoch(run_dir):
@@ -92,10 +100,15 @@ def test_resume_continues_at_saved_epoch_with_optimizer_state(ddp_run, ray_clust
     assert torch.load(epoch1 / "train_state.pt", weights_only=True)["optimizer"]["state"]  # momentum buffers saved
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="resnet-e2e")
     upload(epoch1, "s3://resnet-e2e/saved/checkpoint_epoch_0001")
-    resumed_cfg = dataclasses.replace(cfg, resume_from="s3://resnet-e2e/saved/checkpoint_epoch_0001",
-                                      run=dataclasses.replace(cfg.run, name="resumed", storage_path="s3://resnet-e2e/runs"))  # fmt: skip
+    resumed_cfg = dataclasses.replace(
+        cfg,
+        resume_from="s3://resnet-e2e/saved/checkpoint_epoch_0001",
+        run=dataclasses.replace(cfg.run, name="resumed", storage_path="s3://resnet-e2e/runs"),
+    )
     out = train_resnet(resumed_cfg)
-    assert out["run_dir"] == "s3://resnet-e2e/runs/resumed" and out["checkpoint"].startswith("s3://resnet-e2e/runs/resumed/")
+    assert out["run_dir"] == "s3://resnet-e2e/runs/resumed" and out["checkpoint"].startswith(
+        "s3://resnet-e2e/runs/resumed/"
+    )
     assert read_meta(out["checkpoint"], "resnet").epoch == 2
     resumed = {m["epoch"]: m for m in read_metrics(out["run_dir"])}
     full = metrics_by_epoch(summary["run_dir"])
@@ -108,12 +121,19 @@ def test_resume_continues_at_saved_epoch_with_optimizer_state(ddp_run, ray_clust
 
 @needs_fmnist
 def test_checkpoint_loads_into_fresh_model_with_same_predictions(tmp_path):
-    from bigray.train.context import LocalContext
     from bigray.artifacts.resnet_card import load_classifier
+    from bigray.train.context import LocalContext
     from bigray.train.resnet import ResNetTrainer
 
-    cfg = resnet_config(tmp_path, "local", "data.max_train_samples=320", "data.max_eval_samples=200", "train.epochs=1",
-                        "train.precision=fp32", "scaling.num_workers=1")  # fmt: skip
+    cfg = resnet_config(
+        tmp_path,
+        "local",
+        "data.max_train_samples=320",
+        "data.max_eval_samples=200",
+        "train.epochs=1",
+        "train.precision=fp32",
+        "scaling.num_workers=1",
+    )
     trainer = ResNetTrainer(cfg, LocalContext(str(tmp_path)), str(tmp_path))
     trainer.run()
     ckpt = sorted(tmp_path.glob("checkpoint_epoch_*"))[-1]

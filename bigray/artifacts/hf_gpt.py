@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +27,11 @@ def causal_lm_class(model_cfg: Any) -> str:
 
 
 def save_hf_model(
-    state_dict: dict[str, torch.Tensor], model_cfg: Any, tokenizer_dir: str | Path, out: Path, generation_dir: Path | None = None
+    state_dict: dict[str, torch.Tensor],
+    model_cfg: Any,
+    tokenizer_dir: str | Path,
+    out: Path,
+    generation_dir: Path | None = None,
 ) -> None:
     """A Hugging Face model directory: config.json, model.safetensors (a tied head dropped), tokenizer,
     and the generation_config.json of ``generation_dir`` (a base model's: its end-of-turn tokens)."""
@@ -38,7 +42,9 @@ def save_hf_model(
     model_cfg.architectures = [causal_lm_class(model_cfg)]
     model_cfg.save_pretrained(str(out))
     tied = getattr(model_cfg, "tie_word_embeddings", False)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if not (tied and k == "lm_head.weight")}
+    tensors = {
+        k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if not (tied and k == "lm_head.weight")
+    }
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -83,7 +89,11 @@ def read_decoder_config(model_dir: Path) -> Any:
         )
     if not sorted(model_dir.glob("*.safetensors")):
         pickled = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
-        found = f" (found {', '.join(pickled)}: pickled weights are never loaded; convert them to safetensors)" if pickled else ""
+        found = (
+            f" (found {', '.join(pickled)}: pickled weights are never loaded; convert them to safetensors)"
+            if pickled
+            else ""
+        )
         raise CheckpointError(f"{model_dir} has no *.safetensors weights{found}")
     try:
         config = AutoConfig.from_pretrained(str(model_dir))  # no trust_remote_code: a directory's own code never runs
@@ -92,7 +102,9 @@ def read_decoder_config(model_dir: Path) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{model_dir} has no usable tokenizer (the base model's tokenizer is kept): {e}") from None
+        raise CheckpointError(
+            f"{model_dir} has no usable tokenizer (the base model's tokenizer is kept): {e}"
+        ) from None
     if len(tok) > config.vocab_size:
         raise CheckpointError(
             f"{model_dir}: the tokenizer has {len(tok)} tokens but the model's vocabulary (vocab_size) has "
@@ -107,7 +119,9 @@ HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.t
 
 def is_hub_id(source: str) -> bool:
     """``org/name`` that is not a local path or a URI: a Hugging Face Hub model id."""
-    return "://" not in source and not Path(source).exists() and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", source) is not None
+    return (
+        "://" not in source and not Path(source).exists() and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", source) is not None
+    )
 
 
 def hub_snapshot(repo_id: str) -> Path:
@@ -176,7 +190,9 @@ def vllm_problems(model_dir: str | Path) -> list[str]:
         return [f"{model_dir}/config.json is unreadable: {e}"]
     problems = []
     if raw.get("model_type") != "gpt2" or "GPT2LMHeadModel" not in (raw.get("architectures") or []):
-        problems.append(f"config.json: model_type {raw.get('model_type')!r}, architectures {raw.get('architectures')}: vLLM needs gpt2 / GPT2LMHeadModel")
+        problems.append(
+            f"config.json: model_type {raw.get('model_type')!r}, architectures {raw.get('architectures')}: vLLM needs gpt2 / GPT2LMHeadModel"
+        )
     for flag in ("add_cross_attention", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if raw.get(flag):
             problems.append(f"config.json: {flag} is set; vLLM's GPT-2 does not support it")
@@ -186,10 +202,20 @@ def vllm_problems(model_dir: str | Path) -> list[str]:
     inner = raw.get("n_inner") or 4 * d
     expected = {"wte.weight": (vocab, d), "wpe.weight": (positions, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
     for i in range(layers):
-        for name, shape in {"ln_1.weight": (d,), "ln_1.bias": (d,), "attn.c_attn.weight": (d, 3 * d), "attn.c_attn.bias": (3 * d,),
-                            "attn.c_proj.weight": (d, d), "attn.c_proj.bias": (d,), "ln_2.weight": (d,), "ln_2.bias": (d,),
-                            "mlp.c_fc.weight": (d, inner), "mlp.c_fc.bias": (inner,), "mlp.c_proj.weight": (inner, d),
-                            "mlp.c_proj.bias": (d,)}.items():  # fmt: skip
+        for name, shape in {
+            "ln_1.weight": (d,),
+            "ln_1.bias": (d,),
+            "attn.c_attn.weight": (d, 3 * d),
+            "attn.c_attn.bias": (3 * d,),
+            "attn.c_proj.weight": (d, d),
+            "attn.c_proj.bias": (d,),
+            "ln_2.weight": (d,),
+            "ln_2.bias": (d,),
+            "mlp.c_fc.weight": (d, inner),
+            "mlp.c_fc.bias": (inner,),
+            "mlp.c_proj.weight": (inner, d),
+            "mlp.c_proj.bias": (d,),
+        }.items():
             expected[f"h.{i}.{name}"] = shape
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -201,7 +227,9 @@ def vllm_problems(model_dir: str | Path) -> list[str]:
                 found[key.removeprefix("transformer.")] = tuple(weights.get_slice(key).get_shape())
     for name, shape in expected.items():
         if files and found.get(name) != shape:
-            problems.append(f"weight {name}: {'missing' if name not in found else f'shape {found[name]}'}, vLLM expects {shape}")
+            problems.append(
+                f"weight {name}: {'missing' if name not in found else f'shape {found[name]}'}, vLLM expects {shape}"
+            )
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         if len(tok) > vocab:

@@ -17,7 +17,19 @@ from pathlib import Path
 from bigray.artifacts.adapter import ADAPTER_CONFIG
 from bigray.artifacts.checkpoint import META, CheckpointError, CheckpointMeta, latest_complete, model_files, read_meta
 from bigray.artifacts.hf_gpt import hub_snapshot, is_hub_id
-from bigray.artifacts.storage import absolute, cached_copy, drop_copy, is_file, is_dir, is_uri, join, kind_of, name_of, parent, read_text
+from bigray.artifacts.storage import (
+    absolute,
+    cached_copy,
+    drop_copy,
+    is_dir,
+    is_file,
+    is_uri,
+    join,
+    kind_of,
+    name_of,
+    parent,
+    read_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +39,9 @@ MODEL_PARTS = (META, "ranks", "model")
 
 def is_export(location: str) -> bool:
     """An exported Hugging Face / model directory (weights + config, or a LoRA adapter; no bigray.json)."""
-    return (is_file(join(location, "config.json")) or is_file(join(location, ADAPTER_CONFIG))) and not is_file(join(location, META))
+    return (is_file(join(location, "config.json")) or is_file(join(location, ADAPTER_CONFIG))) and not is_file(
+        join(location, META)
+    )
 
 
 def _from_summary(summary: str) -> str:
@@ -47,7 +61,9 @@ def _from_summary(summary: str) -> str:
     except CheckpointError as e:
         fallback = latest_complete(parent(summary))
         if fallback is None:
-            raise CheckpointError(f"{summary} records {recorded}, which cannot be used ({e}), and its run holds no other complete checkpoint") from None
+            raise CheckpointError(
+                f"{summary} records {recorded}, which cannot be used ({e}), and its run holds no other complete checkpoint"
+            ) from None
         log.warning("%s records %s, which cannot be used (%s); using %s", summary, recorded, e, fallback)
         return fallback
 

@@ -75,8 +75,13 @@ def jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def finish(directory: str, checkpoint: str | None, metrics: dict[str, Any],
-           record: Callable[[dict[str, Any]], None] | None = None, **extra: Any) -> dict[str, Any]:  # fmt: skip
+def finish(
+    directory: str,
+    checkpoint: str | None,
+    metrics: dict[str, Any],
+    record: Callable[[dict[str, Any]], None] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """Save summary.json in the run directory, hand it to ``record`` (before printing: a tracker's
     own output must not come after the summary line), then print it as the last, one-line JSON output."""
     summary = jsonable({"run_dir": directory, "checkpoint": checkpoint, "metrics": metrics, **extra})

@@ -47,10 +47,27 @@ def absolute(path: str) -> str:
     return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
-NETWORK_FILESYSTEMS = frozenset({
-    "nfs", "nfs4", "lustre", "cifs", "smb3", "ceph", "glusterfs", "gpfs", "beegfs", "wekafs", "fuse.s3fs",
-    "fuse.mountpoint-s3", "fuse.gcsfuse", "fuse.juicefs", "fuse.glusterfs", "fuse.ceph", "efs",
-})  # fmt: skip
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "lustre",
+        "cifs",
+        "smb3",
+        "ceph",
+        "glusterfs",
+        "gpfs",
+        "beegfs",
+        "wekafs",
+        "fuse.s3fs",
+        "fuse.mountpoint-s3",
+        "fuse.gcsfuse",
+        "fuse.juicefs",
+        "fuse.glusterfs",
+        "fuse.ceph",
+        "efs",
+    }
+)
 """Filesystem types (as /proc/mounts names them) that every node of a cluster can mount."""
 
 
@@ -115,7 +132,12 @@ def filesystem(location: str) -> tuple[Any, str]:
     if not is_uri(location):
         return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
     base, query = _split(location)
-    if base.startswith("s3://") and "anonymous=true" not in query and "access_key=" not in query and not _aws_credentials_found():
+    if (
+        base.startswith("s3://")
+        and "anonymous=true" not in query
+        and "access_key=" not in query
+        and not _aws_credentials_found()
+    ):
         raise StorageError(
             f"no AWS credentials found for {location}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(or AWS_PROFILE, or give the node an instance role), or add ?anonymous=true for a public bucket"
@@ -146,7 +168,11 @@ def _errors(location: str, doing: str) -> Iterator[None]:
     except FileNotFoundError:
         raise StorageError(f"{location} does not exist (while {doing})") from None
     except OSError as e:
-        hint = " (check the endpoint, the bucket name and the credentials: AWS_* / GOOGLE_* environment variables)" if is_uri(location) else ""
+        hint = (
+            " (check the endpoint, the bucket name and the credentials: AWS_* / GOOGLE_* environment variables)"
+            if is_uri(location)
+            else ""
+        )
         raise StorageError(f"cannot {doing} {location}: {e}{hint}") from None
 
 
@@ -232,7 +258,7 @@ def file_sizes(location: str) -> dict[str, int]:
     with _errors(location, "list"):
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     prefix = root.rstrip("/") + "/"
-    return {i.path[len(prefix):]: i.size for i in infos if i.type == pafs.FileType.File and i.path.startswith(prefix)}
+    return {i.path[len(prefix) :]: i.size for i in infos if i.type == pafs.FileType.File and i.path.startswith(prefix)}
 
 
 def subdirs(location: str) -> list[str]:
@@ -302,9 +328,11 @@ def _fingerprint(location: str, parts: Sequence[str]) -> str:
     prefix = root.rstrip("/") + "/"
     wanted = [f"{prefix}{p}" for p in parts]
     listing = sorted(
-        (i.path, i.size, str(i.mtime)) for i in infos
-        if i.type == pafs.FileType.File and (not parts or any(i.path == w or i.path.startswith(w + "/") for w in wanted))
-    )  # fmt: skip
+        (i.path, i.size, str(i.mtime))
+        for i in infos
+        if i.type == pafs.FileType.File
+        and (not parts or any(i.path == w or i.path.startswith(w + "/") for w in wanted))
+    )
     if not listing:
         raise StorageError(f"{location} does not exist or holds no files")
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:12]
@@ -343,7 +371,13 @@ def cached_copy(location: str, parts: Sequence[str] = (), area: str = "copies") 
                 pafs.copy_files(src, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         (tmp / COMPLETE).write_text(location + "\n")
         tmp.rename(dest)
-        record = {"location": location, "parts": list(parts), "to": str(dest), "seconds": round(time.time() - t0, 3), "pid": os.getpid()}
+        record = {
+            "location": location,
+            "parts": list(parts),
+            "to": str(dest),
+            "seconds": round(time.time() - t0, 3),
+            "pid": os.getpid(),
+        }
         with open(cache_root() / "downloads.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         return dest
@@ -371,10 +405,11 @@ def cached_file(location: str) -> Path:
             info = fs.get_file_info(p)
         if info.type != pafs.FileType.File:
             raise StorageError(f"{location} does not exist")
-        dest = prefix.with_name(f"{prefix.name}-{hashlib.sha256(f'{info.size}{info.mtime}'.encode()).hexdigest()[:12]}") / name_of(location)
+        dest = prefix.with_name(
+            f"{prefix.name}-{hashlib.sha256(f'{info.size}{info.mtime}'.encode()).hexdigest()[:12]}"
+        ) / name_of(location)
         if not dest.is_file():
             for stale in prefix.parent.glob(f"{prefix.name}-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             write_bytes(str(dest), read_bytes(location))
         return dest
-

@@ -36,7 +36,11 @@ PARENT_TAG = "mlflow.parentRunId"
 DEFAULT_NAME = "bigray"
 
 # MLflow retries an unreachable server for minutes by default; a run must not wait on it.
-_MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+_MLFLOW_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
 
 
 def resolved(t: TrackingConfig, environ: Mapping[str, str] = os.environ) -> TrackingConfig:
@@ -46,7 +50,9 @@ def resolved(t: TrackingConfig, environ: Mapping[str, str] = os.environ) -> Trac
     if backend == "auto":
         if t.uri or environ.get("MLFLOW_TRACKING_URI"):
             backend = "mlflow"
-        elif environ.get("WANDB_MODE") != "disabled" and (environ.get("WANDB_PROJECT") or environ.get("WANDB_MODE") in ("online", "offline")):
+        elif environ.get("WANDB_MODE") != "disabled" and (
+            environ.get("WANDB_PROJECT") or environ.get("WANDB_MODE") in ("online", "offline")
+        ):
             backend = "wandb"
         else:
             backend = "none"
@@ -56,11 +62,15 @@ def resolved(t: TrackingConfig, environ: Mapping[str, str] = os.environ) -> Trac
     try:
         __import__(module)
     except ImportError:
-        raise ConfigError("tracking.backend", f"{backend!r} needs the {module} package (pip install {module})") from None
+        raise ConfigError(
+            "tracking.backend", f"{backend!r} needs the {module} package (pip install {module})"
+        ) from None
     if backend == "mlflow":
         uri = t.uri or environ.get("MLFLOW_TRACKING_URI", "")
         if not uri:
-            raise ConfigError("tracking.uri", "the mlflow backend needs a tracking URI: set tracking.uri or MLFLOW_TRACKING_URI")
+            raise ConfigError(
+                "tracking.uri", "the mlflow backend needs a tracking URI: set tracking.uri or MLFLOW_TRACKING_URI"
+            )
         experiment = t.experiment or environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_NAME
         return TrackingConfig(**{**to_dict(t), "backend": "mlflow", "uri": uri, "experiment": experiment})
     mode = t.mode or environ.get("WANDB_MODE", "online")
@@ -87,7 +97,11 @@ def flat_params(cfg: Any) -> dict[str, str]:
 
 def numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The finite numbers of one report (what a tracker can plot)."""
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 def versions() -> dict[str, str]:
@@ -146,8 +160,15 @@ class TrackedRun:
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def start(cls, t: TrackingConfig, run_dir: str, run_name: str, params: dict[str, str], tags: dict[str, str],
-              files_dir: str | None = None) -> TrackedRun:  # fmt: skip
+    def start(
+        cls,
+        t: TrackingConfig,
+        run_dir: str,
+        run_name: str,
+        params: dict[str, str],
+        tags: dict[str, str],
+        files_dir: str | None = None,
+    ) -> TrackedRun:
         """Open (or, when the run directory names one, continue) the tracking run: rank 0 at the start of training."""
         run = cls(t, run_dir, files_dir)
         if t.backend in ("none", "auto"):
@@ -161,7 +182,10 @@ class TrackedRun:
         if run._guard("open the run", lambda: run._open(t.run_name or run_name, resume_id, all_tags)):
             run.call("log the params", lambda s: s.params(params, resumed=bool(resume_id)))
             if run.active:
-                write_text(join(run_dir, TRACKING), json.dumps({"backend": t.backend, "where": _where(t), "run_id": run.run_id}) + "\n")
+                write_text(
+                    join(run_dir, TRACKING),
+                    json.dumps({"backend": t.backend, "where": _where(t), "run_id": run.run_id}) + "\n",
+                )
                 log.info("tracking: %s run %s%s", t.backend, run.run_id, " (resumed)" if resume_id else "")
         return run
 
@@ -198,7 +222,9 @@ class TrackedRun:
             fn()
             return True
         except Exception as e:  # noqa: BLE001 - any tracker failure is reported once, never raised
-            self.lost = f"could not {doing} on {self.t.backend} ({_where(self.t)}): {type(e).__name__}: {str(e).strip()[:300]}"
+            self.lost = (
+                f"could not {doing} on {self.t.backend} ({_where(self.t)}): {type(e).__name__}: {str(e).strip()[:300]}"
+            )
             log.warning("tracking: %s; training goes on without tracking", self.lost)
             self.session = None
             return False
@@ -235,9 +261,15 @@ class TrackedRun:
                 write_text(join(self.run_dir, TRACKING), json.dumps({**state, "lost": self.lost}) + "\n")
 
 
-def record_outcome(t: TrackingConfig, run_dir: str, status: str | None, tags: Mapping[str, Any] | None = None,
-                   files: Sequence[str] = (), texts: Mapping[str, str] | None = None,
-                   metrics: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+def record_outcome(
+    t: TrackingConfig,
+    run_dir: str,
+    status: str | None,
+    tags: Mapping[str, Any] | None = None,
+    files: Sequence[str] = (),
+    texts: Mapping[str, str] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+) -> None:
     """The driver's last words on a run: tags (checkpoint URIs), ``metrics`` (a search's best value),
     files (plots) and ``texts`` (name -> content, e.g. summary.json) attached, then ``status``
     (FINISHED, FAILED or KILLED; None leaves it as it is). Nothing happens without a tracking run."""
@@ -321,15 +353,24 @@ class _MLflowSession:
 class _WandbSession:
     """A W&B run (``wandb.init`` with an explicit id and ``resume="allow"``), its files under ``files_dir``."""
 
-    def __init__(self, t: TrackingConfig, run_name: str | None, run_id: str | None, tags: dict[str, str], files_dir: str):
+    def __init__(
+        self, t: TrackingConfig, run_name: str | None, run_id: str | None, tags: dict[str, str], files_dir: str
+    ):
         import wandb
 
         self.files_dir = files_dir
         self.run = wandb.init(
-            project=t.project, name=run_name, id=run_id, resume="allow", group=t.experiment or None, mode=t.mode,
-            dir=files_dir, tags=[f"{k}={v}"[:64] for k, v in t.tags.items()] or None, reinit="create_new",
+            project=t.project,
+            name=run_name,
+            id=run_id,
+            resume="allow",
+            group=t.experiment or None,
+            mode=t.mode,
+            dir=files_dir,
+            tags=[f"{k}={v}"[:64] for k, v in t.tags.items()] or None,
+            reinit="create_new",
             settings=wandb.Settings(console="off", silent=True),
-        )  # fmt: skip
+        )
         self.run_id = self.run.id
         self.tags(tags)
 

@@ -17,7 +17,20 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from bigray.artifacts.storage import FileLock, atomic_write_bytes, cache_root, cached_copy, drop_copy, is_file, file_sizes, is_uri, join, name_of, read_text, upload
+from bigray.artifacts.storage import (
+    FileLock,
+    atomic_write_bytes,
+    cache_root,
+    cached_copy,
+    drop_copy,
+    file_sizes,
+    is_file,
+    is_uri,
+    join,
+    name_of,
+    read_text,
+    upload,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +96,13 @@ def stored_manifest(location: str) -> dict[str, Any] | None:
         sizes = file_sizes(location)
         for name, rec in manifest["files"].items():
             if sizes.get(name) != rec["bytes"]:
-                raise DataError(f"the prepared data at {location} is damaged: {name} has {sizes.get(name)} bytes, its manifest says {rec['bytes']}; delete {location} to prepare it again")
+                raise DataError(
+                    f"the prepared data at {location} is damaged: {name} has {sizes.get(name)} bytes, its manifest says {rec['bytes']}; delete {location} to prepare it again"
+                )
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise DataError(f"the prepared data at {location} has an unreadable {MANIFEST} ({e}); delete {location} to prepare it again") from None
+        raise DataError(
+            f"the prepared data at {location} has an unreadable {MANIFEST} ({e}); delete {location} to prepare it again"
+        ) from None
     return manifest
 
 
@@ -110,7 +127,9 @@ def open_cache_dir(location: str) -> tuple[Path, dict[str, Any]]:
             )
         return directory, manifest
     if stored_manifest(location) is None:
-        raise DataError(f"no complete prepared data at {location}: run `bigray data prepare` (or the training command) with this cache_dir")
+        raise DataError(
+            f"no complete prepared data at {location}: run `bigray data prepare` (or the training command) with this cache_dir"
+        )
     local = cached_copy(location, area="data")
     manifest, problem = manifest_problem(local)
     if manifest is None:
@@ -166,7 +185,18 @@ def fetch_from_pypi(requirement: str, sha256: str, dest: Path, sdist: bool) -> P
         # (an sdist's setup code runs only once the file is known to be the expected one).
         pinned = Path(tmp, "requirement.txt")
         pinned.write_text(f"{requirement} --hash=sha256:{sha256}\n")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--disable-pip-version-check", "-q", "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--require-hashes",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            tmp,
+        ]
         cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
         cmd += ["-r", str(pinned)]
         log.info("downloading %s from the package index", requirement)
@@ -174,7 +204,9 @@ def fetch_from_pypi(requirement: str, sha256: str, dest: Path, sdist: bool) -> P
         files = [f for f in Path(tmp).iterdir() if f != pinned]
         if "Expected sha256" in proc.stderr:
             got = proc.stderr.split("Got", 1)[1].split()[0].strip(")")
-            raise DataError(f"{requirement} from the package index has sha256 {got}, expected {sha256}: refusing a tampered download")
+            raise DataError(
+                f"{requirement} from the package index has sha256 {got}, expected {sha256}: refusing a tampered download"
+            )
         if proc.returncode != 0 or len(files) != 1:
             raise DataError(
                 f"could not download {requirement} from the package index (pip said: "

@@ -20,9 +20,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from bigray.config import FinetuneDataConfig
 from bigray.artifacts.chat import CHAT_ROLES, ChatTemplateError, render_chat
 from bigray.artifacts.storage import StorageError, absolute, cached_file, join
+from bigray.config import FinetuneDataConfig
 from bigray.data.cache import DataError, build_cache_dir, sha256_file
 from bigray.data.documents import clean_text, encode_documents, load_tokenizer, split_documents, token_dtype
 from bigray.data.text import TextDataset, prepared
@@ -88,7 +88,9 @@ def chat_template(tok: Any, configured: str) -> str:
     return tok.chat_template
 
 
-def encode_chats(tok: Any, conversations: list[list[dict[str, str]]], template: str) -> tuple[list[int], list[int], list[int]]:
+def encode_chats(
+    tok: Any, conversations: list[list[dict[str, str]]], template: str
+) -> tuple[list[int], list[int], list[int]]:
     """Packed token ids, the loss mask (1 on the tokens that start inside an assistant turn's span;
     the whole rendered text is tokenized at once, so ids are what serving sees) and each
     conversation's first index. A conversation the template does not close with the end-of-text
@@ -201,7 +203,9 @@ def prepare_finetune_data(cfg: FinetuneDataConfig, tokenizer_dir: str | Path) ->
         counts, examples = {}, {}
         if cfg.format in ("jsonl", "chat"):
             for split, rows in _split_rows(cfg, train_paths, val_paths).items():
-                ids, mask, starts = encode_chats(tok, rows, template) if cfg.format == "chat" else encode_examples(tok, rows)
+                ids, mask, starts = (
+                    encode_chats(tok, rows, template) if cfg.format == "chat" else encode_examples(tok, rows)
+                )
                 np.asarray(mask, dtype=np.uint8).tofile(tmp / f"{split}.mask")
                 first = np.zeros(len(ids), dtype=np.uint8)
                 first[starts] = 1

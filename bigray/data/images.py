@@ -27,8 +27,17 @@ log = logging.getLogger(__name__)
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 FASHION_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -182,7 +191,9 @@ def _load_cifar10(cfg: ImageDataConfig) -> tuple[dict[str, ArrayImages], Dataset
     for split in ("train", "test"):
         try:
             with FileLock(Path(root).parent / f".{Path(root).name}.download.lock"):  # workers on one node download once
-                ds = torchvision.datasets.CIFAR10(root, train=split == "train", download=cfg.download and not is_uri(cfg.root))
+                ds = torchvision.datasets.CIFAR10(
+                    root, train=split == "train", download=cfg.download and not is_uri(cfg.root)
+                )
         except Exception as e:
             raise DataError(
                 f"CIFAR-10 is not in {root} and could not be downloaded ({e}); put cifar-10-batches-py "
@@ -278,4 +289,9 @@ def _take(ds: Any, n: int) -> Any:
 
 def image_summary(cfg: ImageDataConfig) -> dict[str, Any]:
     splits, info = load_images(cfg)
-    return {"dataset": info.name, "classes": info.num_classes, "train": len(splits["train"]), "test": len(splits["test"])}
+    return {
+        "dataset": info.name,
+        "classes": info.num_classes,
+        "train": len(splits["train"]),
+        "test": len(splits["test"]),
+    }

@@ -32,7 +32,14 @@ class EncodeFiles:
         self.val_fraction, self.dtype = val_fraction, np.dtype(dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list[Any]] = {"index": [], "train": [], "val": [], "train_chars": [], "val_chars": [], "peak_rss_kb": []}
+        out: dict[str, list[Any]] = {
+            "index": [],
+            "train": [],
+            "val": [],
+            "train_chars": [],
+            "val_chars": [],
+            "peak_rss_kb": [],
+        }
         for index, path in zip(batch["index"], batch["path"]):
             train, val = file_splits(str(path), self.val_fraction)
             out["index"].append(int(index))
@@ -79,7 +86,9 @@ class ShardWriter:
         return self.shards
 
 
-def encoded_files(files: list[str], tokenizer_dir: Path, val_fraction: float, dtype: np.dtype, workers: int) -> Iterator[dict[str, Any]]:
+def encoded_files(
+    files: list[str], tokenizer_dir: Path, val_fraction: float, dtype: np.dtype, workers: int
+) -> Iterator[dict[str, Any]]:
     """Every file's encoded (train, val) ids, in input order, from ``workers`` Ray Data actors."""
     import ray.data
 
@@ -102,7 +111,13 @@ def encoded_files(files: list[str], tokenizer_dir: Path, val_fraction: float, dt
 
 
 def tokenize_with_ray_data(
-    files: list[str], tokenizer_dir: Path, out: Path, val_fraction: float, dtype: np.dtype, shard_tokens: int, workers: int
+    files: list[str],
+    tokenizer_dir: Path,
+    out: Path,
+    val_fraction: float,
+    dtype: np.dtype,
+    shard_tokens: int,
+    workers: int,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Encode ``files`` into token shards under ``out``.
 
@@ -127,6 +142,13 @@ def tokenize_with_ray_data(
             import ray
 
             ray.shutdown()
-    log.info("tokenized %d files with %d Ray Data workers (peak worker RSS %.0f MB)", len(files), workers, peak_rss_kb / 1024)
-    fields = {"shards": shards, "shard_tokens": shard_tokens, "tokens": {s: w.total for s, w in writers.items()}, "chars": chars}
+    log.info(
+        "tokenized %d files with %d Ray Data workers (peak worker RSS %.0f MB)", len(files), workers, peak_rss_kb / 1024
+    )
+    fields = {
+        "shards": shards,
+        "shard_tokens": shard_tokens,
+        "tokens": {s: w.total for s, w in writers.items()},
+        "chars": chars,
+    }
     return fields, {"workers": workers, "worker_peak_rss_mb": round(peak_rss_kb / 1024, 1)}

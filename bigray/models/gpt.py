@@ -15,7 +15,9 @@ import torch
 from bigray.models.families import FAMILIES, family_of
 
 
-def decoder_config(family: str, preset: str, vocab_size: int, dropout: float = 0.0, eos_token_id: int | None = None) -> Any:
+def decoder_config(
+    family: str, preset: str, vocab_size: int, dropout: float = 0.0, eos_token_id: int | None = None
+) -> Any:
     """The transformers config of a family's pretraining preset for a tokenizer's vocabulary."""
     return FAMILIES[family].config(preset, vocab_size, dropout, eos_token_id)
 

@@ -11,10 +11,16 @@ import torch
 import torchvision
 from torch import nn
 
-ARCHS = {"resnet18": torchvision.models.resnet18, "resnet34": torchvision.models.resnet34, "resnet50": torchvision.models.resnet50}
+ARCHS = {
+    "resnet18": torchvision.models.resnet18,
+    "resnet34": torchvision.models.resnet34,
+    "resnet50": torchvision.models.resnet50,
+}
 
 
-def build_resnet(arch: str, num_classes: int, in_channels: int = 3, small_input_stem: bool = True, zero_init_residual: bool = False) -> nn.Module:
+def build_resnet(
+    arch: str, num_classes: int, in_channels: int = 3, small_input_stem: bool = True, zero_init_residual: bool = False
+) -> nn.Module:
     """``zero_init_residual``: each block's last BatchNorm starts at 0, so every block starts as the
     identity (Goyal et al. 2017; torchvision's option): steadier first steps at a high learning rate."""
     model = ARCHS[arch](weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)

@@ -23,8 +23,8 @@ from bigray.config import ConfigError, FinetuneMethodConfig, GPTFinetuneConfig, 
 from bigray.data import finetune as finetune_data
 from bigray.data import text as text_data
 from bigray.data.text import TextDataset
-from bigray.recipes.launch import JobKind, PreparedJob, in_run_dir, launch, resuming
 from bigray.models.gpt import shape
+from bigray.recipes.launch import JobKind, PreparedJob, in_run_dir, launch, resuming
 from bigray.train import engine as zero
 from bigray.train.context import LocalContext
 from bigray.train.gpt import (
@@ -46,8 +46,12 @@ def open_pretrained(path: str | Path) -> PretrainedGPT:
     source = str(path) if is_hub_id(str(path)) else resolve_checkpoint(str(path))
     p, meta = local_model(source, "gpt")  # a bigray checkpoint, or an exported, downloaded or Hub model (meta None)
     if is_adapter(model_files(p)):
-        raise CheckpointError(f"{source} holds a LoRA adapter, not a whole model: fine-tune from its merged export (bigray export {source} OUT)")
-    return PretrainedGPT(path=p, source=source, model_dir=model_files(p), meta=meta, config=read_decoder_config(model_files(p)))
+        raise CheckpointError(
+            f"{source} holds a LoRA adapter, not a whole model: fine-tune from its merged export (bigray export {source} OUT)"
+        )
+    return PretrainedGPT(
+        path=p, source=source, model_dir=model_files(p), meta=meta, config=read_decoder_config(model_files(p))
+    )
 
 
 def check_targets(cfg: FinetuneMethodConfig, model_config: Any) -> None:
@@ -64,10 +68,18 @@ def check_targets(cfg: FinetuneMethodConfig, model_config: Any) -> None:
     for target in cfg.lora_target_modules:
         matches = [m for name, m in modules.items() if name == target or name.endswith(f".{target}")]
         if not matches:
-            leaves = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items() if isinstance(m, (torch.nn.Linear, Conv1D))})
-            raise ConfigError("finetune.lora_target_modules", f"the {model_config.model_type} model has no module {target!r}; its linear layers: {', '.join(leaves)}")
+            leaves = sorted(
+                {name.rsplit(".", 1)[-1] for name, m in modules.items() if isinstance(m, (torch.nn.Linear, Conv1D))}
+            )
+            raise ConfigError(
+                "finetune.lora_target_modules",
+                f"the {model_config.model_type} model has no module {target!r}; its linear layers: {', '.join(leaves)}",
+            )
         if not all(isinstance(m, (torch.nn.Linear, Conv1D)) for m in matches):
-            raise ConfigError("finetune.lora_target_modules", f"{target!r} is a {type(matches[0]).__name__}, not a linear layer: LoRA adapts linear layers")
+            raise ConfigError(
+                "finetune.lora_target_modules",
+                f"{target!r} is a {type(matches[0]).__name__}, not a linear layer: LoRA adapts linear layers",
+            )
 
 
 def trainable_state(job: dict[str, Any]) -> dict[str, Any]:
@@ -86,7 +98,9 @@ def check_resume_compatible(
     saved = meta.config
     problems = []
     saved_shape = meta.model_shape  # absent in checkpoints written before fine-tuning existed
-    if (saved_shape is not None and saved_shape != shape(model_cfg)) or saved["model"]["block_size"] != cfg.model.block_size:
+    if (saved_shape is not None and saved_shape != shape(model_cfg)) or saved["model"][
+        "block_size"
+    ] != cfg.model.block_size:
         problems.append(
             f"model (layers, heads, width, vocab) {saved_shape}/block {saved['model']['block_size']} "
             f"vs {shape(model_cfg)}/block {cfg.model.block_size}"
@@ -96,7 +110,9 @@ def check_resume_compatible(
     if trainable_state(saved) != trainable_state(to_dict(cfg)):
         problems.append(f"it was trained with {trainable_state(saved)}, this run with {trainable_state(to_dict(cfg))}")
     lora = trainable_state(saved)["method"] == "lora"
-    problems += zero.resume_problems(saved["deepspeed"]["zero_stage"], meta.world_size, cfg.deepspeed.zero_stage, world_size, lora)
+    problems += zero.resume_problems(
+        saved["deepspeed"]["zero_stage"], meta.world_size, cfg.deepspeed.zero_stage, world_size, lora
+    )
     if problems:
         raise CheckpointError("cannot resume from this checkpoint: " + "; ".join(problems))
 
@@ -121,7 +137,9 @@ def prepare_finetune(cfg: GPTFinetuneConfig) -> PreparedJob:
 
 def _checked(cfg: GPTJob, data: TextDataset, model_cfg: Any) -> PreparedJob:
     if cfg.deepspeed.nvme_path:
-        cfg = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, nvme_path=absolute(cfg.deepspeed.nvme_path)))
+        cfg = dataclasses.replace(
+            cfg, deepspeed=dataclasses.replace(cfg.deepspeed, nvme_path=absolute(cfg.deepspeed.nvme_path))
+        )
     cfg.train.accumulation(cfg.scaling.num_workers)  # the global batch splits over these workers
     for split in ("train", "val"):
         token_windows(data, split, cfg.model.block_size)
@@ -146,8 +164,20 @@ def _for_search(cfg: GPTJob) -> GPTJob:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, log_interval=cfg.train.eval_interval))
 
 
-PRETRAIN = JobKind("gpt", GPTPretrainConfig, prepare_pretrain, pretrain_loop, "val/loss", "min", _reports, _progress, _for_search)
-FINETUNE = JobKind("gpt-finetune", GPTFinetuneConfig, prepare_finetune, finetune_loop, "val/loss", "min", _reports, _progress, _for_search)
+PRETRAIN = JobKind(
+    "gpt", GPTPretrainConfig, prepare_pretrain, pretrain_loop, "val/loss", "min", _reports, _progress, _for_search
+)
+FINETUNE = JobKind(
+    "gpt-finetune",
+    GPTFinetuneConfig,
+    prepare_finetune,
+    finetune_loop,
+    "val/loss",
+    "min",
+    _reports,
+    _progress,
+    _for_search,
+)
 
 
 def pretrain(cfg: GPTPretrainConfig) -> dict[str, Any]:

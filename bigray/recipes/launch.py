@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
-from bigray.artifacts.runs import clear_failure, finish as finish_run, recorded_failure, save_resolved_config
 from bigray.artifacts.checkpoint import CheckpointError, CheckpointMeta, latest_complete, read_meta, resume_point
+from bigray.artifacts.runs import clear_failure, recorded_failure, save_resolved_config
+from bigray.artifacts.runs import finish as finish_run
 from bigray.artifacts.storage import absolute, full_uri, run_dir
 from bigray.artifacts.tracking import record_outcome, resolved
 from bigray.cluster import ensure_ray, wait_for_workers
@@ -122,7 +123,12 @@ def build_trainer(kind: JobKind, prepared: PreparedJob, callbacks: Sequence[Any]
     return TorchTrainer(
         train_loop_per_worker=kind.loop,
         # submitted_at: the workers log how long Ray Train took to start them (their start-up line)
-        train_loop_config={"job": to_dict(cfg), "run_dir": directory, "data_dir": prepared.data_dir, "submitted_at": time.time()},
+        train_loop_config={
+            "job": to_dict(cfg),
+            "run_dir": directory,
+            "data_dir": prepared.data_dir,
+            "submitted_at": time.time(),
+        },
         scaling_config=train_scaling(scaling),
         run_config=ray.train.RunConfig(
             name=run.name,
@@ -212,6 +218,14 @@ def finish(prepared: PreparedJob, outcome: TrainOutcome) -> dict[str, Any]:
     tags = {"bigray.checkpoint": outcome.checkpoint, "bigray.best_checkpoint": outcome.best_checkpoint}
 
     def record(summary: dict[str, Any]) -> None:
-        record_outcome(prepared.config.tracking, outcome.run_dir, "FINISHED", tags, texts={"summary.json": json.dumps(summary, indent=2)})
+        record_outcome(
+            prepared.config.tracking,
+            outcome.run_dir,
+            "FINISHED",
+            tags,
+            texts={"summary.json": json.dumps(summary, indent=2)},
+        )
 
-    return finish_run(outcome.run_dir, outcome.checkpoint, outcome.metrics, record, best_checkpoint=outcome.best_checkpoint)
+    return finish_run(
+        outcome.run_dir, outcome.checkpoint, outcome.metrics, record, best_checkpoint=outcome.best_checkpoint
+    )

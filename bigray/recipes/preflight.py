@@ -20,8 +20,24 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from bigray.artifacts.storage import StorageError, absolute, filesystem, is_uri, join, network_filesystem, read_text, write_text
-from bigray.cluster import SHARED_FILESYSTEM_ENV, offered_accelerators, several_nodes, worker_bundle, workers_fitting_at_most, workers_fitting_now
+from bigray.artifacts.storage import (
+    StorageError,
+    absolute,
+    filesystem,
+    is_uri,
+    join,
+    network_filesystem,
+    read_text,
+    write_text,
+)
+from bigray.cluster import (
+    SHARED_FILESYSTEM_ENV,
+    offered_accelerators,
+    several_nodes,
+    worker_bundle,
+    workers_fitting_at_most,
+    workers_fitting_now,
+)
 from bigray.config import ConfigError, TuneJobConfig
 
 log = logging.getLogger(__name__)
@@ -62,18 +78,26 @@ def check_shared_locations(locations: dict[str, str]) -> None:
 
     for key, value in locations.items():  # cluster.yaml's and the presets' names for what the operator creates
         if "YOUR-" in value:
-            raise ConfigError(key, f"{value} still holds a placeholder (YOUR-...): replace it with your own bucket or path "
-                                   "(README \"Running on a cluster\")")  # fmt: skip
+            raise ConfigError(
+                key,
+                f"{value} still holds a placeholder (YOUR-...): replace it with your own bucket or path "
+                '(README "Running on a cluster")',
+            )
     if not ray.is_initialized() or os.environ.get(SHARED_FILESYSTEM_ENV) == "1":
         return
     local = {key: value for key, value in locations.items() if node_local(value)}
     why = several_nodes() if local else None
     if why is None:
         return
-    named = ", ".join(f"{key}={value!r}" if value else f"{key} (empty: each node's own disk)" for key, value in local.items())
-    raise ConfigError(next(iter(local)), f"the job's workers run on other nodes ({why}), which cannot see this node's "
-                                         f"disk: {named}. Put them in object storage (s3://YOUR-BUCKET/prefix, gs://...) "
-                                         f"or on a filesystem every node mounts, and set {SHARED_FILESYSTEM_ENV}=1 if it is one")  # fmt: skip
+    named = ", ".join(
+        f"{key}={value!r}" if value else f"{key} (empty: each node's own disk)" for key, value in local.items()
+    )
+    raise ConfigError(
+        next(iter(local)),
+        f"the job's workers run on other nodes ({why}), which cannot see this node's "
+        f"disk: {named}. Put them in object storage (s3://YOUR-BUCKET/prefix, gs://...) "
+        f"or on a filesystem every node mounts, and set {SHARED_FILESYSTEM_ENV}=1 if it is one",
+    )
 
 
 MARKER_DIR = ".bigray-cluster-check"
@@ -98,8 +122,12 @@ def versions() -> dict[str, str]:
     import ray
     import torch
 
-    return {"python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
-            "bigray": importlib.metadata.version("bigray")}  # fmt: skip
+    return {
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "bigray": importlib.metadata.version("bigray"),
+    }
 
 
 def _marker(location: str, nonce: str, name: str) -> str:
@@ -146,17 +174,35 @@ def probe_nodes(locations: dict[str, str], timeout_s: float = 120.0) -> list[Fin
             findings.append(Finding(f"{key} writable from the driver", False, f"{location}: {e}"))
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     probe = ray.remote(num_cpus=0)(probe_node)
-    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(written, nonce) for n in nodes]
+    refs = [
+        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            written, nonce
+        )
+        for n in nodes
+    ]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     reports = [ray.get(r) for r in ready]
     mine = versions()
-    findings.append(Finding("nodes answered", len(reports) == len(nodes), f"{len(reports)} of {len(nodes)} nodes up within {timeout_s:.0f} s "
-                                                                          "(nodes the autoscaler adds later are not probed)"))  # fmt: skip
+    findings.append(
+        Finding(
+            "nodes answered",
+            len(reports) == len(nodes),
+            f"{len(reports)} of {len(nodes)} nodes up within {timeout_s:.0f} s "
+            "(nodes the autoscaler adds later are not probed)",
+        )
+    )
     for report in reports:
         node = report["node"][:12]
         differs = {k: v for k, v in report["versions"].items() if v != mine[k]}
-        findings.append(Finding(f"node {node} versions", not differs,
-                                "same as the driver: " + json.dumps(mine) if not differs else f"differs from the driver {json.dumps(mine)}: {json.dumps(differs)}"))  # fmt: skip
+        findings.append(
+            Finding(
+                f"node {node} versions",
+                not differs,
+                "same as the driver: " + json.dumps(mine)
+                if not differs
+                else f"differs from the driver {json.dumps(mine)}: {json.dumps(differs)}",
+            )
+        )
         for key, seen in report["locations"].items():
             findings.append(Finding(f"node {node} reads and writes {key}", seen == "ok", f"{written[key]}: {seen}"))
     for location in written.values():  # best effort: object stores and disks keep nothing of the check
@@ -171,7 +217,9 @@ def check_nodes(cfg: Any) -> None:
         return
     failed = [f for f in probe_nodes(worker_locations(cfg)) if not f.ok]
     if failed:
-        raise ClusterCheckFailed("; ".join(f"{f.check}: {f.detail}" for f in failed) + " (`bigray cluster check` lists every check)")
+        raise ClusterCheckFailed(
+            "; ".join(f"{f.check}: {f.detail}" for f in failed) + " (`bigray cluster check` lists every check)"
+        )
 
 
 def check(cfg: Any | None) -> list[Finding]:
@@ -181,7 +229,9 @@ def check(cfg: Any | None) -> list[Finding]:
     locations = worker_locations(cfg) if cfg is not None else {}
     try:
         check_shared_locations(locations)
-        findings.append(Finding("locations shared", True, ", ".join(f"{k}={v}" for k, v in locations.items()) or "no job given"))
+        findings.append(
+            Finding("locations shared", True, ", ".join(f"{k}={v}" for k, v in locations.items()) or "no job given")
+        )
     except ConfigError as e:
         findings.append(Finding("locations shared", False, str(e)))
     findings += probe_nodes(locations, timeout_s=300.0)
@@ -190,14 +240,25 @@ def check(cfg: Any | None) -> list[Finding]:
         scaling = trainer.scaling
         if scaling.accelerator_type:
             offered = offered_accelerators()
-            findings.append(Finding("accelerator type offered", scaling.accelerator_type in offered,
-                                    f"the job asks for {scaling.accelerator_type}; nodes and node types offer {sorted(offered) or 'none'}"))  # fmt: skip
+            findings.append(
+                Finding(
+                    "accelerator type offered",
+                    scaling.accelerator_type in offered,
+                    f"the job asks for {scaling.accelerator_type}; nodes and node types offer {sorted(offered) or 'none'}",
+                )
+            )
         bundle = worker_bundle(scaling)
         most = workers_fitting_at_most(bundle)
         now = workers_fitting_now(bundle)
         enough = max(now, most or 0) >= scaling.num_workers
-        findings.append(Finding("workers fit", enough, f"{scaling.num_workers} workers of {bundle}: {now} fit now, "
-                                                       f"{'no autoscaler' if most is None else f'{most} at most'}"))  # fmt: skip
+        findings.append(
+            Finding(
+                "workers fit",
+                enough,
+                f"{scaling.num_workers} workers of {bundle}: {now} fit now, "
+                f"{'no autoscaler' if most is None else f'{most} at most'}",
+            )
+        )
     return findings
 
 

@@ -44,7 +44,9 @@ def _progress(metrics: dict[str, Any], cfg: ResNetJobConfig) -> tuple[int, int]:
     return int(metrics.get("epoch", 0)), cfg.train.epochs
 
 
-RESNET = JobKind("resnet", ResNetJobConfig, prepare_resnet, resnet_loop, "val/acc", "max", lambda cfg: cfg.train.epochs, _progress)
+RESNET = JobKind(
+    "resnet", ResNetJobConfig, prepare_resnet, resnet_loop, "val/acc", "max", lambda cfg: cfg.train.epochs, _progress
+)
 
 
 def train_resnet(cfg: ResNetJobConfig) -> dict[str, Any]:

@@ -22,16 +22,24 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
     if not args.gpt_checkpoint and not args.resnet_checkpoint:
         raise ValueError("give gpt_checkpoint, resnet_checkpoint or both")
     # Pin relative paths here: replicas run in their own working directory.
-    args = args.model_copy(update={
-        name: absolute(getattr(args, name)) for name in ("gpt_checkpoint", "resnet_checkpoint") if getattr(args, name)
-    })  # fmt: skip
+    args = args.model_copy(
+        update={
+            name: absolute(getattr(args, name))
+            for name in ("gpt_checkpoint", "resnet_checkpoint")
+            if getattr(args, name)
+        }
+    )
     gpt = resnet = None
     if args.gpt_checkpoint:
         g = args.gpt
-        gpt = GPTDeployment.options(**g.options(), user_config={"checkpoint": args.gpt_checkpoint}).bind(args.max_prompt_tokens, g.model_dump())
+        gpt = GPTDeployment.options(**g.options(), user_config={"checkpoint": args.gpt_checkpoint}).bind(
+            args.max_prompt_tokens, g.model_dump()
+        )
     if args.resnet_checkpoint:
         r = args.resnet
-        resnet = ResNetDeployment.options(**r.options(), user_config={"checkpoint": args.resnet_checkpoint}).bind(args.max_image_pixels, r.model_dump())
+        resnet = ResNetDeployment.options(**r.options(), user_config={"checkpoint": args.resnet_checkpoint}).bind(
+            args.max_image_pixels, r.model_dump()
+        )
     # The ingress gets no checkpoint paths: a model swap then leaves it untouched.
     ingress_args = args.model_dump(exclude={"gpt_checkpoint", "resnet_checkpoint"})
     # The key itself is read by the ingress replica (where it is enforced), never passed in the

@@ -45,7 +45,11 @@ class SwappableModel:
 
     def batch_counts(self) -> tuple[int, int, int]:
         """(batches run, items in them, the largest batch) from ``batch_sizes``."""
-        return sum(self.batch_sizes.values()), sum(k * n for k, n in self.batch_sizes.items()), max(self.batch_sizes, default=0)
+        return (
+            sum(self.batch_sizes.values()),
+            sum(k * n for k, n in self.batch_sizes.items()),
+            max(self.batch_sizes, default=0),
+        )
 
     def check_health(self) -> None:
         """Serve's periodic health check: a replica whose device failed is restarted, not kept."""
@@ -148,8 +152,14 @@ class GPTDeployment(SwappableModel):
 
     def stats(self) -> dict[str, Any]:
         steps, rows, largest = self.batch_counts()
-        return {"steps": steps, "rows_decoded": rows, "largest": largest,
-                "decoding": self.decoding, "waiting": len(self.waiting), "cancelled": self.cancelled}  # fmt: skip
+        return {
+            "steps": steps,
+            "rows_decoded": rows,
+            "largest": largest,
+            "decoding": self.decoding,
+            "waiting": len(self.waiting),
+            "cancelled": self.cancelled,
+        }
 
     async def generate(self, job: GenerationParams) -> AsyncIterator[Admitted | ErrorDetail | Delta]:
         """First :class:`Admitted` (the prompt was tokenized, once, and fits) or the client error; then the Deltas.
@@ -218,8 +228,9 @@ class GPTDeployment(SwappableModel):
             self.batch_sizes[len(produced)] += 1
         return produced
 
-    def _guarded(self, key: int, batch: DecodeBatch, run: Callable[[], list[tuple[Prompt, Delta]]],
-                 joining: list[Prompt] = ()) -> list[tuple[Prompt, Delta]]:  # fmt: skip
+    def _guarded(
+        self, key: int, batch: DecodeBatch, run: Callable[[], list[tuple[Prompt, Delta]]], joining: list[Prompt] = ()
+    ) -> list[tuple[Prompt, Delta]]:
         try:
             return run()
         except Exception as e:
@@ -262,7 +273,9 @@ class ResNetDeployment(SwappableModel):
             self._model_idle.set()
 
     def load(self, served: ServedModel) -> ClassifierRunner:
-        return ClassifierRunner(served.model_dir, self.max_image_pixels, self.settings.dtype, self.settings.num_gpus > 0)
+        return ClassifierRunner(
+            served.model_dir, self.max_image_pixels, self.settings.dtype, self.settings.num_gpus > 0
+        )
 
     def describe(self) -> dict[str, Any]:
         return self.runner.describe()
@@ -280,7 +293,11 @@ class ResNetDeployment(SwappableModel):
         k = min(top_k, len(probs))
         scores, idx = probs.topk(k)
         names = runner.class_names
-        return {"predictions": [{"label": names[i], "index": int(i), "score": float(s)} for s, i in zip(scores.tolist(), idx.tolist())]}
+        return {
+            "predictions": [
+                {"label": names[i], "index": int(i), "score": float(s)} for s, i in zip(scores.tolist(), idx.tolist())
+            ]
+        }
 
     def stats(self) -> dict[str, Any]:
         batches, requests, largest = self.batch_counts()

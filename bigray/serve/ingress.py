@@ -38,7 +38,13 @@ from bigray.serve.serving import GPTServing
 from bigray.serve.settings import AppArgs
 
 # No /docs, /redoc or /openapi.json: a production endpoint does not publish its schema to anyone who asks.
-api = FastAPI(title="bigray", description="GPT completions and chat, and ResNet classification, on Ray Serve", docs_url=None, redoc_url=None, openapi_url=None)
+api = FastAPI(
+    title="bigray",
+    description="GPT completions and chat, and ResNet classification, on Ray Serve",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
 log = logging.getLogger(__name__)
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -77,7 +83,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ServeError(413, f"body is over {limit} bytes; this server accepts at most {limit}", "payload_too_large")
+            raise ServeError(
+                413, f"body is over {limit} bytes; this server accepts at most {limit}", "payload_too_large"
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -105,7 +113,10 @@ async def _multipart_file(request: Request, body: bytes) -> bytes:
     try:
         form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
     except Exception as e:  # starlette's MultiPartException, HTTPException (too many parts), a missing boundary
-        raise ServeError(400, f"the multipart body cannot be parsed: {getattr(e, 'detail', None) or getattr(e, 'message', None) or e}") from None
+        raise ServeError(
+            400,
+            f"the multipart body cannot be parsed: {getattr(e, 'detail', None) or getattr(e, 'message', None) or e}",
+        ) from None
     try:
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
@@ -133,7 +144,13 @@ def read_api_key(args: AppArgs) -> str | None:
 @serve.deployment(name="ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, gpt: DeploymentHandle | None, resnet: DeploymentHandle | None, args: dict[str, Any], key_expected: bool = False):
+    def __init__(
+        self,
+        gpt: DeploymentHandle | None,
+        resnet: DeploymentHandle | None,
+        args: dict[str, Any],
+        key_expected: bool = False,
+    ):
         """``key_expected``: the process that built the app had the API key set, so a replica that
         cannot see it refuses to start (fail closed) rather than serve without one."""
         self.gpt, self.resnet = gpt, resnet
@@ -147,7 +164,10 @@ class Ingress:
                 "or use api_key_file; refusing to serve without the key"
             )
         if self.api_key is None:
-            log.warning("no API key (%s or api_key_file): every client that reaches this port may use the models", self.args.api_key_env)
+            log.warning(
+                "no API key (%s or api_key_file): every client that reaches this port may use the models",
+                self.args.api_key_env,
+            )
 
     def _authorize(self, request: Request) -> None:
         if not self.api_key:
@@ -155,7 +175,9 @@ class Ingress:
         header = request.headers.get("authorization", "")
         token = header[7:].strip() if header.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-            raise ServeError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
+            raise ServeError(
+                401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error"
+            )
 
     async def _model_states(self) -> dict[str, Any]:
         models = {}
@@ -223,7 +245,9 @@ class Ingress:
             raise ServeError(400, f"top_k must be between 1 and 1000, got {top_k}")
         image = await self._image_bytes(request)
         result = raise_if_error(await self.resnet.classify.remote(image, top_k))
-        return ClassificationResponse(model=self.args.resnet_name, predictions=[ClassLabel(**p) for p in result["predictions"]])
+        return ClassificationResponse(
+            model=self.args.resnet_name, predictions=[ClassLabel(**p) for p in result["predictions"]]
+        )
 
     async def _image_bytes(self, request: Request) -> bytes:
         """The image from a raw JPEG/PNG body or a multipart 'file' field, within the byte limit
@@ -235,7 +259,11 @@ class Ingress:
         elif ctype in ("image/jpeg", "image/png", "application/octet-stream"):
             data = await _read_body(request, limit)
         else:
-            raise ServeError(415, f"unsupported content type {ctype or '(none)'}; send image/jpeg, image/png or multipart/form-data", "unsupported_media_type")
+            raise ServeError(
+                415,
+                f"unsupported content type {ctype or '(none)'}; send image/jpeg, image/png or multipart/form-data",
+                "unsupported_media_type",
+            )
         if not data:
             raise ServeError(400, "the request carries no image")
         if len(data) > limit:

@@ -13,7 +13,9 @@ from bigray.serve.settings import AppArgs, ServeArgs
 log = logging.getLogger(__name__)
 
 
-def deploy(args: AppArgs, host: str = "127.0.0.1", port: int = 8000, name: str = "bigray", access_log: bool = True) -> str:
+def deploy(
+    args: AppArgs, host: str = "127.0.0.1", port: int = 8000, name: str = "bigray", access_log: bool = True
+) -> str:
     """Start Serve's HTTP proxy on host:port and deploy the app; returns the base URL.
 
     ``access_log=False`` turns off Serve's per-request log lines in the proxy and the replicas.
@@ -21,18 +23,31 @@ def deploy(args: AppArgs, host: str = "127.0.0.1", port: int = 8000, name: str =
     from ray import serve
 
     ensure_ray()
-    wanted = {model: d.accelerator_type for model, d, checkpoint in (("gpt", args.gpt, args.gpt_checkpoint), ("resnet", args.resnet, args.resnet_checkpoint))
-              if checkpoint and d.accelerator_type}  # fmt: skip
+    wanted = {
+        model: d.accelerator_type
+        for model, d, checkpoint in (
+            ("gpt", args.gpt, args.gpt_checkpoint),
+            ("resnet", args.resnet, args.resnet_checkpoint),
+        )
+        if checkpoint and d.accelerator_type
+    }
     offered = offered_accelerators() if wanted else set()
     for model, accelerator in wanted.items():
         if accelerator not in offered:  # its replicas would wait for a node forever
-            raise ConfigError(f"{model}.accelerator_type", f"{accelerator} is offered by no node or node type of this cluster "
-                                                           f"(they offer {sorted(offered) or 'none'})")  # fmt: skip
+            raise ConfigError(
+                f"{model}.accelerator_type",
+                f"{accelerator} is offered by no node or node type of this cluster "
+                f"(they offer {sorted(offered) or 'none'})",
+            )
     logging_config = {"enable_access_log": access_log}
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
     serve.run(build_app(args), name=name, route_prefix="/", logging_config=logging_config)
     url = f"http://{host}:{port}"
-    log.info("serving %s at %s (GET /healthz, /v1/status, /v1/models; POST /v1/completions, /v1/chat/completions, /v1/classify)", name, url)
+    log.info(
+        "serving %s at %s (GET /healthz, /v1/status, /v1/models; POST /v1/completions, /v1/chat/completions, /v1/classify)",
+        name,
+        url,
+    )
     return url
 
 

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from bigray.artifacts.chat import ChatRole
 from bigray.serve.settings import AppArgs
 
-
 SEED_LIMIT = 2**63
 """Seeds are 0 <= seed < 2**63 (torch.Generator's range); a prompt list's seeds wrap around it."""
 
@@ -57,9 +56,18 @@ class SamplingRequest(BaseModel):
         """The generation jobs of this request, or a ServeError naming the server limit it passes."""
         raise NotImplementedError
 
-    def job(self, prompt: str, max_tokens: int, seed: int | None, messages: tuple[tuple[str, str], ...] | None = None) -> GenerationParams:
-        return GenerationParams(prompt=prompt, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                                stop=self.stops(), seed=seed, messages=messages)  # fmt: skip
+    def job(
+        self, prompt: str, max_tokens: int, seed: int | None, messages: tuple[tuple[str, str], ...] | None = None
+    ) -> GenerationParams:
+        return GenerationParams(
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=self.stops(),
+            seed=seed,
+            messages=messages,
+        )
 
 
 class CompletionRequest(SamplingRequest):
@@ -85,11 +93,19 @@ class CompletionRequest(SamplingRequest):
         within the server's limits (prompt characters before tokenizing: the token cap comes after)."""
         prompts = self.prompts()
         if len(prompts) > limits.max_prompts:
-            raise ServeError(400, f"prompt is a list of {len(prompts)}; this server takes at most {limits.max_prompts} per request")
+            raise ServeError(
+                400, f"prompt is a list of {len(prompts)}; this server takes at most {limits.max_prompts} per request"
+            )
         if max(map(len, prompts)) > limits.max_prompt_chars:
-            raise ServeError(400, f"a prompt has {max(map(len, prompts))} characters; this server accepts at most {limits.max_prompt_chars}")
+            raise ServeError(
+                400,
+                f"a prompt has {max(map(len, prompts))} characters; this server accepts at most {limits.max_prompt_chars}",
+            )
         _check_max_tokens(self.max_tokens, limits)
-        return [self.job(p, self.max_tokens, None if self.seed is None else (self.seed + i) % SEED_LIMIT) for i, p in enumerate(prompts)]
+        return [
+            self.job(p, self.max_tokens, None if self.seed is None else (self.seed + i) % SEED_LIMIT)
+            for i, p in enumerate(prompts)
+        ]
 
 
 MAX_MESSAGES = 256
@@ -106,8 +122,11 @@ class ChatMessage(BaseModel):
     @classmethod
     def _text_parts(cls, v: object) -> object:
         if isinstance(v, list):
-            if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in v):
-                raise ValueError("content parts must all be {\"type\": \"text\", \"text\": ...}: this model reads text only")
+            if not all(
+                isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                for part in v
+            ):
+                raise ValueError('content parts must all be {"type": "text", "text": ...}: this model reads text only')
             return "".join(part["text"] for part in v)
         return v
 
@@ -132,7 +151,9 @@ class ChatCompletionRequest(SamplingRequest):
         completions), within the server's limits."""
         characters = sum(len(m.content) for m in self.messages)
         if characters > limits.max_prompt_chars:
-            raise ServeError(400, f"the messages have {characters} characters; this server accepts at most {limits.max_prompt_chars}")
+            raise ServeError(
+                400, f"the messages have {characters} characters; this server accepts at most {limits.max_prompt_chars}"
+            )
         max_tokens = self.max_completion_tokens or self.max_tokens or 16
         _check_max_tokens(max_tokens, limits)
         return [self.job("", max_tokens, self.seed, messages=tuple((m.role, m.content) for m in self.messages))]

@@ -68,17 +68,25 @@ class _Row:
 
 
 class GPTRunner:
-    def __init__(self, model_dir: str | Path, max_prompt_tokens: int = 512, dtype: DType = "float32", use_gpu: bool = False):
+    def __init__(
+        self, model_dir: str | Path, max_prompt_tokens: int = 512, dtype: DType = "float32", use_gpu: bool = False
+    ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.device = torch_device(use_gpu)
-        if is_adapter(self.model_dir):  # a LoRA adapter: its base with the adapter merged in (no per-token adapter cost)
-            base = AutoModelForCausalLM.from_pretrained(str(model_files(local_model(base_of(self.model_dir))[0])), use_safetensors=True, dtype=torch.float32)
+        if is_adapter(
+            self.model_dir
+        ):  # a LoRA adapter: its base with the adapter merged in (no per-token adapter cost)
+            base = AutoModelForCausalLM.from_pretrained(
+                str(model_files(local_model(base_of(self.model_dir))[0])), use_safetensors=True, dtype=torch.float32
+            )
             model = merged(base, self.model_dir).to(torch_dtype(dtype))
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), use_safetensors=True, dtype=torch_dtype(dtype))
+            model = AutoModelForCausalLM.from_pretrained(
+                str(self.model_dir), use_safetensors=True, dtype=torch_dtype(dtype)
+            )
         self.model = model.to(self.device).eval()
         self.eos = self.tokenizer.eos_token_id
         ends = self.model.generation_config.eos_token_id if self.model.generation_config is not None else None
@@ -89,20 +97,29 @@ class GPTRunner:
 
     def encode(self, job: GenerationParams) -> Prompt:
         """Tokenize a job's prompt (a chat job's rendered messages), or raise a 400 naming the limit it breaks."""
-        text = job.prompt if job.messages is None else self.chat_prompt([{"role": r, "content": c} for r, c in job.messages])
+        text = (
+            job.prompt
+            if job.messages is None
+            else self.chat_prompt([{"role": r, "content": c} for r, c in job.messages])
+        )
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
         n = len(ids)
         if n > self.max_prompt_tokens:
             raise ServeError(400, f"prompt has {n} tokens; this server accepts at most {self.max_prompt_tokens}")
         if n + job.max_tokens > self.max_positions:
-            raise ServeError(400, f"prompt ({n} tokens) + max_tokens ({job.max_tokens}) exceeds the model's context of {self.max_positions} tokens")
+            raise ServeError(
+                400,
+                f"prompt ({n} tokens) + max_tokens ({job.max_tokens}) exceeds the model's context of {self.max_positions} tokens",
+            )
         return Prompt(job, ids)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """The prompt of a chat request, rendered as training rendered it (artifacts.chat); a 400 when
         the model has no template or its template refuses the messages."""
         if not getattr(self.tokenizer, "chat_template", None):
-            raise ServeError(400, "this model has no chat template, so it cannot answer /v1/chat/completions; use /v1/completions")
+            raise ServeError(
+                400, "this model has no chat template, so it cannot answer /v1/chat/completions; use /v1/completions"
+            )
         try:
             return chat_prompt(self.tokenizer, messages)
         except ChatTemplateError as e:
@@ -162,7 +179,12 @@ class GPTRunner:
                 except Exception as e:  # bad numbers, a tokenizer error
                     log.exception("generation failed for one prompt of a batch of %d", len(rows))
                     row.done, token = True, self.eos
-                    out.append((row.prompt, Delta("", "error", len(row.tokens), error=f"generation failed: {type(e).__name__}")))
+                    out.append(
+                        (
+                            row.prompt,
+                            Delta("", "error", len(row.tokens), error=f"generation failed: {type(e).__name__}"),
+                        )
+                    )
             tokens.append(token)
         return torch.tensor(tokens, device=self.device), out
 
@@ -235,8 +257,14 @@ class DecodeBatch:
         r = self.runner
         self._leave_if_cancelled(self.rows)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        out = r.model(input_ids=self.last.view(-1, 1), attention_mask=self.mask, position_ids=self.positions.view(-1, 1),
-                      cache=self.cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        out = r.model(
+            input_ids=self.last.view(-1, 1),
+            attention_mask=self.mask,
+            position_ids=self.positions.view(-1, 1),
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         self.cache, self.positions = out.cache, self.positions + 1
         self.last, produced = r.sample_rows(out.logits[:, -1, :], self.rows)
         self._compact(finished=max(1, len(self.rows) // 4))
@@ -250,7 +278,9 @@ class DecodeBatch:
                 row.done = True
                 self.cancelled += 1
 
-    def _join(self, rows: list[_Row], cache: Any, mask: torch.Tensor, positions: torch.Tensor, last: torch.Tensor) -> None:
+    def _join(
+        self, rows: list[_Row], cache: Any, mask: torch.Tensor, positions: torch.Tensor, last: torch.Tensor
+    ) -> None:
         if not self.rows:
             self.rows, self.cache, self.mask, self.positions, self.last = rows, cache, mask, positions, last
             return
@@ -313,7 +343,9 @@ def _generator(seed: int | None) -> torch.Generator:
 
 
 class ClassifierRunner:
-    def __init__(self, model_dir: str | Path, max_image_pixels: int = 16_000_000, dtype: DType = "float32", use_gpu: bool = False):
+    def __init__(
+        self, model_dir: str | Path, max_image_pixels: int = 16_000_000, dtype: DType = "float32", use_gpu: bool = False
+    ):
         """``model_dir``: a local ResNet checkpoint or its model/ directory (Serve passes its checked copy)."""
         model, card = load_classifier(model_dir)
         # channels_last: what oneDNN's convolutions want (no cost in float32, 1.4x faster in bfloat16 here)
@@ -335,14 +367,23 @@ class ClassifierRunner:
             im = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as e:
             raise ServeError(413, f"image refused: {e}", "payload_too_large") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # ValueError: PIL's "Decompressed data too large" (text/ICC chunks)
+        except (
+            UnidentifiedImageError,
+            OSError,
+            ValueError,
+            SyntaxError,
+        ) as e:  # ValueError: PIL's "Decompressed data too large" (text/ICC chunks)
             reason = f": {e}" if isinstance(e, ValueError) else ""
             raise ServeError(400, f"the body is not a decodable image (send a JPEG or PNG){reason}") from None
         if im.format not in ("JPEG", "PNG"):
             raise ServeError(415, f"unsupported image format {im.format}; send a JPEG or PNG", "unsupported_media_type")
         w, h = im.size
         if w * h > self.max_image_pixels:
-            raise ServeError(413, f"image is {w}x{h} = {w * h} pixels; this server accepts at most {self.max_image_pixels}", "payload_too_large")
+            raise ServeError(
+                413,
+                f"image is {w}x{h} = {w * h} pixels; this server accepts at most {self.max_image_pixels}",
+                "payload_too_large",
+            )
         try:
             im.load()
         except Image.DecompressionBombError as e:

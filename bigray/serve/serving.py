@@ -57,11 +57,17 @@ class GPTServing:
             base = CompletionResponse(model=self.args.gpt_name, choices=[])
 
             def chunk(index: int, delta: Delta) -> BaseModel:
-                return base.model_copy(update={"choices": [CompletionChoice(index=index, text=delta.text, finish_reason=delta.finish_reason)]})
+                return base.model_copy(
+                    update={
+                        "choices": [CompletionChoice(index=index, text=delta.text, finish_reason=delta.finish_reason)]
+                    }
+                )
 
             return StreamingResponse(self._stream(streams, chunk), media_type="text/event-stream")
         results = await asyncio.gather(*(self._collect(s) for s in streams))
-        choices = [CompletionChoice(index=i, text=text, finish_reason=reason) for i, (text, reason, _) in enumerate(results)]
+        choices = [
+            CompletionChoice(index=i, text=text, finish_reason=reason) for i, (text, reason, _) in enumerate(results)
+        ]
         return CompletionResponse(model=self.args.gpt_name, choices=choices, usage=_usage(prompt_tokens, results))
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse | StreamingResponse:
@@ -72,19 +78,28 @@ class GPTServing:
             base = ChatCompletionChunk(model=self.args.gpt_name, choices=[])
 
             def chunk(index: int, delta: Delta) -> BaseModel:
-                choice = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=delta.text), finish_reason=delta.finish_reason)
+                choice = ChatChunkChoice(
+                    index=index,
+                    delta=ChatDelta(role="assistant", content=delta.text),
+                    finish_reason=delta.finish_reason,
+                )
                 return base.model_copy(update={"choices": [choice]})
 
             return StreamingResponse(self._stream(streams, chunk), media_type="text/event-stream")
         results = await asyncio.gather(*(self._collect(s) for s in streams))
-        choices = [ChatChoice(index=i, message=ChatReply(content=text), finish_reason=reason) for i, (text, reason, _) in enumerate(results)]
+        choices = [
+            ChatChoice(index=i, message=ChatReply(content=text), finish_reason=reason)
+            for i, (text, reason, _) in enumerate(results)
+        ]
         return ChatCompletionResponse(model=self.args.gpt_name, choices=choices, usage=_usage(prompt_tokens, results))
 
     async def _admit(self, req: SamplingRequest) -> tuple[list[Any], int]:
         """One stream per job from the GPT deployment, once every job's prompt was tokenized and fits
         (any refusal refuses the request); and the prompts' token count."""
         if req.model not in (None, self.args.gpt_name):
-            raise ServeError(404, f"model {req.model!r} is not served; GET /v1/models lists the models", "not_found_error")
+            raise ServeError(
+                404, f"model {req.model!r} is not served; GET /v1/models lists the models", "not_found_error"
+            )
         jobs: list[GenerationParams] = req.jobs(self.args)
         # A full model queue (its max_queued_requests) raises Serve's BackPressureError here, which
         # Serve answers 429 with Retry-After (settings.DeploymentArgs.options: backpressure_config).
@@ -131,7 +146,9 @@ class GPTServing:
                     remaining -= 1
                     continue
                 if delta.error:  # an error event, and no [DONE]: the client must not take this as complete
-                    error = ErrorResponse(error=ErrorDetail(message=f"choice {index}: {delta.error}", type="server_error", code=500))
+                    error = ErrorResponse(
+                        error=ErrorDetail(message=f"choice {index}: {delta.error}", type="server_error", code=500)
+                    )
                     yield f"data: {error.model_dump_json()}\n\n"
                     return
                 if not delta.text and not delta.finish_reason:
@@ -147,4 +164,6 @@ class GPTServing:
 
 def _usage(prompt_tokens: int, results: Results) -> Usage:
     completion_tokens = sum(n for _, _, n in results)
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
+    return Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )

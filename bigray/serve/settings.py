@@ -51,8 +51,11 @@ class DeploymentArgs(BaseModel):
                 "max_replicas": self.max_replicas,
                 "target_ongoing_requests": self.target_ongoing_requests,
             },
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
-                                  **({"accelerator_type": self.accelerator_type} if self.accelerator_type else {})},  # fmt: skip
+            "ray_actor_options": {
+                "num_cpus": self.num_cpus,
+                "num_gpus": self.num_gpus,
+                **({"accelerator_type": self.accelerator_type} if self.accelerator_type else {}),
+            },
             "max_queued_requests": self.max_queued_requests,
             # what a refused request is told: 429 Too Many Requests with Retry-After
             "backpressure_config": {"status_code": 429, "retry_after_s": self.retry_after_s},
@@ -92,7 +95,9 @@ class AppArgs(BaseModel):
 def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``over`` laid on it, section by section (``--set gpt.num_gpus=0`` keeps gpt's other keys)."""
     for key, value in over.items():
-        base[key] = _merged(dict(base[key]), value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        base[key] = (
+            _merged(dict(base[key]), value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        )
     return base
 
 
@@ -113,13 +118,21 @@ class ServeArgs(AppArgs):
         if not isinstance(data, dict) or "applications" not in data:
             return data
         data = dict(data)
-        apps = [a for a in data.pop("applications") or [] if isinstance(a, dict) and a.get("import_path") == "bigray.serve.app:build_app"]
+        apps = [
+            a
+            for a in data.pop("applications") or []
+            if isinstance(a, dict) and a.get("import_path") == "bigray.serve.app:build_app"
+        ]
         if len(apps) != 1:
-            raise ValueError(f"a Serve config must hold one bigray app (import_path bigray.serve.app:build_app), found {len(apps)}")
+            raise ValueError(
+                f"a Serve config must hold one bigray app (import_path bigray.serve.app:build_app), found {len(apps)}"
+            )
         http = data.get("http_options") or {}
         for key in SERVE_CONFIG_KEYS:
             data.pop(key, None)
-        return _merged(_merged(dict(apps[0].get("args") or {}), {k: http[k] for k in ("host", "port") if k in http}), data)
+        return _merged(
+            _merged(dict(apps[0].get("args") or {}), {k: http[k] for k in ("host", "port") if k in http}), data
+        )
 
     host: str = "127.0.0.1"
     """HTTP host (0.0.0.0 to listen on every interface, as a cluster's head needs: then an API key
@@ -148,5 +161,7 @@ class ServeArgs(AppArgs):
             return None
         if self.api_key_file or os.environ.get(self.api_key_env, "").strip():
             return None
-        return (f"serving on {self.host} (beyond this machine) needs an API key: set {self.api_key_env} or api_key_file, "
-                "or --set allow_unauthenticated=true on a network you trust")  # fmt: skip
+        return (
+            f"serving on {self.host} (beyond this machine) needs an API key: set {self.api_key_env} or api_key_file, "
+            "or --set allow_unauthenticated=true on a network you trust"
+        )

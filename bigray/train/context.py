@@ -98,8 +98,12 @@ class RayContext(TrainContext):
         from ray.train import CheckpointUploadMode
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint_dir else None,
-                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC)  # fmt: skip
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=name if checkpoint_dir else None,
+            checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+        )
 
     def prepare_model(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         import ray.train.torch

@@ -12,8 +12,8 @@ import contextlib
 import importlib
 import logging
 import pickle
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -24,7 +24,9 @@ from bigray.config import DeepSpeedConfig, GPTTrainConfig
 log = logging.getLogger(__name__)
 
 
-def deepspeed_config(settings: DeepSpeedConfig, train: GPTTrainConfig, world_size: int, use_gpu: bool) -> dict[str, Any]:
+def deepspeed_config(
+    settings: DeepSpeedConfig, train: GPTTrainConfig, world_size: int, use_gpu: bool
+) -> dict[str, Any]:
     """The DeepSpeed JSON config for this run (``settings.precision`` already resolved, never 'auto').
 
     The optimizer is torch's AdamW (``torch_adam``; fused on GPUs), so nothing is compiled on first
@@ -33,7 +35,9 @@ def deepspeed_config(settings: DeepSpeedConfig, train: GPTTrainConfig, world_siz
     """
     if settings.precision == "auto":
         raise ValueError("deepspeed_config needs a resolved precision (cluster.training_precision)")
-    weights = "fp32" if cpu_autocast(settings.precision, torch.device("cuda" if use_gpu else "cpu")) else settings.precision
+    weights = (
+        "fp32" if cpu_autocast(settings.precision, torch.device("cuda" if use_gpu else "cpu")) else settings.precision
+    )
     zero: dict[str, Any] = {"stage": settings.zero_stage}
     if settings.zero_stage >= 1:
         zero.update(overlap_comm=use_gpu, contiguous_gradients=True, reduce_bucket_size=5e7)
@@ -44,7 +48,10 @@ def deepspeed_config(settings: DeepSpeedConfig, train: GPTTrainConfig, world_siz
         zero["offload_optimizer"] = dict(offload)
     if settings.offload_params:
         # NVMe parameter buffers must hold the largest parameter (the token embedding).
-        zero["offload_param"] = {**offload, **({"buffer_count": 5, "buffer_size": 2e8} if settings.offload_device == "nvme" else {})}
+        zero["offload_param"] = {
+            **offload,
+            **({"buffer_count": 5, "buffer_size": 2e8} if settings.offload_device == "nvme" else {}),
+        }
     if settings.zero_stage == 3:
         zero.update(
             stage3_gather_16bit_weights_on_model_save=True,
@@ -77,8 +84,19 @@ def deepspeed_config(settings: DeepSpeedConfig, train: GPTTrainConfig, world_siz
         "fp16": {"enabled": weights == "fp16", "initial_scale_power": 16},
         "optimizer": {"type": "AdamW", "params": optimizer_params},
         **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"} if fp32_grads else {}),
-        **({"aio": {"block_size": 1 << 20, "queue_depth": 8, "thread_count": 1, "single_submit": False, "overlap_events": True}}
-           if settings.offload_device == "nvme" else {}),
+        **(
+            {
+                "aio": {
+                    "block_size": 1 << 20,
+                    "queue_depth": 8,
+                    "thread_count": 1,
+                    "single_submit": False,
+                    "overlap_events": True,
+                }
+            }
+            if settings.offload_device == "nvme"
+            else {}
+        ),
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -188,7 +206,9 @@ def full_state_dict(engine: Any, is_main: bool, trainable_only: bool = False) ->
         return module.state_dict()
     import deepspeed
 
-    aliases = {name: p for name, p in module.named_parameters(remove_duplicate=False) if p.requires_grad or not trainable_only}
+    aliases = {
+        name: p for name, p in module.named_parameters(remove_duplicate=False) if p.requires_grad or not trainable_only
+    }
     gathered: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for _, p in module.named_parameters():
@@ -207,7 +227,9 @@ def full_state_dict(engine: Any, is_main: bool, trainable_only: bool = False) ->
 def save_state(engine: Any, checkpoint_dir: str | Path, step: int, frozen: bool = True) -> None:
     """This rank's ZeRO shard (optimizer and, by stage, gradients/parameters) under ``<dir>/deepspeed``;
     ``frozen`` False leaves out the parameters that do not train (a LoRA run's base: rebuilt from it)."""
-    engine.save_checkpoint(f"{checkpoint_dir}/deepspeed", tag="state", client_state={"step": step}, exclude_frozen_parameters=not frozen)
+    engine.save_checkpoint(
+        f"{checkpoint_dir}/deepspeed", tag="state", client_state={"step": step}, exclude_frozen_parameters=not frozen
+    )
 
 
 @contextlib.contextmanager
@@ -230,7 +252,9 @@ def weights_only_loads() -> Iterator[None]:
             return original(f, *args, **kwargs)
         except pickle.UnpicklingError:
             unsafe = unsafe_pickled_types(f) if isinstance(f, (str, Path)) else ["a type outside the allow-list"]
-            raise CheckpointError(f"{f} needs {', '.join(unsafe)} to load, which bigray never unpickles: refusing it") from None
+            raise CheckpointError(
+                f"{f} needs {', '.join(unsafe)} to load, which bigray never unpickles: refusing it"
+            ) from None
 
     torch.load = load
     try:
@@ -252,8 +276,12 @@ def load_state(engine: Any, checkpoint_dir: str | Path, frozen: bool = True, res
     groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
     with weights_only_loads():
         path, _ = engine.load_checkpoint(
-            str(source), tag="state", load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=frozen,
-        )  # fmt: skip
+            str(source),
+            tag="state",
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+            load_module_strict=frozen,
+        )
     if path is None:
         raise CheckpointError(f"DeepSpeed found no state in {source}")
     # ZeRO-3's universal load gives every parameter group the first group's hyperparameters, so the
@@ -289,9 +317,14 @@ def universal_state(checkpoint_dir: str | Path) -> Path:
         staging = Path(tempfile.mkdtemp(dir=ckpt, prefix=f".{UNIVERSAL}-"))
         try:
             args = argparse.Namespace(
-                input_folder=str(ckpt / "deepspeed" / "state"), output_folder=str(staging / "state"), num_extract_workers=1,
-                num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
-            )  # fmt: skip
+                input_folder=str(ckpt / "deepspeed" / "state"),
+                output_folder=str(staging / "state"),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=True,
+            )
             with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()):
                 ds_to_universal.main(args)
             staging.rename(out)
@@ -301,7 +334,9 @@ def universal_state(checkpoint_dir: str | Path) -> Path:
     return out
 
 
-def resume_problems(saved_stage: int, saved_world_size: int, stage: int, world_size: int, lora: bool = False) -> list[str]:
+def resume_problems(
+    saved_stage: int, saved_world_size: int, stage: int, world_size: int, lora: bool = False
+) -> list[str]:
     """Why this engine cannot load shards written by another (empty when it can). Another world size
     loads ZeRO-1/2 shards re-partitioned (:func:`universal_state`; measured exact: tests/test_gpt.py).
     Not yet: ZeRO-3 (after a universal load the first update differs from the uninterrupted run's by
@@ -310,8 +345,10 @@ def resume_problems(saved_stage: int, saved_world_size: int, stage: int, world_s
     problems = []
     if saved_world_size != world_size and (saved_stage == 3 or (lora and saved_stage > 0)):
         what = "ZeRO-3" if saved_stage == 3 else "LoRA"
-        problems.append(f"it has {saved_world_size} ZeRO shards but this run has {world_size} workers, and {what} "
-                        "checkpoints are not re-sharded yet (ZeRO-0, 1 and 2 are)")  # fmt: skip
+        problems.append(
+            f"it has {saved_world_size} ZeRO shards but this run has {world_size} workers, and {what} "
+            "checkpoints are not re-sharded yet (ZeRO-0, 1 and 2 are)"
+        )
     if saved_stage != stage:
         problems.append(f"it uses ZeRO stage {saved_stage}, this run {stage}")
     return problems

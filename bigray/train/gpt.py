@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from bigray.artifacts.checkpoint import CheckpointMeta, read_meta, write_meta, write_rank_marker
 from bigray.artifacts.adapter import save_adapter
+from bigray.artifacts.checkpoint import CheckpointMeta, read_meta, write_meta, write_rank_marker
 from bigray.artifacts.hf_gpt import save_hf_model
 from bigray.cluster import enable_tf32, training_precision
 from bigray.config import ConfigError, GPTFinetuneConfig, GPTPretrainConfig, from_dict, to_dict
@@ -32,8 +32,6 @@ from bigray.data.documents import EOS, load_tokenizer
 from bigray.data.text import DIGEST_MOD, TextDataset, TokenWindows, open_prepared
 from bigray.models.gpt import build_gpt, context_length, decoder_config, flops_per_token, shape
 from bigray.train import engine as zero
-from bigray.train.lm_loss import fuse_loss, mean_loss
-from bigray.train.lora import apply_lora
 from bigray.train.context import (
     LocalContext,
     RayContext,
@@ -42,6 +40,8 @@ from bigray.train.context import (
     new_checkpoint_dir,
     permanent_failures_end_the_run,
 )
+from bigray.train.lm_loss import fuse_loss, mean_loss
+from bigray.train.lora import apply_lora
 from bigray.train.metrics import RunLog, StartUp, peak_flops
 from bigray.train.optim import decay_groups, gpt_lr
 from bigray.train.pretrained import PretrainedGPT
@@ -57,14 +57,18 @@ GPTJob = GPTPretrainConfig | GPTFinetuneConfig
 def pretrain_model_config(cfg: GPTPretrainConfig, data: TextDataset) -> Any:
     """The model config of a pretraining job; raises ConfigError if the block does not fit the positions."""
     tok = load_tokenizer(data.tokenizer_dir)
-    model_cfg = decoder_config(cfg.model.family, cfg.model.preset, data.vocab_size, cfg.model.dropout, tok.convert_tokens_to_ids(EOS))
+    model_cfg = decoder_config(
+        cfg.model.family, cfg.model.preset, data.vocab_size, cfg.model.dropout, tok.convert_tokens_to_ids(EOS)
+    )
     check_block_fits(cfg.model.block_size, model_cfg)
     return model_cfg
 
 
 def check_block_fits(block_size: int, model_cfg: Any) -> None:
     if block_size > context_length(model_cfg):
-        raise ConfigError("model.block_size", f"{block_size} is larger than the model's {context_length(model_cfg)} positions")
+        raise ConfigError(
+            "model.block_size", f"{block_size} is larger than the model's {context_length(model_cfg)} positions"
+        )
 
 
 def token_windows(data: TextDataset, split: str, block_size: int) -> TokenWindows:
@@ -102,7 +106,10 @@ def _base_model(cfg: GPTFinetuneConfig, data: TextDataset) -> tuple[Any, torch.n
 STARTS: dict[type, Start] = {
     GPTPretrainConfig: Start(_fresh_model),
     GPTFinetuneConfig: Start(
-        _base_model, lora=lambda cfg: cfg.finetune.method == "lora", isolate_examples=lambda cfg: cfg.data.isolate_examples, reports_base_loss=True
+        _base_model,
+        lora=lambda cfg: cfg.finetune.method == "lora",
+        isolate_examples=lambda cfg: cfg.data.isolate_examples,
+        reports_base_loss=True,
     ),
 }
 """Each GPT job's start, by its config class."""
@@ -125,7 +132,14 @@ def isolated_examples(starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 class GPTTrainer:
     """State of one rank's training: engine, data readers, step counter and throughput meters."""
 
-    def __init__(self, cfg: GPTJob, ctx: TrainContext, data_dir: str, run_dir: str | None = None, submitted_at: float | None = None):
+    def __init__(
+        self,
+        cfg: GPTJob,
+        ctx: TrainContext,
+        data_dir: str,
+        run_dir: str | None = None,
+        submitted_at: float | None = None,
+    ):
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
         self.start = STARTS[type(cfg)]
         self.startup = StartUp(submitted_at)
@@ -137,7 +151,9 @@ class GPTTrainer:
             bs = cfg.model.block_size
             self.train_windows = token_windows(self.data, "train", bs)
             self.val_windows = token_windows(self.data, "val", bs)
-        ds = dataclasses.replace(cfg.deepspeed, precision=training_precision(cfg.deepspeed.precision, self.device, cpu_bf16=True))
+        ds = dataclasses.replace(
+            cfg.deepspeed, precision=training_precision(cfg.deepspeed.precision, self.device, cpu_bf16=True)
+        )
         self.cpu_bf16 = zero.cpu_autocast(ds.precision, self.device)
         self.ds_config = zero.deepspeed_config(ds, cfg.train, ctx.world_size, cfg.scaling.use_gpu)
         with self.startup.phase("model build"):
@@ -163,8 +179,16 @@ class GPTTrainer:
             self.peak = peak_flops(self.device, ds.precision)
         self.tokens_per_step = cfg.train.micro_batch_size * self.grad_accum * bs  # per rank
         with self.startup.phase("run log"):
-            self.run_log = RunLog.for_job(cfg, ctx, run_dir, self.device, zero_stage=ds.zero_stage, precision=ds.precision,
-                                          offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params)  # fmt: skip
+            self.run_log = RunLog.for_job(
+                cfg,
+                ctx,
+                run_dir,
+                self.device,
+                zero_stage=ds.zero_stage,
+                precision=ds.precision,
+                offload_optimizer=ds.offload_optimizer,
+                offload_params=ds.offload_params,
+            )
 
     # ------------------------------------------------------------------ data and loss
 
@@ -172,11 +196,15 @@ class GPTTrainer:
         """The first sample of this rank's part of global micro batch ``index`` (counted over all ranks)."""
         return (index * self.ctx.world_size + self.ctx.rank) * self.cfg.train.micro_batch_size
 
-    def _batch(self, windows: TokenWindows, start: int, shuffle: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _batch(
+        self, windows: TokenWindows, start: int, shuffle: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Inputs, targets and (when examples are kept apart) where each example starts, of samples
         [start, start + micro_batch_size) of the split's stream."""
         with record_function("data"):
-            ids = windows.windows_at(seed=self.cfg.train.seed, start=start, count=self.cfg.train.micro_batch_size, shuffle=shuffle)
+            ids = windows.windows_at(
+                seed=self.cfg.train.seed, start=start, count=self.cfg.train.micro_batch_size, shuffle=shuffle
+            )
             x, y = windows.batch(ids)
             starts = torch.from_numpy(windows.starts(ids)).to(self.device) if self.isolate else None
             return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device), starts
@@ -215,7 +243,9 @@ class GPTTrainer:
         zero.set_lr(self.engine, lr)
         self.engine.train()
         t0 = time.perf_counter()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: no host sync per micro batch
+        total = torch.zeros(
+            (), dtype=torch.float64, device=self.device
+        )  # summed on the device: no host sync per micro batch
         digest = 0
         for micro in range(self.grad_accum):
             start = self.step * self.global_batch + self._micro_batch_start(micro)
@@ -254,7 +284,10 @@ class GPTTrainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.engine.eval()
-        losses = [self._loss(*self._batch(self.val_windows, self._micro_batch_start(i), shuffle=False)) for i in range(self.cfg.train.eval_batches)]
+        losses = [
+            self._loss(*self._batch(self.val_windows, self._micro_batch_start(i), shuffle=False))
+            for i in range(self.cfg.train.eval_batches)
+        ]
         val = self._sum_across_ranks(torch.stack(losses).double().mean())[0] / self.ctx.world_size
         return {"val/loss": val, "val/perplexity": math.exp(min(val, 50.0))}
 
@@ -268,14 +301,31 @@ class GPTTrainer:
         state_dict = zero.full_state_dict(self.engine, self.ctx.is_main, trainable_only=self.lora)
         if state_dict is not None:
             if self.lora:  # the adapter only: the frozen base is where init_from says
-                save_adapter(self.engine.module, state_dict, self.data.tokenizer_dir, Path(d, "model"), generation_dir=self.base_dir)
+                save_adapter(
+                    self.engine.module,
+                    state_dict,
+                    self.data.tokenizer_dir,
+                    Path(d, "model"),
+                    generation_dir=self.base_dir,
+                )
             else:
-                save_hf_model(state_dict, self.model_cfg, self.data.tokenizer_dir, Path(d, "model"), generation_dir=self.base_dir)
-            write_meta(d, CheckpointMeta(
-                kind=KIND, step=self.step, world_size=self.ctx.world_size, writer_ranks=list(range(self.ctx.world_size)),
-                config=to_dict(self.cfg), metrics=metrics, zero_stage=self.cfg.deepspeed.zero_stage,
-                model_shape=shape(self.model_cfg), tokenizer_sha256=self.data.manifest["tokenizer_sha256"],
-            ))  # fmt: skip
+                save_hf_model(
+                    state_dict, self.model_cfg, self.data.tokenizer_dir, Path(d, "model"), generation_dir=self.base_dir
+                )
+            write_meta(
+                d,
+                CheckpointMeta(
+                    kind=KIND,
+                    step=self.step,
+                    world_size=self.ctx.world_size,
+                    writer_ranks=list(range(self.ctx.world_size)),
+                    config=to_dict(self.cfg),
+                    metrics=metrics,
+                    zero_stage=self.cfg.deepspeed.zero_stage,
+                    model_shape=shape(self.model_cfg),
+                    tokenizer_sha256=self.data.manifest["tokenizer_sha256"],
+                ),
+            )
         write_rank_marker(d, self.ctx.rank)
         return d
 
@@ -283,7 +333,9 @@ class GPTTrainer:
         """Restore weights, optimizer and step from a checkpoint the driver checked against this job
         (recipes.launch.resuming); returns its metadata."""
         meta = read_meta(directory, KIND)
-        resharded = meta.world_size != self.ctx.world_size and bool(meta.zero_stage)  # ZeRO-0 state is whole on every rank
+        resharded = meta.world_size != self.ctx.world_size and bool(
+            meta.zero_stage
+        )  # ZeRO-0 state is whole on every rank
         zero.load_state(self.engine, directory, frozen=not self.lora, resharded=resharded)
         self.step = meta.step
         log.info("rank %d resumed from %s at step %d", self.ctx.rank, directory, self.step)
@@ -296,9 +348,15 @@ class GPTTrainer:
         val = f" val {metrics['val/loss']:.4f} ppl {metrics['val/perplexity']:.1f}" if "val/loss" in metrics else ""
         log.info(
             "step %d/%d loss %.4f%s lr %.2e %.0f tok/s mfu %.1f%% %.2fs/step",
-            self.step, self.cfg.train.max_steps, metrics["train/loss"], val, metrics["train/lr"],
-            metrics["train/tokens_per_s"], 100 * metrics["train/mfu"], metrics["train/step_time_s"],
-        )  # fmt: skip
+            self.step,
+            self.cfg.train.max_steps,
+            metrics["train/loss"],
+            val,
+            metrics["train/lr"],
+            metrics["train/tokens_per_s"],
+            100 * metrics["train/mfu"],
+            metrics["train/step_time_s"],
+        )
 
     # ------------------------------------------------------------------ the loop
 
@@ -311,7 +369,10 @@ class GPTTrainer:
         logged step would keep a finished run waiting for its queue to drain: a minute for 30 reports.
         """
         t = self.cfg.train
-        with self.startup.phase("resume"), checkpoint_to_resume(self.ctx, self.cfg.resume_from, self.run_dir, KIND) as ckpt:
+        with (
+            self.startup.phase("resume"),
+            checkpoint_to_resume(self.ctx, self.cfg.resume_from, self.run_dir, KIND) as ckpt,
+        ):
             saved = self.load(ckpt) if ckpt else None
         # Fine-tuning reports the base model's val loss on the new data with every report: the bar to beat.
         initial: dict[str, Any] = {}

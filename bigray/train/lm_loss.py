@@ -32,7 +32,9 @@ slower on a 2-core EPYC (bench/README.md)."""
 
 def mean_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of full logits over the targets that count (0, not NaN, when none does)."""
-    total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    total = F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
     return total / (targets != IGNORE).sum().clamp(min=1)
 
 
@@ -49,8 +51,16 @@ def fuse_loss(model: torch.nn.Module) -> bool:
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the transformers model
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     body = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
-    scaled = any(getattr(hf.config, k, None) for k in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"))
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None or body is None or scaled or hasattr(head.weight, "ds_id"):
+    scaled = any(
+        getattr(hf.config, k, None) for k in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+    )
+    if (
+        not isinstance(head, torch.nn.Linear)
+        or head.bias is not None
+        or body is None
+        or scaled
+        or hasattr(head.weight, "ds_id")
+    ):
         return False
 
     original = hf.forward
@@ -73,7 +83,12 @@ def fuse_loss(model: torch.nn.Module) -> bool:
 
 
 def _chunked_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype, grads: bool, weight_grad: bool = False
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    dtype: torch.dtype,
+    grads: bool,
+    weight_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Mean loss, and (``grads``) d(summed loss)/d hidden and (``weight_grad``) d(summed loss)/d weight."""
     valid = (targets != IGNORE).to(torch.float32)
@@ -83,7 +98,9 @@ def _chunked_loss(
     h = hidden.detach().to(dtype)
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     grad_hidden = torch.empty_like(h) if grads else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads and weight_grad else None
+    grad_weight = (
+        torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads and weight_grad else None
+    )
     for i in range(0, h.size(0), CHUNK_TOKENS):
         hc, yc, vc = h[i : i + CHUNK_TOKENS], targets[i : i + CHUNK_TOKENS], valid[i : i + CHUNK_TOKENS]
         logits = torch.mm(hc, w.t())
@@ -99,7 +116,9 @@ def _chunked_loss(
     return (total / count).float(), grad_hidden, grad_weight
 
 
-def _softmax_grad(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _softmax_grad(
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses (fp32) and d loss/d logits (softmax minus one-hot, zero on rows that do not
     count) in the logits' dtype, for one chunk; the softmax is computed in fp32. Written for
     Inductor, which fuses it into two passes (eager it takes eight: :func:`_softmax_grad_eager`)."""
@@ -119,7 +138,9 @@ def _compiled_softmax_grad() -> Any:
     return torch.compile(_softmax_grad, dynamic=False)
 
 
-def _softmax_grad_eager(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _softmax_grad_eager(
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_softmax_grad` in the fewest eager passes (log_softmax is one fused kernel): 0.31 s
     a step where the compiled one takes 0.12 s and the compiler's form run eager 1.4 s."""
     log_probs = torch.log_softmax(logits.float(), -1)
@@ -151,8 +172,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Loss of ``hidden @ weight.T`` against targets, gradients computed in the forward pass."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        loss, grad_hidden, grad_weight = _chunked_loss(hidden, weight, targets, dtype, grads=True, weight_grad=ctx.needs_input_grad[1])
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        loss, grad_hidden, grad_weight = _chunked_loss(
+            hidden, weight, targets, dtype, grads=True, weight_grad=ctx.needs_input_grad[1]
+        )
         ctx.save_for_backward(grad_hidden, grad_weight, (targets != IGNORE).sum().clamp(min=1))
         ctx.dtypes = hidden.dtype, weight.dtype
         return loss

@@ -7,7 +7,6 @@ artifacts/adapter.py), its optimizer state and the RNG/step, and names its base
 
 from __future__ import annotations
 
-
 import torch
 
 from bigray.config import FinetuneMethodConfig
@@ -24,9 +23,14 @@ def apply_lora(model: torch.nn.Module, cfg: FinetuneMethodConfig, base: str) -> 
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
-        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=target_modules(cfg),
-        task_type="CAUSAL_LM", fan_in_fan_out=model.config.model_type == "gpt2", base_model_name_or_path=base,
-    )  # fmt: skip
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=target_modules(cfg),
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=model.config.model_type == "gpt2",
+        base_model_name_or_path=base,
+    )
     peft_model = get_peft_model(model, lora)
     if getattr(model, "is_gradient_checkpointing", False):
         peft_model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad

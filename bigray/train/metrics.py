@@ -131,7 +131,8 @@ class StartUp:
         parts += [f"{name} {seconds:.1f}" for name, seconds in self.phases.items()]
         since = self.submitted_at if self.submitted_at is not None else self.began
         return f"start-up (s): {', '.join(parts)}; first step done {time.time() - since:.1f} s after " + (
-            "the run was submitted" if self.submitted_at is not None else "the trainer started")
+            "the run was submitted" if self.submitted_at is not None else "the trainer started"
+        )
 
 
 class RunLog:
@@ -148,8 +149,16 @@ class RunLog:
 
     UPLOAD_EVERY_S = 60.0
 
-    def __init__(self, run_dir: str | None, is_main: bool, tracking: TrackingConfig | None = None, *,
-                 run_name: str = "", params: dict[str, str] | None = None, tags: dict[str, Any] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        run_dir: str | None,
+        is_main: bool,
+        tracking: TrackingConfig | None = None,
+        *,
+        run_name: str = "",
+        params: dict[str, str] | None = None,
+        tags: dict[str, Any] | None = None,
+    ):
         self.run_dir = run_dir if is_main and run_dir else None
         self.writer: Any = None
         self.local: str | None = None
@@ -165,7 +174,9 @@ class RunLog:
             self.writer = SummaryWriter(f"{self.local}/tensorboard")
             if tracking is not None:
                 tags = {k: str(v) for k, v in (tags or {}).items()}
-                self.tracked = TrackedRun.start(tracking, self.run_dir, run_name, params or {}, tags, files_dir=self.local)
+                self.tracked = TrackedRun.start(
+                    tracking, self.run_dir, run_name, params or {}, tags, files_dir=self.local
+                )
 
     @classmethod
     def for_job(cls, cfg: Any, ctx: Any, run_dir: str | None, device: torch.device, **facts: Any) -> RunLog:

@@ -12,9 +12,9 @@ whole model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -49,7 +49,13 @@ class PretrainedGPT:
         from transformers import AutoConfig
 
         p, meta = local_model(source, "gpt")
-        return cls(path=p, source=source, model_dir=model_files(p), meta=meta, config=AutoConfig.from_pretrained(str(model_files(p))))
+        return cls(
+            path=p,
+            source=source,
+            model_dir=model_files(p),
+            meta=meta,
+            config=AutoConfig.from_pretrained(str(model_files(p))),
+        )
 
     def state_dict(self) -> Mapping[str, torch.Tensor]:
         if self.meta is not None:
@@ -63,7 +69,9 @@ class PretrainedGPT:
         state = _model_names(self.state_dict(), model)
         params = {name for name, _ in model.named_parameters()}  # a tied head is not a parameter of its own
         missing = params - set(state)
-        unexpected = {k for k in set(state) - set(model.state_dict()) if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        unexpected = {
+            k for k in set(state) - set(model.state_dict()) if not k.endswith((".attn.bias", ".attn.masked_bias"))
+        }
         if missing or unexpected:
             raise CheckpointError(
                 f"weights in {self.path} do not fit a {self.config.model_type} model of its config: "

@@ -68,7 +68,9 @@ def augment(images: torch.Tensor, info: DatasetInfo, generator: torch.Generator)
     padded = F.pad(images, (4, 4, 4, 4))
     rows = (dy.view(n, 1) + torch.arange(h, device=dev).view(1, h)).view(n, 1, h, 1).expand(n, c, h, w)
     cols = (dx.view(n, 1) + torch.arange(w, device=dev).view(1, w)).view(n, 1, 1, w).expand(n, c, h, w)
-    out = padded[torch.arange(n, device=dev).view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, -1, 1, 1), rows, cols]
+    out = padded[
+        torch.arange(n, device=dev).view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, -1, 1, 1), rows, cols
+    ]
     if flip is not None:
         out[flip] = out[flip].flip(-1)
     return out
@@ -77,7 +79,14 @@ def augment(images: torch.Tensor, info: DatasetInfo, generator: torch.Generator)
 class ResNetTrainer:
     """One rank's training state: model, optimizer, loaders, epoch and step counters."""
 
-    def __init__(self, cfg: ResNetJobConfig, ctx: TrainContext, run_dir: str | None = None, splits: dict | None = None, info: DatasetInfo | None = None):
+    def __init__(
+        self,
+        cfg: ResNetJobConfig,
+        ctx: TrainContext,
+        run_dir: str | None = None,
+        splits: dict | None = None,
+        info: DatasetInfo | None = None,
+    ):
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
         torch.set_num_threads(cfg.scaling.threads)
         self.device = ctx.device(cfg.scaling.use_gpu)
@@ -86,7 +95,9 @@ class ResNetTrainer:
         self.info = info
         t = cfg.train
         torch.manual_seed(t.seed)
-        model = build_resnet(cfg.model.arch, info.num_classes, info.channels, cfg.model.small_input_stem, cfg.model.zero_init_residual)
+        model = build_resnet(
+            cfg.model.arch, info.num_classes, info.channels, cfg.model.small_input_stem, cfg.model.zero_init_residual
+        )
         # channels_last: what cuDNN's and oneDNN's convolutions want; 1.09x images/s in bf16 and 1.13x in fp32
         # on this CPU (bench/resnet_memory_format.py)
         model = model.to(memory_format=torch.channels_last)
@@ -97,15 +108,24 @@ class ResNetTrainer:
         pin = self.device.type == "cuda"  # pinned host memory: the copy to the GPU overlaps compute
         self.batch_size = t.batch_size or batch_per_worker(len(splits["train"]), t.epochs, ctx.world_size)
         self.global_batch = self.batch_size * ctx.world_size
-        train_loader = DataLoader(splits["train"], batch_size=self.batch_size, shuffle=True, drop_last=True,
-                                  num_workers=t.num_data_workers, generator=generator, pin_memory=pin)  # fmt: skip
+        train_loader = DataLoader(
+            splits["train"],
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=t.num_data_workers,
+            generator=generator,
+            pin_memory=pin,
+        )
         self.train_loader = ctx.prepare_loader(train_loader)
         test = splits["test"]
         shard = Subset(test, range(ctx.rank, len(test), ctx.world_size))
         self.test_loader = DataLoader(shard, batch_size=max(self.batch_size, 256), num_workers=t.num_data_workers)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"train.batch_size {self.batch_size} is larger than this worker's share of the training set")
+            raise ValueError(
+                f"train.batch_size {self.batch_size} is larger than this worker's share of the training set"
+            )
         self.total_steps = self.steps_per_epoch * t.epochs
         enable_tf32(self.device)
         # 'auto': bf16 where the GPU or the CPU has bf16 units (on this CPU 2x fp32's images/s, bench/README.md)
@@ -143,7 +163,12 @@ class ResNetTrainer:
             n += len(y)
         dt = time.perf_counter() - t0
         totals = self._all_reduce([loss_sum, n])
-        return {"train/loss": totals[0] / totals[1], "train/images_per_s": totals[1] / dt, "train/epoch_time_s": dt, "train/lr": lr}
+        return {
+            "train/loss": totals[0] / totals[1],
+            "train/images_per_s": totals[1] / dt,
+            "train/epoch_time_s": dt,
+            "train/lr": lr,
+        }
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -175,11 +200,25 @@ class ResNetTrainer:
         if not self.ctx.is_main:
             return None
         d = new_checkpoint_dir()
-        model_card = {"arch": self.cfg.model.arch, "small_input_stem": self.cfg.model.small_input_stem, "data": self.info.to_dict()}
+        model_card = {
+            "arch": self.cfg.model.arch,
+            "small_input_stem": self.cfg.model.small_input_stem,
+            "data": self.info.to_dict(),
+        }
         save_classifier(Path(d, "model"), self._bare_model().state_dict(), model_card)
         torch.save({"optimizer": self.optimizer.state_dict()}, Path(d, "train_state.pt"))
-        write_meta(d, CheckpointMeta(kind=KIND, step=self.step, world_size=self.ctx.world_size, writer_ranks=[0],
-                                     config=to_dict(self.cfg), metrics=metrics, epoch=self.epoch))  # fmt: skip
+        write_meta(
+            d,
+            CheckpointMeta(
+                kind=KIND,
+                step=self.step,
+                world_size=self.ctx.world_size,
+                writer_ranks=[0],
+                config=to_dict(self.cfg),
+                metrics=metrics,
+                epoch=self.epoch,
+            ),
+        )
         write_rank_marker(d, 0)
         return d
 
@@ -209,9 +248,14 @@ class ResNetTrainer:
             if self.ctx.is_main:
                 log.info(
                     "epoch %d/%d train loss %.4f val loss %.4f val acc %.2f%% %.0f img/s %.1fs",
-                    self.epoch, self.cfg.train.epochs, metrics["train/loss"], metrics["val/loss"],
-                    100 * metrics["val/acc"], metrics["train/images_per_s"], metrics["train/epoch_time_s"],
-                )  # fmt: skip
+                    self.epoch,
+                    self.cfg.train.epochs,
+                    metrics["train/loss"],
+                    metrics["val/loss"],
+                    100 * metrics["val/acc"],
+                    metrics["train/images_per_s"],
+                    metrics["train/epoch_time_s"],
+                )
             self.run_log.write(metrics, self.step, checkpoint=True)
             ckpt = self.save(metrics)
             self.ctx.report(metrics, ckpt, f"checkpoint_epoch_{self.epoch:04d}")

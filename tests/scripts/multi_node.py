@@ -43,10 +43,20 @@ def timed(fn):
 def gpt_config(cache: str, max_chars: str, vocab: str, *overrides: str):
     from bigray.config import GPTPretrainConfig, load_config
 
-    return load_config(GPTPretrainConfig, REPO / "jobs" / "configs" / "gpt_tiny.yaml", [
-        f"data.cache_dir={cache}", f"data.max_chars={max_chars}", f"data.vocab_size={vocab}", "model.block_size=64",
-        "train.micro_batch_size=8", "train.log_interval=1", "train.eval_batches=2", *overrides,
-    ])  # fmt: skip
+    return load_config(
+        GPTPretrainConfig,
+        REPO / "jobs" / "configs" / "gpt_tiny.yaml",
+        [
+            f"data.cache_dir={cache}",
+            f"data.max_chars={max_chars}",
+            f"data.vocab_size={vocab}",
+            "model.block_size=64",
+            "train.micro_batch_size=8",
+            "train.log_interval=1",
+            "train.eval_batches=2",
+            *overrides,
+        ],
+    )
 
 
 def autoscaler_cases(cluster, cache: str, max_chars: str, vocab: str) -> dict:
@@ -61,8 +71,12 @@ def autoscaler_cases(cluster, cache: str, max_chars: str, vocab: str) -> dict:
     from bigray.tune import concurrent_trials
 
     local = gpt_config(cache, max_chars, vocab, "run.storage_path=./runs")  # data and runs on this node's disk
-    cases = {"fixed_cluster": timed(lambda: wait_for_workers(ScalingConfig(num_workers=2, cpus_per_worker=1))),  # no autoscaler
-             "local_paths_one_node": timed(lambda: check_shared_locations(worker_locations(local)))}  # fmt: skip
+    cases = {
+        "fixed_cluster": timed(
+            lambda: wait_for_workers(ScalingConfig(num_workers=2, cpus_per_worker=1))
+        ),  # no autoscaler
+        "local_paths_one_node": timed(lambda: check_shared_locations(worker_locations(local))),
+    }
     config = autoscaler_pb2.ClusterConfig()
     for name, cpus, max_count in (("head", 0, 1), ("cpu-2", 2, 2)):
         group = autoscaler_pb2.NodeGroupConfig(name=name, max_count=max_count, min_count=1 if name == "head" else 0)
@@ -75,9 +89,14 @@ def autoscaler_cases(cluster, cache: str, max_chars: str, vocab: str) -> dict:
     cases["local_paths_shared"] = timed(lambda: check_shared_locations(worker_locations(local)))
     cases["never_fits"] = timed(lambda: wait_for_workers(ScalingConfig(num_workers=2, cpus_per_worker=4)))
     per_trial = lambda cpus: type("Trainer", (), {"scaling": ScalingConfig(num_workers=1, cpus_per_worker=cpus)})()  # noqa: E731
-    cases["trials"] = {"now_cpus": int(ray.cluster_resources().get("CPU", 0)), "at_most_1cpu": concurrent_trials(TuneJobConfig(), per_trial(1)),
-                       "at_most_2cpu": concurrent_trials(TuneJobConfig(), per_trial(2))}  # fmt: skip
-    cases["timeout"] = timed(lambda: wait_for_workers(ScalingConfig(num_workers=3, cpus_per_worker=1, resource_wait_s=4)))
+    cases["trials"] = {
+        "now_cpus": int(ray.cluster_resources().get("CPU", 0)),
+        "at_most_1cpu": concurrent_trials(TuneJobConfig(), per_trial(1)),
+        "at_most_2cpu": concurrent_trials(TuneJobConfig(), per_trial(2)),
+    }
+    cases["timeout"] = timed(
+        lambda: wait_for_workers(ScalingConfig(num_workers=3, cpus_per_worker=1, resource_wait_s=4))
+    )
     return cases
 
 
@@ -97,9 +116,19 @@ def grow_without_shared_fs(cluster, out: Path, max_chars: str, vocab: str) -> tu
     shutil.rmtree(driver_cache)  # the driver's local data is gone: only the bucket has it
     driver_cache.mkdir()
 
-    cfg = gpt_config(text.cache_dir, max_chars, vocab, "train.max_steps=10", "train.eval_interval=10", "run.checkpoint_interval=10",
-                     "scaling.num_workers=4", "scaling.cpus_per_worker=1", "scaling.resource_wait_s=300",
-                     "run.storage_path=s3://no-shared-fs/runs", "run.name=grown")  # fmt: skip
+    cfg = gpt_config(
+        text.cache_dir,
+        max_chars,
+        vocab,
+        "train.max_steps=10",
+        "train.eval_interval=10",
+        "run.checkpoint_interval=10",
+        "scaling.num_workers=4",
+        "scaling.cpus_per_worker=1",
+        "scaling.resource_wait_s=300",
+        "run.storage_path=s3://no-shared-fs/runs",
+        "run.name=grown",
+    )
     summary: dict = {}
     job: dict = {}
     started = time.monotonic()
@@ -117,10 +146,13 @@ def grow_without_shared_fs(cluster, out: Path, max_chars: str, vocab: str) -> tu
         return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
     return {
-        **job, "step": summary.get("metrics", {}).get("step"), "checkpoint": summary.get("checkpoint"),
-        "node_added_after": added_after, "data": prepared["location"],
+        **job,
+        "step": summary.get("metrics", {}).get("step"),
+        "checkpoint": summary.get("checkpoint"),
+        "node_added_after": added_after,
+        "data": prepared["location"],
         "downloads": {name: downloads_of(cache) for name, cache in caches.items()},
-    }, nodes  # fmt: skip
+    }, nodes
 
 
 def latest_registered(run_dir: Path) -> str | None:
@@ -146,9 +178,22 @@ def lose_the_training_node(cluster, out: Path, cache: str, max_chars: str, vocab
     outcome: dict = {}
 
     def train():
-        cfg = gpt_config(cache, max_chars, vocab, "train.max_steps=40", "train.lr=3e-3", "train.warmup_steps=5", "train.eval_interval=10",
-                         "train.eval_batches=4", "deepspeed.zero_stage=1", "run.checkpoint_interval=10", "run.keep_checkpoints=10",
-                         "run.max_failures=2", f"run.storage_path={out}", "run.name=node-loss")  # fmt: skip
+        cfg = gpt_config(
+            cache,
+            max_chars,
+            vocab,
+            "train.max_steps=40",
+            "train.lr=3e-3",
+            "train.warmup_steps=5",
+            "train.eval_interval=10",
+            "train.eval_batches=4",
+            "deepspeed.zero_stage=1",
+            "run.checkpoint_interval=10",
+            "run.keep_checkpoints=10",
+            "run.max_failures=2",
+            f"run.storage_path={out}",
+            "run.name=node-loss",
+        )
         try:
             outcome["summary"] = pretrain(cfg)
         except TrainingFailed as e:
@@ -180,13 +225,18 @@ def lose_the_training_node(cluster, out: Path, cache: str, max_chars: str, vocab
     rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = outcome.get("summary", {}).get("checkpoint")
     return {
-        "finished": "summary" in outcome, "error": outcome.get("error"), "still_waiting": runner.is_alive(),
-        "truncated": truncated, "workers_on_one_node": len(nodes) == 1 and len(workers) == 2,
-        "steps": [r["step"] for r in rows], "by_step": {r["step"]: r for r in rows},  # the replayed steps' later rows
+        "finished": "summary" in outcome,
+        "error": outcome.get("error"),
+        "still_waiting": runner.is_alive(),
+        "truncated": truncated,
+        "workers_on_one_node": len(nodes) == 1 and len(workers) == 2,
+        "steps": [r["step"] for r in rows],
+        "by_step": {r["step"]: r for r in rows},  # the replayed steps' later rows
         "shards": sorted(p.name for p in Path(final, "deepspeed", "state").iterdir()) if final else [],
         "final_step": outcome.get("summary", {}).get("metrics", {}).get("step"),
-        "seconds_after_loss": round(time.time() - lost_at, 1), "ray_nodes": len([n for n in ray.nodes() if n["Alive"]]),
-    }  # fmt: skip
+        "seconds_after_loss": round(time.time() - lost_at, 1),
+        "ray_nodes": len([n for n in ray.nodes() if n["Alive"]]),
+    }
 
 
 def main() -> None:
@@ -210,7 +260,10 @@ def main() -> None:
     with socket.socket() as sock:  # the test session's own Ray already holds the default dashboard port
         sock.bind(("127.0.0.1", 0))
         dashboard_port = sock.getsockname()[1]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": dashboard_port})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": dashboard_port},
+    )
     ray.init(address=cluster.address)
     phases: dict = {"autoscaler": autoscaler_cases(cluster, cache, max_chars, vocab)}
     phases["grown"], nodes = grow_without_shared_fs(cluster, out, max_chars, vocab)

