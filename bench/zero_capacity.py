@@ -126,9 +126,8 @@ def attempt(strategy: str, preset: str, out: str) -> None:
     except Exception as e:  # noqa: BLE001 - any failure is the measurement
         result["ok"] = False
         text = " ".join(str(e).split())
-        oom = re.search(
-            r"Memory on the node .*? limit \([0-9.]+\)", text
-        )  # Ray's out-of-memory killer says how full the node was
+        # Ray's out-of-memory killer says how full the node was
+        oom = re.search(r"Memory on the node .*? limit \([0-9.]+\)", text)
         result["error"] = ("out of memory: " + oom.group(0)) if oom else text[-600:]
     done.set()
     result["wall_s"] = round(time.time() - t0, 1)

@@ -65,28 +65,13 @@ def cmd_data_prepare(args: argparse.Namespace) -> dict[str, Any]:
     return finish(directory, None, {}, text=text_stats, images=images, seconds=round(time.time() - t0, 1))
 
 
-def cmd_pretrain_gpt(args: argparse.Namespace) -> dict[str, Any]:
-    from bigray.config import GPTPretrainConfig
-    from bigray.recipes.gpt import pretrain
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    """`bigray pretrain-gpt`, `finetune-gpt` and `train-resnet`: the job kind's config, then its launch."""
+    from bigray.recipes import JOBS
+    from bigray.recipes.launch import launch
 
-    cfg = load_config(GPTPretrainConfig, args.config, args.overrides + _resume_override(args))
-    return pretrain(cfg)
-
-
-def cmd_finetune_gpt(args: argparse.Namespace) -> dict[str, Any]:
-    from bigray.config import GPTFinetuneConfig
-    from bigray.recipes.gpt import finetune
-
-    cfg = load_config(GPTFinetuneConfig, args.config, args.overrides + _resume_override(args))
-    return finetune(cfg)
-
-
-def cmd_train_resnet(args: argparse.Namespace) -> dict[str, Any]:
-    from bigray.config import ResNetJobConfig
-    from bigray.recipes.resnet import train_resnet
-
-    cfg = load_config(ResNetJobConfig, args.config, args.overrides + _resume_override(args))
-    return train_resnet(cfg)
+    kind = JOBS[args.kind]
+    return launch(kind, load_config(kind.config_class, args.config, args.overrides + _resume_override(args)))
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
@@ -225,21 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(prep)
     prep.set_defaults(func=cmd_data_prepare)
 
-    for name, help_text, func in (
-        ("pretrain-gpt", "pretrain a GPT with DeepSpeed ZeRO on Ray Train", cmd_pretrain_gpt),
+    for name, kind, help_text in (
+        ("pretrain-gpt", "gpt", "pretrain a GPT with DeepSpeed ZeRO on Ray Train"),
         (
             "finetune-gpt",
-            "fine-tune a pretrained GPT (full or LoRA) on text, prompt/completion or chat JSONL",
-            cmd_finetune_gpt,
+            "gpt-finetune",
+            "fine-tune a pretrained GPT (full or LoRA) on text, prompt/completion or chats",
         ),
-        ("train-resnet", "train a torchvision ResNet with DDP on Ray Train", cmd_train_resnet),
+        ("train-resnet", "resnet", "train a torchvision ResNet with DDP on Ray Train"),
     ):
         trainer = sub.add_parser(name, help=help_text)
         add_config_args(trainer)
         trainer.add_argument(
-            "--resume-from", metavar="PATH", help="checkpoint, run directory or summary.json to continue from"
+            "--resume-from", metavar="PATH", help="checkpoint, run dir or summary.json to continue from"
         )
-        trainer.set_defaults(func=func)
+        trainer.set_defaults(func=cmd_train, kind=kind)
 
     tune = sub.add_parser("tune", help="hyperparameter search with Ray Tune over either trainer")
     add_config_args(tune)
@@ -310,31 +295,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from bigray.artifacts.checkpoint import CheckpointError
     from bigray.artifacts.storage import StorageError
-    from bigray.cluster import WorkersUnavailable
+    from bigray.cluster import WorkersUnavailable, read_secret_files
     from bigray.data.cache import DataError
     from bigray.recipes.launch import TrainingFailed
     from bigray.recipes.preflight import ClusterCheckFailed
 
+    failures = (  # what a user can fix: one line, no traceback
+        (ConfigError, "", 2),
+        (DataError, "data error: ", 2),
+        (CheckpointError, "checkpoint error: ", 2),
+        (StorageError, "storage error: ", 2),
+        (ClusterCheckFailed, "cluster check failed: ", 2),
+        (TrainingFailed, "", 1),
+        (WorkersUnavailable, "", 1),
+    )
     try:
+        read_secret_files()
         args.func(args)
-    except ConfigError as e:
-        print(f"bigray: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"bigray: data error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"bigray: checkpoint error: {e}", file=sys.stderr)
-        return 2
-    except StorageError as e:
-        print(f"bigray: storage error: {e}", file=sys.stderr)
-        return 2
-    except (TrainingFailed, WorkersUnavailable) as e:
-        print(f"bigray: {e}", file=sys.stderr)
-        return 1
-    except ClusterCheckFailed as e:
-        print(f"bigray: cluster check failed: {e}", file=sys.stderr)
-        return 2
+    except tuple(e for e, _, _ in failures) as e:
+        prefix, code = next((p, c) for kind, p, c in failures if isinstance(e, kind))
+        print(f"bigray: {prefix}{e}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("bigray: interrupted", file=sys.stderr)
         return 130

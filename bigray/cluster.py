@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, MutableMapping
 
 from bigray.config import ConfigError, ScalingConfig
 
@@ -19,6 +19,47 @@ log = logging.getLogger(__name__)
 class WorkersUnavailable(RuntimeError):
     """The cluster did not come to hold the job's workers within ``scaling.resource_wait_s``: a
     matter of capacity at run time, not of the config."""
+
+
+SECRET_VARIABLES = tuple(
+    "BIGRAY_API_KEY MLFLOW_TRACKING_TOKEN MLFLOW_TRACKING_PASSWORD WANDB_API_KEY HF_TOKEN AWS_SECRET_ACCESS_KEY "
+    "AWS_SESSION_TOKEN".split()
+)
+"""Environment variables that hold secrets, which never belong in a job's ``runtime_env``: Ray shows
+it in the dashboard and ``ray job list``."""
+
+
+def read_secret_files(environ: MutableMapping[str, str] | None = None) -> list[str]:
+    """Set each secret variable that is unset from the file ``<NAME>_FILE`` names (a mounted
+    Kubernetes Secret, a file on every node), in this process; returns the names set. The driver and
+    every worker call it, each reading its own node's file."""
+    environ = os.environ if environ is None else environ
+    found = []
+    for name in SECRET_VARIABLES:
+        path = environ.get(f"{name}_FILE")
+        if path and not environ.get(name):
+            try:
+                value = open(path).read().strip()
+            except OSError as e:
+                raise ConfigError(f"{name}_FILE", f"cannot read {path}: {e.strerror}") from None
+            environ[name] = value
+            found.append(name)
+    return found
+
+
+def warn_secrets_in_runtime_env() -> list[str]:
+    """Warn, naming them, about secret variables passed in this job's ``runtime_env``."""
+    import ray
+
+    env_vars = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+    names = sorted(set(env_vars) & set(SECRET_VARIABLES))
+    if names:
+        log.warning(
+            "%s in the job's runtime_env: Ray shows runtime_env in the dashboard and `ray job list`. Give secrets "
+            "through a file (<NAME>_FILE, e.g. a mounted Kubernetes Secret), the nodes' environment or a role",
+            ", ".join(names),
+        )
+    return names
 
 
 def ensure_ray() -> bool:
@@ -34,6 +75,7 @@ def ensure_ray() -> bool:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
+        warn_secrets_in_runtime_env()
     else:
         # The dashboard is needed: Train V2 / Tune clean up through the State API.
         ray.init(include_dashboard=True)

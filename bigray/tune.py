@@ -109,9 +109,8 @@ def trial_driver(config: dict[str, Any]) -> None:
         # from it in a run of its own, named after the checkpoint so a resume finds it again.
         tag = hashlib.sha1(start.path.encode()).hexdigest()[:8]
         run = dataclasses.replace(cfg.run, name=f"{cfg.run.name}-from-{tag}")
-        continue_tracking(
-            run_dir(cfg.run.storage_path, cfg.run.name), run_dir(run.storage_path, run.name)
-        )  # one tracking run per trial
+        # one tracking run per trial
+        continue_tracking(run_dir(cfg.run.storage_path, cfg.run.name), run_dir(run.storage_path, run.name))
         cfg = dataclasses.replace(cfg, run=run, resume_from=full_uri(cfg.run.storage_path, start.path))
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     trainer = build_trainer(kind, kind.prepare(cfg), callbacks=[ForwardReports(queue)])

@@ -44,16 +44,26 @@ def test_schema_check_rejects_a_broken_config():
         validate_config(prepare_config(config))
 
 
+def test_no_serve_replica_can_be_placed_on_a_head_without_cpus():
+    """The head holds the autoscaler's cloud rights: every replica that parses client input (the
+    ingress included) asks for some CPU, which cluster.yaml's and the RayService's heads do not offer."""
+    from bigray.serve.ingress import Ingress
+    from bigray.serve.settings import DeploymentArgs
+
+    assert Ingress.ray_actor_options["num_cpus"] > 0
+    assert DeploymentArgs.model_fields["num_cpus"].metadata[0].gt == 0  # the model replicas' CPUs are > 0
+    service = yaml.safe_load((REPO / "serve" / "kuberay-rayservice.yaml").read_text())
+    assert service["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
 def test_cluster_yaml_runs_the_image_and_opens_nothing_to_the_internet():
     text = (REPO / "cluster.yaml").read_text()
     config = yaml.safe_load(text)
     assert config["docker"]["image"] == IMAGE and "--gpus all" in config["docker"]["worker_run_options"]
     assert config["setup_commands"] == [] and config["head_setup_commands"] == []  # everything is in the image
     types = config["available_node_types"]
-    assert types[config["head_node_type"]]["resources"] == {
-        "CPU": 0,
-        "GPU": 0,
-    }  # trials and replicas land on workers (finding 7)
+    # trials and replicas land on workers (finding 7)
+    assert types[config["head_node_type"]]["resources"] == {"CPU": 0, "GPU": 0}
     assert "security_group" not in config["provider"]  # a launcher-made group would open SSH to 0.0.0.0/0
     for name, node in types.items():
         nc = node["node_config"]
@@ -275,9 +285,8 @@ def test_every_node_can_pull_the_image_with_its_instance_profile():
     assert match and match["region"] == config["provider"]["region"], registry
     login = f"aws ecr get-login-password --region {match['region']} | docker login --username AWS --password-stdin {registry}"
     for node_type in config["available_node_types"]:
-        assert login in effective(config, node_type, "initialization_commands"), (
-            node_type
-        )  # before the pull, on every node
+        # before the pull, on every node
+        assert login in effective(config, node_type, "initialization_commands"), node_type
     section = (REPO / "README.md").read_text().split("## Running on a cluster", 1)[1].split("\n## ", 1)[0]
     policies = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", section, re.S)]
     assert len(policies) == 2  # bigray-node, bigray-head

@@ -135,14 +135,12 @@ def test_serving_beyond_loopback_without_a_key_is_refused(capsys, monkeypatch, t
     from bigray.cli import main
 
     monkeypatch.delenv("BIGRAY_API_KEY", raising=False)
-    assert (
-        main(["serve", "--gpt", str(tmp_path / "ckpt"), "--host", "0.0.0.0"]) == 2
-    )  # before any checkpoint or Ray work
+    # before any checkpoint or Ray work
+    assert main(["serve", "--gpt", str(tmp_path / "ckpt"), "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err
     assert "config error at 'host': serving on 0.0.0.0 (beyond this machine) needs an API key" in err, err
-    monkeypatch.setenv(
-        "BIGRAY_API_KEY", "k"
-    )  # with a key (or allow_unauthenticated) the next check is the checkpoint's
+    # with a key (or allow_unauthenticated) the next check is the checkpoint's
+    monkeypatch.setenv("BIGRAY_API_KEY", "k")
     assert main(["serve", "--gpt", str(tmp_path / "ckpt"), "--host", "0.0.0.0"]) == 2
     assert "does not exist" in capsys.readouterr().err
     monkeypatch.delenv("BIGRAY_API_KEY")
@@ -234,3 +232,41 @@ def test_a_placeholder_location_is_refused_before_anything_runs():
         ConfigError, match=r"at 'data.cache_dir': s3://YOUR-BUCKET/bigray-data still holds a placeholder"
     ):
         check_shared_locations({"run.storage_path": "s3://mine/runs", "data.cache_dir": "s3://YOUR-BUCKET/bigray-data"})
+
+
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+
+
+@pytest.mark.parametrize(
+    "cls, key, uri",
+    [
+        (GPTPretrainConfig, "run.storage_path", f"s3://AKIAEXAMPLE:{SECRET}@bucket/runs"),
+        (GPTPretrainConfig, "data.cache_dir", f"s3://bucket/data?access_key=AKIAEXAMPLE&secret_key={SECRET}"),
+        (GPTPretrainConfig, "resume_from", f"gs://bucket/ckpt?access_token={SECRET}"),
+        (GPTPretrainConfig, "tracking.uri", f"https://me:{SECRET}@mlflow.example.com"),
+        (ResNetJobConfig, "data.root", f"s3://bucket/images?endpoint_override=http://minio:{SECRET}@minio:9000"),
+        (GPTFinetuneConfig, "init_from", f"s3://bucket/base?session_token={SECRET}"),
+    ],
+)
+def test_locations_with_credentials_are_refused_naming_the_key(cls, key, uri):
+    overrides = [f"{key}={uri}"] + (["data.train_files=[x.jsonl]"] if cls is GPTFinetuneConfig else [])
+    with pytest.raises(ConfigError) as err:
+        load_config(cls, None, overrides)
+    assert err.value.key == key and "holds credentials" in str(err.value)
+    assert SECRET not in str(err.value)
+
+
+def test_a_job_with_a_secret_in_a_location_writes_nothing_that_holds_it(capsys, tmp_path, monkeypatch):
+    from bigray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"s3://bucket/x?access_key=AKIAEXAMPLE&secret_key={SECRET}"
+    for command in (
+        ["pretrain-gpt", "--set", f"run.storage_path={uri}"],
+        ["data", "prepare", "--set", f"text.text_files=['{uri}']"],
+    ):
+        assert main([*command, "--set", f"run.name=secret-{command[0]}"]) == 2
+        err = capsys.readouterr().err
+        assert "holds credentials" in err and SECRET not in err
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert not [p for p in written if SECRET.encode() in p.read_bytes()]

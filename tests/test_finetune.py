@@ -115,6 +115,34 @@ def test_bad_jsonl_is_named_with_its_line(tmp_path, gpt_checkpoint, content, mes
         prepare_finetune_data(cfg, gpt_checkpoint[-1] / "model")
 
 
+def test_hostile_chat_rows_are_refused_naming_the_line_with_bounded_memory(tmp_path):
+    """A row of 20,000 turns (quadratic to render) and a 40-million-character line (read no further
+    than the cap) are refused with file and line; the driver's memory stays near the cap."""
+    import tracemalloc
+
+    from bigray.data.finetune import MAX_LINE_CHARS, read_chat_jsonl
+
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(20_000)]
+    many = tmp_path / "many.jsonl"
+    many.write_text(json.dumps({"messages": turns[:2]}) + "\n" + json.dumps({"messages": turns}) + "\n")
+    with pytest.raises(DataError, match="many.jsonl line 2: 20000 messages; a conversation holds at most 256"):
+        read_chat_jsonl(many)
+    long = tmp_path / "long.jsonl"
+    with open(long, "w") as f:  # written in pieces: this test holds no such string either
+        f.write('{"messages": [{"role": "user", "content": "')
+        for _ in range(40):
+            f.write("x" * 1_000_000)
+        f.write('"}]}\n')
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=f"long.jsonl line 1: longer than {MAX_LINE_CHARS:,} characters"):
+            read_chat_jsonl(long)
+        peak_mib = tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+    assert peak_mib < 16, peak_mib  # about the cap (4 Mi characters), not the 40 MB line
+
+
 def test_bad_base_models_are_refused(tmp_path, exported_dir, downloads_dir):
     import shutil
 

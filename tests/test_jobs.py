@@ -28,7 +28,13 @@ def test_ray_job_submit_runs_gpt_pretraining(ray_cluster, small_text, tmp_path):
         "--working-dir",
         str(REPO),
         "--runtime-env-json",
-        json.dumps({"excludes": [".git", ".venv", "runs", "data", ".cache", "bench/out"]}),
+        json.dumps(
+            {
+                "excludes": [".git", ".venv", "runs", "data", ".cache", "bench/out"],
+                # a secret where it does not belong: the job warns, naming it, and never prints it
+                "env_vars": {"WANDB_API_KEY": "not-a-real-key-6a1f", "WANDB_MODE": "disabled"},
+            }
+        ),
         "--",
         "python",
         "jobs/pretrain_gpt.py",
@@ -58,6 +64,8 @@ def test_ray_job_submit_runs_gpt_pretraining(ray_cluster, small_text, tmp_path):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in (out.stdout + out.stderr).lower()
+    assert "WANDB_API_KEY in the job's runtime_env" in out.stdout + out.stderr
+    assert "not-a-real-key-6a1f" not in out.stdout + out.stderr
     json_lines = [line for line in out.stdout.splitlines() if line.startswith('{"run_dir"')]
     assert json_lines, out.stdout[-2000:]
     summary = json.loads(json_lines[-1])

@@ -96,17 +96,15 @@ def test_a_lost_node_costs_a_restart_from_the_last_complete_checkpoint(phases, s
     _, result = phases
     lost = result["node_loss"]
     assert lost["finished"] and lost["final_step"] == 40, lost
-    assert "checkpoint_step_0000020" in lost["truncated"] and lost["workers_on_one_node"], (
-        lost
-    )  # what Ray restores first
+    # what Ray restores first
+    assert "checkpoint_step_0000020" in lost["truncated"] and lost["workers_on_one_node"], lost
     steps = lost["steps"]
     assert steps.count(11) == 2, steps  # replayed from the step-10 checkpoint, the complete one before the cut one
     assert steps[-1] == 40 and sorted(set(steps)) == list(range(1, 41))
     by_step = {int(k): v for k, v in lost["by_step"].items()}
     val = [by_step[s]["val/loss"] for s in (10, 20, 30, 40)]
-    assert val[0] > val[1] > val[2] > val[3] and val[3] < math.log(small_text[1].vocab_size) - 1.0, (
-        val
-    )  # well below a uniform guess
+    # well below a uniform guess
+    assert val[0] > val[1] > val[2] > val[3] and val[3] < math.log(small_text[1].vocab_size) - 1.0, val
     assert by_step[40]["train/loss"] < by_step[1]["train/loss"] - 1.0 and 0 < by_step[40]["train/mfu"] < 1
     assert lost["shards"] == [
         "mp_rank_00_model_states.pt",

@@ -56,9 +56,8 @@ def test_readme_cluster_commands_pass_in_order_on_nodes_that_share_only_a_bucket
     smoke = json.loads(next(line for line in smoke_out.splitlines()[::-1] if line.startswith('{"cluster_smoke"')))[
         "cluster_smoke"
     ]
-    assert smoke["world_size"] == 2 and math.isfinite(smoke["zero3_loss"]) and smoke["zero3_loss"] > 0, (
-        smoke
-    )  # one ZeRO-3 step on gloo
+    # one ZeRO-3 step on gloo
+    assert smoke["world_size"] == 2 and math.isfinite(smoke["zero3_loss"]) and smoke["zero3_loss"] > 0, smoke
     assert all(row["bus_gbps"] > 0 for row in smoke["links"]["all ranks"]), smoke
     pretrain = next(s for s in steps if s["step"] == "jobs/pretrain_gpt.py")["output"]
     summary = json.loads(next(line for line in pretrain.splitlines()[::-1] if line.startswith('{"run_dir"')))

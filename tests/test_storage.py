@@ -99,9 +99,8 @@ def test_serving_copies_only_the_model_and_releases_it(bucket, gpt_checkpoint, n
     served = served_model(ckpt, "gpt")
     assert (served.model_dir / "model.safetensors").is_file() and (served.model_dir / "config.json").is_file()
     assert not (served.directory / "deepspeed").exists()  # the ZeRO shards stay in the bucket
-    assert (
-        served_model(ckpt, "gpt").directory == served.directory and len(downloads(node_cache)) == 1
-    )  # a restart reuses it
+    # a restart reuses it
+    assert served_model(ckpt, "gpt").directory == served.directory and len(downloads(node_cache)) == 1
     served.release()
     assert not served.directory.exists()
     with pytest.raises(CheckpointError, match="is a gpt checkpoint, not a resnet checkpoint"):
@@ -234,9 +233,8 @@ def test_fashion_mnist_root_in_a_bucket_is_copied_once_and_read(bucket, node_cac
     load_images(cfg)
     assert [d["location"] for d in downloads(node_cache)] == [root]  # copied to this node once
     with pytest.raises(DataError, match=f"data.root: {bucket}/nothing does not exist"):
-        load_images(
-            ImageDataConfig(dataset="fashion_mnist", root=f"{bucket}/nothing", download=True)
-        )  # never downloaded into a URI
+        # never downloaded into a URI
+        load_images(ImageDataConfig(dataset="fashion_mnist", root=f"{bucket}/nothing", download=True))
 
 
 def test_every_node_is_probed_for_the_job_locations_with_its_own_credentials(ray_cluster, bucket, tmp_path):
@@ -256,3 +254,17 @@ def test_every_node_is_probed_for_the_job_locations_with_its_own_credentials(ray
     assert [f.check for f in bad] == ["run.storage_path writable from the driver"] and "no-such-bucket" in bad[
         0
     ].detail, missing
+
+
+def test_storage_calls_refuse_credentials_in_a_location_without_echoing_them(tmp_path):
+    from bigray.artifacts.storage import filesystem, read_text
+
+    secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+    for uri in (
+        f"s3://AKIAEXAMPLE:{secret}@bucket/x.txt",
+        f"s3://bucket/x.txt?access_key=AKIAEXAMPLE&secret_key={secret}",
+    ):
+        for call in (filesystem, read_text):
+            with pytest.raises(StorageError, match="holds credentials") as err:
+                call(uri)
+            assert secret not in str(err.value)

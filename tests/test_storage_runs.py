@@ -215,11 +215,10 @@ def test_finetune_from_a_bucket_and_serve_from_a_bucket(s3_run, tmp_path):
     assert tuned["checkpoint"].startswith(f"{storage}/runs/sft/") and tuned["metrics"]["step"] == 10
 
     serve.start(http_options={"host": "127.0.0.1", "port": 8123})
-    replica_cache = (
-        Path(os.environ["BIGRAY_CACHE_DIR"]) / "serve" / "from-s3.gpt.0"
-    )  # the replica's own copy (local rank 0)
+    # the replica's own copy (local rank 0)
+    replica_cache = Path(os.environ["BIGRAY_CACHE_DIR"]) / "serve" / "from-s3.gpt.0"
     serve.run(
-        build_app(AppArgs(gpt_checkpoint=f"{storage}/runs/sft", max_tokens_limit=16)),
+        build_app(AppArgs(gpt_checkpoint=f"{storage}/runs/sft", max_tokens_limit=16, allow_unauthenticated=True)),
         name="from-s3",
         route_prefix="/from-s3",
     )

@@ -169,9 +169,8 @@ def test_wandb_offline_run_lives_in_the_run_directory_and_resumes(small_text, tm
     )
     assert json.loads((run_dir / TRACKING).read_text())["run_id"] == run_id
     runs = sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
-    assert len(runs) == 2, sorted(
-        str(p) for p in run_dir.rglob("*.wandb")
-    )  # one offline run id, two attempts (wandb sync joins them)
+    # one offline run id, two attempts (wandb sync joins them)
+    assert len(runs) == 2, sorted(str(p) for p in run_dir.rglob("*.wandb"))
     deadline = time.time() + 60  # W&B's service may still be writing the last run's records after finish() returns
     while time.time() < deadline and not all(
         any(r.WhichOneof("record_type") == "exit" for r in wandb_records(run)) for run in runs
@@ -192,3 +191,16 @@ def test_wandb_offline_run_lives_in_the_run_directory_and_resumes(small_text, tm
     }
     assert first.run_id == run_id and first.project == "bigray-test" and first.display_name == "wb"
     assert config["train.max_steps"] == "10" and config["tag.device"] == "cpu"
+
+
+def test_secrets_come_from_files_named_by_name_file(tmp_path):
+    """A token in a mounted file (<NAME>_FILE) instead of the job's runtime_env; a set variable wins."""
+    from bigray.cluster import read_secret_files
+    from bigray.config import ConfigError
+
+    (tmp_path / "token").write_text("tok-from-file\n")
+    env = {"MLFLOW_TRACKING_TOKEN_FILE": str(tmp_path / "token"), "WANDB_API_KEY": "set", "WANDB_API_KEY_FILE": "x"}
+    assert read_secret_files(env) == ["MLFLOW_TRACKING_TOKEN"]
+    assert env["MLFLOW_TRACKING_TOKEN"] == "tok-from-file" and env["WANDB_API_KEY"] == "set"
+    with pytest.raises(ConfigError, match="HF_TOKEN_FILE.*cannot read"):
+        read_secret_files({"HF_TOKEN_FILE": str(tmp_path / "missing")})

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from bigray.artifacts.hf_gpt import save_tokenizer_and_generation
+from bigray.artifacts.hf_gpt import HUB_PREFIX, looks_like_hub_id, save_tokenizer_and_generation
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -41,10 +41,12 @@ def is_adapter(model_dir: str | Path) -> bool:
 
 
 def base_of(adapter_dir: str | Path) -> str:
-    """Where the adapter's base model lives, as its adapter config records it."""
+    """Where the adapter's base model lives, as its adapter config records it (peft writes a Hub
+    model as a bare ``org/name``: named ``hf://org/name`` here, as everywhere in bigray)."""
     import json
 
-    return json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    base = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    return HUB_PREFIX + base if looks_like_hub_id(base) else base
 
 
 def merged(base: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:

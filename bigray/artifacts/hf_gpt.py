@@ -117,27 +117,45 @@ HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.t
 """What is fetched of a Hub model: configs, safetensors weights and the tokenizer (never pickles or code)."""
 
 
+HUB_PREFIX = "hf://"
+"""How a Hugging Face Hub model is named: ``hf://org/name``, or ``hf://org/name@revision`` pinned."""
+
+
 def is_hub_id(source: str) -> bool:
-    """``org/name`` that is not a local path or a URI: a Hugging Face Hub model id."""
-    return (
-        "://" not in source and not Path(source).exists() and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", source) is not None
-    )
+    """A Hub model (``hf://org/name[@revision]``); a bare ``org/name`` is a local path like any other."""
+    return str(source).startswith(HUB_PREFIX)
 
 
-def hub_snapshot(repo_id: str) -> Path:
-    """This node's copy of a Hub model (under the node cache; huggingface_hub reuses it), for users
-    with a network; where there is none, a CheckpointError that says what to do instead."""
+def looks_like_hub_id(source: str) -> bool:
+    """A bare ``org/name`` that is no path here: most likely a Hub model named without ``hf://``."""
+    return not Path(source).exists() and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", source) is not None
+
+
+def hub_snapshot(source: str) -> Path:
+    """This node's copy of a Hub model at the revision ``source`` names (its ``main`` when none: see
+    :func:`pinned`), under the node cache; huggingface_hub reuses it. For users with a network; where
+    there is none, a CheckpointError that says what to do instead."""
     from huggingface_hub import snapshot_download
 
     from bigray.artifacts.storage import cache_root
 
+    repo_id, _, revision = source.removeprefix(HUB_PREFIX).partition("@")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, cache_dir=str(cache_root() / "hub")))
-    except Exception as e:  # no network, no such repo, a gated model without a token
+        path = snapshot_download(
+            repo_id, revision=revision or None, allow_patterns=HUB_FILES, cache_dir=str(cache_root() / "hub")
+        )
+    except Exception as e:  # no network, no such repo or revision, a gated model without a token
         raise CheckpointError(
-            f"{repo_id} is not a local path or a storage URI, and fetching it from the Hugging Face Hub failed "
-            f"({type(e).__name__}: {e}); download it where a network is reachable and pass its directory"
+            f"fetching {source} from the Hugging Face Hub failed ({type(e).__name__}: {e}); download it where "
+            "a network is reachable and pass its directory"
         ) from None
+    return Path(path)
+
+
+def pinned(source: str) -> str:
+    """``source`` at the commit the driver fetched (``hf://org/name@<sha>``): every worker and replica
+    then loads exactly what the driver checked, even if ``main`` moves meanwhile."""
+    return f"{HUB_PREFIX}{source.removeprefix(HUB_PREFIX).partition('@')[0]}@{hub_snapshot(source).name}"
 
 
 class SafetensorsWeights(Mapping[str, torch.Tensor]):

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from bigray.config import uri_credentials
+
 COMPLETE = ".bigray-complete"
 """Written last into a finished local copy: a copy without it is a leftover and is fetched again."""
 
@@ -48,25 +50,8 @@ def absolute(path: str) -> str:
 
 
 NETWORK_FILESYSTEMS = frozenset(
-    {
-        "nfs",
-        "nfs4",
-        "lustre",
-        "cifs",
-        "smb3",
-        "ceph",
-        "glusterfs",
-        "gpfs",
-        "beegfs",
-        "wekafs",
-        "fuse.s3fs",
-        "fuse.mountpoint-s3",
-        "fuse.gcsfuse",
-        "fuse.juicefs",
-        "fuse.glusterfs",
-        "fuse.ceph",
-        "efs",
-    }
+    "nfs nfs4 lustre cifs smb3 ceph glusterfs gpfs beegfs wekafs efs fuse.s3fs fuse.mountpoint-s3 fuse.gcsfuse "
+    "fuse.juicefs fuse.glusterfs fuse.ceph".split()
 )
 """Filesystem types (as /proc/mounts names them) that every node of a cluster can mount."""
 
@@ -131,13 +116,13 @@ def filesystem(location: str) -> tuple[Any, str]:
 
     if not is_uri(location):
         return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+    if what := uri_credentials(location):
+        raise StorageError(
+            f"{location.split('://')[0]}:// location holds credentials ({what}): give them through the "
+            "environment (AWS_ACCESS_KEY_ID, ...) or the node's role, never in a location"
+        )
     base, query = _split(location)
-    if (
-        base.startswith("s3://")
-        and "anonymous=true" not in query
-        and "access_key=" not in query
-        and not _aws_credentials_found()
-    ):
+    if base.startswith("s3://") and "anonymous=true" not in query and not _aws_credentials_found():
         raise StorageError(
             f"no AWS credentials found for {location}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(or AWS_PROFILE, or give the node an instance role), or add ?anonymous=true for a public bucket"

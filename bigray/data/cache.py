@@ -197,7 +197,9 @@ def fetch_from_pypi(requirement: str, sha256: str, dest: Path, sdist: bool) -> P
             "-d",
             tmp,
         ]
-        cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+        # An sdist's metadata is built with this environment's pinned setuptools, never with a build
+        # environment pip would install unpinned from the index.
+        cmd += ["--no-binary", ":all:", "--no-build-isolation"] if sdist else ["--only-binary", ":all:"]
         cmd += ["-r", str(pinned)]
         log.info("downloading %s from the package index", requirement)
         proc = subprocess.run(cmd, capture_output=True, text=True)

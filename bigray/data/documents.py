@@ -63,21 +63,30 @@ def token_dtype(vocab_size: int) -> np.dtype:
 CHUNK_CHARS = 1 << 16
 
 
+def _lone(text: str, char: str, start: int, end: int) -> int:
+    """The first ``char`` in ``text[start:end]`` with non-space characters on both sides, else -1."""
+    cut = text.find(char, start, end)
+    while cut != -1 and (cut + 1 >= len(text) or text[cut - 1].isspace() or text[cut + 1].isspace()):
+        cut = text.find(char, cut + 1, end)
+    return cut
+
+
 def chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
-    """``text`` cut into pieces of about ``size`` characters, each cut right after a lone line break
-    (non-space characters on both sides). Byte-level BPE's pre-tokenizer makes such a newline a
-    pre-token of its own either way, so encoding the pieces gives the same ids as
-    encoding the whole text, while the tokenizer can encode pieces in parallel and never holds one
-    huge encoding."""
+    """``text`` cut into pieces of ``size`` to ``16 * size`` characters: right after a lone line break,
+    else right before a lone space, else (a text with no such place: hostile or binary) at
+    ``16 * size``. Byte-level BPE's pre-tokenizer starts a pre-token at such a newline and at such a
+    space either way, so encoding the pieces gives the same ids as encoding the whole text, while
+    the tokenizer can encode pieces in parallel and never holds one huge string or encoding."""
     out, start = [], 0
     while len(text) - start > size:
-        cut = text.find("\n", start + size)
-        while cut != -1 and cut + 1 < len(text) and (text[cut - 1].isspace() or text[cut + 1].isspace()):
-            cut = text.find("\n", cut + 1)
-        if cut == -1 or cut + 1 >= len(text):
+        window = (start + size, min(len(text), start + 16 * size))
+        cut = _lone(text, "\n", *window) + 1 or _lone(text, " ", *window)
+        if cut == -1:
+            cut = window[1] if window[1] < len(text) else -1
+        if cut <= start or cut >= len(text):
             break
-        out.append(text[start : cut + 1])
-        start = cut + 1
+        out.append(text[start:cut])
+        start = cut
     out.append(text[start:])
     return out
 

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from bigray.artifacts.chat import CHAT_ROLES, ChatTemplateError, render_chat
+from bigray.artifacts.chat import CHAT_ROLES, MAX_MESSAGES, ChatTemplateError, chat_tokens, render_chat
 from bigray.artifacts.storage import StorageError, absolute, cached_file, join
 from bigray.config import FinetuneDataConfig
 from bigray.data.cache import DataError, build_cache_dir, sha256_file
@@ -30,13 +30,20 @@ from bigray.data.text import TextDataset, prepared
 log = logging.getLogger(__name__)
 
 
+MAX_LINE_CHARS = 4 << 20
+"""Longest JSONL row read (4 Mi characters): a longer one is refused before it is held in memory whole."""
+
+
 def _json_lines(path: Path) -> Iterator[tuple[str, Any]]:
-    """Each non-blank line's JSON value with where it is ("file line N"); a line that is not JSON is an error naming it."""
+    """Each non-blank line's JSON value with where it is ("file line N"); a line that is not JSON, or
+    longer than MAX_LINE_CHARS, is an error naming it."""
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+        for number, line in enumerate(iter(lambda: f.readline(MAX_LINE_CHARS + 1), ""), start=1):
+            where = f"{path.name} line {number}"
+            if len(line) > MAX_LINE_CHARS:
+                raise DataError(f"{where}: longer than {MAX_LINE_CHARS:,} characters; split the row or the text")
             if not line.strip():
                 continue
-            where = f"{path.name} line {number}"
             try:
                 yield where, json.loads(line)
             except ValueError as e:
@@ -67,6 +74,8 @@ def read_chat_jsonl(path: Path) -> list[list[dict[str, str]]]:
         messages = row.get("messages") if isinstance(row, dict) else None
         if not isinstance(messages, list) or not messages:
             raise DataError(f"{where}: expected a JSON object with a non-empty 'messages' list")
+        if len(messages) > MAX_MESSAGES:
+            raise DataError(f"{where}: {len(messages)} messages; a conversation holds at most {MAX_MESSAGES}")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("content"), str):
                 raise DataError(f"{where}: message {i} must be an object with a string 'content'")
@@ -102,11 +111,11 @@ def encode_chats(
         starts.append(len(ids))
         try:
             text, spans = render_chat(tok, messages, template)
+            conversation, offsets = chat_tokens(tok, text, messages, template)
         except ChatTemplateError as e:
             raise DataError(f"conversation {number}: {e}") from None
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids += enc["input_ids"]
-        mask += [int(any(a <= start < b for a, b in spans)) for start, _ in enc["offset_mapping"]]
+        ids += conversation
+        mask += [int(any(a <= start < b for a, b in spans)) for start, _ in offsets]
         if not text.rstrip().endswith(tok.eos_token):
             ids.append(tok.eos_token_id)
             mask.append(int(messages[-1]["role"] == "assistant"))

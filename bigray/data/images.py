@@ -206,10 +206,11 @@ def _load_cifar10(cfg: ImageDataConfig) -> tuple[dict[str, ArrayImages], Dataset
     return splits, info
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+"""What an ImageFolder tree is read for: JPEG and PNG, as Serve accepts (other files are not images here)."""
 
 
-def _scan_folder(root: Path) -> tuple[list[tuple[str, int]], list[str], int]:
+def _scan_folder(root: Path, max_pixels: int) -> tuple[list[tuple[str, int]], list[str], int]:
     from PIL import Image
 
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -219,11 +220,22 @@ def _scan_folder(root: Path) -> tuple[list[tuple[str, int]], list[str], int]:
             if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             try:
-                with Image.open(p) as im:
-                    im.load()  # decode every pixel: a file cut short after its header fails here, not in training
-                samples.append((str(p), label))
+                im = Image.open(p)
             except Exception:
                 skipped += 1
+                continue
+            with im:
+                (w, h), kind = im.size, im.format
+                if kind not in ("JPEG", "PNG"):
+                    raise DataError(f"{p} is a {kind} image named {p.suffix}: training reads JPEG and PNG only")
+                if w * h > max_pixels:  # checked from the header, before anything is decoded
+                    raise DataError(f"{p} is {w}x{h} = {w * h:,} pixels; data.max_image_pixels allows {max_pixels:,}")
+                try:
+                    im.load()  # decode every pixel: a file cut short after its header fails here, not in training
+                except Exception:
+                    skipped += 1
+                    continue
+            samples.append((str(p), label))
     return samples, classes, skipped
 
 
@@ -237,8 +249,8 @@ def _load_imagefolder(cfg: ImageDataConfig) -> tuple[dict[str, FolderImages], Da
     test_dir = root / "test" if (root / "test").is_dir() else root / "val"
     if not (root / "train").is_dir() or not test_dir.is_dir():
         raise DataError(f"data.root {root} must contain train/ and test/ (or val/) folders with one folder per class")
-    train, classes, skipped_train = _scan_folder(root / "train")
-    test, test_classes, skipped_test = _scan_folder(test_dir)
+    train, classes, skipped_train = _scan_folder(root / "train", cfg.max_image_pixels)
+    test, test_classes, skipped_test = _scan_folder(test_dir, cfg.max_image_pixels)
     if len(classes) < 2:
         raise DataError(f"{root / 'train'} has {len(classes)} class folder(s); classification needs at least 2")
     if test_classes != classes:

@@ -93,7 +93,6 @@ def _llama_flops(config: Any, seq_len: int) -> float:
 @dataclass(frozen=True)
 class Family:
     name: str
-    description: str
     presets: dict[str, Any]
     """Preset name -> shape; 'tiny' is for tests and CI."""
     make_config: Callable[[Any, int, float, int | None], Any]
@@ -113,8 +112,7 @@ FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family(
-            "gpt2",
-            "learned positions, LayerNorm, GELU MLP",
+            "gpt2",  # learned positions, LayerNorm, GELU MLP
             {  # GPT-2 (124m-774m) and GPT-3 (1.3b, 2.7b) shapes
                 "tiny": GPTShape(layers=2, heads=4, hidden=128, positions=256),
                 "124m": GPTShape(layers=12, heads=12, hidden=768, positions=1024),
@@ -128,39 +126,12 @@ FAMILIES: dict[str, Family] = {
             ("gpt2",),
         ),
         Family(
-            "llama",
-            "RoPE, RMSNorm, SwiGLU, grouped-query attention: what Llama, Qwen and Mistral share",
+            "llama",  # RoPE, RMSNorm, SwiGLU, grouped-query attention: what Llama, Qwen and Mistral share
             {  # Llama 3.2 1B and Llama 3.1 8B shapes (with the tokenizer's vocabulary)
-                "tiny": LlamaShape(
-                    layers=2,
-                    heads=4,
-                    kv_heads=2,
-                    hidden=128,
-                    intermediate=384,
-                    positions=256,
-                    rope_theta=10_000.0,
-                    tied=True,
-                ),
-                "1b": LlamaShape(
-                    layers=16,
-                    heads=32,
-                    kv_heads=8,
-                    hidden=2048,
-                    intermediate=8192,
-                    positions=8192,
-                    rope_theta=500_000.0,
-                    tied=True,
-                ),
-                "8b": LlamaShape(
-                    layers=32,
-                    heads=32,
-                    kv_heads=8,
-                    hidden=4096,
-                    intermediate=14336,
-                    positions=8192,
-                    rope_theta=500_000.0,
-                    tied=False,
-                ),
+                # layers, heads, kv_heads, hidden, intermediate, positions, rope_theta, tied
+                "tiny": LlamaShape(2, 4, 2, 128, 384, 256, 10_000.0, True),
+                "1b": LlamaShape(16, 32, 8, 2048, 8192, 8192, 500_000.0, True),
+                "8b": LlamaShape(32, 32, 8, 4096, 14336, 8192, 500_000.0, False),
             },
             _llama_config,
             _llama_flops,

@@ -16,7 +16,7 @@ import torch
 
 from bigray.artifacts.adapter import is_adapter
 from bigray.artifacts.checkpoint import CheckpointError, CheckpointMeta, model_files
-from bigray.artifacts.hf_gpt import is_hub_id, read_decoder_config
+from bigray.artifacts.hf_gpt import is_hub_id, looks_like_hub_id, pinned, read_decoder_config
 from bigray.artifacts.locate import local_model, resolve_checkpoint
 from bigray.artifacts.storage import absolute
 from bigray.config import ConfigError, FinetuneMethodConfig, GPTFinetuneConfig, GPTPretrainConfig, to_dict
@@ -43,7 +43,9 @@ from bigray.train.pretrained import PretrainedGPT
 def open_pretrained(path: str | Path) -> PretrainedGPT:
     """Resolve and check a base model (on the driver); raise CheckpointError naming what is wrong.
     A Hub id (``org/name``) is fetched to this node's cache (workers fetch their own copy)."""
-    source = str(path) if is_hub_id(str(path)) else resolve_checkpoint(str(path))
+    if looks_like_hub_id(str(path)):
+        raise CheckpointError(f"{path} does not exist here; a Hugging Face Hub model is named hf://{path}")
+    source = pinned(str(path)) if is_hub_id(str(path)) else resolve_checkpoint(str(path))
     p, meta = local_model(source, "gpt")  # a bigray checkpoint, or an exported, downloaded or Hub model (meta None)
     if is_adapter(model_files(p)):
         raise CheckpointError(

@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from bigray.artifacts.hf_gpt import is_hub_id
 from bigray.artifacts.storage import (
     StorageError,
     absolute,
@@ -54,7 +55,8 @@ def worker_locations(cfg: Any) -> dict[str, str]:
             found[f"data.{key}"] = getattr(cfg.data, key)
     for key in ("resume_from", "init_from"):  # a checkpoint; a base model (a directory, or a Hub id)
         value = getattr(cfg, key, "")
-        if value and (key == "resume_from" or is_uri(value) or os.path.exists(os.path.expanduser(value))):
+        hub = is_hub_id(value)  # each node fetches its own copy from the Hub
+        if value and not hub and (key == "resume_from" or is_uri(value) or os.path.exists(os.path.expanduser(value))):
             found[key] = value
     return found
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from bigray.cluster import read_secret_files
 from bigray.serve.protocol import (
     ChatCompletionRequest,
     ClassificationResponse,
@@ -46,6 +47,9 @@ api = FastAPI(
     openapi_url=None,
 )
 log = logging.getLogger(__name__)
+
+READINESS_REFRESH_S = 1.0
+"""How often each ingress replica asks the models whether they are ready (for /healthz)."""
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -126,22 +130,28 @@ async def _multipart_file(request: Request, body: bytes) -> bytes:
         await form.close()
 
 
-def read_api_key(args: AppArgs) -> str | None:
-    """The API key clients must send, read where it is enforced (in the ingress replica): from
-    ``api_key_file`` (whitespace around it stripped: files end in a newline) or the ``api_key_env``
-    variable; None when neither is set."""
-    if args.api_key_file:
+def read_key(file: str | None, env: str) -> str | None:
+    """A key clients must send, read where it is enforced (in the ingress replica): from ``file``
+    (whitespace around it stripped: files end in a newline) or the ``env`` variable; None when
+    neither is set."""
+    if file:
         try:
-            key = Path(args.api_key_file).read_text().strip()
+            key = Path(file).read_text().strip()
         except OSError as e:
-            raise RuntimeError(f"cannot read the API key file {args.api_key_file}: {e.strerror}") from None
+            raise RuntimeError(f"cannot read the key file {file}: {e.strerror}") from None
         if not key:
-            raise RuntimeError(f"the API key file {args.api_key_file} is empty")
+            raise RuntimeError(f"the key file {file} is empty")
         return key
-    return (os.environ.get(args.api_key_env) or "").strip() or None
+    return (os.environ.get(env) or "").strip() or None
 
 
-@serve.deployment(name="ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
+DETAILS = ("checkpoint", "refused")
+"""What /v1/status shows only to the admin key (or on a server without keys): where models come from."""
+
+
+# A sliver of CPU, so the ingress (which parses client bodies) is never placed on a head that
+# advertises none: cluster.yaml's head holds the autoscaler's cloud rights and runs no replica.
+@serve.deployment(name="ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.01})
 @serve.ingress(api)
 class Ingress:
     def __init__(
@@ -156,28 +166,41 @@ class Ingress:
         self.gpt, self.resnet = gpt, resnet
         self.args = AppArgs(**args)
         self.serving = GPTServing(gpt, self.args) if gpt is not None else None
-        self.api_key = read_api_key(self.args)
+        read_secret_files()  # BIGRAY_API_KEY_FILE, as every bigray process reads it
+        self.api_key = read_key(self.args.api_key_file, self.args.api_key_env)
+        self.admin_key = read_key(self.args.admin_key_file, self.args.admin_key_env)
         if self.api_key is None and key_expected:
             raise RuntimeError(
                 f"{self.args.api_key_env} was set where the app was built, but this ingress replica does not see it: "
-                "pass it to the replicas (the cluster's environment, a Kubernetes Secret, runtime_env env_vars) "
+                "pass it to the replicas (the nodes' environment, a Kubernetes Secret, BIGRAY_API_KEY_FILE) "
                 "or use api_key_file; refusing to serve without the key"
             )
-        if self.api_key is None:
-            log.warning(
-                "no API key (%s or api_key_file): every client that reaches this port may use the models",
-                self.args.api_key_env,
+        if self.api_key is None and not self.args.allow_unauthenticated:
+            raise RuntimeError(
+                f"no API key ({self.args.api_key_env} or api_key_file) and allow_unauthenticated is not set: "
+                "refusing to serve every route to anyone who reaches the port (set a key, or "
+                "allow_unauthenticated: true in the app's args on a network you trust)"
             )
+        if self.api_key is None:
+            log.warning("no API key, allow_unauthenticated: every client that reaches this port may use the models")
+        self.ready: dict[str, str] | None = None
+        """Each model's readiness as last seen by the background refresh (None: not seen yet)."""
+        self._refresh: asyncio.Task | None = None
 
-    def _authorize(self, request: Request) -> None:
-        if not self.api_key:
-            return
+    def _authorize(self, request: Request) -> bool:
+        """Refuse a request without the API key; True for an administrator: the admin key, or anyone
+        on a server with no keys at all."""
         header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+        token = (header[7:].strip() if header.lower().startswith("bearer ") else "").encode()
+        if self.admin_key and hmac.compare_digest(token, self.admin_key.encode()):
+            return True
+        if self.api_key is None:  # allow_unauthenticated
+            return self.admin_key is None
+        if not hmac.compare_digest(token, self.api_key.encode()):
             raise ServeError(
                 401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error"
             )
+        return False
 
     async def _model_states(self) -> dict[str, Any]:
         models = {}
@@ -186,22 +209,35 @@ class Ingress:
                 models[name] = await asyncio.wait_for(handle.ready.remote(), timeout=5)
         return models
 
+    async def _refresh_readiness(self) -> None:
+        while True:
+            try:
+                self.ready = {name: "ready" for name in await self._model_states()}
+            except Exception:  # not loaded yet, or a replica is restarting
+                self.ready = None
+            await asyncio.sleep(READINESS_REFRESH_S)
+
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         """Liveness, and readiness once every model replica has loaded its checkpoint. Open to all,
-        so it says no more than that (no checkpoint locations, no error text)."""
-        try:
-            models = await self._model_states()
-        except Exception:  # not loaded yet, or a replica is restarting
+        so it says no more than that (no checkpoint locations, no error text), and it answers from
+        the background refresh: anonymous checks never reach the models' queues."""
+        if self._refresh is None:  # started on the first check, inside the replica's event loop
+            self._refresh = asyncio.create_task(self._refresh_readiness())
+        if self.ready is None:
             return JSONResponse(status_code=503, content={"status": "loading"})
-        return JSONResponse(content={"status": "ok", "models": {name: "ready" for name in models}})
+        return JSONResponse(content={"status": "ok", "models": self.ready})
 
     @api.get("/v1/status")
     async def status(self, request: Request) -> JSONResponse:
-        """What each model replica serves (checkpoint, refused swap) and its batching statistics."""
-        self._authorize(request)
+        """Each model replica's batching statistics, and for an administrator what it serves (checkpoint,
+        refused swap)."""
+        admin = self._authorize(request)
         try:
-            return JSONResponse(content={"status": "ok", "models": await self._model_states()})
+            models = await self._model_states()
+            if not admin:
+                models = {name: {k: v for k, v in state.items() if k not in DETAILS} for name, state in models.items()}
+            return JSONResponse(content={"status": "ok", "models": models})
         except Exception as e:
             raise ServeError(503, f"a model is not ready: {type(e).__name__}", "service_unavailable") from None
 

@@ -8,7 +8,7 @@ import time
 from bigray.cluster import ensure_ray, offered_accelerators
 from bigray.config import ConfigError
 from bigray.serve.app import build_app
-from bigray.serve.settings import AppArgs, ServeArgs
+from bigray.serve.settings import LOOPBACK, AppArgs, ServeArgs, has_key
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ def deploy(
                 f"{accelerator} is offered by no node or node type of this cluster "
                 f"(they offer {sorted(offered) or 'none'})",
             )
+    if host in LOOPBACK and not has_key(args):  # only this machine can reach it
+        args = args.model_copy(update={"allow_unauthenticated": True})
     logging_config = {"enable_access_log": access_log}
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
     serve.run(build_app(args), name=name, route_prefix="/", logging_config=logging_config)

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from bigray.artifacts.chat import ChatRole
+from bigray.artifacts.chat import MAX_MESSAGES, ChatRole
 from bigray.serve.settings import AppArgs
 
 SEED_LIMIT = 2**63
@@ -106,9 +106,6 @@ class CompletionRequest(SamplingRequest):
             self.job(p, self.max_tokens, None if self.seed is None else (self.seed + i) % SEED_LIMIT)
             for i, p in enumerate(prompts)
         ]
-
-
-MAX_MESSAGES = 256
 
 
 class ChatMessage(BaseModel):

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Literal
 import torch
 
 from bigray.artifacts.adapter import base_of, is_adapter, merged
-from bigray.artifacts.chat import ChatTemplateError, chat_prompt
+from bigray.artifacts.chat import ChatTemplateError, chat_prompt, chat_tokens
 from bigray.artifacts.checkpoint import model_files
 from bigray.artifacts.locate import local_model
 from bigray.artifacts.resnet_card import load_classifier
@@ -97,12 +97,10 @@ class GPTRunner:
 
     def encode(self, job: GenerationParams) -> Prompt:
         """Tokenize a job's prompt (a chat job's rendered messages), or raise a 400 naming the limit it breaks."""
-        text = (
-            job.prompt
-            if job.messages is None
-            else self.chat_prompt([{"role": r, "content": c} for r, c in job.messages])
-        )
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if job.messages is None:  # a completion's prompt is all the client's: control tokens included
+            ids = self.tokenizer(job.prompt, add_special_tokens=False).input_ids
+        else:
+            ids = self.chat_ids([{"role": r, "content": c} for r, c in job.messages])
         n = len(ids)
         if n > self.max_prompt_tokens:
             raise ServeError(400, f"prompt has {n} tokens; this server accepts at most {self.max_prompt_tokens}")
@@ -113,15 +111,16 @@ class GPTRunner:
             )
         return Prompt(job, ids)
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        """The prompt of a chat request, rendered as training rendered it (artifacts.chat); a 400 when
-        the model has no template or its template refuses the messages."""
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt of a chat request, rendered and tokenized as training did (artifacts.chat: no
+        content makes a control token); a 400 when the model has no template or it refuses the messages."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ServeError(
                 400, "this model has no chat template, so it cannot answer /v1/chat/completions; use /v1/completions"
             )
         try:
-            return chat_prompt(self.tokenizer, messages)
+            text = chat_prompt(self.tokenizer, messages)
+            return chat_tokens(self.tokenizer, text, messages, generation_prompt=True)[0]
         except ChatTemplateError as e:
             raise ServeError(400, str(e)) from None
 

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from bigray.config import Location
+
 
 class DeploymentArgs(BaseModel):
     """One model deployment: autoscaling, batching and resources of its replicas."""
@@ -67,9 +69,9 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    gpt_checkpoint: str | None = None
+    gpt_checkpoint: Location | None = None
     """GPT checkpoint, run directory, summary.json or exported HF directory (path or URI); None: not served."""
-    resnet_checkpoint: str | None = None
+    resnet_checkpoint: Location | None = None
     """ResNet checkpoint, run directory or summary.json (path or URI); None: not served."""
     gpt_name: str = "bigray-gpt"
     resnet_name: str = "bigray-resnet"
@@ -90,6 +92,20 @@ class AppArgs(BaseModel):
     api_key_file: str | None = None
     """A file holding the API key (e.g. a mounted Kubernetes Secret), read in the ingress replica;
     surrounding whitespace is stripped. Takes precedence over ``api_key_env``."""
+    admin_key_env: str = "BIGRAY_ADMIN_KEY"
+    """Environment variable holding the admin key, read in the ingress replica: only a request with it
+    sees where the models come from in /v1/status (checkpoints, a refused swap's error text)."""
+    admin_key_file: str | None = None
+    """A file holding the admin key (takes precedence over ``admin_key_env``)."""
+    allow_unauthenticated: bool = False
+    """Serve without an API key. Without a key the ingress refuses to start unless this is set,
+    whatever started it (``bigray serve`` sets it for a loopback host; a config file that listens
+    beyond this machine must not, unless the network is one you trust)."""
+
+
+def has_key(args: AppArgs) -> bool:
+    """Whether an API key is configured (its file, or its variable in this process's environment)."""
+    return bool(args.api_key_file or os.environ.get(args.api_key_env, "").strip())
 
 
 def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -103,6 +119,10 @@ def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 SERVE_CONFIG_KEYS = ("proxy_location", "http_options", "grpc_options", "logging_config", "target_capacity")
 """Top-level keys of a Ray Serve config file besides ``applications``."""
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+"""Hosts only this machine can reach."""
 
 
 class ServeArgs(AppArgs):
@@ -137,8 +157,6 @@ class ServeArgs(AppArgs):
     host: str = "127.0.0.1"
     """HTTP host (0.0.0.0 to listen on every interface, as a cluster's head needs: then an API key
     is required, unless ``allow_unauthenticated``)."""
-    allow_unauthenticated: bool = False
-    """Serve beyond loopback without an API key (a private network you trust)."""
     port: int = Field(default=8000, ge=1, le=65535)
     access_log: bool = True
     """Log every request (Serve's access log); off saves about 10% CPU per request on a small box."""
@@ -157,9 +175,7 @@ class ServeArgs(AppArgs):
 
     def key_missing_for_host(self) -> str | None:
         """Why this server would be open to the network without a key (None: it is not)."""
-        if self.host in ("127.0.0.1", "localhost", "::1") or self.allow_unauthenticated:
-            return None
-        if self.api_key_file or os.environ.get(self.api_key_env, "").strip():
+        if self.host in LOOPBACK or self.allow_unauthenticated or has_key(self):
             return None
         return (
             f"serving on {self.host} (beyond this machine) needs an API key: set {self.api_key_env} or api_key_file, "

@@ -25,7 +25,7 @@ from bigray.artifacts.checkpoint import CheckpointError, latest_complete, resume
 from bigray.artifacts.locate import local_checkpoint
 from bigray.artifacts.runs import record_failure
 from bigray.artifacts.storage import is_uri
-from bigray.cluster import torch_device
+from bigray.cluster import read_secret_files, torch_device
 from bigray.data.cache import DataError
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class RayContext(TrainContext):
     def __init__(self) -> None:
         import ray.train
 
+        read_secret_files()  # this node's <NAME>_FILE secrets (the tracker's token)
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()

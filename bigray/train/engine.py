@@ -24,6 +24,10 @@ from bigray.config import DeepSpeedConfig, GPTTrainConfig
 log = logging.getLogger(__name__)
 
 
+NVME_AIO = dict(block_size=1 << 20, queue_depth=8, thread_count=1, single_submit=False, overlap_events=True)
+"""DeepSpeed's async I/O settings for NVMe offload."""
+
+
 def deepspeed_config(
     settings: DeepSpeedConfig, train: GPTTrainConfig, world_size: int, use_gpu: bool
 ) -> dict[str, Any]:
@@ -84,19 +88,7 @@ def deepspeed_config(
         "fp16": {"enabled": weights == "fp16", "initial_scale_power": 16},
         "optimizer": {"type": "AdamW", "params": optimizer_params},
         **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"} if fp32_grads else {}),
-        **(
-            {
-                "aio": {
-                    "block_size": 1 << 20,
-                    "queue_depth": 8,
-                    "thread_count": 1,
-                    "single_submit": False,
-                    "overlap_events": True,
-                }
-            }
-            if settings.offload_device == "nvme"
-            else {}
-        ),
+        **({"aio": NVME_AIO} if settings.offload_device == "nvme" else {}),
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }

@@ -243,9 +243,8 @@ class GPTTrainer:
         zero.set_lr(self.engine, lr)
         self.engine.train()
         t0 = time.perf_counter()
-        total = torch.zeros(
-            (), dtype=torch.float64, device=self.device
-        )  # summed on the device: no host sync per micro batch
+        # summed on the device: no host sync per micro batch
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         digest = 0
         for micro in range(self.grad_accum):
             start = self.step * self.global_batch + self._micro_batch_start(micro)
@@ -333,9 +332,8 @@ class GPTTrainer:
         """Restore weights, optimizer and step from a checkpoint the driver checked against this job
         (recipes.launch.resuming); returns its metadata."""
         meta = read_meta(directory, KIND)
-        resharded = meta.world_size != self.ctx.world_size and bool(
-            meta.zero_stage
-        )  # ZeRO-0 state is whole on every rank
+        # ZeRO-0 state is whole on every rank
+        resharded = meta.world_size != self.ctx.world_size and bool(meta.zero_stage)
         zero.load_state(self.engine, directory, frozen=not self.lora, resharded=resharded)
         self.step = meta.step
         log.info("rank %d resumed from %s at step %d", self.ctx.rank, directory, self.step)
