@@ -23,7 +23,7 @@ class WorkersUnavailable(RuntimeError):
 
 SECRET_VARIABLES = tuple(
     "BIGRAY_API_KEY MLFLOW_TRACKING_TOKEN MLFLOW_TRACKING_PASSWORD WANDB_API_KEY HF_TOKEN AWS_SECRET_ACCESS_KEY "
-    "AWS_SESSION_TOKEN".split()
+    "AWS_SESSION_TOKEN BIGRAY_ADMIN_KEY BIGRAY_TUNE_STATE_KEY".split()
 )
 """Environment variables that hold secrets, which never belong in a job's ``runtime_env``: Ray shows
 it in the dashboard and ``ray job list``."""
@@ -148,9 +148,8 @@ def several_nodes() -> str | None:
     if alive > 1:
         return f"{alive} nodes are up"
     config = ray._private.state.state.get_cluster_config()
-    if (
-        config is not None and sum(g.max_count if g.max_count >= 0 else 2 for g in config.node_group_configs) > 1
-    ):  # -1: no limit
+    # -1: no limit
+    if config is not None and sum(g.max_count if g.max_count >= 0 else 2 for g in config.node_group_configs) > 1:
         return "its autoscaler can add nodes"
     if os.environ.get("BIGRAY_WAIT_FOR_AUTOSCALER"):
         return "BIGRAY_WAIT_FOR_AUTOSCALER says nodes will be added"

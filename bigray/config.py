@@ -66,10 +66,8 @@ def uri_credentials(location: str) -> str | None:
     parts = urlsplit(location)
     if "@" in parts.netloc:
         return "user-info (name:secret@)"
-    for key, value in parse_qsl(parts.query):
-        if (
-            key.lower() in CREDENTIAL_OPTIONS or "@" in urlsplit(value).netloc
-        ):  # endpoint_override=http://name:secret@...
+    for key, value in parse_qsl(parts.query):  # a key option, or an endpoint_override=http://name:secret@...
+        if key.lower() in CREDENTIAL_OPTIONS or "@" in urlsplit(value).netloc:
             return f"the option {key}="
     return None
 

@@ -111,9 +111,8 @@ def smoke_loop(config: dict[str, Any]) -> None:
         "zero3_step_s": round(step_s, 3),
         "precision": precision,
     }
-    with (
-        tempfile.TemporaryDirectory() as tmp
-    ):  # every rank reports (a collective in Ray Train V2); rank 0's file is the result
+    # every rank reports (a collective in Ray Train V2); rank 0's file is the result
+    with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "smoke.json").write_text(json.dumps(found))
         ray.train.report(
             {"zero3_loss": found["zero3_loss"]},

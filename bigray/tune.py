@@ -16,14 +16,27 @@ import io
 import json
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 from ray.train.v2.api.callback import UserCallback
+from ray.tune import Callback
 
 from bigray.artifacts.checkpoint import CheckpointError, is_complete
 from bigray.artifacts.runs import finish, save_resolved_config
-from bigray.artifacts.storage import absolute, full_uri, is_file, join, name_of, read_text, run_dir, write_text
+from bigray.artifacts.storage import (
+    absolute,
+    full_uri,
+    is_file,
+    join,
+    name_of,
+    read_bytes,
+    read_text,
+    run_dir,
+    write_text,
+)
 from bigray.artifacts.tracking import TrackedRun, continue_tracking, flat_params, record_outcome, resolved
+from bigray.artifacts.tune_state import check_state, digest, is_state_file, sign
 from bigray.cluster import ensure_ray, worker_bundle, workers_fitting_at_most
 from bigray.config import ConfigError, TuneJobConfig, from_dict, set_dotted, to_dict
 from bigray.recipes import JOBS
@@ -73,6 +86,48 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], kind: JobKind, tr
         set_dotted(data, key, value)
     cfg = from_dict(kind.config_class, data, prefix="trainer")
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"trial_{trial_id}", storage_path=trials_dir))
+
+
+WRITTEN: dict[str, str] = {}
+"""sha256 of the state files this process wrote to the search directory itself (tuner.pkl, tune_job.json)."""
+
+
+def trust_written(directory: str) -> None:
+    """Record the digests of the search's own files, just written (or just checked by a resume)."""
+    WRITTEN.update({name: digest(read_bytes(join(directory, name))) for name in ("tuner.pkl", "tune_job.json")})
+
+
+class SignState(Callback):
+    """Signs the search's state each time Tune saves it: Tune asks every callback for its state right
+    after writing the experiment and searcher state into its staging directory, which it then
+    uploads whole, so the manifest travels with the files it lists (artifacts/tune_state.py)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.staging: str | None = None
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        if trials and self.staging is None:
+            self.staging = trials[0].storage.experiment_driver_staging_path
+
+    def get_state(self) -> dict[str, Any] | None:
+        staging = self.staging or self._newest_staging()
+        if staging is not None:
+            files = [p for p in Path(staging).iterdir() if p.is_file() and is_state_file(p.name)]
+            staged = {p.name: digest(p.read_bytes()) for p in files}
+            sign(staging, {**staged, **WRITTEN})
+        return None  # nothing of this callback's own to save
+
+    def _newest_staging(self) -> str | None:
+        """Before any step (a resumed search with nothing left to run saves its state without one):
+        the staging directory Tune just wrote to, where Ray Train's StorageContext puts it."""
+        import glob
+        import os
+
+        from ray.train.constants import _get_ray_train_session_dir
+
+        found = glob.glob(os.path.join(_get_ray_train_session_dir(), "*", self.name, "driver_artifacts"))
+        return max(found, key=os.path.getmtime) if found else None
 
 
 class ForwardReports(UserCallback):
@@ -236,6 +291,7 @@ def make_tuner(job: TuneJobConfig, base: dict[str, Any], cfg: Any, directory: st
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=None if t.scheduler == "pbt" else job.run.keep_checkpoints
             ),
+            callbacks=[SignState(job.run.name)],
         ),
     )
 
@@ -309,6 +365,7 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
             directory = absolute(resume_dir)
             if not is_file(join(directory, "tune_job.json")):
                 raise ConfigError("--resume", f"{directory} holds no bigray search (no tune_job.json)")
+            check_state(directory)  # before anything of it is read, let alone unpickled
             saved = json.loads(read_text(join(directory, "tune_job.json")))
             job = from_dict(TuneJobConfig, saved["job"])
             base = saved["trainer"]
@@ -316,6 +373,7 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
             tuner = tune.Tuner.restore(
                 directory, trainable=tune.with_resources(trial_driver, {"CPU": DRIVER_CPU}), resume_errored=False
             )
+            trust_written(directory)
         else:
             check_shared_locations(worker_locations(job))
             directory = run_dir(job.run.storage_path, job.run.name)
@@ -335,6 +393,8 @@ def run_search(job: TuneJobConfig, resume_dir: str | None = None) -> dict[str, A
             save_resolved_config(directory, job)
             write_text(join(directory, "tune_job.json"), json.dumps({"job": to_dict(job), "trainer": base}, indent=2))
             tuner = make_tuner(job, base, base_cfg, directory)
+            trust_written(directory)
+            sign(directory, dict(WRITTEN))
         grid = tuner.fit()
     finally:
         if started:

@@ -45,15 +45,20 @@ def test_schema_check_rejects_a_broken_config():
 
 
 def test_no_serve_replica_can_be_placed_on_a_head_without_cpus():
-    """The head holds the autoscaler's cloud rights: every replica that parses client input (the
-    ingress included) asks for some CPU, which cluster.yaml's and the RayService's heads do not offer."""
-    from bigray.serve.ingress import Ingress
-    from bigray.serve.settings import DeploymentArgs
+    """The head holds the autoscaler's cloud rights: on the cluster configs every replica that parses
+    client input (the ingress included) asks for some CPU, which cluster.yaml's and the RayService's
+    heads do not offer."""
+    from bigray.serve.app import build_app
+    from bigray.serve.settings import AppArgs, DeploymentArgs
 
-    assert Ingress.ray_actor_options["num_cpus"] > 0
     assert DeploymentArgs.model_fields["num_cpus"].metadata[0].gt == 0  # the model replicas' CPUs are > 0
     service = yaml.safe_load((REPO / "serve" / "kuberay-rayservice.yaml").read_text())
     assert service["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert yaml.safe_load((REPO / "cluster.yaml").read_text())["available_node_types"]["head"]["resources"]["CPU"] == 0
+    cluster = yaml.safe_load((REPO / "serve" / "cluster-config.yaml").read_text())["applications"][0]["args"]
+    for args in (cluster, yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]):
+        ingress = build_app(AppArgs(**{**args, "gpt_checkpoint": "/models/gpt", "resnet_checkpoint": None}))
+        assert ingress._bound_deployment.ray_actor_options["num_cpus"] > 0
 
 
 def test_cluster_yaml_runs_the_image_and_opens_nothing_to_the_internet():

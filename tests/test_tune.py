@@ -67,6 +67,7 @@ def test_asha_search_stops_bad_trials_and_reports_the_best(ray_cluster, small_te
     info = export_gpt(str(Path(summary["run_dir"]) / "summary.json"), str(tmp_path / "best-hf"))
     assert info["checkpoint"] == summary["checkpoint"]
     assert (tmp_path / "best-hf" / "model.safetensors").is_file()
+    _assert_planted_state_is_refused(summary["run_dir"], tmp_path)  # a search in a local directory
 
 
 def test_diverging_trial_fails_while_others_complete(ray_cluster, tmp_path):
@@ -173,6 +174,42 @@ def test_interrupted_search_in_a_bucket_resumes_without_rerunning_finished_trial
     _assert_tracked_search(mlflow_server, "search-test", rows, summary, [0.00005, 0.001, 0.003])
     again = run_search(TuneJobConfig(), resume_dir=search)  # a finished search resumes to the same answer
     assert again["best_trial"] == summary["best_trial"] and again["checkpoint"] == summary["checkpoint"]
+    _assert_planted_state_is_refused(search, tmp_path)  # and in a bucket
+
+
+class _Planted:
+    """What a writer of the search's directory could leave: a pickle that runs code when loaded."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _assert_planted_state_is_refused(search: str, tmp_path: Path) -> None:
+    """`bigray tune --resume` checks every state file against the search's signed manifest first:
+    a planted tuner.pkl or searcher state is refused and never unpickled."""
+    import pickle
+
+    from bigray.artifacts.storage import read_bytes, write_bytes
+    from bigray.config import ConfigError
+    from bigray.tune import run_search
+
+    marker = tmp_path / "planted-pickle-ran"
+    for name in ("tuner.pkl", "searcher-state-planted.pkl"):
+        path = f"{search}/{name}"
+        original = read_bytes(path) if name == "tuner.pkl" else None
+        write_bytes(path, pickle.dumps(_Planted(str(marker))))
+        with pytest.raises(ConfigError, match=f"{name} is not the file the search wrote"):
+            run_search(TuneJobConfig(), resume_dir=search)
+        assert not marker.exists()
+        if original is None:
+            from bigray.artifacts.storage import delete_file
+
+            delete_file(path)
+        else:
+            write_bytes(path, original)
 
 
 def _bucket_steps(trial_dir: str) -> list[int]:

@@ -45,4 +45,6 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
     # The key itself is read by the ingress replica (where it is enforced), never passed in the
     # app's config; a key set here but unseen there makes the replica refuse to start.
     key_expected = bool(os.environ.get(args.api_key_env, "").strip())
-    return Ingress.bind(gpt, resnet, ingress_args, key_expected)
+    return Ingress.options(ray_actor_options={"num_cpus": args.ingress_num_cpus}).bind(
+        gpt, resnet, ingress_args, key_expected
+    )

@@ -149,9 +149,7 @@ DETAILS = ("checkpoint", "refused")
 """What /v1/status shows only to the admin key (or on a server without keys): where models come from."""
 
 
-# A sliver of CPU, so the ingress (which parses client bodies) is never placed on a head that
-# advertises none: cluster.yaml's head holds the autoscaler's cloud rights and runs no replica.
-@serve.deployment(name="ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.01})
+@serve.deployment(name="ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
     def __init__(

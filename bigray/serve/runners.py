@@ -76,9 +76,8 @@ class GPTRunner:
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.device = torch_device(use_gpu)
-        if is_adapter(
-            self.model_dir
-        ):  # a LoRA adapter: its base with the adapter merged in (no per-token adapter cost)
+        # a LoRA adapter: its base with the adapter merged in (no per-token adapter cost)
+        if is_adapter(self.model_dir):
             base = AutoModelForCausalLM.from_pretrained(
                 str(model_files(local_model(base_of(self.model_dir))[0])), use_safetensors=True, dtype=torch.float32
             )

@@ -92,6 +92,10 @@ class AppArgs(BaseModel):
     api_key_file: str | None = None
     """A file holding the API key (e.g. a mounted Kubernetes Secret), read in the ingress replica;
     surrounding whitespace is stripped. Takes precedence over ``api_key_env``."""
+    ingress_num_cpus: float = Field(default=0, ge=0)
+    """CPUs the ingress replica reserves. On a cluster whose head advertises no CPUs (cluster.yaml, the
+    RayService: the head holds the autoscaler's cloud rights) a sliver (0.01) keeps the ingress, which
+    parses client bodies, off the head; 0 lets it share a small machine's CPUs with the models."""
     admin_key_env: str = "BIGRAY_ADMIN_KEY"
     """Environment variable holding the admin key, read in the ingress replica: only a request with it
     sees where the models come from in /v1/status (checkpoints, a refused swap's error text)."""
