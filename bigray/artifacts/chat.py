@@ -9,6 +9,7 @@ Both tokenize it with :func:`chat_tokens`, so a message's content never yields a
 
 from __future__ import annotations
 
+import bisect
 from typing import Any, Literal, get_args
 
 ChatRole = Literal["system", "user", "assistant", "tool"]
@@ -110,8 +111,14 @@ def chat_tokens(
     special = {i for i, t in tok.added_tokens_decoder.items() if t.special}
     if not special.intersection(ids):
         return ids, offsets
-    contents = _Marked(tok, messages, template, generation_prompt, text).spans
-    spoofed = [any(a <= start < b for a, b in contents) for start, _ in offsets]
+    contents = _Marked(tok, messages, template, generation_prompt, text).spans  # in order, disjoint
+    starts = [a for a, _ in contents]
+
+    def in_content(position: int) -> bool:
+        k = bisect.bisect_right(starts, position) - 1
+        return k >= 0 and position < contents[k][1]
+
+    spoofed = [in_content(start) for start, _ in offsets]
     if not any(i in special and s for i, s in zip(ids, spoofed)):
         return ids, offsets
     out_ids, out_offsets, pos = [], [], 0  # the template's control tokens kept, the text between them plain
