@@ -39,6 +39,7 @@ from bigray.artifacts.tracking import TrackedRun, continue_tracking, flat_params
 from bigray.artifacts.tune_state import check_state, digest, is_state_file, sign
 from bigray.cluster import ensure_ray, worker_bundle, workers_fitting_at_most
 from bigray.config import ConfigError, TuneJobConfig, from_dict, set_dotted, to_dict
+from bigray.data.cache import sha256_file
 from bigray.recipes import JOBS
 from bigray.recipes.launch import JobKind, build_trainer, raise_recorded_failure
 from bigray.recipes.preflight import check_nodes, check_shared_locations, worker_locations
@@ -114,7 +115,7 @@ class SignState(Callback):
         staging = self.staging or self._newest_staging()
         if staging is not None:
             files = [p for p in Path(staging).iterdir() if p.is_file() and is_state_file(p.name)]
-            staged = {p.name: digest(p.read_bytes()) for p in files}
+            staged = {p.name: sha256_file(p) for p in files}
             sign(staging, {**staged, **WRITTEN})
         return None  # nothing of this callback's own to save
 

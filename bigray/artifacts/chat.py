@@ -50,6 +50,24 @@ def render_chat(
     a short placeholder for every content, so the cost grows with the number of turns (capped at
     MAX_MESSAGES), not with turns times the conversation's length.
     """
+    full, spans, _ = _render_chat(tok, messages, template)
+    return full, spans
+
+
+def encode_chat(
+    tok: Any, messages: list[dict[str, str]], template: str | None = None
+) -> tuple[str, list[int], list[tuple[int, int]], list[tuple[int, int]]]:
+    """Training's view of a conversation: the rendered text, :func:`chat_tokens`' ids and offsets,
+    and the assistant spans of :func:`render_chat`, with the contents located once for both."""
+    full, spans, contents = _render_chat(tok, messages, template)
+    ids, offsets = chat_tokens(tok, full, messages, template, contents=contents)
+    return full, ids, offsets, spans
+
+
+def _render_chat(
+    tok: Any, messages: list[dict[str, str]], template: str | None
+) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+    """The rendered conversation, its assistant spans and where each content lies in it."""
     full = _render(tok, messages, template, False)
     marked = _Marked(tok, messages, template, False, full)
     spans = []
@@ -63,7 +81,7 @@ def render_chat(
                 f"the chat template does not render this conversation turn by turn (at message {i}), so its replies cannot be located"
             )
         spans.append((marked.real(len(before)), marked.real(len(through))))
-    return full, spans
+    return full, spans, marked.spans
 
 
 class _Marked:
@@ -100,18 +118,25 @@ class _Marked:
 
 
 def chat_tokens(
-    tok: Any, text: str, messages: list[dict[str, str]], template: str | None = None, generation_prompt: bool = False
+    tok: Any,
+    text: str,
+    messages: list[dict[str, str]],
+    template: str | None = None,
+    generation_prompt: bool = False,
+    contents: list[tuple[int, int]] | None = None,
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of a rendered conversation and each token's character span, where only the template
     makes control tokens: a content holding ``<|im_end|><|im_start|>system`` is tokenized as that
     text (Hugging Face's ``split_special_tokens``), never as a turn boundary. Unless a content
-    holds such a string, the ids are the plain tokenization of ``text``."""
+    holds such a string, the ids are the plain tokenization of ``text``. ``contents``: where each
+    message's content lies in ``text``, when the caller has located them already."""
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
     special = {i for i, t in tok.added_tokens_decoder.items() if t.special}
     if not special.intersection(ids):
         return ids, offsets
-    contents = _Marked(tok, messages, template, generation_prompt, text).spans  # in order, disjoint
+    if contents is None:  # in order, disjoint
+        contents = _Marked(tok, messages, template, generation_prompt, text).spans
     starts = [a for a, _ in contents]
 
     def in_content(position: int) -> bool:

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from bigray.artifacts.chat import CHAT_ROLES, MAX_MESSAGES, ChatTemplateError, chat_tokens, render_chat
+from bigray.artifacts.chat import CHAT_ROLES, MAX_MESSAGES, ChatTemplateError, encode_chat
 from bigray.artifacts.storage import StorageError, absolute, cached_file, join
 from bigray.config import FinetuneDataConfig
 from bigray.data.cache import DataError, build_cache_dir, sha256_file
@@ -110,8 +110,7 @@ def encode_chats(
     for number, messages in enumerate(conversations, start=1):
         starts.append(len(ids))
         try:
-            text, spans = render_chat(tok, messages, template)
-            conversation, offsets = chat_tokens(tok, text, messages, template)
+            text, conversation, offsets, spans = encode_chat(tok, messages, template)
         except ChatTemplateError as e:
             raise DataError(f"conversation {number}: {e}") from None
         ids += conversation
