@@ -19,7 +19,7 @@ def main(epochs: int = 3) -> dict:
     from bigray.recipes.resnet import train_resnet
 
     tmp = scratch("resnet-accuracy")
-    # As shipped: batch 0 is 64 per worker on the full data, lr 0.1 at the global 128, bf16 on this CPU.
+    # As shipped: the automatic global batch is 128 on the full data (64 per worker), lr 0.1 at it, bf16 on this CPU.
     cfg = load_config(
         ResNetJobConfig,
         CONFIGS / "resnet_fashion.yaml",
@@ -36,7 +36,7 @@ def main(epochs: int = 3) -> dict:
         "benchmark": "resnet_accuracy",
         "arch": cfg.model.arch,
         "workers": cfg.scaling.num_workers,
-        "batch_per_worker": cfg.train.batch_size or "auto (64 on the full data)",
+        "global_batch": cfg.train.global_batch_size or "auto (128 on the full data)",
         "augment": cfg.train.augment,
         "precision": cfg.train.precision,
         "curve": curve,

@@ -453,8 +453,8 @@ class GPTTrainConfig:
     """Gradient norm clipping (0 disables)."""
     eval_interval: int = Field(50, ge=1)
     """Steps between validation passes."""
-    eval_batches: int = Field(8, ge=1)
-    """Micro batches per validation pass."""
+    eval_batches: int = Field(16, ge=1)
+    """Micro batches per validation pass, over all workers: the same validation windows at any world size."""
     log_interval: int = Field(10, ge=1)
     """Steps between metric reports."""
     seed: int = 1337
@@ -574,8 +574,9 @@ class FinetuneMethodConfig:
     """Dropout on the adapters' input."""
     lora_target_modules: StrList = field(default_factory=list)
     """Module names (or name suffixes, as peft matches them: q_proj, c_attn, ...) that get adapters;
-    empty: every linear layer but the LM head (peft's 'all-linear', the QLoRA paper's choice), for
-    any family."""
+    empty: the family's default, every linear layer of the blocks (GPT-2: c_attn, c_proj, c_fc;
+    Llama/Qwen/Mistral: q/k/v/o_proj, gate/up/down_proj; the QLoRA paper's choice), else peft's
+    'all-linear' (models/families.py)."""
 
 
 @section
@@ -629,16 +630,20 @@ class ResNetTrainConfig:
     epochs: int = Field(5, ge=1)
     """Passes over the training set."""
     batch_size: int = Field(0, ge=0)
-    """Images per worker per step; 0: chosen from the run's length (train/resnet.py batch_per_worker):
-    the power of two, between 8 and 64 per worker, that gives the run at least 250 optimizer steps.
-    Short runs need the steps (2 epochs of 4,000 images on 2 workers: 64 per worker 72.7%, 32 83.4%
-    test accuracy); full-data runs get 64, the measured full-data recipe."""
+    """Images per worker per step, so the global batch changes with the worker count; 0: from
+    global_batch_size."""
+    global_batch_size: int = Field(0, ge=0)
+    """Images per optimizer step over all workers, the same at any world size (each worker takes an
+    equal share). 0 (with batch_size 0): chosen from the run's length (train/resnet.py global_batch):
+    the power of two from 128 down to 16 that gives the run at least 250 optimizer steps, at least 8
+    per worker. Short runs need the steps (2 epochs of 4,000 images: a global 128 72.7%, 64 83.4% test
+    accuracy); full-data runs get 128, the measured full-data recipe."""
     optimizer: Literal["sgd", "adamw"] = "sgd"
     """SGD with Nesterov momentum, or AdamW."""
     lr: float = Field(0.1, gt=0)
     """Peak learning rate at a global batch of ``lr_reference_batch`` images. The run uses
-    lr x (batch_size x workers) / lr_reference_batch (the linear scaling rule, Goyal et al. 2017), so
-    changing the worker count or the batch size keeps the same training per image seen."""
+    lr x global batch / lr_reference_batch (the linear scaling rule, Goyal et al. 2017), so changing
+    the batch keeps the same training per image seen."""
     lr_reference_batch: int = Field(128, ge=1)
     """The global batch ``lr`` is stated for (128: 2 workers x 64, the measured full-data recipe)."""
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -661,7 +666,14 @@ class ResNetTrainConfig:
     num_data_workers: int = Field(0, ge=0)
     """DataLoader worker processes per training worker."""
     seed: int = 0
-    """Seeds init and data order."""
+    """Seeds init, the data order and augmentation (functions of the step and the sample, not the rank)."""
+
+    def __post_init__(self) -> None:
+        require(
+            not (self.batch_size and self.global_batch_size),
+            "batch_size",
+            "is derived from train.global_batch_size when that is set; set one of the two",
+        )
 
 
 @section

@@ -198,3 +198,30 @@ def test_one_resume_rule_the_runs_own_checkpoint_first_then_resume_from(tmp_path
     assert resume_point(torn, elsewhere, str(run), "gpt") == older
     shutil.rmtree(older)
     assert resume_point(torn, elsewhere, str(run), "gpt") == elsewhere
+
+
+def test_a_runs_segments_carry_over_every_resume():
+    from bigray.artifacts.checkpoint import CheckpointMeta, run_segments
+
+    fresh = run_segments(None, 0, 10, 2)
+    assert fresh == [{"from_step": 0, "to_step": 10, "world_size": 2}]
+    saved = CheckpointMeta("gpt", 10, 2, [0, 1], {}, segments=fresh)
+    assert run_segments(saved, 10, 25, 4) == [*fresh, {"from_step": 10, "to_step": 25, "world_size": 4}]
+    older = CheckpointMeta("gpt", 10, 2, [0, 1], {})  # written before segments were recorded: one for its history
+    assert run_segments(older, 10, 12, 1) == [*fresh, {"from_step": 10, "to_step": 12, "world_size": 1}]
+
+
+def test_a_universal_conversion_is_used_only_whole(tmp_path):
+    from bigray.artifacts.checkpoint import check_universal
+
+    check_universal(str(tmp_path))  # none: nothing to check
+    state = tmp_path / "universal" / "state" / "zero" / "w"
+    state.mkdir(parents=True)
+    (state / "fp32.pt").write_bytes(b"x" * 10)
+    with pytest.raises(CheckpointError, match=r"universal is incomplete \(it has no readable files.json\): delete"):
+        check_universal(str(tmp_path))
+    (tmp_path / "universal" / "files.json").write_text(json.dumps({"state/zero/w/fp32.pt": 10}))
+    check_universal(str(tmp_path))
+    (state / "fp32.pt").write_bytes(b"x" * 9)
+    with pytest.raises(CheckpointError, match=r"\(state/zero/w/fp32.pt is missing or truncated\)"):
+        check_universal(str(tmp_path))

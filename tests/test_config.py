@@ -270,3 +270,8 @@ def test_a_job_with_a_secret_in_a_location_writes_nothing_that_holds_it(capsys, 
         assert "holds credentials" in err and SECRET not in err
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert not [p for p in written if SECRET.encode() in p.read_bytes()]
+
+
+def test_a_resnet_batch_is_set_per_worker_or_globally_not_both():
+    with pytest.raises(ConfigError, match=r"'train.batch_size'.*derived from train.global_batch_size.*one of the two"):
+        load_config(ResNetJobConfig, None, ["train.batch_size=16", "train.global_batch_size=64"])

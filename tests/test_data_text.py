@@ -8,7 +8,8 @@ import pytest
 from bigray.config import TextDataConfig
 from bigray.data.cache import DataError, verify_manifest
 from bigray.data.documents import clean_text, load_tokenizer
-from bigray.data.text import DIGEST_MOD, TokenWindows, open_prepared, prepare_text
+from bigray.data.order import DIGEST_MOD
+from bigray.data.text import TokenWindows, open_prepared, prepare_text
 
 
 def test_prepared_corpus_is_real_and_split(small_text):

@@ -130,15 +130,3 @@ def test_bf16_zero2_engine_accumulates_gradients_in_fp32(tmp_path):
         trained.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-
-
-def test_which_checkpoints_resume_at_another_world_size():
-    """ZeRO-0 state is whole on every rank and ZeRO-1/2 shards are re-partitioned; ZeRO-3 and LoRA
-    shards are refused at another world size (named), and a stage change always is."""
-    from bigray.train.engine import resume_problems
-
-    assert resume_problems(0, 2, 0, 1) == [] and resume_problems(2, 2, 2, 4) == [] and resume_problems(1, 4, 1, 2) == []
-    assert resume_problems(3, 2, 3, 2) == [] and resume_problems(2, 2, 2, 2, lora=True) == []
-    assert "ZeRO-3 checkpoints are not re-sharded yet" in resume_problems(3, 2, 3, 1)[0]
-    assert "LoRA checkpoints are not re-sharded yet" in resume_problems(2, 2, 2, 1, lora=True)[0]
-    assert resume_problems(2, 2, 3, 2) == ["it uses ZeRO stage 2, this run 3"]

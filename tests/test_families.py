@@ -78,7 +78,7 @@ def test_packed_examples_do_not_attend_to_each_other(tmp_path, family_models, ch
     # Boundaries are conversations (recorded with the data), not turns: every turn ends in <|im_end|>.
     data = trainer.data
     assert int(np.asarray(data.example_starts("train")).sum()) == data.manifest["examples"]["train"]
-    x, _, starts = trainer._batch(trainer.train_windows, 0, shuffle=False)
+    (x, _, starts), _ = trainer._batch(trainer.train_windows, 0, shuffle=False)
     model = trainer.engine.module.eval()
     mask, positions = isolated_examples(starts)
     # The first whole example inside a window: the model sees it exactly as if it were alone.
@@ -419,6 +419,8 @@ def test_lora_trains_only_the_adapter_resumes_and_exports_merged_or_adapter(tmp_
     # The checkpoint holds the adapter, not the base: a small fraction of the model's bytes.
     ckpt = trainer.ctx.checkpoints[-1]
     assert not (ckpt / "model" / "model.safetensors").exists() and (ckpt / "model" / "adapter_config.json").is_file()
+    adapted = json.loads((ckpt / "model" / "adapter_config.json").read_text())["target_modules"]
+    assert set(adapted) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     ds_bytes = sum(f.stat().st_size for f in (ckpt / "deepspeed").rglob("*") if f.is_file())
     assert ds_bytes < 0.25 * (base / "model.safetensors").stat().st_size, ds_bytes
     # Resume continues at the saved step with the adapter it saved.
@@ -461,6 +463,29 @@ def test_lora_trains_only_the_adapter_resumes_and_exports_merged_or_adapter(tmp_
         prepare_finetune(chat_config(tmp_path, base, [chat_file], f"resume_from={ckpt}", "scaling.num_workers=1"))
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "qwen2", "qwen3", "mistral"])
+def test_the_default_lora_targets_are_every_linear_layer_of_the_blocks(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from bigray.models.families import lora_targets
+
+    shape = {"n_layer": 1, "n_embd": 32, "n_head": 2} if model_type == "gpt2" else {}
+    small = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+    )
+    config = AutoConfig.for_model(model_type, vocab_size=64, **(shape or small))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linear = {
+        name.rsplit(".", 1)[-1]
+        for name, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, Conv1D)) and name != "lm_head"
+    }
+    assert set(lora_targets(model_type)) == linear
+    assert lora_targets("gpt_neox") == "all-linear"  # an architecture no family covers: peft's own rule
+
+
 def test_lora_target_modules_that_do_not_exist_are_refused_before_training(tmp_path, family_models, chat_file):
     from bigray.recipes.gpt import prepare_finetune
 
@@ -480,33 +505,48 @@ def test_lora_target_modules_that_do_not_exist_are_refused_before_training(tmp_p
 
 
 @pytest.mark.slow
-def test_lora_on_ray_with_zero3(ray_cluster, tmp_path, family_models, chat_file):
+def test_lora_on_ray_with_zero3_resumes_at_another_world_size(ray_cluster, tmp_path, family_models, chat_file):
     """2 workers, ZeRO-3: the adapters (not partitioned at construction) train beside the partitioned
-    frozen base; the checkpoint's adapter names its targets and its base. (Resume: the local test above.)"""
+    frozen base; the checkpoint's adapter names its targets and its base. Resumed at step 3 on one
+    worker (the adapter shards re-partitioned through a Universal Checkpoint; the base rebuilt from
+    init_from), steps 4-6 train on the same windows with the same losses (fp32 summation order only)."""
     from bigray.recipes.gpt import finetune
 
     base = family_models["qwen2"]
-    summary = finetune(
-        chat_config(
-            tmp_path,
-            base,
-            [chat_file],
-            "finetune.method=lora",
-            "finetune.lora_target_modules=[q_proj, v_proj]",
-            "train.lr=1e-2",
-            "train.max_steps=4",
-            "train.eval_interval=4",
-            "run.checkpoint_interval=4",
-            "deepspeed.zero_stage=3",
-            "run.name=lora",
-        )
+    common = (
+        "finetune.method=lora",
+        "finetune.lora_target_modules=[q_proj, v_proj]",
+        "train.lr=1e-2",
+        "train.max_steps=6",
+        "train.global_batch_size=16",
+        "train.log_interval=1",
+        "train.eval_interval=6",
+        "run.checkpoint_interval=3",
+        "deepspeed.zero_stage=3",
+        "deepspeed.precision=fp32",
     )
+    summary = finetune(chat_config(tmp_path, base, [chat_file], *common, "run.name=lora"))
     assert summary["metrics"]["val/loss"] < summary["metrics"]["init/val_loss"], summary["metrics"]
     adapter = json.loads((Path(summary["checkpoint"]) / "model" / "adapter_config.json").read_text())
     assert (
         sorted(adapter["target_modules"]) == ["q_proj", "v_proj"] and Path(adapter["base_model_name_or_path"]) == base
     )
     assert not (Path(summary["checkpoint"]) / "model" / "model.safetensors").exists()
+    step3 = Path(summary["run_dir"]) / "checkpoint_step_0000003"
+    one = finetune(
+        chat_config(
+            tmp_path, base, [chat_file], *common, "run.name=on1", "scaling.num_workers=1", f"resume_from={step3}"
+        )
+    )
+    full, resumed = (
+        {r["step"]: r for r in map(json.loads, Path(run, "metrics.jsonl").read_text().splitlines())}
+        for run in (summary["run_dir"], one["run_dir"])
+    )
+    assert sorted(resumed) == [4, 5, 6] and (step3 / "universal" / "files.json").is_file()
+    for step in (4, 5, 6):
+        assert resumed[step]["train/windows"] == full[step]["train/windows"]
+        assert resumed[step]["train/loss"] == pytest.approx(full[step]["train/loss"], rel=1e-6), step
+    assert [s["world_size"] for s in one["segments"]] == [2, 1]
 
 
 def test_gpt2_hub_directory_finetunes_with_zero3_and_exports_the_same_model(tmp_path, family_models, chat_file):

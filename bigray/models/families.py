@@ -102,6 +102,12 @@ class Family:
     for attention (PaLM appendix B)."""
     model_types: tuple[str, ...]
     """The transformers ``model_type`` values this architecture covers (fine-tuning bases)."""
+    lora_targets: tuple[str, ...]
+    """LoRA's default modules: every linear layer of the blocks (attention and MLP), not the LM head.
+    Adapters on all of them match full fine-tuning where attention alone falls short (QLoRA, Dettmers
+    et al. 2023; LLaMA-Factory's ``lora_target: all``), unlike peft's own per-model default (q/v
+    only, from the original LoRA paper). Named rather than peft's 'all-linear', so the checkpoint's
+    adapter_config.json says which modules were adapted."""
 
     def config(self, preset: str, vocab_size: int, dropout: float = 0.0, eos_token_id: int | None = None) -> Any:
         """The transformers config of a pretraining preset for a tokenizer's vocabulary."""
@@ -124,6 +130,7 @@ FAMILIES: dict[str, Family] = {
             _gpt2_config,
             _gpt2_flops,
             ("gpt2",),
+            ("c_attn", "c_proj", "c_fc"),  # Conv1D layers: qkv, both output projections, MLP in
         ),
         Family(
             "llama",  # RoPE, RMSNorm, SwiGLU, grouped-query attention: what Llama, Qwen and Mistral share
@@ -136,9 +143,17 @@ FAMILIES: dict[str, Family] = {
             _llama_config,
             _llama_flops,
             ("llama", "qwen2", "qwen3", "mistral"),
+            ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         ),
     )
 }
+
+
+def lora_targets(model_type: str) -> list[str] | str:
+    """LoRA's default target modules for a base model: its family's, or peft's 'all-linear' (every
+    linear layer but the LM head) for an architecture no family covers."""
+    family = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+    return list(family.lora_targets) if family else "all-linear"
 
 
 def family_of(config: Any) -> Family:

@@ -25,7 +25,6 @@ from bigray.data import text as text_data
 from bigray.data.text import TextDataset
 from bigray.models.gpt import shape
 from bigray.recipes.launch import JobKind, PreparedJob, in_run_dir, launch, resuming
-from bigray.train import engine as zero
 from bigray.train.context import LocalContext
 from bigray.train.gpt import (
     KIND,
@@ -93,10 +92,10 @@ def trainable_state(job: dict[str, Any]) -> dict[str, Any]:
     return {k: section[k] for k in ("method", "lora_rank", "lora_target_modules")}
 
 
-def check_resume_compatible(
-    meta: CheckpointMeta, cfg: GPTJob, model_cfg: Any, world_size: int, tokenizer_sha: str
-) -> None:
-    """Refuse a checkpoint that this job cannot continue from, saying why."""
+def check_resume_compatible(meta: CheckpointMeta, cfg: GPTJob, model_cfg: Any, tokenizer_sha: str) -> None:
+    """Refuse a checkpoint that this job cannot continue from, saying why. Any world size can: ZeRO-0
+    state is whole on every rank, ZeRO-1/2/3 shards (LoRA's included) are re-partitioned on load
+    (train/engine.py universal_state); another ZeRO stage cannot."""
     saved = meta.config
     problems = []
     saved_shape = meta.model_shape  # absent in checkpoints written before fine-tuning existed
@@ -111,10 +110,8 @@ def check_resume_compatible(
         problems.append("it was trained with a different tokenizer")
     if trainable_state(saved) != trainable_state(to_dict(cfg)):
         problems.append(f"it was trained with {trainable_state(saved)}, this run with {trainable_state(to_dict(cfg))}")
-    lora = trainable_state(saved)["method"] == "lora"
-    problems += zero.resume_problems(
-        saved["deepspeed"]["zero_stage"], meta.world_size, cfg.deepspeed.zero_stage, world_size, lora
-    )
+    if saved["deepspeed"]["zero_stage"] != cfg.deepspeed.zero_stage:
+        problems.append(f"it uses ZeRO stage {saved['deepspeed']['zero_stage']}, this run {cfg.deepspeed.zero_stage}")
     if problems:
         raise CheckpointError("cannot resume from this checkpoint: " + "; ".join(problems))
 
@@ -149,7 +146,7 @@ def _checked(cfg: GPTJob, data: TextDataset, model_cfg: Any) -> PreparedJob:
         cfg = dataclasses.replace(cfg, resume_from=resolve_checkpoint(cfg.resume_from))
     with resuming(cfg, KIND) as meta:
         if meta is not None:
-            check_resume_compatible(meta, cfg, model_cfg, cfg.scaling.num_workers, data.manifest["tokenizer_sha256"])
+            check_resume_compatible(meta, cfg, model_cfg, data.manifest["tokenizer_sha256"])
     return PreparedJob(config=cfg, data_dir=data.location)
 
 

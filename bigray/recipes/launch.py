@@ -96,6 +96,8 @@ class TrainOutcome:
     checkpoint: str | None
     best_checkpoint: str | None
     metrics: dict[str, Any]
+    segments: list[dict[str, int]] | None = None
+    """The final checkpoint's run segments: each stretch trained between two starts, with its world size."""
 
 
 def train_scaling(scaling: ScalingConfig) -> Any:
@@ -164,11 +166,13 @@ def run_training(kind: JobKind, prepared: PreparedJob) -> TrainOutcome:
         record_outcome(cfg.tracking, directory, "FAILED")
         raise
     best = result.get_best_checkpoint(kind.metric, kind.mode) if result.best_checkpoints else None
+    checkpoint = full_uri(cfg.run.storage_path, result.checkpoint.path) if result.checkpoint else None
     return TrainOutcome(
         run_dir=directory,
-        checkpoint=full_uri(cfg.run.storage_path, result.checkpoint.path) if result.checkpoint else None,
+        checkpoint=checkpoint,
         best_checkpoint=full_uri(cfg.run.storage_path, best.path) if best else None,
         metrics=dict(result.metrics or {}),
+        segments=read_meta(checkpoint).segments if checkpoint else None,
     )
 
 
@@ -227,5 +231,10 @@ def finish(prepared: PreparedJob, outcome: TrainOutcome) -> dict[str, Any]:
         )
 
     return finish_run(
-        outcome.run_dir, outcome.checkpoint, outcome.metrics, record, best_checkpoint=outcome.best_checkpoint
+        outcome.run_dir,
+        outcome.checkpoint,
+        outcome.metrics,
+        record,
+        best_checkpoint=outcome.best_checkpoint,
+        segments=outcome.segments,
     )

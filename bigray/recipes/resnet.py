@@ -29,6 +29,12 @@ def check_resume_compatible(meta: CheckpointMeta, cfg: ResNetJobConfig) -> None:
 
 def prepare_resnet(cfg: ResNetJobConfig) -> PreparedJob:
     """Find (or download) the images once and pin their root; workers then read it with downloads off."""
+    batch, workers = cfg.train.global_batch_size, cfg.scaling.num_workers
+    if batch % workers:
+        raise ConfigError(
+            "train.global_batch_size",
+            f"{batch} images do not split over scaling.num_workers ({workers}): each worker takes an equal share",
+        )
     cfg = dataclasses.replace(cfg, data=with_absolute_root(cfg.data))
     load_images(cfg.data)  # fail fast on a bad data root, before any Ray work
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, download=False))

@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -52,13 +53,8 @@ class TrainContext:
         return model.to(device)
 
     def prepare_loader(self, loader: DataLoader) -> DataLoader:
-        """Shard the loader across workers (identity for one process)."""
+        """The loader whose batches arrive on this worker's device (its sampler shards the data)."""
         return loader
-
-    def set_epoch(self, loader: DataLoader, epoch: int) -> None:
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
 
     @property
     def is_main(self) -> bool:
@@ -112,10 +108,11 @@ class RayContext(TrainContext):
         return ray.train.torch.prepare_model(model)
 
     def prepare_loader(self, loader: DataLoader) -> DataLoader:
-        """Ray Train's preparation: a DistributedSampler gives each rank a distinct part every epoch."""
+        """Ray Train moves each batch to the device; no DistributedSampler: its order depends on the
+        world size, the loader's own sampler does not (data/order.py StepBatches)."""
         import ray.train.torch
 
-        return ray.train.torch.prepare_data_loader(loader)
+        return ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
 
 
 class LocalContext(TrainContext):
@@ -165,16 +162,27 @@ def new_checkpoint_dir() -> str:
     return tempfile.mkdtemp(prefix="bigray-ckpt-")
 
 
+@dataclass(frozen=True)
+class Resume:
+    """The checkpoint a loop resumes from: its local directory, and the storage URI it was copied from."""
+
+    directory: str
+    origin: str | None = None
+
+
 @contextlib.contextmanager
-def checkpoint_to_resume(ctx: TrainContext, resume_from: str, run_dir: str | None, kind: str) -> Iterator[str | None]:
-    """The local directory every loop resumes from (None: a fresh start), chosen by
+def checkpoint_to_resume(
+    ctx: TrainContext, resume_from: str, run_dir: str | None, kind: str
+) -> Iterator[Resume | None]:
+    """The checkpoint every loop resumes from (None: a fresh start), chosen by
     checkpoint.resume_point from the run's latest reported checkpoint and the job's ``resume_from``:
     the rule the driver checked the job against before the workers started."""
     with ctx.reported_checkpoint() as reported:
         ckpt = resume_point(reported, resume_from, run_dir, kind)
         if ckpt and is_uri(ckpt):  # an explicit resume_from in storage: copied to this node once
-            ckpt = str(local_checkpoint(ckpt, kind))
-        yield ckpt
+            yield Resume(str(local_checkpoint(ckpt, kind)), ckpt)
+        else:
+            yield Resume(ckpt) if ckpt else None
 
 
 PERMANENT_FAILURES = (FloatingPointError, CheckpointError, DataError)

@@ -18,7 +18,14 @@ from typing import Any, Iterator
 
 import torch
 
-from bigray.artifacts.checkpoint import PICKLE_ALLOWED, CheckpointError, unsafe_pickled_types
+from bigray.artifacts.checkpoint import (
+    PICKLE_ALLOWED,
+    UNIVERSAL,
+    UNIVERSAL_FILES,
+    CheckpointError,
+    check_universal,
+    unsafe_pickled_types,
+)
 from bigray.config import DeepSpeedConfig, GPTTrainConfig
 
 log = logging.getLogger(__name__)
@@ -256,12 +263,15 @@ def weights_only_loads() -> Iterator[None]:
         torch.load = original
 
 
-def load_state(engine: Any, checkpoint_dir: str | Path, frozen: bool = True, resharded: bool = False) -> None:
+def load_state(
+    engine: Any, checkpoint_dir: str | Path, frozen: bool = True, resharded: bool = False, origin: str | None = None
+) -> None:
     """Restore this rank's part of the ZeRO state written by :func:`save_state` (weights-only
     unpickling): its own shard, or with ``resharded`` (the checkpoint was written by another number of
     ranks) its part of :func:`universal_state`. ``frozen`` False: the shard has no frozen parameters,
-    which keep the values they were built with."""
-    source = universal_state(checkpoint_dir) if resharded else Path(checkpoint_dir, "deepspeed")
+    which keep the values they were built with. ``origin``: the storage URI ``checkpoint_dir`` is a
+    local copy of, where a conversion is uploaded."""
+    source = universal_state(checkpoint_dir, origin) if resharded else Path(checkpoint_dir, "deepspeed")
     # DeepSpeed reads this flag when loading, not only when the engine is built (before the loop knew
     # which checkpoint it resumes from): Universal Checkpointing's documented switch, set per load.
     engine._config.load_universal_checkpoint = resharded
@@ -280,31 +290,38 @@ def load_state(engine: Any, checkpoint_dir: str | Path, frozen: bool = True, res
     # no-decay group (biases, norms) would be weight-decayed from then on: put each group's back.
     for group, own in zip(engine.optimizer.param_groups, groups):
         group.update(own)
+    # ... and gives every flat fp32 partition the one same Adam step tensor, which each partition's
+    # update then increments in place: the step count would run ahead, twice as fast with two groups
+    # (a wrong bias correction). Each partition gets its own.
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
-UNIVERSAL = "universal"
-"""Beside ``deepspeed/`` in a checkpoint: its ZeRO state in DeepSpeed's Universal Checkpoint format."""
-
-
-def universal_state(checkpoint_dir: str | Path) -> Path:
+def universal_state(checkpoint_dir: str | Path, origin: str | None = None) -> Path:
     """The checkpoint's ZeRO shards as a Universal Checkpoint (each parameter's fp32 weights and Adam
     moments whole, which any number of ranks re-partition on load), converted once into
-    ``<checkpoint>/universal`` and reused after. One process per node converts (a lock); the result is
-    renamed into place when complete, so an interrupted conversion leaves nothing half-written, and the
-    checkpoint's own files are never touched."""
+    ``<checkpoint>/universal`` and reused after (checked whole first). One process per node converts
+    (a lock); the result is renamed into place when complete, so an interrupted conversion leaves
+    nothing half-written, and the checkpoint's own files are never touched. When the checkpoint is
+    a local copy of ``origin`` (a storage URI), the conversion is uploaded beside it there (its file
+    list last), so later resumes anywhere download it instead of converting again."""
     import argparse
     import io
+    import json
     import shutil
     import tempfile
 
     from deepspeed.checkpoint import ds_to_universal
 
-    from bigray.artifacts.storage import FileLock
+    from bigray.artifacts.storage import FileLock, file_sizes, join, upload
 
     ckpt = Path(checkpoint_dir)
     out = ckpt / UNIVERSAL
     with FileLock(ckpt / f".{UNIVERSAL}.lock"):
         if out.is_dir():
+            check_universal(str(ckpt))
             return out
         staging = Path(tempfile.mkdtemp(dir=ckpt, prefix=f".{UNIVERSAL}-"))
         try:
@@ -319,31 +336,16 @@ def universal_state(checkpoint_dir: str | Path) -> Path:
             )
             with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()):
                 ds_to_universal.main(args)
+            (staging / UNIVERSAL_FILES).write_text(json.dumps(file_sizes(str(staging)), indent=1))
             staging.rename(out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    log.info("converted %s to a Universal Checkpoint (for another world size)", ckpt)
+        log.info("converted %s to a Universal Checkpoint (for another world size)", ckpt)
+        if origin is not None:
+            for part in sorted(out.iterdir(), key=lambda p: p.name == UNIVERSAL_FILES):  # the file list last
+                upload(part, join(origin, UNIVERSAL, part.name))
+            log.info("uploaded the Universal Checkpoint beside %s", origin)
     return out
-
-
-def resume_problems(
-    saved_stage: int, saved_world_size: int, stage: int, world_size: int, lora: bool = False
-) -> list[str]:
-    """Why this engine cannot load shards written by another (empty when it can). Another world size
-    loads ZeRO-1/2 shards re-partitioned (:func:`universal_state`; measured exact: tests/test_gpt.py).
-    Not yet: ZeRO-3 (after a universal load the first update differs from the uninterrupted run's by
-    ~2e-6 relative, growing to 1e-4 in 10 steps, unexplained) and LoRA checkpoints (their shards leave
-    out the frozen base, which the conversion does not handle)."""
-    problems = []
-    if saved_world_size != world_size and (saved_stage == 3 or (lora and saved_stage > 0)):
-        what = "ZeRO-3" if saved_stage == 3 else "LoRA"
-        problems.append(
-            f"it has {saved_world_size} ZeRO shards but this run has {world_size} workers, and {what} "
-            "checkpoints are not re-sharded yet (ZeRO-0, 1 and 2 are)"
-        )
-    if saved_stage != stage:
-        problems.append(f"it uses ZeRO stage {saved_stage}, this run {stage}")
-    return problems
 
 
 def fp32_weights(checkpoint_dir: str | Path, zero_stage: int) -> dict[str, torch.Tensor]:

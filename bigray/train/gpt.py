@@ -23,13 +23,14 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from bigray.artifacts.adapter import save_adapter
-from bigray.artifacts.checkpoint import CheckpointMeta, read_meta, write_meta, write_rank_marker
+from bigray.artifacts.checkpoint import CheckpointMeta, read_meta, run_segments, write_meta, write_rank_marker
 from bigray.artifacts.hf_gpt import save_hf_model
 from bigray.cluster import enable_tf32, training_precision
 from bigray.config import ConfigError, GPTFinetuneConfig, GPTPretrainConfig, from_dict, to_dict
 from bigray.data.cache import DataError
 from bigray.data.documents import EOS, load_tokenizer
-from bigray.data.text import DIGEST_MOD, TextDataset, TokenWindows, open_prepared
+from bigray.data.order import DIGEST_MOD, sample_digest
+from bigray.data.text import TextDataset, TokenWindows, open_prepared
 from bigray.models.gpt import build_gpt, context_length, decoder_config, flops_per_token, shape
 from bigray.train import engine as zero
 from bigray.train.context import (
@@ -171,6 +172,9 @@ class GPTTrainer:
         self.isolate = self.train_windows.example_starts is not None and self.start.isolate_examples(cfg)
         """Packed examples must not attend to each other (fine-tuning on jsonl or chat rows)."""
         self.step = 0
+        # the checkpoint this stretch of training resumed from, and the step it started at (summary segments)
+        self.resumed: CheckpointMeta | None = None
+        self.segment_start = 0
         self.grad_accum = cfg.train.accumulation(ctx.world_size)
         self.global_batch = cfg.train.micro_batch_size * self.grad_accum * ctx.world_size
         """Sequences per optimizer step over all ranks: samples [step * global_batch, (step + 1) * global_batch)."""
@@ -198,16 +202,16 @@ class GPTTrainer:
 
     def _batch(
         self, windows: TokenWindows, start: int, shuffle: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], int]:
         """Inputs, targets and (when examples are kept apart) where each example starts, of samples
-        [start, start + micro_batch_size) of the split's stream."""
+        [start, start + micro_batch_size) of the split's stream; and their sample digest."""
         with record_function("data"):
-            ids = windows.windows_at(
-                seed=self.cfg.train.seed, start=start, count=self.cfg.train.micro_batch_size, shuffle=shuffle
-            )
+            count = self.cfg.train.micro_batch_size
+            ids = windows.windows_at(seed=self.cfg.train.seed, start=start, count=count, shuffle=shuffle)
             x, y = windows.batch(ids)
             starts = torch.from_numpy(windows.starts(ids)).to(self.device) if self.isolate else None
-            return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device), starts
+            inputs = torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device), starts
+            return inputs, sample_digest(np.arange(start, start + count), ids)
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
         """Mean loss of a micro batch; on a CPU training in bf16, matmuls run in bf16 under torch
@@ -249,8 +253,9 @@ class GPTTrainer:
         for micro in range(self.grad_accum):
             start = self.step * self.global_batch + self._micro_batch_start(micro)
             torch.manual_seed(int(np.random.SeedSequence([cfg.seed, start]).generate_state(1)[0]))
-            digest += self.train_windows.digest(seed=cfg.seed, start=start, count=cfg.micro_batch_size)
-            loss = self._loss(*self._batch(self.train_windows, start, shuffle=True))
+            inputs, windows = self._batch(self.train_windows, start, shuffle=True)
+            digest += windows
+            loss = self._loss(*inputs)
             with record_function("backward"):
                 self.engine.backward(loss)
             with record_function("optimizer"):
@@ -282,12 +287,18 @@ class GPTTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """The mean loss of the val split's first eval_batches micro batches, whatever the world size:
+        rank r takes micro batches r, r + world_size, ...; every rank runs as many forwards (a ZeRO-3
+        forward is collective), one past the end repeating the last micro batch with weight 0."""
         self.engine.eval()
-        losses = [
-            self._loss(*self._batch(self.val_windows, self._micro_batch_start(i), shuffle=False))
-            for i in range(self.cfg.train.eval_batches)
-        ]
-        val = self._sum_across_ranks(torch.stack(losses).double().mean())[0] / self.ctx.world_size
+        count, world = self.cfg.train.eval_batches, self.ctx.world_size
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i in range(self.ctx.rank, math.ceil(count / world) * world, world):
+            inputs, _ = self._batch(
+                self.val_windows, min(i, count - 1) * self.cfg.train.micro_batch_size, shuffle=False
+            )
+            total += self._loss(*inputs).double() * (i < count)
+        val = self._sum_across_ranks(total)[0] / count
         return {"val/loss": val, "val/perplexity": math.exp(min(val, 50.0))}
 
     # ------------------------------------------------------------------ checkpoints
@@ -317,6 +328,7 @@ class GPTTrainer:
                     kind=KIND,
                     step=self.step,
                     world_size=self.ctx.world_size,
+                    segments=run_segments(self.resumed, self.segment_start, self.step, self.ctx.world_size),
                     writer_ranks=list(range(self.ctx.world_size)),
                     config=to_dict(self.cfg),
                     metrics=metrics,
@@ -328,14 +340,16 @@ class GPTTrainer:
         write_rank_marker(d, self.ctx.rank)
         return d
 
-    def load(self, directory: str) -> CheckpointMeta:
+    def load(self, directory: str, origin: str | None = None) -> CheckpointMeta:
         """Restore weights, optimizer and step from a checkpoint the driver checked against this job
-        (recipes.launch.resuming); returns its metadata."""
+        (recipes.launch.resuming); ``origin``: the storage URI ``directory`` is a local copy of. Returns
+        its metadata."""
         meta = read_meta(directory, KIND)
         # ZeRO-0 state is whole on every rank
         resharded = meta.world_size != self.ctx.world_size and bool(meta.zero_stage)
-        zero.load_state(self.engine, directory, frozen=not self.lora, resharded=resharded)
+        zero.load_state(self.engine, directory, frozen=not self.lora, resharded=resharded, origin=origin)
         self.step = meta.step
+        self.resumed, self.segment_start = meta, self.step
         log.info("rank %d resumed from %s at step %d", self.ctx.rank, directory, self.step)
         return meta
 
@@ -371,7 +385,7 @@ class GPTTrainer:
             self.startup.phase("resume"),
             checkpoint_to_resume(self.ctx, self.cfg.resume_from, self.run_dir, KIND) as ckpt,
         ):
-            saved = self.load(ckpt) if ckpt else None
+            saved = self.load(ckpt.directory, ckpt.origin) if ckpt else None
         # Fine-tuning reports the base model's val loss on the new data with every report: the bar to beat.
         initial: dict[str, Any] = {}
         if saved is not None:
@@ -381,17 +395,19 @@ class GPTTrainer:
             log.info("base model val loss on the fine-tuning data: %.4f", initial["init/val_loss"])
         metrics: dict[str, Any] = {}
         while self.step < t.max_steps:
-            with self.startup.phase("first step") if self.startup else contextlib.nullcontext():
+            first = self.startup is not None  # start-up is logged once, with the first step's metrics
+            with self.startup.phase("first step") if first else contextlib.nullcontext():
                 metrics = {"step": self.step + 1, **self.train_step(), **initial}
-            if self.startup is not None:  # logged once, with the first step
+            if first:
                 if self.ctx.is_main:
                     log.info("%s", self.startup.summary())
+                metrics.update(self.startup.metrics())
                 self.startup = None
             last = self.step == t.max_steps
             checkpoint_now = self.step % self.cfg.run.checkpoint_interval == 0 or last
             if self.step % t.eval_interval == 0 or checkpoint_now:
                 metrics.update(self.evaluate())
-            if checkpoint_now or self.step % t.log_interval == 0 or "val/loss" in metrics:
+            if checkpoint_now or first or self.step % t.log_interval == 0 or "val/loss" in metrics:
                 self._log(metrics, checkpoint_now)
             if checkpoint_now or "val/loss" in metrics:  # what Ray consumes (see the docstring)
                 ckpt_dir = self.save(metrics) if checkpoint_now else None

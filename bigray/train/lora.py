@@ -10,11 +10,13 @@ from __future__ import annotations
 import torch
 
 from bigray.config import FinetuneMethodConfig
+from bigray.models.families import lora_targets
 
 
-def target_modules(cfg: FinetuneMethodConfig) -> list[str] | str:
-    """What peft targets: the configured names, or every linear layer but the LM head."""
-    return list(cfg.lora_target_modules) or "all-linear"
+def target_modules(cfg: FinetuneMethodConfig, model_type: str) -> list[str] | str:
+    """What peft targets: the configured names, or the base's family's default (every linear layer of
+    the blocks, models/families.py)."""
+    return list(cfg.lora_target_modules) or lora_targets(model_type)
 
 
 def apply_lora(model: torch.nn.Module, cfg: FinetuneMethodConfig, base: str) -> torch.nn.Module:
@@ -26,7 +28,7 @@ def apply_lora(model: torch.nn.Module, cfg: FinetuneMethodConfig, base: str) -> 
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=target_modules(cfg),
+        target_modules=target_modules(cfg, model.config.model_type),
         task_type="CAUSAL_LM",
         fan_in_fan_out=model.config.model_type == "gpt2",
         base_model_name_or_path=base,

@@ -123,6 +123,10 @@ class StartUp:
         finally:
             self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
 
+    def metrics(self) -> dict[str, float]:
+        """Each phase's seconds as ``startup/<phase>_s`` (``startup/resume_s``, ...)."""
+        return {f"startup/{name.replace(' ', '_').lower()}_s": round(s, 3) for name, s in self.phases.items()}
+
     def summary(self) -> str:
         """One line: each phase in seconds, then the total to the end of the first step."""
         parts = []

@@ -14,16 +14,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from bigray.artifacts.checkpoint import CheckpointMeta, read_meta, write_meta, write_rank_marker
+from bigray.artifacts.checkpoint import CheckpointMeta, read_meta, run_segments, write_meta, write_rank_marker
 from bigray.artifacts.resnet_card import save_classifier
 from bigray.cluster import enable_tf32, training_precision
-from bigray.config import ResNetJobConfig, from_dict, to_dict
+from bigray.config import ResNetJobConfig, ResNetTrainConfig, from_dict, to_dict
 from bigray.data.images import DatasetInfo, load_images
+from bigray.data.order import DIGEST_MOD, StepBatches
 from bigray.models.resnet import build_resnet, normalize
 from bigray.train.context import (
     LocalContext,
@@ -45,33 +47,42 @@ MIN_STEPS = 250
 """Optimizer steps an automatically sized run gets at least (the batch shrinks to give them)."""
 
 
-def batch_per_worker(train_images: int, epochs: int, world_size: int) -> int:
-    """``train.batch_size: 0``: the largest power of two per worker, from 64 (the full-data recipe)
-    down to 8 (BatchNorm's floor), that gives the run at least MIN_STEPS optimizer steps. Measured
-    on 2 workers over 2 epochs of 4,000 Fashion-MNIST images: 64 per worker (62 steps) 72.7% test
-    accuracy, 32 (124 steps) 83.4% (bench/README.md)."""
-    batch = 64
-    while batch > 8 and train_images * epochs // (batch * world_size) < MIN_STEPS:
+def global_batch(t: ResNetTrainConfig, train_images: int, world_size: int) -> int:
+    """Images per optimizer step over all workers: train.global_batch_size, else batch_size x workers,
+    else (both 0) the largest power of two from 128 (the full-data recipe) down to 16 that gives the
+    run at least MIN_STEPS optimizer steps, in whole images per worker and at least 8 per worker
+    (BatchNorm's floor). Measured on 2 workers over 2 epochs of 4,000 Fashion-MNIST images: a global
+    128 (62 steps) 72.7% test accuracy, 64 (124 steps) 83.4% (bench/README.md)."""
+    if t.global_batch_size or t.batch_size:
+        return t.global_batch_size or t.batch_size * world_size
+    batch = 128
+    while batch > 16 and train_images * t.epochs // batch < MIN_STEPS:
         batch //= 2
-    return batch
+    return max(batch // world_size, 8) * world_size
 
 
-def augment(images: torch.Tensor, info: DatasetInfo, generator: torch.Generator) -> torch.Tensor:
+def augment_draws(seed: int, step: int, global_batch: int, part: slice) -> tuple[torch.Tensor, ...]:
+    """Crop offsets and flips for the images of ``part`` of a step's global batch, drawn for the whole
+    batch from (seed, step): an image's augmentation does not depend on the world size."""
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+    dy, dx = (torch.randint(0, 9, (global_batch,), generator=generator)[part] for _ in range(2))
+    return dy, dx, (torch.rand(global_batch, generator=generator) < 0.5)[part]
+
+
+def augment(images: torch.Tensor, info: DatasetInfo, draws: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Random crop with 4-pixel padding and (where sensible) horizontal flip, on a uint8 NCHW batch,
-    on whatever device the batch is (a GPU batch never goes back to the CPU). The random draws come
-    from the CPU ``generator``, so a batch is augmented the same way on every device."""
+    on whatever device the batch is (a GPU batch never goes back to the CPU); ``draws`` are
+    :func:`augment_draws`' (row offsets, column offsets, flips), one each per image."""
     n, c, h, w = images.shape
     dev = images.device
-    dy = torch.randint(0, 9, (n,), generator=generator).to(dev)
-    dx = torch.randint(0, 9, (n,), generator=generator).to(dev)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(dev) if info.hflip else None
+    dy, dx, flip = (d.to(dev) for d in draws)
     padded = F.pad(images, (4, 4, 4, 4))
     rows = (dy.view(n, 1) + torch.arange(h, device=dev).view(1, h)).view(n, 1, h, 1).expand(n, c, h, w)
     cols = (dx.view(n, 1) + torch.arange(w, device=dev).view(1, w)).view(n, 1, 1, w).expand(n, c, h, w)
     out = padded[
         torch.arange(n, device=dev).view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, -1, 1, 1), rows, cols
     ]
-    if flip is not None:
+    if info.hflip:
         out[flip] = out[flip].flip(-1)
     return out
 
@@ -102,29 +113,27 @@ class ResNetTrainer:
         # on this CPU (bench/resnet_memory_format.py)
         model = model.to(memory_format=torch.channels_last)
         self.epoch, self.step = 0, 0
+        # the checkpoint this stretch of training resumed from, and the step it started at (summary segments)
+        self.resumed: CheckpointMeta | None = None
+        self.segment_start = 0
         self.model = ctx.prepare_model(model, self.device)
         self.optimizer = make_optimizer(self.model, t)
-        generator = torch.Generator().manual_seed(t.seed)
         pin = self.device.type == "cuda"  # pinned host memory: the copy to the GPU overlaps compute
-        self.batch_size = t.batch_size or batch_per_worker(len(splits["train"]), t.epochs, ctx.world_size)
-        self.global_batch = self.batch_size * ctx.world_size
+        self.global_batch = global_batch(t, len(splits["train"]), ctx.world_size)
+        self.batch_size = self.global_batch // ctx.world_size
+        # The data order is the sampler's (data/order.py), a function of the step and the sample, not the rank.
+        self.batches = StepBatches(len(splits["train"]), self.global_batch, ctx.rank, ctx.world_size, t.seed)
         train_loader = DataLoader(
-            splits["train"],
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=t.num_data_workers,
-            generator=generator,
-            pin_memory=pin,
+            splits["train"], batch_sampler=self.batches, num_workers=t.num_data_workers, pin_memory=pin
         )
         self.train_loader = ctx.prepare_loader(train_loader)
         test = splits["test"]
         shard = Subset(test, range(ctx.rank, len(test), ctx.world_size))
         self.test_loader = DataLoader(shard, batch_size=max(self.batch_size, 256), num_workers=t.num_data_workers)
-        self.steps_per_epoch = len(self.train_loader)
+        self.steps_per_epoch = len(self.batches)
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"train.batch_size {self.batch_size} is larger than this worker's share of the training set"
+                f"a global batch of {self.global_batch} images is larger than the training set ({len(splits['train'])})"
             )
         self.total_steps = self.steps_per_epoch * t.epochs
         enable_tf32(self.device)
@@ -140,12 +149,12 @@ class ResNetTrainer:
     def train_epoch(self) -> dict[str, float]:
         t = self.cfg.train
         self.model.train()
-        self.ctx.set_epoch(self.train_loader, self.epoch)
-        aug_gen = torch.Generator().manual_seed(t.seed * 100_003 + self.epoch * 1009 + self.ctx.rank)
+        self.batches.set_epoch(self.epoch)
+        mine = slice(self.ctx.rank * self.batch_size, (self.ctx.rank + 1) * self.batch_size)
         loss_sum, n, t0 = 0.0, 0, time.perf_counter()
         for images, labels in self.train_loader:  # on the GPU already when training on one (Ray moves each batch)
             if t.augment:
-                images = augment(images, self.info, aug_gen)
+                images = augment(images, self.info, augment_draws(t.seed, self.step, self.global_batch, mine))
             x, y = self._to_input(images), labels.to(self.device)
             lr = resnet_lr(self.step, self.total_steps, self.steps_per_epoch, t, self.global_batch)
             for g in self.optimizer.param_groups:
@@ -162,12 +171,14 @@ class ResNetTrainer:
             loss_sum += loss.item() * len(y)
             n += len(y)
         dt = time.perf_counter() - t0
-        totals = self._all_reduce([loss_sum, n])
+        totals = self._all_reduce([loss_sum, n, self.batches.digest()])
         return {
             "train/loss": totals[0] / totals[1],
             "train/images_per_s": totals[1] / dt,
             "train/epoch_time_s": dt,
             "train/lr": lr,
+            "train/world_size": self.ctx.world_size,
+            "train/images": int(totals[2]) % DIGEST_MOD,
         }
 
     @torch.no_grad()
@@ -214,6 +225,7 @@ class ResNetTrainer:
                 step=self.step,
                 world_size=self.ctx.world_size,
                 writer_ranks=[0],
+                segments=run_segments(self.resumed, self.segment_start, self.step, self.ctx.world_size),
                 config=to_dict(self.cfg),
                 metrics=metrics,
                 epoch=self.epoch,
@@ -230,8 +242,12 @@ class ResNetTrainer:
         meta = read_meta(directory, KIND)
         self._bare_model().load_state_dict(load_file(f"{directory}/model/model.safetensors"))
         self.optimizer.load_state_dict(torch.load(Path(directory, "train_state.pt"), weights_only=True)["optimizer"])
-        self.epoch, self.step = meta.epoch or 0, meta.step
+        # ResNet checkpoints at epoch ends: the step is the epoch's, at this run's global batch
+        self.epoch = meta.epoch or 0
+        self.step = self.epoch * self.steps_per_epoch
+        self.resumed, self.segment_start = meta, self.step
         log.info("rank %d resumed from %s at epoch %d", self.ctx.rank, directory, self.epoch)
+        return meta
 
     # ------------------------------------------------------------------ the loop
 
@@ -239,7 +255,7 @@ class ResNetTrainer:
         """Train to ``train.epochs`` (resuming first if there is a checkpoint); returns the last metrics."""
         with checkpoint_to_resume(self.ctx, self.cfg.resume_from, self.run_dir, KIND) as ckpt:
             if ckpt:
-                self.load(ckpt)
+                self.load(ckpt.directory)
         metrics: dict[str, Any] = {}
         while self.epoch < self.cfg.train.epochs:
             metrics = self.train_epoch()
