@@ -6,8 +6,7 @@ rank loads its own shard) and on 1 worker (the shards converted once to a Univer
 then re-partitioned on load), and prints each resume's ``startup/resume_s`` (the trainer's resume
 phase: choosing, checking, converting and loading the checkpoint) with the ratio. A second 1-worker
 resume shows the cost once the conversion is cached beside the checkpoint.
-Run: python bench/resume_world_size.py [stage ...]   (default: 2; ZeRO-3 is refused at another
-world size until its re-sharding is exact)
+Run: python bench/resume_world_size.py [stage ...]   (default: 2 3)
 """
 
 from __future__ import annotations
@@ -72,4 +71,4 @@ def main(stages: list[int]) -> dict:
 
 
 if __name__ == "__main__":
-    main([int(a) for a in sys.argv[1:]] or [2])
+    main([int(a) for a in sys.argv[1:]] or [2, 3])

@@ -146,6 +146,45 @@ def test_resume_continues_with_identical_losses(zero2_run, ray_cluster, small_te
     assert hashlib.sha256((step20 / "bigray.json").read_bytes()).hexdigest() == before
 
 
+def _load_and_save(config):
+    """On each Ray Train worker: load a checkpoint, save the whole weights (rank 0) and the state again."""
+    import ray.train
+
+    from bigray.config import from_dict
+    from bigray.train.context import RayContext
+    from bigray.train.engine import full_state_dict
+    from bigray.train.gpt import GPTTrainer
+
+    ctx = RayContext()
+    trainer = GPTTrainer(from_dict(GPTPretrainConfig, config["job"]), ctx, config["data_dir"])
+    trainer.load(config["checkpoint"])
+    weights = full_state_dict(trainer.engine, ctx.is_main)  # a collective under ZeRO-3
+    Path(config["out"]).mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        torch.save(weights, Path(config["out"], "weights.pt"))
+    shutil.copytree(trainer.save({}), config["out"], dirs_exist_ok=True)  # the ranks' files side by side
+    ray.train.report({"done": 1})
+
+
+def _on_workers(n, loop, prepared, extra, tmp_path):
+    """Run ``loop`` on ``n`` Ray Train workers with a prepared job's config and data."""
+    import sys
+
+    import ray.cloudpickle
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from bigray.config import to_dict
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
+    TorchTrainer(
+        loop,
+        train_loop_config={"job": to_dict(prepared.config), "data_dir": prepared.data_dir, **extra},
+        scaling_config=ray.train.ScalingConfig(num_workers=n),
+        run_config=ray.train.RunConfig(name=f"{loop.__name__}-{n}", storage_path=str(tmp_path)),
+    ).fit()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, workers", [(0, (1,)), (2, (1, 4)), (3, (1, 4))])
 def test_a_run_resumed_at_another_world_size_trains_on_the_same_windows(
@@ -158,12 +197,10 @@ def test_a_run_resumed_at_another_world_size_trains_on_the_same_windows(
     the load are checked by what the next 10 steps do: losses may differ only by fp32 summation order
     (micro-batch means added on one rank vs all-reduced across several; measured <= 7e-8 relative over
     the 10 steps): 1e-6 relative (a wrong Adam step count, which ZeRO-3's universal loader gave, showed
-    as 3e-5 from the second step on). And directly: what one worker holds after the load equals the
+    as 3e-5 from the second step on). And directly: what 1 and 4 workers hold after the load equals the
     checkpoint's weights and Adam state within 1e-6."""
     from bigray.recipes.gpt import prepare_pretrain, pretrain
-    from bigray.train.context import LocalContext
-    from bigray.train.engine import fp32_weights, full_state_dict, universal_state
-    from bigray.train.gpt import GPTTrainer
+    from bigray.train.engine import fp32_weights, universal_state
 
     common = (
         f"deepspeed.zero_stage={stage}",
@@ -195,24 +232,26 @@ def test_a_run_resumed_at_another_world_size_trains_on_the_same_windows(
             {"from_step": 10, "to_step": 20, "world_size": n},
         ]
     assert (step10 / "universal").is_dir() == (stage > 0)  # converted once, beside the checkpoint
-    # After loading on one worker, this process's state is the 2-worker checkpoint's, whole: weights,
-    # and (saved again at world size 1 and converted) every parameter's fp32 copy and Adam moments.
-    local = prepare_pretrain(tiny_config(small_text, tmp_path, "local", *common, "scaling.num_workers=1"))
-    trainer = GPTTrainer(local.config, LocalContext(str(tmp_path / "local")), local.data_dir)
-    trainer.load(str(step10))
-    loaded = full_state_dict(trainer.engine, is_main=True)
+    # Directly: right after the load, what 1 or 4 workers hold is the 2-worker checkpoint's, whole: the
+    # weights, and (saved again at the new world size and converted) every parameter's fp32 copy and
+    # Adam moments.
+    local = prepare_pretrain(tiny_config(small_text, tmp_path, "local", *common))
     saved = fp32_weights(step10, stage)
-    assert max((loaded[k] - w).abs().max().item() for k, w in saved.items()) < 1e-6
-    if stage:
-        again = universal_state(trainer.save({})) / "state" / "zero"
-        for f in (step10 / "universal" / "state" / "zero").rglob("*.pt"):
-            if f.parent.name != "zero":  # a parameter's fp32.pt, exp_avg.pt, exp_avg_sq.pt
-                two_ranks, one_rank = (
-                    torch.load(x, weights_only=True) for x in (f, again / f.relative_to(f.parents[1]))
-                )
-                if isinstance(two_ranks, dict):  # ZeRO-1/2's universal files: {"param": tensor, ...}
-                    two_ranks, one_rank = two_ranks["param"], one_rank["param"]
-                assert (two_ranks - one_rank).abs().max().item() < 1e-6, f
+    for n in workers:
+        out = tmp_path / f"loaded-on-{n}"
+        _on_workers(n, _load_and_save, local, {"checkpoint": str(step10), "out": str(out)}, tmp_path)
+        loaded = torch.load(out / "weights.pt", weights_only=True)
+        assert max((loaded[k] - w).abs().max().item() for k, w in saved.items()) < 1e-6, n
+        if stage:
+            again = universal_state(out) / "state" / "zero"
+            for f in (step10 / "universal" / "state" / "zero").rglob("*.pt"):
+                if f.parent.name != "zero":  # a parameter's fp32.pt, exp_avg.pt, exp_avg_sq.pt
+                    two_ranks, n_ranks = (
+                        torch.load(x, weights_only=True) for x in (f, again / f.relative_to(f.parents[1]))
+                    )
+                    if isinstance(two_ranks, dict):  # ZeRO-1/2's universal files: {"param": tensor, ...}
+                        two_ranks, n_ranks = two_ranks["param"], n_ranks["param"]
+                    assert (two_ranks - n_ranks).abs().max().item() < 1e-6, (n, f)
     if stage:  # a damaged conversion is refused, naming the file, and nothing is rewritten
         victim = sorted((step10 / "universal").rglob("*.pt"))[0]
         victim.write_bytes(victim.read_bytes()[:-8])
