@@ -463,6 +463,41 @@ def test_lora_trains_only_the_adapter_resumes_and_exports_merged_or_adapter(tmp_
         prepare_finetune(chat_config(tmp_path, base, [chat_file], f"resume_from={ckpt}", "scaling.num_workers=1"))
 
 
+@pytest.mark.parametrize("stage", [0, 1])
+def test_lora_under_zero_0_and_1_trains_the_adapter_and_resumes_it(tmp_path, family_models, chat_file, stage):
+    """ZeRO 0 and 1 (2 and 3: the tests above and below): the loss falls, the checkpoint holds the
+    adapter only, and a resume loads the adapter it saved."""
+    from bigray.recipes.gpt import prepare_finetune
+    from bigray.train.context import LocalContext
+    from bigray.train.gpt import GPTTrainer
+
+    base = family_models["llama"]
+    lora = (
+        "finetune.method=lora",
+        "finetune.lora_rank=2",
+        "train.lr=1e-2",
+        "train.eval_interval=6",
+        "run.checkpoint_interval=6",
+        "scaling.num_workers=1",
+        "scaling.cpus_per_worker=2",
+        f"deepspeed.zero_stage={stage}",
+    )
+    job = prepare_finetune(chat_config(tmp_path, base, [chat_file], "train.max_steps=6", *lora))
+    trainer = GPTTrainer(job.config, LocalContext(str(tmp_path / "run")), job.data_dir)
+    metrics = trainer.run()
+    assert metrics["val/loss"] < metrics["init/val_loss"] - 0.2, metrics
+    ckpt = trainer.ctx.checkpoints[-1]
+    assert not (ckpt / "model" / "model.safetensors").exists() and (ckpt / "model" / "adapter_config.json").is_file()
+    more = chat_config(tmp_path, base, [chat_file], "train.max_steps=8", f"resume_from={ckpt}", "run.name=more", *lora)
+    resumed = GPTTrainer(prepare_finetune(more).config, LocalContext(str(tmp_path / "more")), job.data_dir)
+    resumed.load(str(ckpt))
+    saved = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters() if p.requires_grad}
+    assert resumed.step == 6 and saved
+    assert all(
+        torch.equal(p.detach(), saved[n]) for n, p in resumed.engine.module.named_parameters() if p.requires_grad
+    )
+
+
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "qwen2", "qwen3", "mistral"])
 def test_the_default_lora_targets_are_every_linear_layer_of_the_blocks(model_type):
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -1,8 +1,8 @@
 """The ResNet training loop (worker side): plain torch DDP via Ray Train's preparation, or alone at
 world size 1. Workers read the image data the driver checked and pinned (no downloads here).
 
-Each epoch: train on this rank's shard (a DistributedSampler from Ray Train), evaluate top-1 on
-the whole test split (split across ranks without padding, counts all-reduced), then rank 0 saves
+Each epoch: train on this rank's slice of every step's global batch (data/order.py StepBatches: the
+same images in the same order at any world size), evaluate top-1 on the whole test split (split across ranks without padding, counts all-reduced), then rank 0 saves
 a checkpoint: weights as safetensors plus everything serving needs to preprocess identically.
 """
 
