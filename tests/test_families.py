@@ -19,6 +19,18 @@ from bigray.recipes.gpt import open_pretrained
 REPO = Path(__file__).resolve().parents[1]
 
 
+LOCAL_LORA = (
+    "finetune.method=lora",
+    "finetune.lora_rank=2",
+    "train.lr=1e-2",
+    "train.eval_interval=6",
+    "run.checkpoint_interval=6",
+    "scaling.num_workers=1",
+    "scaling.cpus_per_worker=2",
+)
+"""A few steps of LoRA in this process (world size 1)."""
+
+
 def chat_config(tmp_path, base, files, *overrides) -> GPTFinetuneConfig:
     return load_config(
         GPTFinetuneConfig,
@@ -392,15 +404,7 @@ def test_lora_trains_only_the_adapter_resumes_and_exports_merged_or_adapter(tmp_
     from bigray.train.gpt import GPTTrainer
 
     base = family_models["llama"]
-    lora = [
-        "finetune.method=lora",
-        "finetune.lora_rank=2",
-        "train.lr=1e-2",
-        "train.eval_interval=6",
-        "run.checkpoint_interval=6",
-        "scaling.num_workers=1",
-        "scaling.cpus_per_worker=2",
-    ]
+    lora = LOCAL_LORA
     job = prepare_finetune(chat_config(tmp_path, base, [chat_file], "train.max_steps=6", *lora))
     trainer = GPTTrainer(job.config, LocalContext(str(tmp_path / "run")), job.data_dir)
     metrics = trainer.run()
@@ -472,16 +476,7 @@ def test_lora_under_zero_0_and_1_trains_the_adapter_and_resumes_it(tmp_path, fam
     from bigray.train.gpt import GPTTrainer
 
     base = family_models["llama"]
-    lora = (
-        "finetune.method=lora",
-        "finetune.lora_rank=2",
-        "train.lr=1e-2",
-        "train.eval_interval=6",
-        "run.checkpoint_interval=6",
-        "scaling.num_workers=1",
-        "scaling.cpus_per_worker=2",
-        f"deepspeed.zero_stage={stage}",
-    )
+    lora = (*LOCAL_LORA, f"deepspeed.zero_stage={stage}")
     job = prepare_finetune(chat_config(tmp_path, base, [chat_file], "train.max_steps=6", *lora))
     trainer = GPTTrainer(job.config, LocalContext(str(tmp_path / "run")), job.data_dir)
     metrics = trainer.run()
