@@ -26,7 +26,7 @@ from bigray.artifacts.storage import StorageError, absolute, cache_root, is_uri,
 from bigray.config import TextDataConfig
 from bigray.data.cache import DataError, build_cache_dir, fetch_from_pypi, open_cache_dir, sha256_file
 from bigray.data.documents import EOS, clean_text, encode_documents, split_documents, token_dtype
-from bigray.data.order import epoch_permutation, sample_digest
+from bigray.data.order import epoch_permutation
 from bigray.data.pipeline import file_splits, tokenize_with_ray_data
 
 log = logging.getLogger(__name__)
@@ -346,12 +346,6 @@ class TokenWindows:
         if not shuffle:
             return pos
         return np.array([self._permutation(seed, int(e))[p] for e, p in zip(epochs, pos)])
-
-    def digest(self, *, seed: int, start: int, count: int) -> int:
-        """The :func:`~bigray.data.order.sample_digest` of samples [start, start + count) of the stream."""
-        return sample_digest(
-            np.arange(start, start + count), self.windows_at(seed=seed, start=start, count=count, shuffle=True)
-        )
 
     def batch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(inputs, targets) int64 arrays of shape (len(ids), block_size)."""
