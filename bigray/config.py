@@ -331,7 +331,10 @@ class TextDataConfig:
     max_chars: int = Field(0, ge=0)
     """Use only the first N characters of the corpus (0 = all); for tests."""
     val_fraction: float = Field(0.05, gt=0, lt=0.5)
-    """Fraction of documents held out for validation."""
+    """Fraction of the text held out for validation."""
+    split: Literal["documents", "tail"] = "documents"
+    """Where validation comes from: 'documents': the last val_fraction of every document; 'tail':
+    the documents joined in order and the last val_fraction of the tokens (nanoGPT's split)."""
     tokenizer: Literal["bpe", "gpt2"] = "bpe"
     """'bpe': byte-level BPE trained on the corpus; 'gpt2': GPT-2's real 50,257-token BPE."""
     vocab_size: int = Field(8192, ge=260, le=262144)
@@ -351,6 +354,11 @@ class TextDataConfig:
             self.tokenize_workers == 0 or self.source == "files",
             "tokenize_workers",
             "the Ray Data pipeline reads text_files: set source to 'files'",
+        )
+        require(
+            self.tokenize_workers == 0 or self.split == "documents",
+            "split",
+            "the Ray Data pipeline splits every document: 'tail' needs tokenize_workers 0",
         )
         require(
             self.tokenize_workers == 0 or self.max_chars == 0,
@@ -409,8 +417,8 @@ class GPTModelConfig(GPTContextConfig):
     """Architecture (bigray/models/families.py): 'gpt2' (learned positions, LayerNorm, GELU MLP) or
     'llama' (RoPE, RMSNorm, SwiGLU, grouped-query attention; what Llama, Qwen and Mistral share)."""
     preset: str = "tiny"
-    """The family's shape: gpt2 tiny, 124m, 350m, 774m, 1.3b, 2.7b; llama tiny, 1b (Llama 3.2 1B),
-    8b (Llama 3.1 8B). 'tiny' is for tests and CI."""
+    """The family's shape: gpt2 tiny, 124m, 350m, 774m, 1.3b, 2.7b; llama tiny, mini (4 x 128, the CPU
+    time-budget recipe), 1b (Llama 3.2 1B), 8b (Llama 3.1 8B). 'tiny' is for tests and CI."""
 
     def __post_init__(self) -> None:
         require(
@@ -427,7 +435,11 @@ class GPTModelConfig(GPTContextConfig):
 @section
 class GPTTrainConfig:
     max_steps: int = Field(200, ge=1)
-    """Optimizer steps to train."""
+    """Optimizer steps to train (with max_minutes: at most)."""
+    max_minutes: float = Field(0.0, ge=0)
+    """A time budget: train until the training steps have taken this many minutes of wall clock
+    (evaluations, checkpoints and start-up not counted), or max_steps, whichever comes first; the
+    learning rate's decay then ends where the measured step rate says the budget ends. 0: no budget."""
     micro_batch_size: int = Field(8, ge=1)
     """Sequences per worker per forward pass."""
     grad_accum_steps: int = Field(1, ge=1)

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from bigray.config import TextDataConfig
+from bigray.config import ConfigError, DataPrepareConfig, TextDataConfig, from_dict
 from bigray.data.cache import DataError, verify_manifest
 from bigray.data.documents import clean_text, load_tokenizer
 from bigray.data.order import DIGEST_MOD, sample_digest
@@ -162,6 +162,28 @@ def test_gpt2_tokenizer_matches_gpt2_ids(tmp_path, downloads_dir):
     assert len(tok) == 50257 and ds.vocab_size == 50257
     assert tok("Hello world", add_special_tokens=False)["input_ids"] == [15496, 995]
     assert ds.manifest["tokens"]["train"] > 60_000 // 6  # about 4 characters per token, not one token per document
+
+
+def test_a_tail_split_holds_out_the_last_tokens_of_the_joined_documents(tmp_path, downloads_dir):
+    """data.split=tail (nanoGPT's split): every document in order, one token stream, its last
+    val_fraction validation; the trained BPE never saw the held-out tail's text."""
+    from bigray.data.documents import encode_documents
+    from bigray.data.text import load_documents
+
+    (tmp_path / "downloads").symlink_to(downloads_dir)
+    cfg = TextDataConfig(cache_dir=str(tmp_path), max_chars=120_000, vocab_size=400, split="tail", val_fraction=0.1)
+    ds, _ = prepare_text(cfg)
+    tok = load_tokenizer(ds.tokenizer_dir)
+    everything = encode_documents(tok, [t for _, t in load_documents(cfg)])
+    train, val = np.asarray(ds.tokens("train")), np.asarray(ds.tokens("val"))
+    assert len(train) == int(len(everything) * 0.9) and len(val) == len(everything) - len(train)
+    assert np.array_equal(np.concatenate([train, val]), everything)
+    assert ds.manifest["chars"]["val"] == len(tok.decode(val.tolist(), skip_special_tokens=True))
+    documents, _ = prepare_text(TextDataConfig(cache_dir=str(tmp_path), max_chars=120_000, vocab_size=400))
+    assert documents.directory != ds.directory  # its own cache
+    ray_data = {"source": "files", "text_files": ["a.txt"], "split": "tail", "tokenize_workers": 2}
+    with pytest.raises(ConfigError, match="text.split.*tokenize_workers 0"):
+        from_dict(DataPrepareConfig, {"text": ray_data})
 
 
 def test_worker_loop_opens_prepared_data_and_never_rebuilds_it(small_text, tmp_path):

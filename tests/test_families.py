@@ -295,8 +295,8 @@ def test_llama_presets_build_with_rope_rmsnorm_swiglu_and_grouped_query_attentio
     assert (eight.num_key_value_heads, eight.intermediate_size, eight.tie_word_embeddings) == (8, 14336, False)
     # Llama 3.1 8B: 8.03B parameters less its 0.53B embedding table
     assert 7.4e9 < flops_per_token(eight, 0) / 6 < 7.6e9
-    assert set(FAMILIES["llama"].presets) == {"tiny", "1b", "8b"}
-    with pytest.raises(ConfigError, match="model.preset.*'124m' is not a llama preset; allowed: tiny, 1b, 8b"):
+    assert set(FAMILIES["llama"].presets) == {"tiny", "mini", "1b", "8b"}
+    with pytest.raises(ConfigError, match="model.preset.*'124m' is not a llama preset; allowed: tiny, mini, 1b, 8b"):
         from_dict(GPTPretrainConfig, {"model": {"family": "llama", "preset": "124m"}})
 
 

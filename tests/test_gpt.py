@@ -333,3 +333,59 @@ def test_worker_refuses_missing_prepared_data(ray_cluster, small_text, tmp_path)
     with pytest.raises(TrainingFailed, match="not retried.*never rebuild"):
         raise_recorded_failure(cfg)  # ... and the driver raises their reason
     assert sorted(p.name for p in prepared.iterdir()) == before
+
+
+def test_the_schedule_of_a_time_budget_ends_where_the_measured_step_rate_says_it_runs_out():
+    from bigray.config import GPTTrainConfig
+    from bigray.train.optim import gpt_lr
+
+    steps = GPTTrainConfig(max_steps=1000, lr=1e-3, min_lr_ratio=0.1, warmup_steps=10)
+    budget = dataclasses.replace(steps, max_minutes=1.0, max_steps=10**6)
+    assert gpt_lr(5, budget, 2.0) == gpt_lr(5, steps)  # warming up either way
+    # 100 steps in 30 s of a 60 s budget: the run ends near step 200, so step 100 is mid-decay
+    assert gpt_lr(100, budget, 30.0) == pytest.approx(gpt_lr(100, dataclasses.replace(steps, max_steps=200)))
+    assert gpt_lr(300, budget, 61.0) == pytest.approx(1e-4)  # spent: the end of the decay
+    # max_steps still ends the run (and its decay) when it comes first
+    assert gpt_lr(100, dataclasses.replace(budget, max_steps=150), 30.0) == gpt_lr(
+        100, dataclasses.replace(steps, max_steps=150)
+    )
+
+
+def test_a_time_budget_ends_the_run_with_its_decay_and_a_resume_spends_what_is_left(small_text, tmp_path):
+    """train.max_minutes at world size 1: the run stops at the first step that takes its training
+    steps' wall clock past the budget, with the learning rate decayed; the checkpoint records the
+    seconds, and a resume (here with a larger budget) counts on from them at the saved step."""
+    from bigray.recipes.gpt import train_local
+    from bigray.train.optim import gpt_lr
+
+    def budget_config(minutes):
+        return tiny_config(
+            small_text,
+            tmp_path,
+            "budget",
+            f"train.max_minutes={minutes}",
+            "train.max_steps=100000",
+            "train.warmup_steps=2",
+            "train.eval_interval=100000",
+            "run.checkpoint_interval=100000",
+            "scaling.num_workers=1",
+            "scaling.cpus_per_worker=2",
+        )
+
+    run_dir = tmp_path / "budget"
+    _, ctx = train_local(budget_config(0.05), str(run_dir))
+    rows = metrics_by_step(run_dir)
+    last = rows[max(rows)]
+    assert last["train/seconds"] - last["train/step_time_s"] < 3.0 <= last["train/seconds"], last
+    assert len(rows) > 5 and last["train/lr"] < 3e-4 + 0.15 * (3e-3 - 3e-4), last  # near lr * min_lr_ratio
+    assert "val/loss" in last and len(ctx.checkpoints) == 1
+    meta = read_meta(ctx.checkpoints[-1], "gpt")
+    assert meta.step == last["step"] and meta.train_seconds == pytest.approx(last["train/seconds"])
+
+    longer = budget_config(0.1)
+    train_local(longer, str(run_dir))
+    rows = metrics_by_step(run_dir)
+    resumed = rows[meta.step + 1]
+    assert resumed["train/seconds"] == pytest.approx(meta.train_seconds + resumed["train/step_time_s"])
+    assert resumed["train/lr"] == pytest.approx(gpt_lr(meta.step, longer.train, meta.train_seconds))
+    assert rows[max(rows)]["train/seconds"] >= 6.0 and max(rows) > meta.step + 5

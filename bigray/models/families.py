@@ -137,6 +137,7 @@ FAMILIES: dict[str, Family] = {
             {  # Llama 3.2 1B and Llama 3.1 8B shapes (with the tokenizer's vocabulary)
                 # layers, heads, kv_heads, hidden, intermediate, positions, rope_theta, tied
                 "tiny": LlamaShape(2, 4, 2, 128, 384, 256, 10_000.0, True),
+                "mini": LlamaShape(4, 4, 4, 128, 384, 256, 10_000.0, True),  # jobs/configs/gpt_cpu_budget.yaml
                 "1b": LlamaShape(16, 32, 8, 2048, 8192, 8192, 500_000.0, True),
                 "8b": LlamaShape(32, 32, 8, 4096, 14336, 8192, 500_000.0, False),
             },

@@ -172,6 +172,8 @@ class GPTTrainer:
         self.isolate = self.train_windows.example_starts is not None and self.start.isolate_examples(cfg)
         """Packed examples must not attend to each other (fine-tuning on jsonl or chat rows)."""
         self.step = 0
+        self.train_seconds = 0.0
+        """Wall clock of the run's training steps so far, the same on every rank (train.max_minutes)."""
         # the checkpoint this stretch of training resumed from, and the step it started at (summary segments)
         self.resumed: CheckpointMeta | None = None
         self.segment_start = 0
@@ -243,7 +245,7 @@ class GPTTrainer:
         Each micro batch's randomness (dropout) is seeded from (seed, its first sample), so a step
         trains the same at any world size and after any resume."""
         cfg = self.cfg.train
-        lr = gpt_lr(self.step, cfg)
+        lr = gpt_lr(self.step, cfg, self.train_seconds)
         zero.set_lr(self.engine, lr)
         self.engine.train()
         t0 = time.perf_counter()
@@ -266,8 +268,9 @@ class GPTTrainer:
         dt = time.perf_counter() - t0
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
-        loss_sum, digest_sum = self._sum_across_ranks(total / self.grad_accum, digest)
+        loss_sum, digest_sum, dt_sum = self._sum_across_ranks(total / self.grad_accum, digest, dt)
         loss = loss_sum / self.ctx.world_size
+        self.train_seconds += dt_sum / self.ctx.world_size
         if not math.isfinite(loss):
             raise FloatingPointError(f"training diverged: loss is {loss} at step {self.step} (lr {lr:.3g})")
         tokens_per_s = self.tokens_per_step / dt
@@ -283,6 +286,7 @@ class GPTTrainer:
             "train/mfu": achieved / self.peak if self.peak else float("nan"),
             "train/world_size": self.ctx.world_size,
             "train/windows": int(digest_sum) % DIGEST_MOD,
+            "train/seconds": self.train_seconds,
         }
 
     @torch.no_grad()
@@ -335,6 +339,7 @@ class GPTTrainer:
                     zero_stage=self.cfg.deepspeed.zero_stage,
                     model_shape=shape(self.model_cfg),
                     tokenizer_sha256=self.data.manifest["tokenizer_sha256"],
+                    train_seconds=self.train_seconds,
                 ),
             )
         write_rank_marker(d, self.ctx.rank)
@@ -349,6 +354,7 @@ class GPTTrainer:
         resharded = meta.world_size != self.ctx.world_size and bool(meta.zero_stage)
         zero.load_state(self.engine, directory, frozen=not self.lora, resharded=resharded, origin=origin)
         self.step = meta.step
+        self.train_seconds = meta.train_seconds or 0.0
         self.resumed, self.segment_start = meta, self.step
         log.info("rank %d resumed from %s at step %d", self.ctx.rank, directory, self.step)
         return meta
@@ -358,10 +364,12 @@ class GPTTrainer:
         if not self.ctx.is_main:
             return
         val = f" val {metrics['val/loss']:.4f} ppl {metrics['val/perplexity']:.1f}" if "val/loss" in metrics else ""
+        budget = self.cfg.train.max_minutes
         log.info(
-            "step %d/%d loss %.4f%s lr %.2e %.0f tok/s mfu %.1f%% %.2fs/step",
+            "step %d/%d%s loss %.4f%s lr %.2e %.0f tok/s mfu %.1f%% %.2fs/step",
             self.step,
             self.cfg.train.max_steps,
+            f" ({self.train_seconds / 60:.1f}/{budget:g} min)" if budget else "",
             metrics["train/loss"],
             val,
             metrics["train/lr"],
@@ -372,8 +380,14 @@ class GPTTrainer:
 
     # ------------------------------------------------------------------ the loop
 
+    def finished(self) -> bool:
+        """max_steps reached, or train.max_minutes spent (every rank agrees: train_seconds is all-reduced)."""
+        t = self.cfg.train
+        return self.step >= t.max_steps or bool(t.max_minutes) and self.train_seconds >= 60 * t.max_minutes
+
     def run(self) -> dict[str, Any]:
-        """Train to ``train.max_steps`` (resuming first if there is a checkpoint); returns the last metrics.
+        """Train to ``train.max_steps`` or through ``train.max_minutes`` (resuming first if there is a
+        checkpoint); returns the last metrics.
 
         Every ``log_interval`` steps rank 0 writes the run log (metrics.jsonl, TensorBoard, the
         tracker); only checkpoints and evaluations are reported to Ray (Tune's schedulers compare
@@ -394,7 +408,7 @@ class GPTTrainer:
             initial = {"init/val_loss": self.evaluate()["val/loss"]}
             log.info("base model val loss on the fine-tuning data: %.4f", initial["init/val_loss"])
         metrics: dict[str, Any] = {}
-        while self.step < t.max_steps:
+        while not self.finished():
             first = self.startup is not None  # start-up is logged once, with the first step's metrics
             with self.startup.phase("first step") if first else contextlib.nullcontext():
                 metrics = {"step": self.step + 1, **self.train_step(), **initial}
@@ -403,7 +417,7 @@ class GPTTrainer:
                     log.info("%s", self.startup.summary())
                 metrics.update(self.startup.metrics())
                 self.startup = None
-            last = self.step == t.max_steps
+            last = self.finished()
             checkpoint_now = self.step % self.cfg.run.checkpoint_interval == 0 or last
             if self.step % t.eval_interval == 0 or checkpoint_now:
                 metrics.update(self.evaluate())

@@ -35,9 +35,15 @@ def warmup_cosine(step: int, *, peak: float, total: int, warmup: int, start: flo
     return end + 0.5 * (peak - end) * (1 + math.cos(math.pi * progress))
 
 
-def gpt_lr(step: int, t: GPTTrainConfig) -> float:
-    """GPT: warmup to train.lr, cosine to lr * min_lr_ratio at max_steps."""
-    return warmup_cosine(step, peak=t.lr, total=t.max_steps, warmup=t.warmup_steps, end=t.lr * t.min_lr_ratio)
+def gpt_lr(step: int, t: GPTTrainConfig, seconds: float = 0.0) -> float:
+    """GPT: warmup to train.lr, cosine to lr * min_lr_ratio at the run's last step: max_steps, or
+    with train.max_minutes the step the budget runs out at if sooner, projected from the step rate
+    measured so far (``step`` steps in ``seconds`` of training), so the decay ends with the budget at
+    any world size and across resumes."""
+    total = t.max_steps
+    if t.max_minutes and seconds > 0:
+        total = min(total, max(step, round(step * t.max_minutes * 60 / seconds)))
+    return warmup_cosine(step, peak=t.lr, total=total, warmup=t.warmup_steps, end=t.lr * t.min_lr_ratio)
 
 
 def resnet_peak_lr(t: ResNetTrainConfig, global_batch: int) -> float:
