@@ -263,6 +263,40 @@ def test_a_run_resumed_at_another_world_size_trains_on_the_same_windows(
         assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in step10.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
+def test_a_time_budget_ends_every_rank_together_and_resumes_on_another_world_size(ray_cluster, small_text, tmp_path):
+    """train.max_minutes on 2 Ray workers: both ranks stop at the same step (the seconds are
+    all-reduced; a rank that stopped alone would leave the other in a collective), and the run,
+    resumed with a larger budget on 1 worker, counts on from the saved seconds."""
+    from bigray.recipes.gpt import pretrain
+
+    def budget(minutes, workers):
+        return tiny_config(
+            small_text,
+            tmp_path,
+            "budget",
+            f"train.max_minutes={minutes}",
+            "train.max_steps=100000",
+            "train.global_batch_size=16",
+            "train.eval_interval=100000",
+            "run.checkpoint_interval=100000",
+            f"scaling.num_workers={workers}",
+        )
+
+    two = pretrain(budget(0.1, 2))
+    rows = metrics_by_step(two["run_dir"])
+    stop = max(rows)
+    assert rows[stop]["train/seconds"] >= 6.0 and rows[stop]["train/world_size"] == 2
+    assert two["metrics"]["step"] == stop and two["segments"] == [{"from_step": 0, "to_step": stop, "world_size": 2}]
+    one = pretrain(budget(0.2, 1))
+    rows = metrics_by_step(one["run_dir"])
+    assert rows[stop + 1]["train/world_size"] == 1
+    assert rows[stop + 1]["train/seconds"] == pytest.approx(
+        rows[stop]["train/seconds"] + rows[stop + 1]["train/step_time_s"]
+    )
+    assert rows[max(rows)]["train/seconds"] >= 12.0 and one["segments"][-1]["world_size"] == 1
+
+
 def test_export_round_trip(zero2_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
