@@ -161,13 +161,14 @@ def _shape(bundle: Mapping[str, float]) -> str:
 
 
 def wait_for_workers(scaling: ScalingConfig, poll_s: float = 2.0, report_every_s: float = 15.0) -> None:
-    """Return once the cluster holds ``scaling.num_workers`` workers, waiting for an autoscaler to add
+    """Return once the cluster holds ``scaling.num_workers`` workers (an elastic run's minimum; the
+    autoscaler is asked for its maximum), waiting for an autoscaler to add
     nodes (up to ``scaling.resource_wait_s``, with a progress line); fail at once when nothing can
     ever hold them: the autoscaler's node types are too small, or there is no autoscaler at all
     (unless BIGRAY_WAIT_FOR_AUTOSCALER=1 says nodes will be added by other means)."""
     from ray.autoscaler.sdk import request_resources
 
-    bundle, need = worker_bundle(scaling), scaling.num_workers
+    bundle, need = worker_bundle(scaling), scaling.min_workers
     have = workers_fitting_now(bundle)
     if have >= need:
         return
@@ -188,7 +189,9 @@ def wait_for_workers(scaling: ScalingConfig, poll_s: float = 2.0, report_every_s
         )
     if scaling.resource_wait_s <= 0:
         raise ConfigError("scaling.resource_wait_s", f"is 0 and the cluster holds {have} of {what} now")
-    request_resources(bundles=[dict(bundle) for _ in range(need)])  # asks the autoscaler for the nodes now
+    request_resources(
+        bundles=[dict(bundle) for _ in range(scaling.max_workers)]
+    )  # asks the autoscaler for the nodes now
     start = last_report = time.monotonic()
     log.info("waiting up to %.0f s for the cluster to hold %s (%d fit now)", scaling.resource_wait_s, what, have)
     try:

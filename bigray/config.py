@@ -90,6 +90,31 @@ StrMap = Annotated[dict[str, str], BeforeValidator(_from_text)]
 AnyMap = Annotated[dict[str, Any], BeforeValidator(_from_text)]
 ZeroStage = Annotated[Literal[0, 1, 2, 3], BeforeValidator(_from_text)]
 
+
+def _worker_count(value: Any) -> Any:
+    """``scaling.num_workers``: a count, or a range ``[min, max]`` (``min..max`` on ``--set``); a range
+    whose ends are equal is that count."""
+    value = _from_text(value)
+    if isinstance(value, str) and ".." in value:
+        low, high = value.split("..", 1)
+        try:
+            value = [int(low), int(high)]
+        except ValueError:
+            raise ConfigError("", f"a worker range is min..max of two integers, got {value!r}") from None
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or not all(type(v) is int for v in value):
+            raise ConfigError("", f"a worker range is [min, max] of two integers, got {list(value)!r}")
+        low, high = value
+        if low < 1 or low > high:
+            raise ConfigError("", f"a worker range needs 1 <= min <= max, got [{low}, {high}]")
+        return low if low == high else [low, high]
+    if type(value) is not int or value < 1:
+        raise ConfigError("", f"expected a number of workers >= 1 or a range [min, max], got {value!r}")
+    return value
+
+
+WorkerCount = Annotated[int | list[int], BeforeValidator(_worker_count)]
+
 # ----------------------------------------------------------------------------- loading
 
 _EXPECTED = {
@@ -245,7 +270,8 @@ class RunConfig:
     keep_checkpoints: int = Field(2, ge=1)
     """How many checkpoints Ray keeps, best first by the validation metric."""
     max_failures: int = Field(0, ge=-1)
-    """Worker-group restarts allowed before the run fails (auto-resume from the last checkpoint); -1 retries forever."""
+    """Worker-group restarts allowed before the run fails (auto-resume from the last checkpoint); -1 retries
+    forever, and so does 0 for an elastic run (scaling.num_workers a range)."""
 
     def __post_init__(self) -> None:
         require(
@@ -256,8 +282,15 @@ class RunConfig:
 
 @section
 class ScalingConfig:
-    num_workers: int = Field(2, ge=1)
-    """Ray Train workers (one process each; one GPU each when use_gpu)."""
+    num_workers: WorkerCount = 2
+    """Ray Train workers (one process each; one GPU each when use_gpu). A range [min, max] (min..max
+    on --set) makes the run elastic: it starts on as many as fit, up to max; when workers are lost it
+    continues on those that remain (at least min) from its newest complete checkpoint, and when
+    capacity returns it grows back. An elastic run needs train.global_batch_size, so every world
+    size trains the same batches."""
+    resize_interval_s: float = Field(60.0, gt=0)
+    """With a worker range: how often Ray Train looks for capacity to grow the run by (its
+    elastic_resize_monitor_interval_s)."""
     use_gpu: bool = False
     """Train on GPUs with NCCL; False trains on CPUs with gloo."""
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -276,6 +309,22 @@ class ScalingConfig:
     @property
     def threads(self) -> int:
         return self.threads_per_worker or max(1, int(self.cpus_per_worker))
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
+
+    def world_sizes(self) -> range:
+        """Every number of workers the run may train on."""
+        return range(self.min_workers, self.max_workers + 1)
 
 
 @section

@@ -37,7 +37,7 @@ from bigray.artifacts.storage import (
 )
 from bigray.artifacts.tracking import TrackedRun, continue_tracking, flat_params, record_outcome, resolved
 from bigray.artifacts.tune_state import check_state, digest, is_state_file, sign
-from bigray.cluster import ensure_ray, worker_bundle, workers_fitting_at_most
+from bigray.cluster import ensure_ray, worker_bundle, workers_fitting_at_most, workers_fitting_now
 from bigray.config import ConfigError, TuneJobConfig, from_dict, set_dotted, to_dict
 from bigray.data.cache import sha256_file
 from bigray.recipes import JOBS
@@ -199,17 +199,25 @@ def concurrent_trials(job: TuneJobConfig, trainer_cfg: Any) -> int:
     from what it holds now."""
     import ray
 
-    if job.tune.max_concurrent_trials:
-        return job.tune.max_concurrent_trials
     s = trainer_cfg.scaling
     most = workers_fitting_at_most(worker_bundle(s))
-    if most is not None:
-        return max(1, min(most, 1000) // s.num_workers)
+    if job.tune.max_concurrent_trials:
+        trials = job.tune.max_concurrent_trials
+        capacity = most if most is not None else workers_fitting_now(worker_bundle(s))
+        if s.elastic and trials * s.min_workers > capacity:  # elastic trials would wait for each other's workers
+            raise ConfigError(
+                "tune.max_concurrent_trials",
+                f"{trials} trials of at least {s.min_workers} workers (trainer.scaling.num_workers {s.num_workers}) "
+                f"can never run at once: the cluster holds at most {capacity} workers of {worker_bundle(s)}",
+            )
+        return trials
+    if most is not None:  # elastic trials are counted at their largest
+        return max(1, min(most, 1000) // s.max_workers)
     resources = ray.cluster_resources()
     # Each trial also holds its driver's DRIVER_CPU: 2 trials of one 1-CPU worker need 2.02 CPUs.
-    fits = int(resources.get("CPU", 1) // (s.num_workers * s.cpus_per_worker + DRIVER_CPU))
+    fits = int(resources.get("CPU", 1) // (s.max_workers * s.cpus_per_worker + DRIVER_CPU))
     if s.use_gpu:
-        fits = min(fits, int(resources.get("GPU", 0) // s.num_workers))
+        fits = min(fits, int(resources.get("GPU", 0) // s.max_workers))
     return max(1, fits)
 
 

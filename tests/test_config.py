@@ -275,3 +275,66 @@ def test_a_job_with_a_secret_in_a_location_writes_nothing_that_holds_it(capsys, 
 def test_a_resnet_batch_is_set_per_worker_or_globally_not_both():
     with pytest.raises(ConfigError, match=r"'train.batch_size'.*derived from train.global_batch_size.*one of the two"):
         load_config(ResNetJobConfig, None, ["train.batch_size=16", "train.global_batch_size=64"])
+
+
+def test_a_worker_range_is_read_from_yaml_and_set_and_a_range_that_cannot_work_is_refused(small_text, tmp_path):
+    from bigray.recipes.gpt import prepare_pretrain
+    from bigray.recipes.resnet import prepare_resnet
+
+    for raw, parsed in (("1..2", [1, 2]), ("[1, 3]", [1, 3]), ("2..2", 2), ("2", 2)):
+        scaling = load_config(GPTPretrainConfig, CONFIGS / "gpt_tiny.yaml", [f"scaling.num_workers={raw}"]).scaling
+        assert scaling.num_workers == parsed and scaling.elastic == isinstance(parsed, list), raw
+    path = tmp_path / "elastic.yaml"
+    path.write_text(yaml.safe_dump({"scaling": {"num_workers": [2, 4]}}))
+    scaling = load_config(GPTPretrainConfig, path).scaling
+    assert (scaling.min_workers, scaling.max_workers, list(scaling.world_sizes())) == (2, 4, [2, 3, 4])
+    for raw in ("3..2", "0..2", "[0, 2]"):
+        with pytest.raises(ConfigError, match=r"at 'scaling.num_workers': a worker range needs 1 <= min <= max"):
+            load_config(GPTPretrainConfig, CONFIGS / "gpt_tiny.yaml", [f"scaling.num_workers={raw}"])
+    with pytest.raises(ConfigError, match="scaling.num_workers.*got 'two'"):
+        load_config(GPTPretrainConfig, CONFIGS / "gpt_tiny.yaml", ["scaling.num_workers=two"])
+
+    # an elastic run trains the same batches at every world size: it needs a global batch that splits over each
+    text_cfg, _ = small_text
+    data = [f"data.cache_dir={text_cfg.cache_dir}", f"data.max_chars={text_cfg.max_chars}", "data.vocab_size=512"]
+    gpt = [*data, "model.block_size=64", "train.micro_batch_size=4", f"run.storage_path={tmp_path}"]
+    with pytest.raises(ConfigError, match=r"'train.global_batch_size': scaling.num_workers is a range \(1..2\)"):
+        prepare_pretrain(load_config(GPTPretrainConfig, CONFIGS / "gpt_tiny.yaml", [*gpt, "scaling.num_workers=1..2"]))
+    with pytest.raises(ConfigError, match=r"16 sequences do not split into micro batches on 3 workers"):
+        prepare_pretrain(
+            load_config(
+                GPTPretrainConfig,
+                CONFIGS / "gpt_tiny.yaml",
+                [*gpt, "scaling.num_workers=1..4", "train.global_batch_size=16"],
+            )
+        )
+    prepare_pretrain(
+        load_config(
+            GPTPretrainConfig,
+            CONFIGS / "gpt_tiny.yaml",
+            [*gpt, "scaling.num_workers=1..2", "train.global_batch_size=16"],
+        )
+    )
+    resnet = [f"run.storage_path={tmp_path}", "scaling.num_workers=2..3"]
+    with pytest.raises(ConfigError, match=r"'train.global_batch_size': scaling.num_workers is a range \(2..3\)"):
+        prepare_resnet(
+            load_config(ResNetJobConfig, CONFIGS / "resnet_fashion.yaml", [*resnet, "train.global_batch_size=0"])
+        )
+    with pytest.raises(ConfigError, match=r"64 images do not split over 3 workers \(scaling.num_workers \[2, 3\]\)"):
+        prepare_resnet(
+            load_config(ResNetJobConfig, CONFIGS / "resnet_fashion.yaml", [*resnet, "train.global_batch_size=64"])
+        )
+
+
+def test_elastic_trials_that_can_never_run_at_once_are_refused_naming_the_key(ray_cluster):
+    """The shared test cluster holds 4 one-CPU workers: 3 trials of at least 2 can never run together."""
+    from bigray.tune import concurrent_trials
+
+    def search(*overrides):
+        job = load_config(TuneJobConfig, CONFIGS / "tune_gpt.yaml", ["trainer.scaling.num_workers=2..4", *overrides])
+        return concurrent_trials(job, job.trainer_config())
+
+    with pytest.raises(ConfigError, match=r"'tune.max_concurrent_trials': 3 trials of at least 2 workers .* at most 4"):
+        search("tune.max_concurrent_trials=3")
+    assert search("tune.max_concurrent_trials=2") == 2
+    assert search() == 1  # counted at their largest: one trial of 4

@@ -235,6 +235,13 @@ def delete_file(path: str) -> None:
         fs.delete_file(p)
 
 
+def delete_dir(location: str) -> None:
+    """Remove a directory and everything in it, at a local path or a storage URI."""
+    fs, p = filesystem(location)
+    with _errors(location, "delete"):
+        fs.delete_dir(p)
+
+
 def file_sizes(location: str) -> dict[str, int]:
     """Every file under a directory, as {relative path: bytes} (one listing call on object stores)."""
     import pyarrow.fs as pafs

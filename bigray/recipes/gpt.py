@@ -139,7 +139,14 @@ def _checked(cfg: GPTJob, data: TextDataset, model_cfg: Any) -> PreparedJob:
         cfg = dataclasses.replace(
             cfg, deepspeed=dataclasses.replace(cfg.deepspeed, nvme_path=absolute(cfg.deepspeed.nvme_path))
         )
-    cfg.train.accumulation(cfg.scaling.num_workers)  # the global batch splits over these workers
+    if cfg.scaling.elastic and not cfg.train.global_batch_size:
+        raise ConfigError(
+            "train.global_batch_size",
+            f"scaling.num_workers is a range ({cfg.scaling.min_workers}..{cfg.scaling.max_workers}): set the "
+            "global batch, so the run trains the same batches at every world size",
+        )
+    for workers in cfg.scaling.world_sizes():  # the global batch splits over every world size the run may have
+        cfg.train.accumulation(workers)
     for split in ("train", "val"):
         token_windows(data, split, cfg.model.block_size)
     if cfg.resume_from:

@@ -105,7 +105,8 @@ def train_scaling(scaling: ScalingConfig) -> Any:
     import ray.train
 
     return ray.train.ScalingConfig(
-        num_workers=scaling.num_workers,
+        num_workers=(scaling.min_workers, scaling.max_workers) if scaling.elastic else scaling.num_workers,
+        elastic_resize_monitor_interval_s=scaling.resize_interval_s,
         use_gpu=scaling.use_gpu,
         resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
         accelerator_type=scaling.accelerator_type or None,
@@ -140,7 +141,10 @@ def build_trainer(kind: JobKind, prepared: PreparedJob, callbacks: Sequence[Any]
                 checkpoint_score_attribute=kind.metric,
                 checkpoint_score_order=kind.mode,
             ),
-            failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+            # an elastic run continues on the workers a lost node leaves: a retry, whatever run.max_failures says
+            failure_config=ray.train.FailureConfig(
+                max_failures=-1 if scaling.elastic and not run.max_failures else run.max_failures
+            ),
             callbacks=list(callbacks),
         ),
     )

@@ -252,7 +252,7 @@ def check(cfg: Any | None) -> list[Finding]:
         bundle = worker_bundle(scaling)
         most = workers_fitting_at_most(bundle)
         now = workers_fitting_now(bundle)
-        enough = max(now, most or 0) >= scaling.num_workers
+        enough = max(now, most or 0) >= scaling.min_workers
         findings.append(
             Finding(
                 "workers fit",

@@ -29,12 +29,20 @@ def check_resume_compatible(meta: CheckpointMeta, cfg: ResNetJobConfig) -> None:
 
 def prepare_resnet(cfg: ResNetJobConfig) -> PreparedJob:
     """Find (or download) the images once and pin their root; workers then read it with downloads off."""
-    batch, workers = cfg.train.global_batch_size, cfg.scaling.num_workers
-    if batch % workers:
+    batch, scaling = cfg.train.global_batch_size, cfg.scaling
+    if scaling.elastic and not batch:
         raise ConfigError(
             "train.global_batch_size",
-            f"{batch} images do not split over scaling.num_workers ({workers}): each worker takes an equal share",
+            f"scaling.num_workers is a range ({scaling.min_workers}..{scaling.max_workers}): set the global "
+            "batch, so the run trains the same batches at every world size",
         )
+    for workers in scaling.world_sizes():
+        if batch % workers:
+            raise ConfigError(
+                "train.global_batch_size",
+                f"{batch} images do not split over {workers} workers (scaling.num_workers "
+                f"{scaling.num_workers}): each worker takes an equal share",
+            )
     cfg = dataclasses.replace(cfg, data=with_absolute_root(cfg.data))
     load_images(cfg.data)  # fail fast on a bad data root, before any Ray work
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, download=False))

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from bigray.artifacts.checkpoint import CheckpointError, latest_complete, resume_point
 from bigray.artifacts.locate import local_checkpoint
 from bigray.artifacts.runs import record_failure
-from bigray.artifacts.storage import is_uri
+from bigray.artifacts.storage import delete_dir, is_dir, is_uri, name_of, subdirs
 from bigray.cluster import read_secret_files, torch_device
 from bigray.data.cache import DataError
 
@@ -183,6 +183,25 @@ def checkpoint_to_resume(
             yield Resume(str(local_checkpoint(ckpt, kind)), ckpt)
         else:
             yield Resume(ckpt) if ckpt else None
+
+
+def drop_abandoned_checkpoints(ctx: TrainContext, run_dir: str | None, prefix: str, start: int) -> None:
+    """Delete the run's checkpoints ``<prefix>_<n>`` with n past ``start``, where training (re)starts.
+
+    They belong to a stretch of training a restart abandoned: written after the checkpoint Ray had
+    registered last (which the run resumes from), never registered. The replayed steps write into
+    the same directory names, and a directory holding two world sizes' shards is not a checkpoint.
+    Rank 0 deletes; every rank waits, so no rank writes into one first."""
+    if run_dir is None:
+        return
+    if ctx.is_main:
+        for d in subdirs(run_dir) if is_dir(run_dir) else []:
+            number = name_of(d).removeprefix(f"{prefix}_")
+            if number != name_of(d) and number.isdigit() and int(number) > start:
+                log.warning("deleting %s: written after the checkpoint this run resumes from, never registered", d)
+                delete_dir(d)
+    if dist.is_initialized() and ctx.world_size > 1:
+        dist.barrier()
 
 
 PERMANENT_FAILURES = (FloatingPointError, CheckpointError, DataError)

@@ -38,6 +38,7 @@ from bigray.train.context import (
     RayContext,
     TrainContext,
     checkpoint_to_resume,
+    drop_abandoned_checkpoints,
     new_checkpoint_dir,
     permanent_failures_end_the_run,
 )
@@ -400,6 +401,7 @@ class GPTTrainer:
             checkpoint_to_resume(self.ctx, self.cfg.resume_from, self.run_dir, KIND) as ckpt,
         ):
             saved = self.load(ckpt.directory, ckpt.origin) if ckpt else None
+            drop_abandoned_checkpoints(self.ctx, self.run_dir, "checkpoint_step", self.step)
         # Fine-tuning reports the base model's val loss on the new data with every report: the bar to beat.
         initial: dict[str, Any] = {}
         if saved is not None:

@@ -32,6 +32,7 @@ from bigray.train.context import (
     RayContext,
     TrainContext,
     checkpoint_to_resume,
+    drop_abandoned_checkpoints,
     new_checkpoint_dir,
     permanent_failures_end_the_run,
 )
@@ -256,6 +257,7 @@ class ResNetTrainer:
         with checkpoint_to_resume(self.ctx, self.cfg.resume_from, self.run_dir, KIND) as ckpt:
             if ckpt:
                 self.load(ckpt.directory)
+        drop_abandoned_checkpoints(self.ctx, self.run_dir, "checkpoint_epoch", self.epoch)
         metrics: dict[str, Any] = {}
         while self.epoch < self.cfg.train.epochs:
             metrics = self.train_epoch()

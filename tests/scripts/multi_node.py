@@ -155,6 +155,20 @@ def grow_without_shared_fs(cluster, out: Path, max_chars: str, vocab: str) -> tu
     }, nodes
 
 
+def head_only_cluster():
+    """A Ray cluster on this machine whose head holds no CPU (nodes are added for the workers), with
+    its dashboard (the State API) on a free port: the test session's own Ray holds the default one."""
+    from ray.cluster_utils import Cluster
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dashboard_port = sock.getsockname()[1]
+    return Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": dashboard_port},
+    )
+
+
 def latest_registered(run_dir: Path) -> str | None:
     """The checkpoint Ray Train registered last (what a restarted worker group gets), from the
     snapshot its controller keeps in the run directory."""
@@ -247,7 +261,6 @@ def main() -> None:
     os.environ["BIGRAY_CACHE_DIR"] = str(driver_cache)
 
     import ray
-    from ray.cluster_utils import Cluster
 
     lines: list[str] = []
 
@@ -257,13 +270,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO)
     logging.getLogger("bigray").addHandler(Keep())
-    with socket.socket() as sock:  # the test session's own Ray already holds the default dashboard port
-        sock.bind(("127.0.0.1", 0))
-        dashboard_port = sock.getsockname()[1]
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": dashboard_port},
-    )
+    cluster = head_only_cluster()
     ray.init(address=cluster.address)
     phases: dict = {"autoscaler": autoscaler_cases(cluster, cache, max_chars, vocab)}
     phases["grown"], nodes = grow_without_shared_fs(cluster, out, max_chars, vocab)
