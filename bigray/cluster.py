@@ -189,9 +189,8 @@ def wait_for_workers(scaling: ScalingConfig, poll_s: float = 2.0, report_every_s
         )
     if scaling.resource_wait_s <= 0:
         raise ConfigError("scaling.resource_wait_s", f"is 0 and the cluster holds {have} of {what} now")
-    request_resources(
-        bundles=[dict(bundle) for _ in range(scaling.max_workers)]
-    )  # asks the autoscaler for the nodes now
+    # asks the autoscaler for the nodes now: all the run can use, though it starts once its minimum fits
+    request_resources(bundles=[dict(bundle) for _ in range(scaling.max_workers)])
     start = last_report = time.monotonic()
     log.info("waiting up to %.0f s for the cluster to hold %s (%d fit now)", scaling.resource_wait_s, what, have)
     try:

@@ -38,10 +38,13 @@ def prepare_resnet(cfg: ResNetJobConfig) -> PreparedJob:
         )
     for workers in scaling.world_sizes():
         if batch % workers:
+            over = (
+                f"{workers} workers (scaling.num_workers {scaling.num_workers})"
+                if scaling.elastic
+                else f"scaling.num_workers ({workers})"
+            )
             raise ConfigError(
-                "train.global_batch_size",
-                f"{batch} images do not split over {workers} workers (scaling.num_workers "
-                f"{scaling.num_workers}): each worker takes an equal share",
+                "train.global_batch_size", f"{batch} images do not split over {over}: each worker takes an equal share"
             )
     cfg = dataclasses.replace(cfg, data=with_absolute_root(cfg.data))
     load_images(cfg.data)  # fail fast on a bad data root, before any Ray work
