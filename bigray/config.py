@@ -326,6 +326,15 @@ class ScalingConfig:
         """Every number of workers the run may train on."""
         return range(self.min_workers, self.max_workers + 1)
 
+    def require_global_batch(self, global_batch_size: int) -> None:
+        """An elastic run trains the same batches at every world size only with a fixed global batch."""
+        require(
+            not self.elastic or bool(global_batch_size),
+            "train.global_batch_size",
+            f"scaling.num_workers is a range ({self.min_workers}..{self.max_workers}): set the global batch, "
+            "so the run trains the same batches at every world size",
+        )
+
 
 @section
 class TrackingConfig:

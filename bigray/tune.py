@@ -200,15 +200,16 @@ def concurrent_trials(job: TuneJobConfig, trainer_cfg: Any) -> int:
     import ray
 
     s = trainer_cfg.scaling
-    most = workers_fitting_at_most(worker_bundle(s))
+    bundle = worker_bundle(s)
+    most = workers_fitting_at_most(bundle)
     if job.tune.max_concurrent_trials:
         trials = job.tune.max_concurrent_trials
-        capacity = most if most is not None else workers_fitting_now(worker_bundle(s))
+        capacity = most if most is not None else workers_fitting_now(bundle)
         if s.elastic and trials * s.min_workers > capacity:  # elastic trials would wait for each other's workers
             raise ConfigError(
                 "tune.max_concurrent_trials",
                 f"{trials} trials of at least {s.min_workers} workers (trainer.scaling.num_workers {s.num_workers}) "
-                f"can never run at once: the cluster holds at most {capacity} workers of {worker_bundle(s)}",
+                f"can never run at once: the cluster holds at most {capacity} workers of {bundle}",
             )
         return trials
     if most is not None:  # elastic trials are counted at their largest

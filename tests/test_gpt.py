@@ -45,6 +45,20 @@ def tiny_config(small_text, tmp_path, name, *overrides):
     )
 
 
+def budget_config(small_text, tmp_path, minutes, *overrides):
+    """The tiny run "budget" under train.max_minutes: no step limit, no evaluation or checkpoint before the end."""
+    return tiny_config(
+        small_text,
+        tmp_path,
+        "budget",
+        f"train.max_minutes={minutes}",
+        "train.max_steps=100000",
+        "train.eval_interval=100000",
+        "run.checkpoint_interval=100000",
+        *overrides,
+    )
+
+
 def metrics_by_step(run_dir):
     rows = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in rows}
@@ -271,16 +285,8 @@ def test_a_time_budget_ends_every_rank_together_and_resumes_on_another_world_siz
     from bigray.recipes.gpt import pretrain
 
     def budget(minutes, workers):
-        return tiny_config(
-            small_text,
-            tmp_path,
-            "budget",
-            f"train.max_minutes={minutes}",
-            "train.max_steps=100000",
-            "train.global_batch_size=16",
-            "train.eval_interval=100000",
-            "run.checkpoint_interval=100000",
-            f"scaling.num_workers={workers}",
+        return budget_config(
+            small_text, tmp_path, minutes, "train.global_batch_size=16", f"scaling.num_workers={workers}"
         )
 
     two = pretrain(budget(0.1, 2))
@@ -392,22 +398,13 @@ def test_a_time_budget_ends_the_run_with_its_decay_and_a_resume_spends_what_is_l
     from bigray.recipes.gpt import train_local
     from bigray.train.optim import gpt_lr
 
-    def budget_config(minutes):
-        return tiny_config(
-            small_text,
-            tmp_path,
-            "budget",
-            f"train.max_minutes={minutes}",
-            "train.max_steps=100000",
-            "train.warmup_steps=2",
-            "train.eval_interval=100000",
-            "run.checkpoint_interval=100000",
-            "scaling.num_workers=1",
-            "scaling.cpus_per_worker=2",
+    def local_budget(minutes):
+        return budget_config(
+            small_text, tmp_path, minutes, "train.warmup_steps=2", "scaling.num_workers=1", "scaling.cpus_per_worker=2"
         )
 
     run_dir = tmp_path / "budget"
-    _, ctx = train_local(budget_config(0.05), str(run_dir))
+    _, ctx = train_local(local_budget(0.05), str(run_dir))
     rows = metrics_by_step(run_dir)
     last = rows[max(rows)]
     assert last["train/seconds"] - last["train/step_time_s"] < 3.0 <= last["train/seconds"], last
@@ -416,7 +413,7 @@ def test_a_time_budget_ends_the_run_with_its_decay_and_a_resume_spends_what_is_l
     meta = read_meta(ctx.checkpoints[-1], "gpt")
     assert meta.step == last["step"] and meta.train_seconds == pytest.approx(last["train/seconds"])
 
-    longer = budget_config(0.1)
+    longer = local_budget(0.1)
     train_local(longer, str(run_dir))
     rows = metrics_by_step(run_dir)
     resumed = rows[meta.step + 1]

@@ -139,12 +139,7 @@ def _checked(cfg: GPTJob, data: TextDataset, model_cfg: Any) -> PreparedJob:
         cfg = dataclasses.replace(
             cfg, deepspeed=dataclasses.replace(cfg.deepspeed, nvme_path=absolute(cfg.deepspeed.nvme_path))
         )
-    if cfg.scaling.elastic and not cfg.train.global_batch_size:
-        raise ConfigError(
-            "train.global_batch_size",
-            f"scaling.num_workers is a range ({cfg.scaling.min_workers}..{cfg.scaling.max_workers}): set the "
-            "global batch, so the run trains the same batches at every world size",
-        )
+    cfg.scaling.require_global_batch(cfg.train.global_batch_size)
     for workers in cfg.scaling.world_sizes():  # the global batch splits over every world size the run may have
         cfg.train.accumulation(workers)
     for split in ("train", "val"):

@@ -30,12 +30,7 @@ def check_resume_compatible(meta: CheckpointMeta, cfg: ResNetJobConfig) -> None:
 def prepare_resnet(cfg: ResNetJobConfig) -> PreparedJob:
     """Find (or download) the images once and pin their root; workers then read it with downloads off."""
     batch, scaling = cfg.train.global_batch_size, cfg.scaling
-    if scaling.elastic and not batch:
-        raise ConfigError(
-            "train.global_batch_size",
-            f"scaling.num_workers is a range ({scaling.min_workers}..{scaling.max_workers}): set the global "
-            "batch, so the run trains the same batches at every world size",
-        )
+    scaling.require_global_batch(batch)
     for workers in scaling.world_sizes():
         if batch % workers:
             over = (
