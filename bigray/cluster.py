@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import os
 import sys
+import threading
 import time
-from typing import TYPE_CHECKING, Mapping, MutableMapping
+import urllib.error
+import urllib.request
+from typing import TYPE_CHECKING, Callable, Mapping, MutableMapping
 
 from bigray.config import ConfigError, ScalingConfig
 
@@ -239,6 +244,11 @@ def training_precision(requested: str, device: "torch.device", fp16: bool = True
     bf16 where the loop has a CPU bf16 path (``cpu_bf16``) and the CPU has bf16 instructions."""
     import torch
 
+    if requested == "bf16" and device.type != "cuda" and not cpu_has_bf16():
+        log.warning(
+            "precision bf16 on a CPU without bf16 instructions (AVX512-BF16, AMX): emulated, about 10x slower "
+            "than fp32 here; 'auto' picks fp32 on such a CPU"
+        )
     if requested != "auto":
         return requested
     if device.type != "cuda":
@@ -263,3 +273,88 @@ def enable_tf32(device: "torch.device") -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+# ------------------------------------------------------------------ preemption notices
+
+AWS_METADATA_ENDPOINT = "http://169.254.169.254"
+
+
+def aws_spot_notice(timeout_s: float = 2.0) -> float | None:
+    """When EC2 will interrupt this spot instance (epoch seconds), or None while no interruption is
+    scheduled: the instance metadata's ``spot/instance-action``, read with an IMDSv2 session token.
+    AWS_EC2_METADATA_SERVICE_ENDPOINT moves the endpoint, as for botocore. Raises OSError where there
+    is no metadata endpoint (not on EC2)."""
+    base = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", AWS_METADATA_ENDPOINT).rstrip("/")
+    ask = urllib.request.Request(
+        f"{base}/latest/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"}
+    )
+    with urllib.request.urlopen(ask, timeout=timeout_s) as reply:
+        token = reply.read().decode()
+    ask = urllib.request.Request(
+        f"{base}/latest/meta-data/spot/instance-action", headers={"X-aws-ec2-metadata-token": token}
+    )
+    try:
+        with urllib.request.urlopen(ask, timeout=timeout_s) as reply:
+            action = json.loads(reply.read())
+    except urllib.error.HTTPError as e:
+        if e.code == 404:  # no interruption scheduled
+            return None
+        raise
+    return datetime.datetime.fromisoformat(action["time"]).timestamp()
+
+
+NOTICE_SOURCES: dict[str, Callable[[], float | None]] = {"aws": aws_spot_notice}
+"""run.preemption_notice's sources besides Ray's own drains: each returns when its node goes (epoch
+seconds) or None; a cloud's metadata endpoint is one function here."""
+
+
+def drain_this_node(deadline: float, reason: str) -> bool:
+    """Tell Ray this node goes at ``deadline`` (epoch seconds), as Ray's autoscaler does for a node it
+    preempts: Ray places nothing new here, and Ray Train's preemption watcher tells the run on it.
+    It is the call ``ray drain-node`` makes (Ray has no public Python API for it)."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    context = ray.get_runtime_context()
+    gcs = ray._raylet.GcsClient(address=context.gcs_address)
+    accepted, refusal = gcs.drain_node(
+        context.get_node_id(),
+        autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+        reason,
+        int(deadline * 1000),
+    )
+    if not accepted:
+        log.warning("Ray refused to drain this node (%s): %s", reason, refusal)
+    return accepted
+
+
+def watch_for_notices(source: str, poll_s: float = 5.0) -> threading.Thread | None:
+    """Poll one of :data:`NOTICE_SOURCES` in a daemon thread and drain this node at its first notice.
+    "ray" needs no watcher: Ray Train watches Ray's drains itself."""
+    if source == "ray":
+        return None
+    notice = NOTICE_SOURCES[source]
+
+    def watch() -> None:
+        first = True
+        while True:
+            try:
+                deadline = notice()
+            except OSError as e:
+                if first:  # no such endpoint here: this node is not where the source applies
+                    log.warning("no %s preemption notices on this node (%s): not watching for them", source, e)
+                    return
+                deadline = None  # a transient failure: ask again at the next poll
+            first = False
+            if deadline is not None:
+                log.warning(
+                    "%s interruption notice: this node goes in %.0f s; draining it", source, deadline - time.time()
+                )
+                drain_this_node(deadline, f"{source} interruption notice")
+                return
+            time.sleep(poll_s)
+
+    thread = threading.Thread(target=watch, name=f"bigray-{source}-notices", daemon=True)
+    thread.start()
+    return thread

@@ -272,6 +272,11 @@ class RunConfig:
     max_failures: int = Field(0, ge=-1)
     """Worker-group restarts allowed before the run fails (auto-resume from the last checkpoint); -1 retries
     forever, and so does 0 for an elastic run (scaling.num_workers a range)."""
+    preemption_notice: Literal["ray", "aws"] = "ray"
+    """Where a node learns it is about to go (GPT saves a checkpoint at once, so a preemption costs
+    seconds, not up to checkpoint_interval steps). "ray": Ray's node drains (the autoscaler's, KubeRay's,
+    `ray drain-node`'s); "aws": also EC2 spot interruption notices from the instance metadata endpoint,
+    which each node turns into a drain of itself."""
 
     def __post_init__(self) -> None:
         require(

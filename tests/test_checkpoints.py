@@ -200,15 +200,36 @@ def test_one_resume_rule_the_runs_own_checkpoint_first_then_resume_from(tmp_path
     assert resume_point(torn, elsewhere, str(run), "gpt") == elsewhere
 
 
-def test_a_runs_segments_carry_over_every_resume():
-    from bigray.artifacts.checkpoint import CheckpointMeta, run_segments
+def test_a_runs_segments_carry_over_every_resume_and_name_its_resizes(tmp_path):
+    import time
 
-    fresh = run_segments(None, 0, 10, 2)
+    from bigray.artifacts.checkpoint import CheckpointMeta, read_meta, resizes, write_meta, write_rank_marker
+    from bigray.train.context import Stretch
+
+    first = Stretch(2)
+    first.stepped(True)  # a fresh start loses nothing
+    fresh = first.segments(10)
     assert fresh == [{"from_step": 0, "to_step": 10, "world_size": 2}]
-    saved = CheckpointMeta("gpt", 10, 2, [0, 1], {}, segments=fresh)
-    assert run_segments(saved, 10, 25, 4) == [*fresh, {"from_step": 10, "to_step": 25, "world_size": 4}]
-    older = CheckpointMeta("gpt", 10, 2, [0, 1], {})  # written before segments were recorded: one for its history
-    assert run_segments(older, 10, 12, 1) == [*fresh, {"from_step": 10, "to_step": 12, "world_size": 1}]
+    write_meta(tmp_path, CheckpointMeta("gpt", 10, 2, [0], {}, segments=fresh))
+    write_rank_marker(tmp_path, 0)
+    saved = read_meta(tmp_path)
+    assert time.time() - 5 < saved.saved_at <= time.time()  # stamped when written
+    time.sleep(0.2)
+    resized = Stretch(4)
+    resized.resume(saved, 10, True)
+    resized.stepped(True)  # the first step after the resume: the seconds since the checkpoint was written
+    assert 0.2 <= resized.lost_s < 5
+    history = resized.segments(25)
+    assert history == [*fresh, {"from_step": 10, "to_step": 25, "world_size": 4, "lost_s": resized.lost_s}]
+    same = Stretch(4)
+    same.resume(CheckpointMeta("gpt", 25, 4, [0], {}, segments=history), 25, True)  # no saved_at: not measured
+    same.stepped(True)
+    history = same.segments(30)
+    assert history[-1] == {"from_step": 25, "to_step": 30, "world_size": 4}
+    assert resizes(history) == [{"step": 10, "from": 2, "to": 4, "seconds_lost": resized.lost_s}]
+    older = Stretch(1)  # from a checkpoint written before segments were recorded: one for its history
+    older.resume(CheckpointMeta("gpt", 10, 2, [0, 1], {}), 10, True)
+    assert older.segments(12) == [*fresh, {"from_step": 10, "to_step": 12, "world_size": 1}]
 
 
 def test_a_universal_conversion_is_used_only_whole(tmp_path):

@@ -241,10 +241,12 @@ def test_a_run_resumed_at_another_world_size_trains_on_the_same_windows(
             assert resumed[step]["train/loss"] == pytest.approx(two[step]["train/loss"], rel=1e-6), (n, step)
         # validation covers the same windows at any world size (eval_batches counts over all workers)
         assert resumed[20]["val/loss"] == pytest.approx(two[20]["val/loss"], rel=1e-6), n
+        lost = summary["segments"][-1].pop("lost_s")  # seconds from the checkpoint to the first step after it
         assert summary["segments"] == [
             {"from_step": 0, "to_step": 10, "world_size": 2},
             {"from_step": 10, "to_step": 20, "world_size": n},
         ]
+        assert lost > 0 and summary["resizes"] == [{"step": 10, "from": 2, "to": n, "seconds_lost": lost}]
     assert (step10 / "universal").is_dir() == (stage > 0)  # converted once, beside the checkpoint
     # Directly: right after the load, what 1 or 4 workers hold is the 2-worker checkpoint's, whole: the
     # weights, and (saved again at the new world size and converted) every parameter's fp32 copy and

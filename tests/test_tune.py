@@ -71,6 +71,8 @@ def test_asha_search_stops_bad_trials_and_reports_the_best(ray_cluster, small_te
 
 
 def test_diverging_trial_fails_while_others_complete(ray_cluster, tmp_path):
+    """Trials on a worker range (elastic: retried without limit when a node goes), where a divergence
+    still ends its trial at once."""
     from bigray.tune import run_search
 
     job = load_config(
@@ -84,7 +86,9 @@ def test_diverging_trial_fails_while_others_complete(ray_cluster, tmp_path):
             "trainer.data.max_train_samples=256",
             "trainer.data.max_eval_samples=128",
             "trainer.train.epochs=1",
-            "trainer.train.batch_size=32",
+            "trainer.train.batch_size=0",
+            "trainer.train.global_batch_size=32",
+            "trainer.scaling.num_workers=1..2",
             "trainer.train.schedule=cosine",
             "trainer.train.warmup_epochs=0",
             f"run.storage_path={tmp_path}",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,11 +130,14 @@ class CheckpointMeta:
     """(layers, heads, width, vocab) of the model (GPT; absent before fine-tuning existed)."""
     tokenizer_sha256: str | None = None
     """The tokenizer the model was trained with (GPT)."""
-    segments: list[dict[str, int]] | None = None
+    segments: list[dict[str, Any]] | None = None
     """The run's history: each stretch of steps trained between two starts, at one world size
-    (``{from_step, to_step, world_size}``), oldest first; absent in checkpoints from before it."""
+    (``{from_step, to_step, world_size}``, and ``lost_s`` for a stretch that resumed: train/context.py
+    Stretch), oldest first; absent in checkpoints from before it."""
     train_seconds: float | None = None
     """Wall-clock seconds of training steps up to it (GPT): what train.max_minutes counts."""
+    saved_at: float | None = None
+    """When rank 0 wrote it (epoch seconds; write_meta stamps it)."""
 
     @classmethod
     def from_json(cls, raw: Any, where: str) -> CheckpointMeta:
@@ -153,18 +157,19 @@ class CheckpointMeta:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
-def run_segments(resumed: CheckpointMeta | None, start_step: int, step: int, world_size: int) -> list[dict[str, int]]:
-    """The segments a checkpoint written at ``step`` records: those of the checkpoint this stretch
-    resumed from (its whole history one segment if it predates them), then steps (start_step, step]
-    at ``world_size`` workers."""
-    before = [] if resumed is None else resumed.segments
-    if resumed is not None and not before:
-        before = [{"from_step": 0, "to_step": resumed.step, "world_size": resumed.world_size}]
-    return [*before, {"from_step": start_step, "to_step": step, "world_size": world_size}]
+def resizes(segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The world-size changes in a run's history: at which step, from and to how many workers, and
+    the seconds the change cost (the new stretch's ``lost_s``, where recorded)."""
+    return [
+        {"step": b["from_step"], "from": a["world_size"], "to": b["world_size"], "seconds_lost": b.get("lost_s")}
+        for a, b in zip(segments, segments[1:])
+        if a["world_size"] != b["world_size"]
+    ]
 
 
 def write_meta(directory: str | Path, meta: CheckpointMeta) -> None:
-    """Write ``bigray.json`` (rank 0, after its payload)."""
+    """Write ``bigray.json`` (rank 0, after its payload), stamped with the time."""
+    meta = dataclasses.replace(meta, saved_at=meta.saved_at or time.time())
     fields = {k: v for k, v in dataclasses.asdict(meta).items() if v is not None}
     atomic_write_bytes(Path(directory, META), json.dumps({"format": FORMAT, **fields}, indent=2).encode())
 

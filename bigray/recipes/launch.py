@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
-from bigray.artifacts.checkpoint import CheckpointError, CheckpointMeta, latest_complete, read_meta, resume_point
+from bigray.artifacts.checkpoint import (
+    CheckpointError,
+    CheckpointMeta,
+    latest_complete,
+    read_meta,
+    resizes,
+    resume_point,
+)
 from bigray.artifacts.runs import clear_failure, recorded_failure, save_resolved_config
 from bigray.artifacts.runs import finish as finish_run
 from bigray.artifacts.storage import absolute, full_uri, run_dir
@@ -96,7 +103,7 @@ class TrainOutcome:
     checkpoint: str | None
     best_checkpoint: str | None
     metrics: dict[str, Any]
-    segments: list[dict[str, int]] | None = None
+    segments: list[dict[str, Any]] | None = None
     """The final checkpoint's run segments: each stretch trained between two starts, with its world size."""
 
 
@@ -241,4 +248,5 @@ def finish(prepared: PreparedJob, outcome: TrainOutcome) -> dict[str, Any]:
         record,
         best_checkpoint=outcome.best_checkpoint,
         segments=outcome.segments,
+        resizes=resizes(outcome.segments or []),
     )

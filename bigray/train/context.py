@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,11 +24,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from bigray.artifacts.checkpoint import CheckpointError, latest_complete, resume_point
+from bigray.artifacts.checkpoint import CheckpointError, CheckpointMeta, latest_complete, resume_point
 from bigray.artifacts.locate import local_checkpoint
 from bigray.artifacts.runs import record_failure
 from bigray.artifacts.storage import delete_dir, is_dir, is_uri, name_of, subdirs
-from bigray.cluster import read_secret_files, torch_device
+from bigray.cluster import read_secret_files, torch_device, watch_for_notices
 from bigray.data.cache import DataError
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,11 @@ class TrainContext:
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, name: str | None = None) -> None:
         raise NotImplementedError
 
+    def seconds_until_preemption(self) -> float | None:
+        """None, or the seconds left before a node of this run is taken away (inf: no deadline given).
+        A collective: every rank asks at the same step."""
+        return None
+
     def prepare_model(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         """Move to the device (and wrap in DDP when there are several workers)."""
         return model.to(device)
@@ -62,9 +69,10 @@ class TrainContext:
 
 
 class RayContext(TrainContext):
-    """Inside a Ray Train worker: rank from the train context, checkpoints through ray.train.report."""
+    """Inside a Ray Train worker: rank from the train context, checkpoints through ray.train.report.
+    ``preemption_notice`` (run.preemption_notice): a source of notices besides Ray's drains."""
 
-    def __init__(self) -> None:
+    def __init__(self, preemption_notice: str = "ray") -> None:
         import ray.train
 
         read_secret_files()  # this node's <NAME>_FILE secrets (the tracker's token)
@@ -72,6 +80,18 @@ class RayContext(TrainContext):
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.local_rank = ctx.get_local_rank()
+        # every worker watches (Ray's local rank cannot tell nodes apart that share an IP; asking
+        # twice is cheap, and draining a draining node changes nothing)
+        watch_for_notices(preemption_notice)
+
+    def seconds_until_preemption(self) -> float | None:
+        """Ray Train's preemption watcher's word (it polls Ray's node drains every 5 s)."""
+        import ray.train
+
+        info = ray.train.get_preemption_info()
+        if info is None:
+            return None
+        return math.inf if info.deadline_ms is None else max(0.0, info.deadline_ms / 1000 - time.time())
 
     @contextlib.contextmanager
     def reported_checkpoint(self) -> Iterator[str | None]:
@@ -183,6 +203,46 @@ def checkpoint_to_resume(
             yield Resume(str(local_checkpoint(ckpt, kind)), ckpt)
         else:
             yield Resume(ckpt) if ckpt else None
+
+
+@dataclass
+class Stretch:
+    """This start's stretch of training, for the run's history (CheckpointMeta.segments): its world
+    size, the checkpoint it resumed from and its step, and how long after that checkpoint was written
+    its first step ended (what the restart or resize cost: the steps thrown away, noticing the loss,
+    starting workers, loading and re-sharding, the first step)."""
+
+    world_size: int
+    resumed: CheckpointMeta | None = None
+    start_step: int = 0
+    lost_s: float | None = None
+
+    def resume(self, meta: CheckpointMeta, step: int, is_main: bool) -> None:
+        self.resumed, self.start_step = meta, step
+        if is_main and meta.world_size != self.world_size:
+            log.warning("world size %d -> %d: resuming at step %d", meta.world_size, self.world_size, step)
+
+    def stepped(self, is_main: bool) -> None:
+        """Called after every step; the first one after a resume measures the seconds lost."""
+        if self.lost_s is not None or self.resumed is None or self.resumed.saved_at is None:
+            return
+        self.lost_s = round(time.time() - self.resumed.saved_at, 1)
+        if is_main:
+            log.info(
+                "training on %d worker(s) from step %d, %.1f s after that checkpoint was written",
+                self.world_size,
+                self.start_step,
+                self.lost_s,
+            )
+
+    def segments(self, step: int) -> list[dict[str, Any]]:
+        """The history a checkpoint written at ``step`` records: the resumed checkpoint's (its whole
+        history one segment if it predates them), then this stretch, steps (start_step, step]."""
+        before = [] if self.resumed is None else self.resumed.segments
+        if self.resumed is not None and not before:
+            before = [{"from_step": 0, "to_step": self.resumed.step, "world_size": self.resumed.world_size}]
+        this = {"from_step": self.start_step, "to_step": step, "world_size": self.world_size}
+        return [*before, this if self.lost_s is None else {**this, "lost_s": self.lost_s}]
 
 
 def drop_abandoned_checkpoints(ctx: TrainContext, run_dir: str | None, prefix: str, start: int) -> None:

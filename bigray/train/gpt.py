@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from bigray.artifacts.adapter import save_adapter
-from bigray.artifacts.checkpoint import CheckpointMeta, read_meta, run_segments, write_meta, write_rank_marker
+from bigray.artifacts.checkpoint import CheckpointMeta, read_meta, write_meta, write_rank_marker
 from bigray.artifacts.hf_gpt import save_hf_model
 from bigray.cluster import enable_tf32, training_precision
 from bigray.config import ConfigError, GPTFinetuneConfig, GPTPretrainConfig, from_dict, to_dict
@@ -36,6 +36,7 @@ from bigray.train import engine as zero
 from bigray.train.context import (
     LocalContext,
     RayContext,
+    Stretch,
     TrainContext,
     checkpoint_to_resume,
     drop_abandoned_checkpoints,
@@ -51,6 +52,9 @@ from bigray.train.pretrained import PretrainedGPT
 log = logging.getLogger(__name__)
 
 KIND = "gpt"
+NOTICE_CHECK_S = 2.0
+"""Seconds of training between two questions to Ray Train whether a node of the run is going away
+(its watcher polls Ray's drains every 5 s; a cloud gives 30 s to 2 minutes of notice)."""
 
 GPTJob = GPTPretrainConfig | GPTFinetuneConfig
 """Pretraining and fine-tuning share this module's loop; they differ only in where weights and data come from."""
@@ -175,9 +179,10 @@ class GPTTrainer:
         self.step = 0
         self.train_seconds = 0.0
         """Wall clock of the run's training steps so far, the same on every rank (train.max_minutes)."""
-        # the checkpoint this stretch of training resumed from, and the step it started at (summary segments)
-        self.resumed: CheckpointMeta | None = None
-        self.segment_start = 0
+        self.stretch = Stretch(ctx.world_size)
+        self.next_notice_check = 0.0
+        """train_seconds at which to ask again whether a node of the run is going away."""
+        self.noticed = False
         self.grad_accum = cfg.train.accumulation(ctx.world_size)
         self.global_batch = cfg.train.micro_batch_size * self.grad_accum * ctx.world_size
         """Sequences per optimizer step over all ranks: samples [step * global_batch, (step + 1) * global_batch)."""
@@ -333,7 +338,7 @@ class GPTTrainer:
                     kind=KIND,
                     step=self.step,
                     world_size=self.ctx.world_size,
-                    segments=run_segments(self.resumed, self.segment_start, self.step, self.ctx.world_size),
+                    segments=self.stretch.segments(self.step),
                     writer_ranks=list(range(self.ctx.world_size)),
                     config=to_dict(self.cfg),
                     metrics=metrics,
@@ -356,7 +361,8 @@ class GPTTrainer:
         zero.load_state(self.engine, directory, frozen=not self.lora, resharded=resharded, origin=origin)
         self.step = meta.step
         self.train_seconds = meta.train_seconds or 0.0
-        self.resumed, self.segment_start = meta, self.step
+        self.next_notice_check = self.train_seconds
+        self.stretch.resume(meta, self.step, self.ctx.is_main)
         log.info("rank %d resumed from %s at step %d", self.ctx.rank, directory, self.step)
         return meta
 
@@ -380,6 +386,23 @@ class GPTTrainer:
         )
 
     # ------------------------------------------------------------------ the loop
+
+    def preemption_noticed(self) -> dict[str, float]:
+        """At the first check after a node of the run announced it is going away: the seconds left
+        (``preemption/deadline_s``), so this step saves a checkpoint and a preemption costs seconds
+        of training, not up to checkpoint_interval steps. Asked every NOTICE_CHECK_S of training
+        (the question is a collective, ~5 ms; train_seconds is the same on every rank, so every rank
+        asks at the same step); once per start."""
+        if self.noticed or self.train_seconds < self.next_notice_check:
+            return {}
+        self.next_notice_check = self.train_seconds + NOTICE_CHECK_S
+        left = self.ctx.seconds_until_preemption()
+        if left is None:
+            return {}
+        self.noticed = True
+        if self.ctx.is_main:
+            log.warning("a node of this run goes in %.0f s: saving a checkpoint at step %d", left, self.step)
+        return {"preemption/deadline_s": left if math.isfinite(left) else -1.0}
 
     def finished(self) -> bool:
         """max_steps reached, or train.max_minutes spent (every rank agrees: train_seconds is all-reduced)."""
@@ -414,13 +437,16 @@ class GPTTrainer:
             first = self.startup is not None  # start-up is logged once, with the first step's metrics
             with self.startup.phase("first step") if first else contextlib.nullcontext():
                 metrics = {"step": self.step + 1, **self.train_step(), **initial}
+            self.stretch.stepped(self.ctx.is_main)
             if first:
                 if self.ctx.is_main:
                     log.info("%s", self.startup.summary())
                 metrics.update(self.startup.metrics())
                 self.startup = None
             last = self.finished()
-            checkpoint_now = self.step % self.cfg.run.checkpoint_interval == 0 or last
+            notice = self.preemption_noticed()
+            metrics.update(notice)
+            checkpoint_now = self.step % self.cfg.run.checkpoint_interval == 0 or last or bool(notice)
             if self.step % t.eval_interval == 0 or checkpoint_now:
                 metrics.update(self.evaluate())
             if checkpoint_now or first or self.step % t.log_interval == 0 or "val/loss" in metrics:
@@ -433,7 +459,7 @@ class GPTTrainer:
 
 
 def _ray_loop(cfg: GPTJob, config: dict[str, Any]) -> None:
-    ctx = RayContext()
+    ctx = RayContext(cfg.run.preemption_notice)
     with permanent_failures_end_the_run(ctx, config["run_dir"]):
         GPTTrainer(cfg, ctx, config["data_dir"], config["run_dir"], config.get("submitted_at")).run()
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from bigray.artifacts.checkpoint import CheckpointMeta, read_meta, run_segments, write_meta, write_rank_marker
+from bigray.artifacts.checkpoint import CheckpointMeta, read_meta, write_meta, write_rank_marker
 from bigray.artifacts.resnet_card import save_classifier
 from bigray.cluster import enable_tf32, training_precision
 from bigray.config import ResNetJobConfig, ResNetTrainConfig, from_dict, to_dict
@@ -30,6 +30,7 @@ from bigray.models.resnet import build_resnet, normalize
 from bigray.train.context import (
     LocalContext,
     RayContext,
+    Stretch,
     TrainContext,
     checkpoint_to_resume,
     drop_abandoned_checkpoints,
@@ -114,9 +115,7 @@ class ResNetTrainer:
         # on this CPU (bench/resnet_memory_format.py)
         model = model.to(memory_format=torch.channels_last)
         self.epoch, self.step = 0, 0
-        # the checkpoint this stretch of training resumed from, and the step it started at (summary segments)
-        self.resumed: CheckpointMeta | None = None
-        self.segment_start = 0
+        self.stretch = Stretch(ctx.world_size)
         self.model = ctx.prepare_model(model, self.device)
         self.optimizer = make_optimizer(self.model, t)
         pin = self.device.type == "cuda"  # pinned host memory: the copy to the GPU overlaps compute
@@ -169,6 +168,7 @@ class ResNetTrainer:
             loss.backward()
             self.optimizer.step()
             self.step += 1
+            self.stretch.stepped(self.ctx.is_main)
             loss_sum += loss.item() * len(y)
             n += len(y)
         dt = time.perf_counter() - t0
@@ -226,7 +226,7 @@ class ResNetTrainer:
                 step=self.step,
                 world_size=self.ctx.world_size,
                 writer_ranks=[0],
-                segments=run_segments(self.resumed, self.segment_start, self.step, self.ctx.world_size),
+                segments=self.stretch.segments(self.step),
                 config=to_dict(self.cfg),
                 metrics=metrics,
                 epoch=self.epoch,
@@ -246,7 +246,7 @@ class ResNetTrainer:
         # ResNet checkpoints at epoch ends: the step is the epoch's, at this run's global batch
         self.epoch = meta.epoch or 0
         self.step = self.epoch * self.steps_per_epoch
-        self.resumed, self.segment_start = meta, self.step
+        self.stretch.resume(meta, self.step, self.ctx.is_main)
         log.info("rank %d resumed from %s at epoch %d", self.ctx.rank, directory, self.epoch)
         return meta
 
@@ -283,9 +283,10 @@ class ResNetTrainer:
 
 def resnet_loop(config: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker for ResNet training."""
-    ctx = RayContext()
+    cfg = from_dict(ResNetJobConfig, config["job"])
+    ctx = RayContext(cfg.run.preemption_notice)  # a noticed node is drained: the restart goes elsewhere
     with permanent_failures_end_the_run(ctx, config["run_dir"]):
-        ResNetTrainer(from_dict(ResNetJobConfig, config["job"]), ctx, config["run_dir"]).run()
+        ResNetTrainer(cfg, ctx, config["run_dir"]).run()
 
 
 def run_local(cfg: ResNetJobConfig, run_dir: str) -> tuple[dict[str, Any], LocalContext]:

@@ -169,6 +169,53 @@ def head_only_cluster():
     )
 
 
+class InstanceMetadata:
+    """EC2's instance metadata endpoint as a spot instance sees it (IMDSv2), on 127.0.0.1: a session
+    token first (a request without it is a 401), then ``spot/instance-action``: 404 until
+    :meth:`interrupt` schedules the interruption."""
+
+    TOKEN = "session-token"
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:
+                ok = self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
+                self._reply(200 if ok else 400, InstanceMetadata.TOKEN.encode() if ok else b"")
+
+            def do_GET(self) -> None:
+                if self.headers.get("X-aws-ec2-metadata-token") != InstanceMetadata.TOKEN:
+                    return self._reply(401, b"")
+                if self.path != "/latest/meta-data/spot/instance-action" or endpoint.action is None:
+                    return self._reply(404, b"")
+                self._reply(200, json.dumps(endpoint.action).encode())
+
+            def _reply(self, code: int, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.action: dict | None = None
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def interrupt(self, at: float) -> None:
+        """Schedule the interruption at ``at`` (epoch seconds), as EC2 does two minutes ahead."""
+        self.action = {"action": "terminate", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def latest_registered(run_dir: Path) -> str | None:
     """The checkpoint Ray Train registered last (what a restarted worker group gets), from the
     snapshot its controller keeps in the run directory."""
