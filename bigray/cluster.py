@@ -286,16 +286,17 @@ def aws_spot_notice(timeout_s: float = 2.0) -> float | None:
     AWS_EC2_METADATA_SERVICE_ENDPOINT moves the endpoint, as for botocore. Raises OSError where there
     is no metadata endpoint (not on EC2)."""
     base = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", AWS_METADATA_ENDPOINT).rstrip("/")
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the endpoint is link-local: no proxy
     ask = urllib.request.Request(
         f"{base}/latest/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"}
     )
-    with urllib.request.urlopen(ask, timeout=timeout_s) as reply:
+    with direct.open(ask, timeout=timeout_s) as reply:
         token = reply.read().decode()
     ask = urllib.request.Request(
         f"{base}/latest/meta-data/spot/instance-action", headers={"X-aws-ec2-metadata-token": token}
     )
     try:
-        with urllib.request.urlopen(ask, timeout=timeout_s) as reply:
+        with direct.open(ask, timeout=timeout_s) as reply:
             action = json.loads(reply.read())
     except urllib.error.HTTPError as e:
         if e.code == 404:  # no interruption scheduled
@@ -346,6 +347,9 @@ def watch_for_notices(source: str, poll_s: float = 5.0) -> threading.Thread | No
                     log.warning("no %s preemption notices on this node (%s): not watching for them", source, e)
                     return
                 deadline = None  # a transient failure: ask again at the next poll
+            except (ValueError, KeyError) as e:  # a notice we cannot read: ask again at the next poll
+                log.warning("unreadable %s preemption notice: %s", source, e)
+                deadline = None
             first = False
             if deadline is not None:
                 log.warning(
