@@ -181,8 +181,7 @@ class GPTTrainer:
         """Wall clock of the run's training steps so far, the same on every rank (train.max_minutes)."""
         self.stretch = Stretch(ctx.world_size)
         self.next_notice_check = 0.0
-        """train_seconds at which to ask again whether a node of the run is going away."""
-        self.noticed = False
+        """train_seconds at which to ask again whether a node of the run is going away (inf once told)."""
         self.grad_accum = cfg.train.accumulation(ctx.world_size)
         self.global_batch = cfg.train.micro_batch_size * self.grad_accum * ctx.world_size
         """Sequences per optimizer step over all ranks: samples [step * global_batch, (step + 1) * global_batch)."""
@@ -393,13 +392,13 @@ class GPTTrainer:
         of training, not up to checkpoint_interval steps. Asked every NOTICE_CHECK_S of training
         (the question is a collective, ~5 ms; train_seconds is the same on every rank, so every rank
         asks at the same step); once per start."""
-        if self.noticed or self.train_seconds < self.next_notice_check:
+        if self.train_seconds < self.next_notice_check:
             return {}
         self.next_notice_check = self.train_seconds + NOTICE_CHECK_S
         left = self.ctx.seconds_until_preemption()
         if left is None:
             return {}
-        self.noticed = True
+        self.next_notice_check = math.inf  # once per start
         if self.ctx.is_main:
             log.warning("a node of this run goes in %.0f s: saving a checkpoint at step %d", left, self.step)
         return {"preemption/deadline_s": left if math.isfinite(left) else -1.0}

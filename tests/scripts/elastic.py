@@ -98,6 +98,18 @@ def main() -> None:
         add_node()
     ray.init(address=cluster.address)
 
+    def elastic_run(name: str, workers: str) -> list[str]:
+        """What both jobs set alike: the run, its worker range, the resize check, then --set."""
+        return [
+            "run.keep_checkpoints=3",
+            f"scaling.num_workers={workers}",
+            "scaling.cpus_per_worker=1",
+            "scaling.resize_interval_s=2",
+            f"run.storage_path={out}",
+            f"run.name={name}",
+            *args.overrides,
+        ]
+
     def resnet(name: str, workers: str):
         """Fashion-MNIST (Debian's package), 640 images an epoch, a global batch of 32."""
         return train_resnet(
@@ -113,13 +125,7 @@ def main() -> None:
                     "train.lr=0.2",
                     "train.augment=true",
                     "train.precision=auto",
-                    "run.keep_checkpoints=3",
-                    f"scaling.num_workers={workers}",
-                    "scaling.cpus_per_worker=1",
-                    "scaling.resize_interval_s=2",
-                    f"run.storage_path={out}",
-                    f"run.name={name}",
-                    *args.overrides,
+                    *elastic_run(name, workers),
                 ],
             )
         )
@@ -140,13 +146,7 @@ def main() -> None:
                 "deepspeed.precision=fp32",
                 f"run.checkpoint_interval={interval}",
                 f"run.preemption_notice={'aws' if noticed else 'ray'}",
-                "run.keep_checkpoints=3",
-                f"scaling.num_workers={workers}",
-                "scaling.cpus_per_worker=1",
-                "scaling.resize_interval_s=2",
-                f"run.storage_path={out}",
-                f"run.name={name}",
-                *args.overrides,
+                *elastic_run(name, workers),
             )
         )
 
