@@ -67,7 +67,7 @@ def run(preset: str) -> dict:
     prepare_text(data)
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), str(tmp / "out"), str(tmp / "data" / "downloads"), data.cache_dir,
-         str(max_chars), str(vocab), "3", "lost", "--no-reference", f"--interval={interval}",
+         str(max_chars), str(vocab), "3", "lost", f"--interval={interval}",
          f"--steps={steps}", "--start-timeout-s=60", "--timeout-s=1500", *[f"--set={o}" for o in overrides]],
         capture_output=True, text=True, timeout=1800,
     )  # fmt: skip

@@ -1,8 +1,8 @@
 """Elastic training (scaling.num_workers a range) on a real multi-node Ray cluster on this machine
 (tests/scripts/elastic.py, in its own process): a GPT run on [1, 2] workers loses a node (at once, or
 after a spot interruption notice it checkpoints on), continues on the worker that remains, gets a
-node back and grows to 2 again, and trains on exactly the windows an uninterrupted 2-worker run
-trains on; a ResNet DDP run the same way, on the same images. The notice source against a local
+node back and grows to 2 again, and trains on exactly the windows an uninterrupted run trains on; a
+ResNet DDP run the same way, on the same images. The notice source against a local
 instance metadata endpoint. Config refusals: tests/test_config.py."""
 
 import importlib.util
@@ -52,6 +52,11 @@ def assert_shrunk_and_grew(run: dict, last: int) -> list[dict]:
     return segments
 
 
+def planned(run: dict) -> dict[int, int]:
+    """The digest of what each step (epoch) of an uninterrupted run trains on, as the script computed it."""
+    return {int(k): v for k, v in run["planned"].items()}
+
+
 def instance_metadata():
     spec = importlib.util.spec_from_file_location("multi_node", SCRIPTS / "multi_node.py")
     module = importlib.util.module_from_spec(spec)
@@ -88,14 +93,11 @@ def test_a_run_on_a_worker_range_shrinks_when_a_node_goes_and_grows_when_one_com
     run = run_elastic(tmp_path, downloads_dir, small_text[0], stage, how)
     segments = assert_shrunk_and_grew(run, 300)
     assert segments[1]["to_step"] - segments[1]["from_step"] >= 5, segments  # trained on one worker
-    # every step trained on the windows of the uninterrupted 2-worker run, to fp32 summation order
-    rows, reference = {}, {r["step"]: r for r in run["reference_rows"]}
-    for r in run["rows"]:  # a replayed step's later row is the one the run kept
-        rows[r["step"]] = r
-    assert sorted(rows) == sorted(reference) == list(range(1, 301))
-    for step, r in rows.items():
-        assert r["train/windows"] == reference[step]["train/windows"], step
-        assert r["train/loss"] == pytest.approx(reference[step]["train/loss"], rel=1e-5), step
+    # every step trained on the windows an uninterrupted run trains on (losses at another world size:
+    # tests/test_gpt.py's resumed runs)
+    rows = {r["step"]: r for r in run["rows"]}  # a replayed step's later row is the one the run kept
+    assert sorted(rows) == list(range(1, 301))
+    assert {step: r["train/windows"] for step, r in rows.items()} == planned(run)
     assert {r["train/world_size"] for r in run["rows"]} == {1, 2}
     if how == "noticed":
         # the notice reached the run, which saved a checkpoint at once (not a multiple of
@@ -112,19 +114,19 @@ def test_a_run_on_a_worker_range_shrinks_when_a_node_goes_and_grows_when_one_com
 @pytest.mark.skipif(
     not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(), reason="needs dataset-fashion-mnist"
 )
-def test_a_resnet_run_on_a_worker_range_shrinks_and_grows_on_the_images_of_a_fixed_run(downloads_dir, tmp_path):
+def test_a_resnet_run_on_a_worker_range_shrinks_and_grows_on_the_images_of_an_uninterrupted_run(
+    downloads_dir, tmp_path
+):
     """ResNet DDP, 3 epochs on [1, 2] workers: the node of one worker goes once the epoch-1 checkpoint
     is registered; one worker trains epoch 2; a node comes back and 2 workers finish."""
     run = run_elastic(
         tmp_path, downloads_dir, None, 0, "lost", "--job=resnet", "--interval=1", "--lose-after=1", "--steps=3"
     )
     segments = assert_shrunk_and_grew(run, 3 * 640 // 32)  # steps: 640 images an epoch, global batch 32
-    epochs, reference = {}, {r["epoch"]: r for r in run["reference_rows"]}
-    for r in run["rows"]:  # a replayed epoch's later row is the one the run kept
-        epochs[r["epoch"]] = r
-    assert sorted(epochs) == sorted(reference) == [1, 2, 3]
-    # every epoch on the images of the fixed 2-worker run, in the same order, at either world size
-    assert all(epochs[e]["train/images"] == reference[e]["train/images"] for e in epochs), (epochs, reference)
+    epochs = {r["epoch"]: r for r in run["rows"]}  # a replayed epoch's later row is the one the run kept
+    assert sorted(epochs) == [1, 2, 3]
+    # every epoch on the images of an uninterrupted run, in the same order, at either world size
+    assert {e: r["train/images"] for e, r in epochs.items()} == planned(run)
     assert {r["train/world_size"] for r in run["rows"]} == {1, 2}
     assert epochs[3]["train/loss"] < epochs[1]["train/loss"], epochs
     print(segments, {k: run[k] for k in ("lost_after", "loss_to_next_step_s", "return_to_next_step_s")})

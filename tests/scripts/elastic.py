@@ -3,7 +3,8 @@ ResNet run (--job) on a Ray cluster on this machine (ray.cluster_utils.Cluster: 
 1-CPU nodes, one worker each) that loses a node and gets it back. Checkpoints are counted in the
 job's units: GPT steps, ResNet epochs (which checkpoint every epoch: --interval 1).
 
-1. The reference (unless --no-reference): the same job on a fixed 2 workers, uninterrupted.
+1. The plan: what an uninterrupted run of the job trains on at each step (GPT) or epoch (ResNet), at
+   any world size, as the digest it logs (train/windows, train/images), computed from the data order.
 2. The elastic run, ``scaling.num_workers: [1, 2]``, loses the node of one of its workers, in one of
    two ways (HOW):
    - ``lost``: once Ray registered the checkpoint --lose-after (default 2 x interval), the node is
@@ -17,11 +18,11 @@ job's units: GPT steps, ResNet epochs (which checkpoint every epoch: --interval 
    Once the one worker has written a checkpoint of its own, a node is added back, and Ray's resize
    brings the run back to 2 workers (from its newest checkpoint).
 
-Prints one JSON line, ``{"elastic": ...}``: every logged step of both runs and when things happened
+Prints one JSON line, ``{"elastic": ...}``: the plan, every logged step of the run, when things happened
 (epoch seconds: ``lost_at``, ``added_at``; ``saved_at`` of the checkpoint each restart resumed from).
 
 Usage: elastic.py OUT_DIR DOWNLOADS_DIR CACHE_DIR MAX_CHARS VOCAB ZERO_STAGE HOW [--job gpt|resnet]
-       [--interval N] [--lose-after N] [--steps N] [--no-reference] [--start-timeout-s S]
+       [--interval N] [--lose-after N] [--steps N] [--start-timeout-s S]
        [--timeout-s S] [--set key=value ...]
 """
 
@@ -30,9 +31,13 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 from multi_node import REPO, InstanceMetadata, gpt_config, head_only_cluster, latest_registered
+
+RESNET_IMAGES, RESNET_BATCH = 640, 32  # an epoch's training images, a step's over all workers
 
 
 def rows_of(run_dir: Path) -> list[dict]:
@@ -52,6 +57,32 @@ def saved_at(run_dir: Path, name: str) -> float | None:
         return None
 
 
+def planned_steps(cfg) -> Iterator[tuple[int, int]]:
+    """Each step's train/windows in an uninterrupted run of GPT job ``cfg``, at any world size: from the
+    data order the trainer reads (TokenWindows.windows_at, data/order.py), not from a run."""
+    from bigray.data.order import DIGEST_MOD, sample_digest
+    from bigray.data.text import open_prepared
+    from bigray.recipes.gpt import prepare_pretrain
+    from bigray.train.gpt import token_windows
+
+    prepared = prepare_pretrain(cfg)
+    windows = token_windows(open_prepared(prepared.data_dir), "train", cfg.model.block_size)
+    g = cfg.train.global_batch_size
+    for step in range(cfg.train.max_steps):
+        ids = windows.windows_at(seed=cfg.train.seed, start=step * g, count=g, shuffle=True)
+        yield step + 1, sample_digest(np.arange(step * g, (step + 1) * g), ids) % DIGEST_MOD
+
+
+def planned_epochs(cfg) -> Iterator[tuple[int, int]]:
+    """Each epoch's train/images in an uninterrupted run of ResNet job ``cfg``, at any world size."""
+    from bigray.data.order import DIGEST_MOD, StepBatches
+
+    batches = StepBatches(RESNET_IMAGES, cfg.train.global_batch_size, 0, 1, cfg.train.seed)
+    for epoch in range(cfg.train.epochs):
+        batches.set_epoch(epoch)
+        yield epoch + 1, batches.digest() % DIGEST_MOD
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     for name in ("out", "downloads", "cache", "max_chars", "vocab", "stage", "how"):
@@ -60,7 +91,6 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=0, help="run.checkpoint_interval (5 lost, 100 noticed)")
     parser.add_argument("--lose-after", type=int, default=0, help="the checkpoint after which the node goes")
     parser.add_argument("--steps", type=int, default=300, help="train.max_steps (GPT), train.epochs (ResNet)")
-    parser.add_argument("--no-reference", action="store_true")
     # Ray Train gives up starting a worker group after 60 s (then tries the workers that did start):
     # after a loss it first tries 2 workers, one on the lost node's resources. 30 s: a test speed knob.
     parser.add_argument("--start-timeout-s", default="30")
@@ -98,65 +128,55 @@ def main() -> None:
         add_node()
     ray.init(address=cluster.address)
 
-    def elastic_run(name: str, workers: str) -> list[str]:
-        """What both jobs set alike: the run, its worker range, the resize check, then --set."""
-        return [
-            "run.keep_checkpoints=3",
-            f"scaling.num_workers={workers}",
-            "scaling.cpus_per_worker=1",
-            "scaling.resize_interval_s=2",
-            f"run.storage_path={out}",
-            f"run.name={name}",
-            *args.overrides,
-        ]
-
-    def resnet(name: str, workers: str):
-        """Fashion-MNIST (Debian's package), 640 images an epoch, a global batch of 32."""
-        return train_resnet(
-            load_config(
-                ResNetJobConfig,
-                REPO / "jobs" / "configs" / "resnet_fashion.yaml",
-                [
-                    "data.max_train_samples=640",
-                    "data.max_eval_samples=256",
-                    f"train.epochs={args.steps}",
-                    "train.batch_size=0",
-                    "train.global_batch_size=32",
-                    "train.lr=0.2",
-                    "train.augment=true",
-                    "train.precision=auto",
-                    *elastic_run(name, workers),
-                ],
-            )
+    elastic_run = [  # what both jobs set alike: the run, its worker range, the resize check, then --set
+        "run.keep_checkpoints=3",
+        "scaling.num_workers=1..2",
+        "scaling.cpus_per_worker=1",
+        "scaling.resize_interval_s=2",
+        f"run.storage_path={out}",
+        "run.name=elastic",
+        *args.overrides,
+    ]
+    if args.job == "resnet":  # Fashion-MNIST (Debian's package), RESNET_IMAGES an epoch, RESNET_BATCH a step
+        job = load_config(
+            ResNetJobConfig,
+            REPO / "jobs" / "configs" / "resnet_fashion.yaml",
+            [
+                f"data.max_train_samples={RESNET_IMAGES}",
+                "data.max_eval_samples=256",
+                f"train.epochs={args.steps}",
+                "train.batch_size=0",
+                f"train.global_batch_size={RESNET_BATCH}",
+                "train.lr=0.2",
+                "train.augment=true",
+                "train.precision=auto",
+                *elastic_run,
+            ],
         )
-
-    def gpt(name: str, workers: str):
-        return pretrain(
-            gpt_config(
-                args.cache,
-                args.max_chars,
-                args.vocab,
-                "train.micro_batch_size=4",
-                "train.global_batch_size=16",
-                f"train.max_steps={args.steps}",
-                "train.eval_interval=1000",
-                "train.lr=3e-3",
-                "train.warmup_steps=5",
-                f"deepspeed.zero_stage={args.stage}",
-                "deepspeed.precision=fp32",
-                f"run.checkpoint_interval={interval}",
-                f"run.preemption_notice={'aws' if noticed else 'ray'}",
-                *elastic_run(name, workers),
-            )
+        train_job, planned = train_resnet, dict(planned_epochs(job))
+    else:
+        job = gpt_config(
+            args.cache,
+            args.max_chars,
+            args.vocab,
+            "train.micro_batch_size=4",
+            "train.global_batch_size=16",
+            f"train.max_steps={args.steps}",
+            "train.eval_interval=1000",
+            "train.lr=3e-3",
+            "train.warmup_steps=5",
+            f"deepspeed.zero_stage={args.stage}",
+            "deepspeed.precision=fp32",
+            f"run.checkpoint_interval={interval}",
+            f"run.preemption_notice={'aws' if noticed else 'ray'}",
+            *elastic_run,
         )
-
-    train_job = resnet if args.job == "resnet" else gpt
-    reference = None if args.no_reference else train_job("fixed", "2")
+        train_job, planned = pretrain, dict(planned_steps(job))
     outcome: dict = {}
 
     def train() -> None:
         try:
-            outcome["summary"] = train_job("elastic", "1..2")
+            outcome["summary"] = train_job(job)
         except Exception as e:  # noqa: BLE001 - reported
             outcome["error"] = f"{type(e).__name__}: {e}"
 
@@ -216,9 +236,8 @@ def main() -> None:
                     "finished": "summary" in outcome,
                     "error": outcome.get("error"),
                     "summary": outcome.get("summary"),
-                    "reference": reference,
+                    "planned": planned,
                     "rows": rows_of(run_dir),
-                    "reference_rows": rows_of(out / "fixed"),
                 }
             }
         ),
