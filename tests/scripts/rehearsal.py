@@ -12,8 +12,12 @@ operator's checkout has YOUR-BUCKET replaced in the configs (README says to), an
 Everything else, the configs included, runs as written. A step that fails stops the rehearsal and
 is named with its output.
 
-Usage: rehearsal.py OUT_DIR DOWNLOADS_DIR BUCKET [EXTRA_PRETRAIN_OVERRIDE ...]
-Prints one JSON line: {"steps": [{"step", "command", "ok", "seconds", "output"}], "requests": {...}}.
+Before the pretraining step, the same job is submitted as an operator who kept a local data directory
+would (data.cache_dir=./data): refused, its step recorded as "local_data".
+
+Usage: rehearsal.py OUT_DIR DOWNLOADS_DIR BUCKET
+Prints one JSON line: {"steps": [{"step", "command", "ok", "seconds", "output"}], "local_data": {...},
+"requests": {...}}.
 """
 
 import json
@@ -200,14 +204,14 @@ def wait_for(ready, timeout_s: float, what: str) -> None:
         time.sleep(1)
 
 
-def localize(command: str, nodes: Nodes, bucket: str, extra: list[str], serve_port: int) -> list[str]:
+def localize(command: str, nodes: Nodes, bucket: str, serve_port: int) -> list[str]:
     """A README job command as it runs here: this cluster's address, this bucket, the size overrides."""
     argv = shlex.split(command.replace("YOUR-BUCKET", bucket), comments=True)
     argv = [nodes.address if a == "http://127.0.0.1:8265" else a for a in argv]
     argv[0] = str(BIN / "ray")
     entry = argv[argv.index("--") + 1 :]
     key = "cluster" if entry[0] == "bigray" else entry[1]
-    sets = SMALL[key] + (extra if key == "jobs/pretrain_gpt.py" else [])
+    sets = list(SMALL[key])
     if key == "jobs/serve_app.py":
         sets += [
             "host=127.0.0.1",
@@ -285,7 +289,7 @@ def requests_to_the_endpoint(url: str, key: str) -> dict:
 
 
 def main() -> None:
-    out, downloads, bucket, extra = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+    out, downloads, bucket = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     home = out / "home"
     home.mkdir(parents=True)
     env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
@@ -333,8 +337,13 @@ def main() -> None:
                     }
                 )
             elif command.startswith("ray job submit "):
-                argv = localize(command, nodes, bucket, extra, serve_port)
+                argv = localize(command, nodes, bucket, serve_port)
                 entry = argv[argv.index("--") + 1 :]
+                if entry[1] == "jobs/pretrain_gpt.py":  # first as an operator who kept a local data directory
+                    local = argv + ["--set", "data.cache_dir=./data"]
+                    result["local_data"] = run_step(
+                        "jobs/pretrain_gpt.py with data.cache_dir=./data", local, env, checkout
+                    )
                 steps.append(run_step(entry[1] if entry[0] == "python" else " ".join(entry[:3]), argv, env, checkout))
             else:  # the operator's own shell commands (the token, the API key)
                 steps.append(
