@@ -69,33 +69,13 @@ def test_ddp_reaches_accuracy_well_above_chance(ddp_run):
 
 @needs_fmnist
 @pytest.mark.slow
-def test_one_worker_trains_like_two_at_the_same_global_batch(ddp_run, tmp_path):
-    """The learning rate follows the global batch: 1 worker x 32 images is the same training as the
-    2 x 16 of ddp_run (same lr, steps and schedule), so both reach the same accuracy within noise."""
-    from bigray.recipes.resnet import train_local
-    from bigray.train.optim import resnet_peak_lr
-
-    cfg, summary = ddp_run
-    one = resnet_config(tmp_path, "one", "train.batch_size=32", "scaling.num_workers=1", "scaling.cpus_per_worker=2")
-    assert one.train.batch_size * 1 == cfg.train.batch_size * 2 == 32 and one.train.lr == cfg.train.lr
-    assert resnet_peak_lr(one.train, 32) == pytest.approx(0.05)
-    train_local(one, str(tmp_path / "one"))
-    single = metrics_by_epoch(tmp_path / "one")
-    double = metrics_by_epoch(summary["run_dir"])
-    assert single[2]["step"] == double[2]["step"] == 150
-    assert single[2]["val/acc"] == pytest.approx(double[2]["val/acc"], abs=0.05), (single[2], double[2])
-    # the same images in the same order (data/order.py): the worker count is not an input to it
-    assert [single[e]["train/images"] for e in (1, 2)] == [double[e]["train/images"] for e in (1, 2)]
-
-
-@needs_fmnist
-@pytest.mark.slow
 def test_a_run_resumed_on_another_world_size_trains_on_the_same_images(ddp_run, tmp_path):
     """ddp_run (2 workers x 16) resumed after epoch 1 on 1 worker at the same global batch (32): epoch 2
-    trains on the same images in the same order, with the same augmentation, as the uninterrupted run.
-    Its loss differs through BatchNorm alone, whose statistics are each worker's batch (32 images on one
-    worker, 16 on each of two): within 5% relative."""
+    trains on the same images in the same order, with the same augmentation and learning rate (it
+    follows the global batch), as the uninterrupted run. Its loss differs through BatchNorm alone, whose
+    statistics are each worker's batch (32 images on one worker, 16 on each of two): within 5% relative."""
     from bigray.recipes.resnet import train_local
+    from bigray.train.optim import resnet_peak_lr
 
     cfg, summary = ddp_run
     epoch1 = Path(summary["run_dir"]) / "checkpoint_epoch_0001"
@@ -108,6 +88,7 @@ def test_a_run_resumed_on_another_world_size_trains_on_the_same_images(ddp_run, 
         "scaling.cpus_per_worker=2",
         f"resume_from={epoch1}",
     )
+    assert resnet_peak_lr(one.train, 32) == resnet_peak_lr(cfg.train, 2 * cfg.train.batch_size) == pytest.approx(0.05)
     train_local(one, str(tmp_path / "resumed"))
     resumed, full = metrics_by_epoch(tmp_path / "resumed"), metrics_by_epoch(summary["run_dir"])
     assert list(resumed) == [2] and resumed[2]["step"] == full[2]["step"] == 150
