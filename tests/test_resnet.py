@@ -24,7 +24,7 @@ def resnet_config(tmp_path, name, *overrides):
         ResNetJobConfig,
         REPO / "jobs" / "configs" / "resnet_fashion.yaml",
         [
-            "data.max_train_samples=2400",
+            "data.max_train_samples=1600",
             "data.max_eval_samples=1000",
             "train.epochs=2",
             "train.batch_size=16",
@@ -55,14 +55,14 @@ def ddp_run(ray_cluster, tmp_path_factory):
 def test_ddp_reaches_accuracy_well_above_chance(ddp_run):
     cfg, summary = ddp_run
     epochs = metrics_by_epoch(summary["run_dir"])
-    assert epochs[2]["step"] == 150  # 2400 images / (2 workers x 16) x 2 epochs
+    assert epochs[2]["step"] == 100  # 1600 images / (2 workers x 16) x 2 epochs
     assert epochs[2]["val/acc"] > 0.6, epochs[2]  # chance is 0.1
     assert epochs[2]["train/loss"] < epochs[1]["train/loss"]
     for key in ("train/loss", "val/loss", "val/acc", "train/images_per_s", "train/epoch_time_s"):
         assert key in summary["metrics"]
     meta = read_meta(summary["checkpoint"], "resnet")
     assert meta.epoch == 2
-    assert summary["segments"] == meta.segments == [{"from_step": 0, "to_step": 150, "world_size": 2}]
+    assert summary["segments"] == meta.segments == [{"from_step": 0, "to_step": 100, "world_size": 2}]
     card = json.loads(Path(summary["checkpoint"], "model", "model.json").read_text())
     assert card["data"]["class_names"][9] == "Ankle boot" and card["data"]["mean"] == [0.286]
 
@@ -91,15 +91,15 @@ def test_a_run_resumed_on_another_world_size_trains_on_the_same_images(ddp_run, 
     assert resnet_peak_lr(one.train, 32) == resnet_peak_lr(cfg.train, 2 * cfg.train.batch_size) == pytest.approx(0.05)
     train_local(one, str(tmp_path / "resumed"))
     resumed, full = metrics_by_epoch(tmp_path / "resumed"), metrics_by_epoch(summary["run_dir"])
-    assert list(resumed) == [2] and resumed[2]["step"] == full[2]["step"] == 150
+    assert list(resumed) == [2] and resumed[2]["step"] == full[2]["step"] == 100
     assert (resumed[2]["train/world_size"], full[2]["train/world_size"]) == (1, 2)
     assert resumed[2]["train/images"] == full[2]["train/images"]
     assert resumed[2]["train/loss"] == pytest.approx(full[2]["train/loss"], rel=0.05), (resumed[2], full[2])
     meta = read_meta(tmp_path / "resumed" / "checkpoint_epoch_0002", "resnet")
     assert meta.segments[-1].pop("lost_s") > 0  # seconds from the checkpoint to the first step after it
     assert meta.segments == [
-        {"from_step": 0, "to_step": 75, "world_size": 2},
-        {"from_step": 75, "to_step": 150, "world_size": 1},
+        {"from_step": 0, "to_step": 50, "world_size": 2},
+        {"from_step": 50, "to_step": 100, "world_size": 1},
     ]
 
 
