@@ -37,8 +37,6 @@ from pathlib import Path
 import numpy as np
 from multi_node import REPO, InstanceMetadata, gpt_config, head_only_cluster, latest_registered
 
-RESNET_IMAGES, RESNET_BATCH = 640, 32  # an epoch's training images, a step's over all workers
-
 
 def rows_of(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
@@ -77,7 +75,7 @@ def planned_epochs(cfg) -> Iterator[tuple[int, int]]:
     """Each epoch's train/images in an uninterrupted run of ResNet job ``cfg``, at any world size."""
     from bigray.data.order import DIGEST_MOD, StepBatches
 
-    batches = StepBatches(RESNET_IMAGES, cfg.train.global_batch_size, 0, 1, cfg.train.seed)
+    batches = StepBatches(cfg.data.max_train_samples, cfg.train.global_batch_size, 0, 1, cfg.train.seed)
     for epoch in range(cfg.train.epochs):
         batches.set_epoch(epoch)
         yield epoch + 1, batches.digest() % DIGEST_MOD
@@ -137,16 +135,16 @@ def main() -> None:
         "run.name=elastic",
         *args.overrides,
     ]
-    if args.job == "resnet":  # Fashion-MNIST (Debian's package), RESNET_IMAGES an epoch, RESNET_BATCH a step
+    if args.job == "resnet":  # Fashion-MNIST (Debian's package), 640 images an epoch, 32 a step
         job = load_config(
             ResNetJobConfig,
             REPO / "jobs" / "configs" / "resnet_fashion.yaml",
             [
-                f"data.max_train_samples={RESNET_IMAGES}",
+                "data.max_train_samples=640",
                 "data.max_eval_samples=256",
                 f"train.epochs={args.steps}",
                 "train.batch_size=0",
-                f"train.global_batch_size={RESNET_BATCH}",
+                "train.global_batch_size=32",
                 "train.lr=0.2",
                 "train.augment=true",
                 "train.precision=auto",
