@@ -48,15 +48,13 @@ def read_table(run_dir):
 def test_asha_search_stops_bad_trials_and_reports_the_best(ray_cluster, small_text, tmp_path):
     from bigray.tune import run_search
 
-    # Best learning rate first: run one at a time, ASHA must stop the worse ones at a rung.
+    # Best learning rate first: run one at a time, ASHA must stop the worse one at a rung.
     job = gpt_search(
-        small_text, tmp_path, "asha", "tune.num_samples=1", "tune.space={train.lr: {grid: [0.006, 0.0003, 0.00005]}}"
+        small_text, tmp_path, "asha", "tune.num_samples=1", "tune.space={train.lr: {grid: [0.006, 0.00005]}}"
     )
     summary = run_search(job)
     rows = read_table(summary["run_dir"])
-    assert len(rows) == 3
-    assert {r["status"] for r in rows} <= {"completed", "stopped early"}
-    assert any(r["status"] == "stopped early" for r in rows)
+    assert [r["status"] for r in rows] == ["completed", "stopped early"], rows
     best_row = min(rows, key=lambda r: float(r["best val/loss"]))
     assert summary["metrics"]["val/loss"] == pytest.approx(float(best_row["best val/loss"]))
     assert summary["best_trial"] == best_row["trial_id"]
@@ -105,8 +103,8 @@ def test_diverging_trial_fails_while_others_complete(ray_cluster, tmp_path):
 def test_interrupted_search_in_a_bucket_resumes_without_rerunning_finished_trials(
     ray_cluster, s3_server, small_text, mlflow_server, tmp_path
 ):
-    """A 3-trial search whose storage is a bucket (the real S3 API), interrupted (SIGINT, as Ctrl-C)
-    after its first trial finished, resumed with ``bigray tune --resume s3://...``. Also tracked in
+    """A 2-trial search (one at a time) whose storage is a bucket (the real S3 API), interrupted (SIGINT,
+    as Ctrl-C) after its first trial finished, resumed with ``bigray tune --resume s3://...``. Also tracked in
     MLflow: one parent run for the search (continued by the resume), one child per trial."""
     import boto3
 
@@ -121,10 +119,10 @@ def test_interrupted_search_in_a_bucket_resumes_without_rerunning_finished_trial
         f"{k}={v}"
         for k, v in [
             ("tune.searcher", "random"),
-            ("tune.max_concurrent_trials", 2),
+            ("tune.max_concurrent_trials", 1),
             ("tune.num_samples", 1),
             ("tune.scheduler", "fifo"),
-            ("tune.space", "{train.lr: {grid: [0.003, 0.001, 0.00005]}}"),
+            ("tune.space", "{train.lr: {grid: [0.003, 0.00005]}}"),
             ("trainer.data.cache_dir", text_cfg.cache_dir),
             ("trainer.data.max_chars", text_cfg.max_chars),
             ("trainer.data.vocab_size", text_cfg.vocab_size),
@@ -153,12 +151,12 @@ def test_interrupted_search_in_a_bucket_resumes_without_rerunning_finished_trial
     while (
         time.time() < deadline and proc.poll() is None and not any(s and max(s) >= 20 for s in trial_steps().values())
     ):
-        time.sleep(1)  # interrupt once the first trial finished (two run at a time)
+        time.sleep(1)  # interrupt once the first trial finished
     finished_before = {name: steps for name, steps in trial_steps().items() if steps and max(steps) >= 20}
     assert finished_before, f"no trial finished before the interruption: {trial_steps()}\n{log.read_text()[-3000:]}"
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
-    assert len(finished_before) < 3, "the search finished before it was interrupted"
+    assert len(finished_before) < 2, "the search finished before it was interrupted"
     out = subprocess.run(
         [sys.executable, "-m", "bigray.cli", "tune", "--resume", search],
         env=env,
@@ -168,14 +166,14 @@ def test_interrupted_search_in_a_bucket_resumes_without_rerunning_finished_trial
     )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = list(csv.DictReader(io.StringIO(read_text(f"{search}/results.csv"))))
-    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows), rows
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
     after = trial_steps()
     for name, steps in finished_before.items():
         assert after[name] == steps  # finished trials were not run again
     summary = json.loads(read_text(f"{search}/summary.json"))
     assert summary["run_dir"] == search and summary["checkpoint"].startswith(f"{search}/trials/"), summary  # full URIs
     assert read_meta(summary["checkpoint"], "gpt").step == 20 and "tune_job.json" in file_sizes(search)
-    _assert_tracked_search(mlflow_server, "search-test", rows, summary, [0.00005, 0.001, 0.003])
+    _assert_tracked_search(mlflow_server, "search-test", rows, summary, [0.00005, 0.003])
     again = run_search(TuneJobConfig(), resume_dir=search)  # a finished search resumes to the same answer
     assert again["best_trial"] == summary["best_trial"] and again["checkpoint"] == summary["checkpoint"]
     _assert_planted_state_is_refused(search, tmp_path)  # and in a bucket
@@ -264,8 +262,8 @@ def _steps(trial_dir):
 def test_pbt_copies_good_checkpoints_into_bad_trials(ray_cluster, small_text, tmp_path):
     from bigray.tune import run_search
 
-    # Two trials at once: whichever is behind at a perturbation takes the other's checkpoint. 40 steps:
-    # trials start a few seconds apart, and a donor that already finished would hand over its last step.
+    # Two trials at once, lr 2.6e-3 and 6.3e-5 (seed 9): the one behind at a perturbation (reports 2 and 4 of
+    # 5, steps 10 and 20) takes the other's checkpoint and trains on from it (each exploit is a restart).
     job = gpt_search(
         small_text,
         tmp_path,
@@ -273,9 +271,10 @@ def test_pbt_copies_good_checkpoints_into_bad_trials(ray_cluster, small_text, tm
         "tune.scheduler=pbt",
         "tune.num_samples=2",
         "tune.max_concurrent_trials=2",
-        "tune.seed=3",
+        "tune.seed=9",
         "tune.space={train.lr: {loguniform: [0.00001, 0.006]}}",
-        "trainer.train.max_steps=40",
+        "tune.perturbation_interval=2",
+        "trainer.train.max_steps=25",
     )
     summary = run_search(job)
     rows = read_table(summary["run_dir"])

@@ -86,9 +86,9 @@ def main() -> None:
     for name in ("out", "downloads", "cache", "max_chars", "vocab", "stage", "how"):
         parser.add_argument(name)
     parser.add_argument("--job", choices=["gpt", "resnet"], default="gpt")
-    parser.add_argument("--interval", type=int, default=0, help="run.checkpoint_interval (5 lost, 100 noticed)")
+    parser.add_argument("--interval", type=int, default=0, help="run.checkpoint_interval (5 lost, 25 noticed)")
     parser.add_argument("--lose-after", type=int, default=0, help="the checkpoint after which the node goes")
-    parser.add_argument("--steps", type=int, default=300, help="train.max_steps (GPT), train.epochs (ResNet)")
+    parser.add_argument("--steps", type=int, default=150, help="train.max_steps (GPT), train.epochs (ResNet)")
     # Ray Train gives up starting a worker group after 60 s (then tries the workers that did start):
     # after a loss it first tries 2 workers, one on the lost node's resources. 30 s: a test speed knob.
     parser.add_argument("--start-timeout-s", default="30")
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     args = parser.parse_args()
     noticed = args.how == "noticed"
-    interval = args.interval or (100 if noticed else 5)
+    interval = args.interval or (25 if noticed else 5)
     unit = "epoch" if args.job == "resnet" else "step"
     out = Path(args.out)
     driver_cache = out / "driver-cache"
