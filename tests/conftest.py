@@ -211,7 +211,17 @@ def gpt_checkpoint(small_text, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def resnet_checkpoint(tmp_path_factory):
+def fashion_mnist() -> Path:
+    """Debian's dataset-fashion-mnist (`make setup` installs it): tests that use it skip without it."""
+    from bigray.data.images import DEBIAN_FASHION_MNIST
+
+    if not all((DEBIAN_FASHION_MNIST / f"{s}-images-idx3-ubyte.gz").is_file() for s in ("train", "t10k")):
+        pytest.skip("needs dataset-fashion-mnist")
+    return DEBIAN_FASHION_MNIST
+
+
+@pytest.fixture(scope="session")
+def resnet_checkpoint(fashion_mnist, tmp_path_factory):
     """A ResNet-18 trained for one short epoch on Fashion-MNIST in this process."""
     from bigray.config import ResNetJobConfig, load_config
     from bigray.recipes.resnet import train_local

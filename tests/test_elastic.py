@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from bigray.data.images import DEBIAN_FASHION_MNIST
-
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 SCRIPT = SCRIPTS / "elastic.py"
 
@@ -112,11 +110,8 @@ def test_a_run_on_a_worker_range_shrinks_when_a_node_goes_and_grows_when_one_com
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(), reason="needs dataset-fashion-mnist"
-)
 def test_a_resnet_run_on_a_worker_range_shrinks_and_grows_on_the_images_of_an_uninterrupted_run(
-    downloads_dir, tmp_path
+    fashion_mnist, downloads_dir, tmp_path
 ):
     """ResNet DDP, 3 epochs on [1, 2] workers: the node of one worker goes once the epoch-1 checkpoint
     is registered; one worker trains epoch 2; a node comes back and 2 workers finish."""

@@ -130,3 +130,21 @@ def test_bf16_zero2_engine_accumulates_gradients_in_fp32(tmp_path):
         trained.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_deepspeed_starts_without_its_autotuners_mlflow_import_and_mlflow_still_imports_after():
+    """A fresh process, as a Ray Train worker is: DeepSpeed's engine path skips the optional MLflow
+    import (most of DeepSpeed's import time); a run that tracks to MLflow imports it as before."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from bigray.train.engine import import_deepspeed, skip_inference_comm_op\n"
+        "import_deepspeed(); skip_inference_comm_op()\n"
+        "assert 'mlflow' not in sys.modules, 'DeepSpeed imported mlflow'\n"
+        "import mlflow\n"
+        "print('ok', mlflow.__version__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "\nok " in "\n" + out.stdout, out.stdout[-2000:] + out.stderr[-2000:]

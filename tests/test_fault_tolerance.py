@@ -35,11 +35,7 @@ def test_interrupted_checkpoint_is_never_loaded(gpt_checkpoint, tmp_path):
         read_meta(newest)
 
 
-@pytest.mark.skipif(
-    not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(),
-    reason="needs dataset-fashion-mnist",
-)
-def test_divergence_fails_once_whatever_max_failures_says(ray_cluster, tmp_path):
+def test_divergence_fails_once_whatever_max_failures_says(ray_cluster, fashion_mnist, tmp_path):
     from ray.util.state import list_actors
 
     from bigray.config import ResNetJobConfig

@@ -10,13 +10,11 @@ import torch
 
 from bigray.artifacts.checkpoint import read_meta
 from bigray.config import ResNetJobConfig, load_config
-from bigray.data.images import DEBIAN_FASHION_MNIST, ArrayImages, DatasetInfo, load_images
+from bigray.data.images import ArrayImages, DatasetInfo, load_images
 from bigray.models.resnet import normalize
 
 REPO = Path(__file__).resolve().parents[1]
-needs_fmnist = pytest.mark.skipif(
-    not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(), reason="needs dataset-fashion-mnist"
-)
+needs_fmnist = pytest.mark.usefixtures("fashion_mnist")
 
 
 def resnet_config(tmp_path, name, *overrides):

@@ -18,9 +18,7 @@ from bigray.data.images import DEBIAN_FASHION_MNIST
 
 # The app's core (health, completions, streams, classification, every bad request) is in `make
 # test-fast`; apps of their own, long generations and failures are marked slow.
-pytestmark = pytest.mark.skipif(
-    not (DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file(), reason="needs dataset-fashion-mnist"
-)
+pytestmark = pytest.mark.usefixtures("fashion_mnist")
 
 PORT = 8123
 REPO = Path(__file__).resolve().parents[1]
