@@ -34,6 +34,7 @@ from bigray.serve.protocol import (
     ModelList,
     ServeError,
     raise_if_error,
+    refused_when_full,
 )
 from bigray.serve.serving import GPTServing
 from bigray.serve.settings import AppArgs
@@ -54,14 +55,15 @@ READINESS_REFRESH_S = 1.0
 Body = TypeVar("Body", bound=BaseModel)
 
 
-def error_response(status: int, message: str, type_: str) -> JSONResponse:
+def error_response(status: int, message: str, type_: str, retry_after_s: float | None = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorDetail(message=message, type=type_, code=status))
-    return JSONResponse(status_code=status, content=body.model_dump())
+    headers = {"Retry-After": str(max(1, round(retry_after_s)))} if retry_after_s is not None else None
+    return JSONResponse(status_code=status, content=body.model_dump(), headers=headers)
 
 
 @api.exception_handler(ServeError)
 async def _serve_error(_: Request, exc: ServeError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.type)
+    return error_response(exc.status, exc.message, exc.type, exc.retry_after_s)
 
 
 @api.exception_handler(RequestValidationError)
@@ -278,7 +280,8 @@ class Ingress:
         if not 1 <= top_k <= 1000:
             raise ServeError(400, f"top_k must be between 1 and 1000, got {top_k}")
         image = await self._image_bytes(request)
-        result = raise_if_error(await self.resnet.classify.remote(image, top_k))
+        with refused_when_full(self.args.resnet_name):
+            result = raise_if_error(await self.resnet.classify.remote(image, top_k))
         return ClassificationResponse(
             model=self.args.resnet_name, predictions=[ClassLabel(**p) for p in result["predictions"]]
         )

@@ -7,10 +7,11 @@ they are; nothing is rebuilt from dicts on the other side.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -289,9 +290,11 @@ class ServeError(Exception):
     a handle arrives as a RayTaskError, not as itself).
     """
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error"):
+    def __init__(
+        self, status: int, message: str, type_: str = "invalid_request_error", retry_after_s: float | None = None
+    ):
         super().__init__(message)
-        self.status, self.message, self.type = status, message, type_
+        self.status, self.message, self.type, self.retry_after_s = status, message, type_, retry_after_s
 
     def detail(self) -> ErrorDetail:
         return ErrorDetail(message=self.message, type=self.type, code=self.status)
@@ -299,6 +302,20 @@ class ServeError(Exception):
     @classmethod
     def from_detail(cls, detail: ErrorDetail) -> ServeError:
         return cls(detail.code or 500, detail.message, detail.type)
+
+
+@contextlib.contextmanager
+def refused_when_full(model: str) -> Iterator[None]:
+    """A model deployment's full queue (its max_queued_requests), which Serve raises as its own
+    BackPressureError with a plain-text body, as an OpenAI-style 429 with Retry-After."""
+    from ray.serve.exceptions import BackPressureError
+
+    try:
+        yield
+    except BackPressureError as e:
+        retry = e.retry_after_s or 1.0
+        message = f"{model} is at capacity ({e.message.rstrip('.')}); retry after {retry:g} s"
+        raise ServeError(e.status_code, message, "rate_limit_error", retry_after_s=retry) from None
 
 
 def raise_if_error(result: object) -> object:

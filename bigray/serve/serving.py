@@ -36,6 +36,7 @@ from bigray.serve.protocol import (
     ServeError,
     Usage,
     raise_if_error,
+    refused_when_full,
 )
 from bigray.serve.settings import AppArgs
 
@@ -101,15 +102,16 @@ class GPTServing:
                 404, f"model {req.model!r} is not served; GET /v1/models lists the models", "not_found_error"
             )
         jobs: list[GenerationParams] = req.jobs(self.args)
-        # A full model queue (its max_queued_requests) raises Serve's BackPressureError here, which
-        # Serve answers 429 with Retry-After (settings.DeploymentArgs.options: backpressure_config).
-        streams = [self.gpt.options(stream=True).generate.remote(job) for job in jobs]
-        try:
-            admitted = [raise_if_error(await s.__anext__()) for s in streams]
-        except BaseException:
-            for s in streams:
-                s.cancel()
-            raise
+        streams: list[Any] = []
+        # its queue is full: a 429 with Retry-After (cancelling a refused stream raises Serve's refusal again)
+        with refused_when_full(self.args.gpt_name):
+            try:
+                streams.extend(self.gpt.options(stream=True).generate.remote(job) for job in jobs)
+                admitted = [raise_if_error(await s.__anext__()) for s in streams]
+            except BaseException:
+                for s in streams:
+                    s.cancel()
+                raise
         return streams, sum(a.prompt_tokens for a in admitted if isinstance(a, Admitted))
 
     async def _collect(self, stream: Any) -> tuple[str, str | None, int]:
