@@ -9,6 +9,7 @@ The split is vLLM's: protocol (schemas) -> serving (this) -> the ingress (routes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any, AsyncIterator, Callable
 
@@ -103,15 +104,15 @@ class GPTServing:
             )
         jobs: list[GenerationParams] = req.jobs(self.args)
         streams: list[Any] = []
-        # its queue is full: a 429 with Retry-After (cancelling a refused stream raises Serve's refusal again)
-        with refused_when_full(self.args.gpt_name):
-            try:
+        try:
+            with refused_when_full(self.args.gpt_name):  # its queue is full: a 429 with Retry-After
                 streams.extend(self.gpt.options(stream=True).generate.remote(job) for job in jobs)
                 admitted = [raise_if_error(await s.__anext__()) for s in streams]
-            except BaseException:
-                for s in streams:
+        except BaseException:
+            for s in streams:
+                with contextlib.suppress(Exception):  # a stream Serve refused raises its refusal again
                     s.cancel()
-                raise
+            raise
         return streams, sum(a.prompt_tokens for a in admitted if isinstance(a, Admitted))
 
     async def _collect(self, stream: Any) -> tuple[str, str | None, int]:
